@@ -1,0 +1,1 @@
+"""taskwheel's gRPC contract (package taskwheel.v1), generated from the .proto files beside it."""

@@ -1,0 +1,37 @@
+"""Turns a --store URL into a Store.
+
+    sqlite:///abs/path/tasks.db   (or a bare path)       the embedded store (default)
+    cassandra://host:port/keyspace?shards=16             Apache Cassandra
+"""
+from __future__ import annotations
+
+import urllib.parse
+
+from taskwheel.stores.base import Store
+
+
+def open_store(url: str, *, num_shards: int = 16) -> Store:
+    """Builds (does not yet open) the store a URL names. Raises ValueError for a bad URL."""
+    parsed = urllib.parse.urlparse(url)
+    query = dict(urllib.parse.parse_qsl(parsed.query))
+    if "shards" in query:
+        num_shards = int(query.pop("shards"))
+    if parsed.scheme in ("", "sqlite", "file"):
+        from taskwheel.stores.sqlite import SqliteStore
+
+        path = parsed.path if parsed.scheme else url
+        if not path:
+            raise ValueError(f"store URL {url!r} names no database file")
+        return SqliteStore(path, num_shards=num_shards, **query)
+    if parsed.scheme == "cassandra":
+        from taskwheel.stores.cassandra import CassandraStore
+
+        keyspace = parsed.path.lstrip("/") or "taskwheel"
+        return CassandraStore(
+            hosts=[parsed.hostname or "127.0.0.1"],
+            port=parsed.port or 9042,
+            keyspace=keyspace,
+            num_shards=num_shards,
+            **query,
+        )
+    raise ValueError(f"unknown store scheme {parsed.scheme!r} in {url!r}: use sqlite:// or cassandra://")

@@ -1,0 +1,71 @@
+"""Declares taskwheel's compiled extensions; everything else lives in pyproject.toml.
+
+Package layout (the folders show the architecture):
+  core/                 -> taskwheel.core      compiled hot path (timing wheel, batcher)
+  services/             -> taskwheel           ingest, timer, dispatch, stores, client, cli
+  protos/taskwheel/v1/  -> taskwheel.v1        the gRPC contract and its generated code
+
+TASKWHEEL_DEBUG=1 at build time compiles the core with line tracing and invariant checks.
+"""
+import glob
+import os
+
+from setuptools import Extension, setup
+from Cython.Build import cythonize
+
+DEBUG = os.environ.get("TASKWHEEL_DEBUG", "") not in ("", "0")
+
+directives = {
+    "language_level": 3,
+    "boundscheck": DEBUG,
+    "wraparound": DEBUG,
+    "initializedcheck": DEBUG,
+    "cdivision": True,
+    "linetrace": DEBUG,
+    "profile": DEBUG,
+}
+macros = [("CYTHON_TRACE_NOGIL", "1"), ("TASKWHEEL_DEBUG", "1")] if DEBUG else []
+compile_args = ["-O0", "-g"] if DEBUG else ["-O3"]
+
+extensions = [
+    Extension(
+        "taskwheel.core." + os.path.splitext(os.path.basename(path))[0],
+        [path],
+        define_macros=macros,
+        extra_compile_args=compile_args,
+    )
+    for path in sorted(glob.glob("core/*.pyx"))
+]
+
+setup(
+    package_dir={
+        "taskwheel": "services",
+        "taskwheel.core": "core",
+        "taskwheel.v1": "protos/taskwheel/v1",
+    },
+    packages=[
+        "taskwheel",
+        "taskwheel.core",
+        "taskwheel.v1",
+        "taskwheel.ingest",
+        "taskwheel.timer",
+        "taskwheel.dispatch",
+        "taskwheel.stores",
+        "taskwheel.stores.cassandra",
+        "taskwheel.client",
+        "taskwheel.cli",
+    ],
+    package_data={
+        "taskwheel.core": ["*.pxd", "*.pyi", "py.typed"],
+        "taskwheel.v1": ["*.proto", "*.pyi"],
+        "taskwheel": ["py.typed"],
+        "taskwheel.stores.cassandra": ["*.cql", "conf/*"],
+    },
+    ext_modules=cythonize(
+        extensions,
+        compiler_directives=directives,
+        annotate=False,
+        force=DEBUG,
+    ),
+    zip_safe=False,
+)
