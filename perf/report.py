@@ -1,0 +1,421 @@
+"""Turns a run's records into the figures a user chooses a scheduler on, as JSON and PNG plots.
+
+Inputs (see perf/drivers.py for the record layouts):
+
+* submit records, one per task: ``seq, fire_at_ms, submitted_ms, phase``;
+* receipt records, one per delivery seen by a worker: ``seq, fire_at_ms, received_ms, pid``;
+* memory samples of each server process (VmRSS every 0.5 s, VmHWM at the end);
+* the run's horizon: tasks due at or before it were expected to be delivered before the run
+  stopped waiting (the horizon is the last wait's start minus the grace period).
+
+Definitions:
+
+* **lateness** = the first delivery's ``received_ms - fire_at_ms``, measured at the worker;
+  percentiles are nearest-rank (an observed value, never an interpolation).
+* **delivered** = distinct tasks received at least once; **duplicates** = deliveries beyond
+  the first of a task; **lost** = tasks due by the horizon never received; **early** = first
+  deliveries before ``fire_at``; **unknown** = deliveries of a seq nobody submitted.
+* **submit rate** = tasks accepted / wall time from the phase's start to its last accepted
+  batch, per phase and over the paced phases together.
+* **pending held** = accepted and not yet delivered, over time; the peak is what the servers
+  had to hold at once. **RSS per pending task** = (peak RSS - RSS before the first submit) /
+  peak pending held: an upper bound of what each held task costs, shown only when at least
+  1,000 tasks were held.
+
+``python perf/report.py --compare a.json b.json ... --out DIR`` draws the drivers' lateness
+CDFs on one plot and prints a Markdown table of them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+PERCENTILES: tuple[float, ...] = (50.0, 90.0, 99.0, 99.9)
+MIN_PENDING_FOR_MEMORY = 1000
+BIN_S = 1.0
+MAX_ROW = 4.5  # where the lateness CDF plots the maximum
+
+
+def percentile_summary(values: np.ndarray) -> dict[str, float | int | None]:
+    """count, min, mean, nearest-rank p50/p90/p99/p99.9, max of ``values``."""
+    values = np.asarray(values, dtype=np.float64)
+    out: dict[str, float | int | None] = {"count": int(values.size)}
+    if values.size == 0:
+        out.update({"min": None, "mean": None, "max": None})
+        out.update({_pname(p): None for p in PERCENTILES})
+        return out
+    out["min"] = float(values.min())
+    out["mean"] = float(values.mean())
+    ordered = np.sort(values)
+    for p in PERCENTILES:
+        out[_pname(p)] = float(ordered[nearest_rank(p / 100.0, ordered.size) - 1])
+    out["max"] = float(values.max())
+    return out
+
+
+def nearest_rank(q: float, n: int) -> int:
+    """The 1-based rank of the q-quantile of n values: ceil(q * n), clamped to 1..n.
+
+    The small tolerance keeps float error from pushing an exact product to the next rank
+    (0.999 * 1000 is 999.0000000000001 in floating point; numpy's inverted_cdf says 1000).
+    """
+    return min(n, max(1, math.ceil(q * n - 1e-9)))
+
+
+def _pname(p: float) -> str:
+    return "p" + (f"{p:g}")
+
+
+def first_deliveries(receipts: np.ndarray) -> np.ndarray:
+    """The earliest receipt of each distinct seq, ordered by seq."""
+    if receipts.size == 0:
+        return receipts
+    order = np.lexsort((receipts["received_ms"], receipts["seq"]))
+    ordered = receipts[order]
+    first = np.ones(ordered.size, dtype=bool)
+    first[1:] = ordered["seq"][1:] != ordered["seq"][:-1]
+    return ordered[first]
+
+
+def delivery_summary(submits: np.ndarray, receipts: np.ndarray,
+                     horizon_ms: float) -> dict[str, int]:
+    """Counts of delivered, lost, duplicate, early and unknown deliveries (module docstring)."""
+    firsts = first_deliveries(receipts)
+    submitted_seqs = np.unique(submits["seq"])
+    expected = submits[submits["fire_at_ms"] <= horizon_ms]
+    received = np.isin(expected["seq"], firsts["seq"])
+    not_yet_due = submits[submits["fire_at_ms"] > horizon_ms]
+    return {
+        "submitted": int(submitted_seqs.size),
+        "expected": int(expected.size),
+        "delivered": int(firsts.size),
+        "lost": int((~received).sum()),
+        "duplicates": int(receipts.size - firsts.size),
+        "early": int((firsts["received_ms"] < firsts["fire_at_ms"]).sum()),
+        "unknown": int((~np.isin(firsts["seq"], submitted_seqs)).sum()),
+        "pending_at_end": int((~np.isin(not_yet_due["seq"], firsts["seq"])).sum()),
+    }
+
+
+def lateness_ms(receipts: np.ndarray, horizon_ms: float | None = None) -> np.ndarray:
+    """Lateness of each task's first delivery (tasks due by the horizon, when one is given)."""
+    firsts = first_deliveries(receipts)
+    if horizon_ms is not None:
+        firsts = firsts[firsts["fire_at_ms"] <= horizon_ms]
+    return firsts["received_ms"] - firsts["fire_at_ms"].astype(np.float64)
+
+
+def rate_series(times_ms: np.ndarray, start_ms: float, end_ms: float,
+                bin_s: float = BIN_S) -> np.ndarray:
+    """Events per second in consecutive ``bin_s`` bins from ``start_ms`` to ``end_ms``."""
+    n_bins = max(1, math.ceil((end_ms - start_ms) / (bin_s * 1000.0)))
+    edges = start_ms + np.arange(n_bins + 1) * bin_s * 1000.0
+    counts, _ = np.histogram(times_ms, bins=edges)
+    return counts / bin_s
+
+
+def pending_series(submitted_ms: np.ndarray, first_received_ms: np.ndarray, start_ms: float,
+                   end_ms: float, bin_s: float = BIN_S) -> np.ndarray:
+    """Tasks accepted and not yet delivered, at the end of each bin."""
+    n_bins = max(1, math.ceil((end_ms - start_ms) / (bin_s * 1000.0)))
+    ends = start_ms + np.arange(1, n_bins + 1) * bin_s * 1000.0
+    accepted = np.searchsorted(np.sort(submitted_ms), ends, side="right")
+    delivered = np.searchsorted(np.sort(first_received_ms), ends, side="right")
+    return accepted - delivered
+
+
+def peak_pending(submitted_ms: np.ndarray, first_received_ms: np.ndarray) -> int:
+    """The most tasks accepted-and-not-yet-delivered at any instant."""
+    if submitted_ms.size == 0:
+        return 0
+    times = np.concatenate([submitted_ms, first_received_ms])
+    steps = np.concatenate([np.ones(submitted_ms.size, dtype=np.int64),
+                            -np.ones(first_received_ms.size, dtype=np.int64)])
+    # At equal times count the delivery first: a task delivered as it is accepted is not held.
+    order = np.lexsort((steps, times))
+    return int(max(0, np.cumsum(steps[order]).max()))
+
+
+def submit_summary(submits: np.ndarray, phase_windows: Sequence[Mapping[str, Any]],
+                   phase_names: Sequence[str], target_rates: Sequence[float | None]
+                   ) -> dict[str, Any]:
+    """Achieved submit rates, per phase and over all phases.
+
+    ``phase_windows[i]`` has the phase's ``start_ms`` (when the first submitter began it) and
+    ``end_ms`` (when the last one finished it).
+    """
+    phases = []
+    for index, name in enumerate(phase_names):
+        window = phase_windows[index] if index < len(phase_windows) else {}
+        count = int((submits["phase"] == index).sum())
+        start, end = window.get("start_ms"), window.get("end_ms")
+        seconds = (end - start) / 1000.0 if start is not None and end is not None else None
+        phases.append({
+            "name": name,
+            "tasks": count,
+            "seconds": seconds,
+            "target_rate": target_rates[index],
+            "achieved_rate": count / seconds if seconds else None,
+        })
+    starts = [w["start_ms"] for w in phase_windows if w.get("start_ms") is not None]
+    ends = [w["end_ms"] for w in phase_windows if w.get("end_ms") is not None]
+    seconds = (max(ends) - min(starts)) / 1000.0 if starts and ends else None
+    late = int((submits["submitted_ms"] > submits["fire_at_ms"]).sum())
+    return {
+        "submitted": int(submits.size),
+        "seconds": seconds,
+        "achieved_rate": submits.size / seconds if seconds else None,
+        "peak_rate_achieved": max((p["achieved_rate"] or 0.0) for p in phases) if phases else None,
+        "accepted_after_fire_at": late,
+        "phases": phases,
+    }
+
+
+def memory_summary(samples: Mapping[str, Sequence[tuple[float, int]]],
+                   hwm: Mapping[str, int], peak_held: int) -> dict[str, dict[str, Any]]:
+    """Per server label: baseline, peak RSS (bytes) and RSS growth per pending task held."""
+    out = {}
+    for label, series in samples.items():
+        rss = [r for _, r in series]
+        if not rss:
+            continue
+        peak = max(max(rss), hwm.get(label, 0))
+        baseline = rss[0]
+        per_task = None
+        if peak_held >= MIN_PENDING_FOR_MEMORY:
+            per_task = (max(rss) - baseline) / peak_held
+        out[label] = {
+            "baseline_rss_bytes": baseline,
+            "peak_rss_bytes": peak,
+            "rss_growth_per_pending_task_bytes": per_task,
+        }
+    return out
+
+
+def lateness_quantiles(values: np.ndarray, points: int = 240) -> list[list[float]]:
+    """[[quantile, lateness_ms], ...] dense in the tail, for CDF plots drawn from the JSON."""
+    if values.size == 0:
+        return []
+    tail = 1.0 - np.logspace(0, -4, points)  # 0 .. 0.9999
+    qs = np.unique(np.concatenate([tail, [0.0, 0.5, 0.9, 0.99, 0.999, 1.0]]))
+    ordered = np.sort(values)
+    return [[float(q), float(ordered[nearest_rank(q, ordered.size) - 1])] for q in qs]
+
+
+def build_report(*, driver: str, scenario: Mapping[str, Any], submits: np.ndarray,
+                 receipts: np.ndarray, horizon_ms: float, t0_ms: float, end_ms: float,
+                 phase_windows: Sequence[Mapping[str, Any]],
+                 memory_samples: Mapping[str, Sequence[tuple[float, int]]],
+                 memory_hwm: Mapping[str, int],
+                 reported_pending: Sequence[tuple[float, int | None]] = (),
+                 context: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Every figure of one driver's run, JSON-ready."""
+    firsts = first_deliveries(receipts)
+    late = lateness_ms(receipts, horizon_ms)
+    held = peak_pending(submits["submitted_ms"], firsts["received_ms"])
+    phases = scenario["phases"]
+    fire_rate = rate_series(firsts["received_ms"], t0_ms, end_ms)
+    submit_rate = rate_series(submits["submitted_ms"], t0_ms, end_ms)
+    due_rate = rate_series(submits["fire_at_ms"], t0_ms, end_ms)
+    pending = pending_series(submits["submitted_ms"], firsts["received_ms"], t0_ms, end_ms)
+    reported = [n for _, n in reported_pending if n is not None]
+    return {
+        "driver": driver,
+        "scenario": dict(scenario),
+        "context": dict(context or {}),
+        "run": {"t0_ms": t0_ms, "end_ms": end_ms, "horizon_ms": horizon_ms,
+                "seconds": (end_ms - t0_ms) / 1000.0},
+        "submit": submit_summary(submits, phase_windows, [p["name"] for p in phases],
+                                 [p["average_rate"] for p in phases]),
+        "fire": {
+            "lateness_ms": percentile_summary(late),
+            "peak_rate_1s": float(fire_rate.max()) if fire_rate.size else 0.0,
+            "lateness_quantiles": lateness_quantiles(late),
+        },
+        "delivery": delivery_summary(submits, receipts, horizon_ms),
+        "pending": {"peak_held": held, "reported_max": max(reported) if reported else None},
+        "memory": memory_summary(memory_samples, memory_hwm, held),
+        "timeline": {
+            "bin_s": BIN_S,
+            "submit_rate": submit_rate.tolist(),
+            "due_rate": due_rate.tolist(),
+            "fire_rate": fire_rate.tolist(),
+            "pending": pending.tolist(),
+            "memory_rss_bytes": {
+                label: [[round((t - t0_ms) / 1000.0, 2), r] for t, r in series]
+                for label, series in memory_samples.items()
+            },
+        },
+    }
+
+
+# ----------------------------------------------------------------------------------- plots
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_lateness_cdf(reports: Iterable[Mapping[str, Any]], path: Path, title: str) -> Path:
+    """Lateness CDFs of one or more runs, log-scale lateness, tail-stretched y axis."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=110)
+    for report in reports:
+        points = report["fire"]["lateness_quantiles"]
+        if not points:
+            continue
+        q = np.array([p[0] for p in points])
+        v = np.maximum(np.array([p[1] for p in points]), 0.01)
+        summary = report["fire"]["lateness_ms"]
+        label = (f"{report['driver']}: p50 {_fmt_ms(summary['p50'])}, "
+                 f"p99 {_fmt_ms(summary['p99'])}")
+        # "nines" axis: -log10(1 - q) puts p90, p99, p99.9 at equal distances; the max
+        # (q = 1) sits on a row of its own above p99.99.
+        nines = np.where(q < 1.0, -np.log10(np.maximum(1.0 - q, 1e-4)), MAX_ROW)
+        ax.plot(v, nines, label=label, drawstyle="steps-post")
+    ax.set_xscale("log")
+    ax.set_yticks([0, 1, 2, 3, 4, MAX_ROW])
+    ax.set_yticklabels(["min", "p90", "p99", "p99.9", "p99.99", "max"])
+    ax.set_xlabel("lateness at the worker (ms, log scale)")
+    ax.set_ylabel("fraction of tasks fired")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_rates(report: Mapping[str, Any], path: Path) -> Path:
+    """Submit, due and fire rates per second, pending held and server RSS over the run."""
+    plt = _pyplot()
+    tl = report["timeline"]
+    t = np.arange(len(tl["fire_rate"])) * tl["bin_s"]
+    fig, (ax, ax_mem) = plt.subplots(2, 1, figsize=(9, 6.4), dpi=110, sharex=True,
+                                     gridspec_kw={"height_ratios": [3, 2]})
+    ax.step(t, tl["submit_rate"], where="post", label="submitted (accepted) /s")
+    ax.step(t, tl["due_rate"], where="post", label="due (fire_at) /s", alpha=0.6, linestyle="--")
+    ax.step(t, tl["fire_rate"], where="post", label="fired (received by a worker) /s")
+    ax.set_ylabel("tasks per second")
+    ax.grid(True, alpha=0.3)
+    ax2 = ax.twinx()
+    ax2.plot(t + tl["bin_s"], tl["pending"], color="grey", alpha=0.5, label="pending held")
+    ax2.set_ylabel("pending held")
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper right", fontsize=8)
+    ax.set_title(f"{report['driver']} / {report['scenario']['name']} "
+                 f"(scale {report['scenario']['scale']:g})")
+    for label, series in tl["memory_rss_bytes"].items():
+        if series:
+            ax_mem.plot([s[0] for s in series], [s[1] / 2**20 for s in series], label=label)
+    ax_mem.set_ylabel("RSS (MiB)")
+    ax_mem.set_xlabel("seconds since the first submit")
+    ax_mem.grid(True, alpha=0.3)
+    ax_mem.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _fmt_ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if abs(value) >= 1000:
+        return f"{value / 1000:.2f} s"
+    return f"{value:.1f} ms"
+
+
+def _fmt_rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}/s"
+
+
+def _fmt_bytes(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value >= 2**20:
+        return f"{value / 2**20:.1f} MiB"
+    if value >= 1024:
+        return f"{value / 1024:.1f} KiB"
+    return f"{value:.0f} B"
+
+
+def comparison_table(reports: Sequence[Mapping[str, Any]]) -> str:
+    """A Markdown table of the headline figures, one column per run."""
+    rows: list[tuple[str, list[str]]] = []
+
+    def row(name: str, cell) -> None:
+        rows.append((name, [cell(r) for r in reports]))
+
+    row("scenario", lambda r: f"{r['scenario']['name']} x{r['scenario']['scale']:g}")
+    row("submit rate achieved", lambda r: _fmt_rate(r["submit"]["achieved_rate"]))
+    row("best phase submit rate", lambda r: _fmt_rate(r["submit"]["peak_rate_achieved"]))
+    row("peak fire rate (1 s)", lambda r: _fmt_rate(r["fire"]["peak_rate_1s"]))
+    for p in ("p50", "p90", "p99", "p99.9", "max"):
+        row(f"lateness {p}", lambda r, p=p: _fmt_ms(r["fire"]["lateness_ms"][p]))
+    row("delivered / expected",
+        lambda r: f"{r['delivery']['delivered']:,} / {r['delivery']['expected']:,}")
+    row("lost", lambda r: f"{r['delivery']['lost']:,}")
+    row("duplicates", lambda r: f"{r['delivery']['duplicates']:,}")
+    row("peak pending held", lambda r: f"{r['pending']['peak_held']:,}")
+    row("peak RSS", lambda r: "; ".join(f"{k} {_fmt_bytes(v['peak_rss_bytes'])}"
+                                        for k, v in r["memory"].items()) or "-")
+    row("RSS per pending task", lambda r: "; ".join(
+        f"{k} {_fmt_bytes(v['rss_growth_per_pending_task_bytes'])}"
+        for k, v in r["memory"].items()
+        if v["rss_growth_per_pending_task_bytes"] is not None) or "-")
+    header = "| | " + " | ".join(r["driver"] for r in reports) + " |"
+    sep = "|---|" + "---|" * len(reports)
+    body = ["| " + name + " | " + " | ".join(cells) + " |" for name, cells in rows]
+    return "\n".join([header, sep, *body])
+
+
+def write_outputs(report: Mapping[str, Any], out_dir: Path) -> dict[str, Path]:
+    """``<driver>-<scenario>.json`` and its two plots in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{report['driver']}-{report['scenario']['name']}"
+    json_path = out_dir / f"{stem}.json"
+    json_path.write_text(json.dumps(report, indent=1) + "\n")
+    cdf = plot_lateness_cdf([report], out_dir / f"{stem}-lateness.png",
+                            f"{stem}: fire lateness CDF")
+    rates = plot_rates(report, out_dir / f"{stem}-rates.png")
+    return {"json": json_path, "lateness_png": cdf, "rates_png": rates}
+
+
+def write_comparison(reports: Sequence[Mapping[str, Any]], out_dir: Path) -> dict[str, Path]:
+    """Side-by-side table (Markdown) and overlaid CDFs of runs of one scenario."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = reports[0]["scenario"]["name"]
+    md = out_dir / f"compare-{name}.md"
+    md.write_text(comparison_table(reports) + "\n")
+    png = plot_lateness_cdf(reports, out_dir / f"compare-{name}-lateness.png",
+                            f"{name}: fire lateness CDF")
+    return {"markdown": md, "lateness_png": png}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--compare", nargs="+", type=Path, required=True,
+                        help="result JSON files written by run_bench.py")
+    parser.add_argument("--out", type=Path, default=Path("perf/results"))
+    args = parser.parse_args(argv)
+    reports = [json.loads(p.read_text()) for p in args.compare]
+    paths = write_comparison(reports, args.out)
+    print(paths["markdown"].read_text())
+    print(f"wrote {paths['markdown']} and {paths['lateness_png']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,168 @@
+"""The benchmark's arithmetic on records whose answers are known (perf/report.py)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # perf/ is not an installed package
+    sys.path.insert(0, str(REPO))
+
+from perf import report  # noqa: E402
+from perf.drivers import (  # noqa: E402
+    RECEIPT_DTYPE, SUBMIT_DTYPE, ReceiptLog, count_records, read_records,
+)
+from perf.scenarios import get_scenario  # noqa: E402
+
+
+def submits(rows):
+    """rows of (seq, fire_at_ms, submitted_ms[, phase])."""
+    out = np.zeros(len(rows), dtype=SUBMIT_DTYPE)
+    for i, row in enumerate(rows):
+        out[i]["seq"], out[i]["fire_at_ms"], out[i]["submitted_ms"] = row[:3]
+        out[i]["phase"] = row[3] if len(row) > 3 else 0
+    return out
+
+
+def receipts(rows):
+    """rows of (seq, fire_at_ms, received_ms)."""
+    out = np.zeros(len(rows), dtype=RECEIPT_DTYPE)
+    for i, (seq, fire_at, received) in enumerate(rows):
+        out[i] = (seq, fire_at, received, 1)
+    return out
+
+
+def test_percentiles_are_nearest_rank_observed_values():
+    values = np.random.default_rng(7).permutation(np.arange(1, 1001, dtype=np.float64))
+    s = report.percentile_summary(values)
+    assert (s["min"], s["p50"], s["p90"], s["p99"], s["p99.9"], s["max"]) == (
+        1, 500, 900, 990, 999, 1000)
+    assert s["count"] == 1000
+
+
+def test_percentiles_of_no_values_are_none():
+    s = report.percentile_summary(np.array([]))
+    assert s["count"] == 0 and s["p99"] is None and s["max"] is None
+
+
+def test_lateness_is_measured_from_each_tasks_first_delivery():
+    r = receipts([(1, 1000, 1030), (1, 1000, 1010), (2, 2000, 2005)])
+    assert sorted(report.lateness_ms(r)) == [5, 10]
+
+
+def test_lateness_leaves_out_tasks_due_after_the_horizon():
+    r = receipts([(1, 1000, 1030), (2, 9000, 9001)])
+    assert list(report.lateness_ms(r, horizon_ms=5000)) == [30]
+
+
+def test_task_due_by_the_horizon_and_never_received_is_lost():
+    s = submits([(1, 1000, 10), (2, 2000, 10), (3, 3000, 10)])
+    d = report.delivery_summary(s, receipts([(1, 1000, 1001), (3, 3000, 3002)]), 5000)
+    assert (d["expected"], d["delivered"], d["lost"]) == (3, 2, 1)
+
+
+def test_task_due_after_the_horizon_is_pending_not_lost():
+    s = submits([(1, 1000, 10), (2, 90_000, 10)])
+    d = report.delivery_summary(s, receipts([(1, 1000, 1001)]), 5000)
+    assert (d["lost"], d["pending_at_end"]) == (0, 1)
+
+
+def test_every_delivery_after_a_tasks_first_is_a_duplicate():
+    s = submits([(1, 1000, 10), (2, 2000, 10)])
+    r = receipts([(1, 1000, 1001), (1, 1000, 1500), (1, 1000, 1600), (2, 2000, 2001)])
+    d = report.delivery_summary(s, r, 5000)
+    assert (d["delivered"], d["duplicates"], d["lost"]) == (2, 2, 0)
+
+
+def test_first_delivery_before_fire_at_is_early():
+    s = submits([(1, 1000, 10), (2, 2000, 10)])
+    d = report.delivery_summary(s, receipts([(1, 1000, 999.5), (2, 2000, 2000.0)]), 5000)
+    assert d["early"] == 1
+
+
+def test_delivery_of_a_seq_nobody_submitted_is_unknown():
+    s = submits([(1, 1000, 10)])
+    d = report.delivery_summary(s, receipts([(1, 1000, 1001), (77, 1000, 1001)]), 5000)
+    assert (d["unknown"], d["delivered"], d["lost"]) == (1, 2, 0)
+
+
+def test_peak_pending_counts_tasks_accepted_and_not_yet_delivered():
+    accepted = np.array([0.0, 1.0, 2.0, 3.0, 10.0])
+    delivered = np.array([2.5, 4.0, 5.0, 11.0])
+    assert report.peak_pending(accepted, delivered) == 3
+
+
+def test_a_task_delivered_the_instant_it_is_accepted_is_not_held():
+    assert report.peak_pending(np.array([5.0]), np.array([5.0])) == 0
+
+
+def test_rss_per_pending_task_is_growth_over_peak_held():
+    samples = {"worker": [(0.0, 100 * 2**20), (500.0, 120 * 2**20), (1000.0, 110 * 2**20)]}
+    m = report.memory_summary(samples, {"worker": 125 * 2**20}, peak_held=2048)
+    assert m["worker"]["rss_growth_per_pending_task_bytes"] == 20 * 2**20 / 2048
+    assert m["worker"]["peak_rss_bytes"] == 125 * 2**20
+
+
+def test_rss_per_pending_task_is_not_claimed_from_few_held_tasks():
+    samples = {"worker": [(0.0, 100), (500.0, 900)]}
+    m = report.memory_summary(samples, {}, peak_held=report.MIN_PENDING_FOR_MEMORY - 1)
+    assert m["worker"]["rss_growth_per_pending_task_bytes"] is None
+
+
+def test_submit_rate_of_a_phase_is_its_tasks_over_its_window():
+    s = submits([(i, 10_000, 100 + i, 0) for i in range(300)] + [(1000, 10_000, 900, 1)])
+    windows = [{"start_ms": 0.0, "end_ms": 2000.0}, {"start_ms": 2000.0, "end_ms": 3000.0}]
+    out = report.submit_summary(s, windows, ["a", "b"], [150.0, None])
+    assert [p["achieved_rate"] for p in out["phases"]] == [150.0, 1.0]
+    assert out["achieved_rate"] == pytest.approx(301 / 3.0)
+
+
+def test_tasks_accepted_after_their_fire_time_are_counted():
+    s = submits([(1, 1000, 1200), (2, 5000, 1200)])
+    out = report.submit_summary(s, [{"start_ms": 0.0, "end_ms": 1200.0}], ["a"], [None])
+    assert out["accepted_after_fire_at"] == 1
+
+
+def test_rate_series_counts_events_per_second_bin():
+    times = np.array([0.0, 100.0, 999.0, 1000.0, 2500.0])
+    assert report.rate_series(times, 0.0, 3000.0).tolist() == [3.0, 1.0, 1.0]
+
+
+def test_receipt_log_records_are_read_back_whole(tmp_path):
+    log = ReceiptLog(tmp_path)
+    log.record(5, 1000, 1002.5)
+    log.record_many([(6, 2000), (7, 3000)])
+    log.flush()
+    got = read_records(tmp_path, RECEIPT_DTYPE)
+    assert got["seq"].tolist() == [5, 6, 7]
+    assert got["received_ms"][0] == 1002.5
+    assert count_records(tmp_path, RECEIPT_DTYPE) == 3
+
+
+def test_a_torn_last_record_is_not_read(tmp_path):
+    whole = np.zeros(2, dtype=RECEIPT_DTYPE).tobytes()
+    (tmp_path / "1.bin").write_bytes(whole + whole[:5])
+    assert read_records(tmp_path, RECEIPT_DTYPE).size == 2
+
+
+def test_steady_scenario_averages_12k_per_second_with_36k_peaks():
+    phase = get_scenario("steady").phases[0]
+    assert phase.average_rate == pytest.approx(12_000, rel=1e-3)
+    assert max(s.rate for s in phase.segments()) == 36_000
+
+
+def test_scaling_multiplies_rates_and_counts_but_keeps_durations():
+    full, small = get_scenario("spike"), get_scenario("spike", scale=0.01)
+    assert small.total_tasks == pytest.approx(full.total_tasks * 0.01, rel=1e-3)
+    assert [p.duration_s for p in small.phases] == [p.duration_s for p in full.phases]
+    assert small.phases[1].rate == pytest.approx(10 * small.phases[0].rate)
+
+
+def test_pending_scenario_holds_its_tasks_beyond_any_bounded_run():
+    scenario = get_scenario("pending_1m", scale=0.01, time_factor=0.1)
+    pending = scenario.phases[0]
+    assert scenario.pending_tasks == 10_000
+    assert pending.fire.offset_s >= 600  # not shortened by the time factor
