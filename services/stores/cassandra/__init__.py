@@ -1,0 +1,1 @@
+"""The Apache Cassandra store (store.py) and a dev-server launcher (devserver.py)."""
