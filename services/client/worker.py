@@ -253,6 +253,15 @@ class Worker:
                     self._ready.put_nowait(Delivery(message))
         finally:
             self._call = None
+            if self._outbox is outbox:
+                # gRPC may still be iterating requests() after the call ended; whatever it takes
+                # now is written nowhere. Park the unsent requests for the next session and let
+                # that iterator finish.
+                parked: asyncio.Queue[dispatch_pb2.ConsumeRequest | None] = asyncio.Queue()
+                while not outbox.empty():
+                    parked.put_nowait(outbox.get_nowait())
+                self._outbox = parked
+                outbox.put_nowait(None)
 
     def _send(self, request: dispatch_pb2.ConsumeRequest | None) -> None:
         assert self._outbox is not None
