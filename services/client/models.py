@@ -228,6 +228,11 @@ class Delivery:
         return _optional_datetime(self.message, "fire_at")
 
     @property
+    def fire_at_ms(self) -> int:
+        """The fire time in unix milliseconds (0 when unset): cheap, for lateness figures."""
+        return _ms(self.message.fire_at)
+
+    @property
     def fired_at(self) -> datetime | None:
         return _optional_datetime(self.message, "fired_at")
 

@@ -25,6 +25,7 @@ from taskwheel.v1 import dispatch_pb2, dispatch_pb2_grpc, ingest_pb2, ingest_pb2
 
 TASK_STATE_SCHEDULED = 1
 TASK_STATE_CANCELLED = 5
+FIRE_AT_S = 1_900_000_000  # the fire time of every fake delivery (plus 5 ms)
 
 
 def now_timestamp(offset_ns: int = 0) -> timestamp_pb2.Timestamp:
@@ -273,6 +274,7 @@ class FakeTaskwheel:
                 self.dispatch.ready.append(task_pb2.Delivery(
                     task_id=f"task-{delivery_id}", delivery_id=delivery_id, queue=queue,
                     payload=str(i).encode(), attempt=1, max_attempts=3,
+                    fire_at=timestamp_pb2.Timestamp(seconds=FIRE_AT_S, nanos=5_000_000),
                     traceparent=traceparent))
             await self.dispatch._notify()
         self._run(add())

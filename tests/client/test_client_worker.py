@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime, timezone
 
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -194,6 +195,8 @@ def test_handler_receives_the_delivery_fields(fake):
     assert (delivery.task_id, delivery.delivery_id, delivery.queue, delivery.payload) == (
         "task-d0", "d0", "q", b"0")
     assert (delivery.attempt, delivery.max_attempts, delivery.last_attempt) == (1, 3, False)
+    assert delivery.fire_at_ms == 1_900_000_000_005
+    assert delivery.fire_at == datetime.fromtimestamp(1_900_000_000.005, timezone.utc)
 
 
 def test_broken_stream_is_reopened_and_work_continues(fake):
