@@ -38,6 +38,7 @@ import numpy as np
 PERCENTILES: tuple[float, ...] = (50.0, 90.0, 99.0, 99.9)
 MIN_PENDING_FOR_MEMORY = 1000
 BIN_S = 1.0
+MIN_BYTES_PER_TASK_SHOWN = 256  # processes that grew less per held task are left out of tables
 MAX_ROW = 4.5  # where the lateness CDF plots the maximum
 
 
@@ -269,6 +270,8 @@ def plot_lateness_cdf(reports: Iterable[Mapping[str, Any]], path: Path, title: s
     """Lateness CDFs of one or more runs, log-scale lateness, tail-stretched y axis."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.8), dpi=110)
+    reports = list(reports)
+    mixed = len({_run_name(r) for r in reports}) > 1
     for report in reports:
         points = report["fire"]["lateness_quantiles"]
         if not points:
@@ -276,7 +279,8 @@ def plot_lateness_cdf(reports: Iterable[Mapping[str, Any]], path: Path, title: s
         q = np.array([p[0] for p in points])
         v = np.maximum(np.array([p[1] for p in points]), 0.01)
         summary = report["fire"]["lateness_ms"]
-        label = (f"{report['driver']}: p50 {_fmt_ms(summary['p50'])}, "
+        name = f"{report['driver']} ({_run_name(report)})" if mixed else report["driver"]
+        label = (f"{name}: p50 {_fmt_ms(summary['p50'])}, "
                  f"p99 {_fmt_ms(summary['p99'])}")
         # "nines" axis: -log10(1 - q) puts p90, p99, p99.9 at equal distances; the max
         # (q = 1) sits on a row of its own above p99.99.
@@ -329,6 +333,10 @@ def plot_rates(report: Mapping[str, Any], path: Path) -> Path:
     return path
 
 
+def _run_name(report: Mapping[str, Any]) -> str:
+    return f"{report['scenario']['name']} x{report['scenario']['scale']:g}"
+
+
 def _fmt_ms(value: float | None) -> str:
     if value is None:
         return "-"
@@ -358,7 +366,7 @@ def comparison_table(reports: Sequence[Mapping[str, Any]]) -> str:
     def row(name: str, cell) -> None:
         rows.append((name, [cell(r) for r in reports]))
 
-    row("scenario", lambda r: f"{r['scenario']['name']} x{r['scenario']['scale']:g}")
+    row("scenario", _run_name)
     row("submit rate achieved", lambda r: _fmt_rate(r["submit"]["achieved_rate"]))
     row("best phase submit rate", lambda r: _fmt_rate(r["submit"]["peak_rate_achieved"]))
     row("peak fire rate (1 s)", lambda r: _fmt_rate(r["fire"]["peak_rate_1s"]))
@@ -374,7 +382,7 @@ def comparison_table(reports: Sequence[Mapping[str, Any]]) -> str:
     row("RSS per pending task", lambda r: "; ".join(
         f"{k} {_fmt_bytes(v['rss_growth_per_pending_task_bytes'])}"
         for k, v in r["memory"].items()
-        if v["rss_growth_per_pending_task_bytes"] is not None) or "-")
+        if (v["rss_growth_per_pending_task_bytes"] or 0) >= MIN_BYTES_PER_TASK_SHOWN) or "-")
     header = "| | " + " | ".join(r["driver"] for r in reports) + " |"
     sep = "|---|" + "---|" * len(reports)
     body = ["| " + name + " | " + " | ".join(cells) + " |" for name, cells in rows]

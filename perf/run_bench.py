@@ -253,6 +253,8 @@ def machine_context() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return {
+        # Others' load when the run began: the machine is shared, so say how busy it was.
+        "load_average_1m_before": round(os.getloadavg()[0], 2),
         "cpu": cpu,
         "cores": os.cpu_count(),
         "memory_gib": round(mem_kb / 2**20, 1),
@@ -269,6 +271,7 @@ def run_driver(name: str, scenario: Scenario, args: argparse.Namespace,
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
+    machine = machine_context()
     driver_class = load_driver_class(name)
     run_dir = Path(tempfile.mkdtemp(prefix=f"bench-{name}-{scenario.name}-"))
     submits_dir(run_dir).mkdir()
@@ -381,7 +384,7 @@ def run_driver(name: str, scenario: Scenario, args: argparse.Namespace,
     receipts = read_records(receipts_dir(run_dir), RECEIPT_DTYPE)
     phase_windows = _merge_windows(list(windows.values()), len(scenario.phases))
     context = {
-        "machine": machine_context(),
+        "machine": machine,
         "driver": describe,
         "harness": {"submitters": args.submitters, "batch": args.batch, "tick_ms": args.tick_ms,
                     "grace_s": args.grace, "max_seconds": args.max_seconds, "seed": args.seed,
@@ -426,7 +429,9 @@ def summary_line(r: dict[str, Any]) -> str:
            if v["rss_growth_per_pending_task_bytes"] is not None else "")
         for k, v in r["memory"].items())
     rate = r["submit"]["achieved_rate"] or 0.0
-    return (f"{r['driver']}: submitted {d['submitted']:,} at {rate:,.0f}/s; "
+    best = r["submit"]["peak_rate_achieved"] or 0.0
+    return (f"{r['driver']}: submitted {d['submitted']:,} at {rate:,.0f}/s "
+            f"(best phase {best:,.0f}/s); "
             f"lateness p50 {_ms(late['p50'])} p99 {_ms(late['p99'])} max {_ms(late['max'])}; "
             f"delivered {d['delivered']:,}/{d['expected']:,} lost {d['lost']} "
             f"dup {d['duplicates']} early {d['early']}; peak pending "
