@@ -1,0 +1,961 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
+"""A hierarchical timing wheel for int64 keys.
+
+Geometry
+--------
+Time is counted in ticks of ``tick_ms`` (1 ms by default). A tick number is 64 bits wide and
+the wheel reads it as eight 8-bit digits: level ``k`` of the wheel has 256 slots, one per value
+of digit ``k``, and a slot of level ``k`` spans 256**k ticks::
+
+    level 0   256 slots x 1 tick        covers 256 ms
+    level 1   256 slots x 256 ticks     covers 65.5 s
+    level 2   256 slots x 65536 ticks   covers 4.66 h
+    level 3   ...                       covers 49.7 days
+    level 4-7 ...                       cover the rest of the int64 range, so there is no
+                                        "overflow wheel" to create lazily, as Kafka does.
+
+A timer due at tick ``d`` while the wheel stands at tick ``c`` lives at the level of the most
+significant digit in which ``d`` and ``c`` differ (``d XOR c``), in the slot named by ``d``'s
+digit at that level. So level 0 holds the rest of the current 256-tick block, level 1 the rest
+of the current 65536-tick block, and so on: placement is a pure function of (deadline, wheel
+time), the rule of the pre-2016 Linux kernel wheel with cascading. Negative times work because
+ticks are mapped to uint64 by flipping the sign bit, which keeps their order.
+
+Worked example (tick 1 ms, wheel at 1000, a timer due at 70000; digits in hex):
+    1000 = 0x0003e8, 70000 = 0x011170. They first differ in digit 2, so the timer sits at
+    level 2, slot 0x01. When the wheel reaches 0x010000 = 65536 it cascades that slot: now
+    70000 and 65536 first differ in digit 1, so the timer moves to level 1, slot 0x11. At
+    0x011100 = 69888 that slot cascades and the timer lands in level 0, slot 0x70. The wheel
+    fires slot 0x70 when it reaches 0x011170 = 70000. Every timer cascades at most once per
+    level it started above level 0, whatever the length of the wait.
+
+Storage
+-------
+A slot is a growable array of 16-byte (key, deadline) entries in insertion order; timers hold
+no pointers and there is no Python object per timer. A key -> (slot, position) hash table
+(open addressing, robin hood, 8-byte buckets that also hold a 12-bit tag of the key's hash and
+the probe distance) makes a key findable. Cancelling a key only deletes its bucket: the entry
+left behind is stale, and every walk over a slot asks the table whether (slot, position) is
+still live. A slot that is more than half stale is compacted, so stale entries never cost more
+than the live ones. Memory is ~16 bytes per entry plus 10-20 bytes of table per timer.
+
+Order of firing: ``advance`` returns keys ordered by deadline, then by the order of the
+``schedule`` calls that set them. Timers with equal deadlines always share one slot and move
+together, so a slot's insertion order is already their schedule order; a slot whose deadlines
+differ (tick_ms > 1, and the list of overdue timers) is merge-sorted stably by deadline.
+
+Complexity (n timers)
+---------------------
+- schedule, cancel, deadline_of, ``in``: O(1) expected (one probe sequence, one append).
+- schedule_many / cancel_many: the same per item, in one C loop that prefetches the table.
+- advance: O(fired + cascaded + slots visited); an empty stretch of any length is crossed in
+  O(levels) by looking for the next occupied slot in each level's 256-bit bitmap, so a jump of
+  hours costs what the timers in it cost, not what the milliseconds cost.
+- next_deadline: O(1) while cached (scheduling keeps the cache; firing or cancelling the earliest
+  timer drops it); otherwise one scan of the earliest occupied slot.
+- Exact at any tick size: ``advance(t)`` fires every deadline <= t; ``tick_ms`` only sets how
+  many deadlines share a slot.
+
+Threading contract
+------------------
+Not thread-safe: one owner (the timer's event loop) calls it. Every method holds the GIL from
+start to end and never calls back into Python while changing state, so a call is atomic for
+other Python threads, but nothing is locked. The GIL is deliberately not released: taskwheel
+scales with processes, and releasing it would make concurrent use silently corrupt the wheel.
+
+Build with TASKWHEEL_DEBUG=1 to run ``check_invariants()`` after every mutating call.
+"""
+cimport cython
+from cpython cimport array
+from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc, PyMem_RawRealloc
+from libc.stdint cimport INT64_MAX, int64_t, uint32_t, uint64_t
+from libc.string cimport memcpy, memset
+
+import array as _array
+import time as _time
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #if defined(__GNUC__) || defined(__clang__)
+      #define TW_PREFETCH(p) __builtin_prefetch((const void *)(p))
+      #define TW_CLZ64(x) __builtin_clzll(x)
+      #define TW_CTZ64(x) __builtin_ctzll(x)
+    #else
+      static inline int tw_clz64(uint64_t x) { int n = 0; while (!(x >> 63)) { x <<= 1; n++; } return n; }
+      static inline int tw_ctz64(uint64_t x) { int n = 0; while (!(x & 1)) { x >>= 1; n++; } return n; }
+      #define TW_PREFETCH(p) ((void)0)
+      #define TW_CLZ64(x) tw_clz64(x)
+      #define TW_CTZ64(x) tw_ctz64(x)
+    #endif
+    #ifdef TASKWHEEL_DEBUG
+      #define TW_DEBUG 1
+    #else
+      #define TW_DEBUG 0
+    #endif
+    /* bucket = (slot + 1) | position << 12 | probe distance << 44 | hash tag << 52; 0 = empty */
+    #define TW_SLOT_MASK 0xFFFULL
+    #define TW_POS_SHIFT 12
+    #define TW_LOC_MASK 0xFFFFFFFFFFFULL
+    #define TW_PSL_SHIFT 44
+    #define TW_PSL_ONE (1ULL << 44)
+    #define TW_PSL_MAX 255ULL
+    #define TW_TAG_SHIFT 52
+    #define TW_SIGN (1ULL << 63)
+    #define TW_PREFETCH_AHEAD 8
+    #define TW_U32_MAX 0xFFFFFFFFULL
+    /* SplitMix64's finalizer: a bijection, so distinct keys never share a full hash. */
+    static inline uint64_t tw_mix(int64_t key) {
+        uint64_t z = (uint64_t)key;
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+        return z ^ (z >> 31);
+    }
+    """
+    void TW_PREFETCH(const void *p) noexcept nogil
+    int TW_CLZ64(uint64_t x) noexcept nogil
+    int TW_CTZ64(uint64_t x) noexcept nogil
+    const bint TW_DEBUG
+    const uint64_t TW_SLOT_MASK
+    const int TW_POS_SHIFT
+    const uint64_t TW_LOC_MASK
+    const int TW_PSL_SHIFT
+    const uint64_t TW_PSL_ONE
+    const uint64_t TW_PSL_MAX
+    const int TW_TAG_SHIFT
+    const uint64_t TW_SIGN
+    const Py_ssize_t TW_PREFETCH_AHEAD
+    const uint64_t TW_U32_MAX
+    uint64_t tw_mix(int64_t key) noexcept nogil
+
+DEBUG_BUILD = bool(TW_DEBUG)
+
+# -- C-level layout ------------------------------------------------------------------------
+
+cdef enum:
+    LEVELS = 8              # 8 levels x 8 bits of tick cover the whole int64 range
+    LEVEL_BITS = 8
+    LEVEL_SLOTS = 256
+    OVERDUE = 2048          # slot id of the list of timers already due (deadline <= wheel time)
+    NSLOTS = 2049           # LEVELS * LEVEL_SLOTS level slots, then OVERDUE
+    BITMAP_WORDS = 32       # LEVELS * LEVEL_SLOTS / 64: which level slots hold live timers
+
+
+cdef struct Entry:
+    # A timer as it sits in a slot: 16 bytes, no pointers.
+    int64_t key
+    int64_t deadline
+
+
+cdef struct Slot:
+    # A growable array of entries in insertion order. `size - live` entries are stale
+    # (cancelled or moved); the hash table decides which are live.
+    Entry *items
+    uint32_t size
+    uint32_t cap
+    uint32_t live
+
+cdef enum:
+    MIN_TABLE = 16
+    COMPACT_MIN = 64          # slots smaller than this are never compacted
+    KEEP_CAPACITY = 512       # an emptied slot keeps its array up to this many entries
+    KEEP_OUT = 65536          # the fired-timer buffer is freed after advances larger than this
+
+cdef array.array _KEYS_TEMPLATE = _array.array("q")
+
+
+cdef inline uint64_t _loc(uint32_t s, uint64_t pos) noexcept nogil:
+    return <uint64_t>(s + 1) | (pos << TW_POS_SHIFT)
+
+
+cdef inline uint64_t _psl(uint64_t bucket) noexcept nogil:
+    return (bucket >> TW_PSL_SHIFT) & TW_PSL_MAX
+
+
+cdef inline int _next_bit(const uint64_t *words, int start) noexcept nogil:
+    """First set bit at or after `start` in a 256-bit map, or -1."""
+    cdef int w
+    cdef uint64_t bits
+    if start >= LEVEL_SLOTS:
+        return -1
+    w = start >> 6
+    bits = words[w] & (~(<uint64_t>0) << (start & 63))
+    while True:
+        if bits:
+            return (w << 6) + TW_CTZ64(bits)
+        w += 1
+        if w == 4:
+            return -1
+        bits = words[w]
+
+
+cdef int _place(uint64_t *table, uint64_t mask, uint64_t *carry, uint64_t i) noexcept nogil:
+    """Robin hood insertion of *carry, probing from i with the distance it already holds.
+
+    Returns 0, or -1 when some bucket would need a probe distance above TW_PSL_MAX; then the
+    bucket left without a place is in *carry and the caller rebuilds a larger table.
+    """
+    cdef uint64_t b, c = carry[0]
+    while True:
+        b = table[i]
+        if b == 0:
+            table[i] = c
+            return 0
+        if _psl(b) < _psl(c):
+            table[i] = c
+            c = b
+        if _psl(c) == TW_PSL_MAX:
+            carry[0] = c
+            return -1
+        c += TW_PSL_ONE
+        i = (i + 1) & mask
+
+
+cdef inline void _insertion_sort(Entry *a, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i, j
+    cdef Entry e
+    for i in range(1, n):
+        e = a[i]
+        j = i
+        while j > 0 and a[j - 1].deadline > e.deadline:
+            a[j] = a[j - 1]
+            j -= 1
+        a[j] = e
+
+
+cdef void _stable_sort(Entry *a, Py_ssize_t n, Entry *tmp) noexcept nogil:
+    """Bottom-up merge sort by deadline that keeps the order of equal deadlines."""
+    cdef Py_ssize_t run = 32, lo, mid, hi, i, j, k, width
+    cdef Entry *src = a
+    cdef Entry *dst = tmp
+    cdef Entry *swap
+    lo = 0
+    while lo < n:
+        _insertion_sort(a + lo, min(run, n - lo))
+        lo += run
+    width = run
+    while width < n:
+        lo = 0
+        while lo < n:
+            mid = min(lo + width, n)
+            hi = min(lo + 2 * width, n)
+            i, j, k = lo, mid, lo
+            while i < mid and j < hi:
+                if src[j].deadline < src[i].deadline:
+                    dst[k] = src[j]
+                    j += 1
+                else:
+                    dst[k] = src[i]
+                    i += 1
+                k += 1
+            while i < mid:
+                dst[k] = src[i]
+                i += 1
+                k += 1
+            while j < hi:
+                dst[k] = src[j]
+                j += 1
+                k += 1
+            lo += 2 * width
+        swap = src
+        src = dst
+        dst = swap
+        width *= 2
+    if src != a:
+        memcpy(a, src, n * sizeof(Entry))
+
+
+cdef object _int64_view(object values, str name):
+    """A typed view of an int64 buffer; lists and tuples of ints are converted in C."""
+    cdef const int64_t[:] view
+    if isinstance(values, (list, tuple)):
+        values = _array.array("q", values)
+    try:
+        view = values
+    except (TypeError, ValueError, BufferError) as exc:
+        raise TypeError(
+            f"{name} must be a one-dimensional int64 buffer (array('q'), numpy int64) "
+            f"or a list of ints, not {type(values).__name__}: {exc}") from None
+    return view
+
+
+@cython.final
+cdef class TimingWheel:
+    """Keys (int64) fire once the wheel advances to or past their deadline (int64 ms)."""
+
+    cdef readonly int64_t tick_ms
+    cdef int64_t _now_ms            # wheel time: every pending deadline above it is in a level slot
+    cdef uint64_t _cur              # tick of _now_ms, mapped to uint64 so that order is kept
+    cdef Slot _slots[NSLOTS]
+    cdef uint64_t _occupied[BITMAP_WORDS]
+    cdef uint64_t *_table           # key -> (slot, position): robin hood, open addressing
+    cdef uint64_t _mask             # table capacity - 1 (a power of two)
+    cdef Py_ssize_t _count          # live timers
+    cdef Entry *_out                # fired timers of the current advance
+    cdef Py_ssize_t _out_len
+    cdef Py_ssize_t _out_cap
+    cdef Entry *_tmp                # merge-sort scratch
+    cdef Py_ssize_t _tmp_cap
+    cdef bint _next_valid           # _next_ms holds the earliest deadline (when _count > 0)
+    cdef int64_t _next_ms
+    cdef bint _broken               # an allocation failed half-way through an update
+
+    def __cinit__(self, int64_t tick_ms=1, start_ms=None):
+        cdef int64_t start
+        if tick_ms <= 0:
+            raise ValueError(f"tick_ms must be positive, got {tick_ms}")
+        if start_ms is None:
+            start_ms = _time.time_ns() // 1_000_000
+        elif not isinstance(start_ms, int):
+            raise TypeError(f"start_ms must be an int (epoch ms), not {type(start_ms).__name__}")
+        start = start_ms
+        self.tick_ms = tick_ms
+        self._now_ms = start
+        self._cur = self._utick(start)
+        self._table = <uint64_t *>PyMem_RawMalloc(MIN_TABLE * sizeof(uint64_t))
+        if self._table == NULL:
+            raise MemoryError()
+        memset(self._table, 0, MIN_TABLE * sizeof(uint64_t))
+        self._mask = MIN_TABLE - 1
+        self._next_valid = True
+
+    def __dealloc__(self):
+        cdef Py_ssize_t s
+        for s in range(NSLOTS):
+            PyMem_RawFree(self._slots[s].items)
+        PyMem_RawFree(self._table)
+        PyMem_RawFree(self._out)
+        PyMem_RawFree(self._tmp)
+
+    # -- placement ---------------------------------------------------------------------------
+
+    cdef inline uint64_t _utick(self, int64_t ms) noexcept nogil:
+        cdef int64_t t = ms
+        if self.tick_ms != 1:
+            t = ms / self.tick_ms
+            if ms % self.tick_ms < 0:
+                t -= 1
+        return (<uint64_t>t) ^ TW_SIGN
+
+    cdef inline uint32_t _slot_for(self, int64_t deadline) noexcept nogil:
+        cdef uint64_t u, x
+        cdef int level
+        if deadline <= self._now_ms:
+            return OVERDUE
+        u = self._utick(deadline)
+        x = u ^ self._cur
+        if x == 0:
+            return <uint32_t>(u & 255)
+        level = (63 - TW_CLZ64(x)) >> 3
+        return <uint32_t>(level * LEVEL_SLOTS + ((u >> (level * LEVEL_BITS)) & 255))
+
+    # -- the key -> (slot, position) table ---------------------------------------------------
+
+    cdef inline Entry *_entry_of(self, uint64_t bucket) noexcept nogil:
+        return &self._slots[(bucket & TW_SLOT_MASK) - 1].items[(bucket & TW_LOC_MASK) >> TW_POS_SHIFT]
+
+    cdef inline Py_ssize_t _find_key(self, int64_t key, uint64_t h) noexcept nogil:
+        cdef uint64_t mask = self._mask, i = h & mask, tag = h >> TW_TAG_SHIFT, d = 0, b
+        while True:
+            b = self._table[i]
+            if b == 0 or _psl(b) < d:
+                return -1
+            if (b >> TW_TAG_SHIFT) == tag and self._entry_of(b).key == key:
+                return <Py_ssize_t>i
+            i = (i + 1) & mask
+            d += 1
+
+    cdef inline Py_ssize_t _find_loc(self, uint64_t h, uint64_t loc) noexcept nogil:
+        # At most one bucket names a given (slot, position), and it belongs to the key stored
+        # there, so matching the location alone tells whether that entry is live.
+        cdef uint64_t mask = self._mask, i = h & mask, d = 0, b
+        while True:
+            b = self._table[i]
+            if b == 0 or _psl(b) < d:
+                return -1
+            if (b & TW_LOC_MASK) == loc:
+                return <Py_ssize_t>i
+            i = (i + 1) & mask
+            d += 1
+
+    cdef int _insert(self, uint64_t h, uint64_t loc) noexcept nogil:
+        cdef uint64_t carry = loc | ((h >> TW_TAG_SHIFT) << TW_TAG_SHIFT)
+        if _place(self._table, self._mask, &carry, h & self._mask) == 0:
+            return 0
+        return self._rebuild(2 * (self._mask + 1), carry)
+
+    cdef void _delete_at(self, uint64_t i) noexcept nogil:
+        # Backward-shift deletion: no tombstones, probe distances stay exact.
+        cdef uint64_t mask = self._mask, j = (i + 1) & mask, b
+        while True:
+            b = self._table[j]
+            if b == 0 or _psl(b) == 0:
+                break
+            self._table[i] = b - TW_PSL_ONE
+            i = j
+            j = (j + 1) & mask
+        self._table[i] = 0
+
+    cdef int _rebuild(self, uint64_t capacity, uint64_t extra) noexcept nogil:
+        """Rehashes every bucket (and `extra`, a bucket without a place) into `capacity`."""
+        cdef uint64_t *table
+        cdef uint64_t mask, b, carry, h
+        cdef uint64_t i, old_cap = self._mask + 1
+        cdef bint ok
+        while True:
+            table = <uint64_t *>PyMem_RawMalloc(capacity * sizeof(uint64_t))
+            if table == NULL:
+                if extra != 0:
+                    self._broken = True
+                return -1
+            memset(table, 0, capacity * sizeof(uint64_t))
+            mask = capacity - 1
+            ok = True
+            for i in range(old_cap + 1):
+                b = extra if i == old_cap else self._table[i]
+                if b == 0:
+                    continue
+                h = tw_mix(self._entry_of(b).key)
+                carry = b & ~(TW_PSL_MAX << TW_PSL_SHIFT)
+                if _place(table, mask, &carry, h & mask) != 0:
+                    ok = False
+                    break
+            if ok:
+                PyMem_RawFree(self._table)
+                self._table = table
+                self._mask = mask
+                return 0
+            PyMem_RawFree(table)
+            capacity *= 2
+
+    cdef int _reserve_table(self, Py_ssize_t count) noexcept nogil:
+        """Grows the table so that `count` keys keep the load factor at or below 0.8."""
+        cdef uint64_t cap = self._mask + 1
+        if <uint64_t>count * 5 <= cap * 4:
+            return 0
+        while <uint64_t>count * 5 > cap * 4:
+            cap *= 2
+        return self._rebuild(cap, 0)
+
+    cdef void _shrink(self) noexcept nogil:
+        cdef uint64_t cap = self._mask + 1
+        if cap <= MIN_TABLE or <uint64_t>self._count * 16 >= cap:
+            return
+        while cap > MIN_TABLE and <uint64_t>self._count * 5 <= (cap // 2) * 2:
+            cap //= 2
+        self._rebuild(cap, 0)   # on failure the old table simply stays
+
+    # -- slots -------------------------------------------------------------------------------
+
+    cdef int _reserve_slot(self, uint32_t s, uint64_t count) noexcept nogil:
+        cdef Slot *slot = &self._slots[s]
+        cdef uint64_t cap = slot.cap
+        cdef Entry *items
+        if count <= cap:
+            return 0
+        if count > TW_U32_MAX:
+            return -1
+        cap = cap + cap // 2
+        if cap < count:
+            cap = count
+        if cap < 8:
+            cap = 8
+        if cap > TW_U32_MAX:
+            cap = TW_U32_MAX
+        items = <Entry *>PyMem_RawRealloc(slot.items, cap * sizeof(Entry))
+        if items == NULL:
+            return -1
+        slot.items = items
+        slot.cap = <uint32_t>cap
+        return 0
+
+    cdef int _append(self, uint32_t s, int64_t key, int64_t deadline, uint32_t *pos) noexcept nogil:
+        cdef Slot *slot = &self._slots[s]
+        if slot.size == slot.cap and self._reserve_slot(s, <uint64_t>slot.size + 1) != 0:
+            return -1
+        slot.items[slot.size].key = key
+        slot.items[slot.size].deadline = deadline
+        pos[0] = slot.size
+        slot.size += 1
+        slot.live += 1
+        if s != OVERDUE:
+            self._occupied[s >> 6] |= (<uint64_t>1) << (s & 63)
+        return 0
+
+    cdef void _reset(self, uint32_t s) noexcept nogil:
+        cdef Slot *slot = &self._slots[s]
+        slot.size = 0
+        slot.live = 0
+        if s != OVERDUE:
+            self._occupied[s >> 6] &= ~((<uint64_t>1) << (s & 63))
+        if slot.cap > KEEP_CAPACITY:
+            PyMem_RawFree(slot.items)
+            slot.items = NULL
+            slot.cap = 0
+
+    cdef void _release(self, uint32_t s) noexcept nogil:
+        """One live entry of slot s went stale."""
+        cdef Slot *slot = &self._slots[s]
+        slot.live -= 1
+        if slot.live == 0:
+            self._reset(s)
+        elif slot.size >= COMPACT_MIN and slot.live * 2 < slot.size:
+            self._compact(s)
+
+    cdef void _compact(self, uint32_t s) noexcept nogil:
+        cdef Slot *slot = &self._slots[s]
+        cdef uint32_t p, w = 0
+        cdef Py_ssize_t i
+        cdef Entry e
+        for p in range(slot.size):
+            e = slot.items[p]
+            i = self._find_loc(tw_mix(e.key), _loc(s, p))
+            if i < 0:
+                continue
+            if w != p:
+                slot.items[w] = e
+                self._table[i] = (self._table[i] & ~TW_LOC_MASK) | _loc(s, w)
+            w += 1
+        slot.size = w
+
+    # -- schedule and cancel -----------------------------------------------------------------
+
+    cdef int _schedule(self, int64_t key, int64_t deadline) noexcept nogil:
+        cdef uint64_t h = tw_mix(key), b, loc
+        cdef Py_ssize_t i = self._find_key(key, h)
+        cdef uint32_t s = self._slot_for(deadline), old, pos
+        cdef int64_t old_deadline
+        if i < 0 and self._reserve_table(self._count + 1) != 0:
+            return -1
+        if self._append(s, key, deadline, &pos) != 0:
+            return -1
+        loc = _loc(s, pos)
+        if i >= 0:
+            b = self._table[i]
+            old = <uint32_t>((b & TW_SLOT_MASK) - 1)
+            old_deadline = self._entry_of(b).deadline
+            self._table[i] = (b & ~TW_LOC_MASK) | loc
+            self._release(old)
+            if old_deadline == self._next_ms:
+                self._next_valid = False
+        else:
+            if self._insert(h, loc) != 0:
+                self._broken = True
+                return -1
+            self._count += 1
+            if self._count == 1:
+                self._next_ms = deadline
+                self._next_valid = True
+                return 0
+        if deadline < self._next_ms:
+            self._next_ms = deadline
+        return 0
+
+    cdef int _cancel(self, int64_t key) noexcept nogil:
+        cdef uint64_t h = tw_mix(key), b
+        cdef Py_ssize_t i = self._find_key(key, h)
+        cdef int64_t deadline
+        if i < 0:
+            return 0
+        b = self._table[i]
+        deadline = self._entry_of(b).deadline
+        self._delete_at(<uint64_t>i)
+        self._count -= 1
+        self._release(<uint32_t>((b & TW_SLOT_MASK) - 1))
+        if deadline == self._next_ms:
+            self._next_valid = False
+        return 1
+
+    # -- advance -----------------------------------------------------------------------------
+
+    cdef int _reserve_out(self, Py_ssize_t n) noexcept nogil:
+        cdef Py_ssize_t cap = self._out_cap
+        cdef Entry *out
+        if n <= cap:
+            return 0
+        cap = max(n, cap + cap // 2, 64)
+        out = <Entry *>PyMem_RawRealloc(self._out, cap * sizeof(Entry))
+        if out == NULL:
+            return -1
+        self._out = out
+        self._out_cap = cap
+        return 0
+
+    cdef int _fire_all(self, uint32_t s) noexcept nogil:
+        """Moves every live timer of slot s to the fired buffer and empties the slot."""
+        cdef Slot *slot = &self._slots[s]
+        cdef Entry *items = slot.items
+        cdef uint32_t p, n = slot.size
+        cdef uint64_t mask = self._mask
+        cdef Py_ssize_t i, start = self._out_len
+        if self._reserve_out(self._out_len + slot.live) != 0:
+            return -1
+        for p in range(n):
+            if p + TW_PREFETCH_AHEAD < n:
+                TW_PREFETCH(&self._table[tw_mix(items[p + TW_PREFETCH_AHEAD].key) & mask])
+            i = self._find_loc(tw_mix(items[p].key), _loc(s, p))
+            if i >= 0:
+                self._delete_at(<uint64_t>i)
+                self._out[self._out_len] = items[p]
+                self._out_len += 1
+        self._count -= self._out_len - start
+        self._reset(s)
+        return 0
+
+    cdef int _fire_until(self, uint32_t s, int64_t limit) noexcept nogil:
+        """Fires the live timers of slot s due at or before `limit`; keeps the rest in order."""
+        cdef Slot *slot = &self._slots[s]
+        cdef Entry e
+        cdef uint32_t p, w = 0
+        cdef Py_ssize_t i, start = self._out_len
+        if self._reserve_out(self._out_len + slot.live) != 0:
+            return -1
+        for p in range(slot.size):
+            e = slot.items[p]
+            i = self._find_loc(tw_mix(e.key), _loc(s, p))
+            if i < 0:
+                continue
+            if e.deadline <= limit:
+                self._delete_at(<uint64_t>i)
+                self._out[self._out_len] = e
+                self._out_len += 1
+            else:
+                if w != p:
+                    slot.items[w] = e
+                    self._table[i] = (self._table[i] & ~TW_LOC_MASK) | _loc(s, w)
+                w += 1
+        self._count -= self._out_len - start
+        if w == 0:
+            self._reset(s)
+        else:
+            slot.size = w
+            slot.live = w
+        return 0
+
+    cdef int _cascade(self, uint32_t s) noexcept nogil:
+        """Re-places the live timers of a higher-level slot relative to the new wheel time."""
+        cdef Slot *slot = &self._slots[s]
+        cdef Entry *items = slot.items
+        cdef uint32_t p, n = slot.size, pos, t
+        cdef uint64_t mask = self._mask
+        cdef Py_ssize_t i
+        for p in range(n):
+            if p + TW_PREFETCH_AHEAD < n:
+                TW_PREFETCH(&self._table[tw_mix(items[p + TW_PREFETCH_AHEAD].key) & mask])
+            i = self._find_loc(tw_mix(items[p].key), _loc(s, p))
+            if i < 0:
+                continue
+            t = self._slot_for(items[p].deadline)
+            if self._append(t, items[p].key, items[p].deadline, &pos) != 0:
+                self._broken = True
+                return -1
+            self._table[i] = (self._table[i] & ~TW_LOC_MASK) | _loc(t, pos)
+        self._reset(s)
+        return 0
+
+    cdef int _next_event(self, uint64_t *event) noexcept nogil:
+        """The level of the next occupied slot after the current tick, and the tick it starts.
+
+        Level 0 is searched first, then level 1 and so on: a level-k slot starts after every
+        slot of the levels below it, because those all lie in the current level-k block.
+        Returns -1 when no level slot is occupied (the current tick's slot aside).
+        """
+        cdef int k, j, shift
+        cdef uint64_t cur = self._cur
+        for k in range(LEVELS):
+            shift = k * LEVEL_BITS
+            j = _next_bit(&self._occupied[k * 4], <int>((cur >> shift) & 255) + 1)
+            if j >= 0:
+                if k == LEVELS - 1:
+                    event[0] = (<uint64_t>j) << shift
+                else:
+                    event[0] = ((cur >> (shift + LEVEL_BITS)) << (shift + LEVEL_BITS)) | ((<uint64_t>j) << shift)
+                return k
+        return -1
+
+    cdef int _sort_out(self, Py_ssize_t start) noexcept nogil:
+        cdef Py_ssize_t i, n = self._out_len - start
+        cdef Entry *a = self._out + start
+        cdef Entry *tmp
+        for i in range(1, n):
+            if a[i].deadline < a[i - 1].deadline:
+                break
+        else:
+            return 0
+        if n > self._tmp_cap:
+            tmp = <Entry *>PyMem_RawRealloc(self._tmp, n * sizeof(Entry))
+            if tmp == NULL:
+                return -1
+            self._tmp = tmp
+            self._tmp_cap = n
+        _stable_sort(a, n, self._tmp)
+        return 0
+
+    cdef int _advance(self, int64_t now_ms) noexcept nogil:
+        cdef uint64_t target, event
+        cdef uint32_t s
+        cdef Py_ssize_t start
+        cdef int k
+        self._out_len = 0
+        if now_ms < self._now_ms:
+            # Only overdue timers can be due before the wheel time; the wheel time stays.
+            if self._slots[OVERDUE].live:
+                if self._fire_until(OVERDUE, now_ms) != 0 or self._sort_out(0) != 0:
+                    return -1
+            if self._out_len:
+                self._next_valid = False
+            return 0
+        if self._slots[OVERDUE].live:
+            if self._fire_all(OVERDUE) != 0 or self._sort_out(0) != 0:
+                return -1
+        target = self._utick(now_ms)
+        while True:
+            s = <uint32_t>(self._cur & 255)
+            start = self._out_len
+            if self._cur == target:
+                if self._slots[s].live:
+                    if self.tick_ms == 1:
+                        if self._fire_all(s) != 0:
+                            return -1
+                    elif self._fire_until(s, now_ms) != 0 or self._sort_out(start) != 0:
+                        return -1
+                break
+            if self._slots[s].live:
+                if self._fire_all(s) != 0 or (self.tick_ms != 1 and self._sort_out(start) != 0):
+                    return -1
+            k = self._next_event(&event)
+            if k < 0 or event > target:
+                # Nothing is placed before the target: every slot keeps its meaning there.
+                self._cur = target
+                continue
+            self._cur = event
+            if k > 0 and self._cascade(<uint32_t>(k * LEVEL_SLOTS + ((event >> (k * LEVEL_BITS)) & 255))) != 0:
+                return -1
+        self._now_ms = now_ms
+        if self._out_len:
+            self._next_valid = False
+        return 0
+
+    cdef int64_t _min_live(self, uint32_t s) noexcept nogil:
+        # Only entries below the best so far need the liveness probe: a few per slot.
+        cdef Slot *slot = &self._slots[s]
+        cdef uint32_t p
+        cdef int64_t best = INT64_MAX
+        cdef bint found = False
+        for p in range(slot.size):
+            if (not found or slot.items[p].deadline < best) and \
+                    self._find_loc(tw_mix(slot.items[p].key), _loc(s, p)) >= 0:
+                best = slot.items[p].deadline
+                found = True
+        return best
+
+    # -- Python surface ----------------------------------------------------------------------
+
+    cdef void _check_usable(self) except *:
+        if self._broken:
+            raise RuntimeError("this TimingWheel lost state in a failed allocation; discard it")
+
+    @property
+    def now_ms(self):
+        """The wheel time: the latest time advanced to (or start_ms)."""
+        return self._now_ms
+
+    def schedule(self, int64_t key, int64_t deadline_ms):
+        """Schedules `key` at `deadline_ms`; a pending key moves. Past deadlines fire next advance."""
+        self._check_usable()
+        if self._schedule(key, deadline_ms) != 0:
+            self._check_usable()
+            raise MemoryError()
+        if TW_DEBUG:
+            self.check_invariants()
+
+    def schedule_many(self, keys, deadlines):
+        """schedule() for each pair of two int64 buffers of equal length, in order."""
+        cdef const int64_t[:] kv = _int64_view(keys, "keys")
+        cdef const int64_t[:] dv = _int64_view(deadlines, "deadlines")
+        cdef Py_ssize_t i, n = kv.shape[0]
+        cdef uint32_t s
+        cdef uint32_t *counts
+        cdef uint64_t mask
+        cdef int rc = 0
+        self._check_usable()
+        if dv.shape[0] != n:
+            raise ValueError(f"keys and deadlines differ in length: {n} != {dv.shape[0]}")
+        if n == 0:
+            return
+        if n > 64:
+            # Size every slot array and the table once, so that the loop below never reallocates.
+            counts = <uint32_t *>PyMem_RawMalloc(NSLOTS * sizeof(uint32_t))
+            if counts == NULL:
+                raise MemoryError()
+            memset(counts, 0, NSLOTS * sizeof(uint32_t))
+            for i in range(n):
+                counts[self._slot_for(dv[i])] += 1
+            for s in range(NSLOTS):
+                if counts[s] and self._reserve_slot(s, <uint64_t>self._slots[s].size + counts[s]) != 0:
+                    rc = -1
+                    break
+            PyMem_RawFree(counts)
+            if rc != 0 or self._reserve_table(self._count + n) != 0:
+                raise MemoryError()
+        mask = self._mask
+        for i in range(n):
+            if i + TW_PREFETCH_AHEAD < n:
+                TW_PREFETCH(&self._table[tw_mix(kv[i + TW_PREFETCH_AHEAD]) & mask])
+            if self._schedule(kv[i], dv[i]) != 0:
+                self._check_usable()
+                raise MemoryError()
+            mask = self._mask
+        if TW_DEBUG:
+            self.check_invariants()
+
+    def cancel(self, int64_t key):
+        """Cancels `key`; True when it was pending."""
+        self._check_usable()
+        cdef bint done = self._cancel(key)
+        if TW_DEBUG:
+            self.check_invariants()
+        return done
+
+    def cancel_many(self, keys):
+        """cancel() for each key of an int64 buffer; returns how many were pending."""
+        cdef const int64_t[:] kv = _int64_view(keys, "keys")
+        cdef Py_ssize_t i, n = kv.shape[0], done = 0
+        cdef uint64_t mask = self._mask
+        self._check_usable()
+        for i in range(n):
+            if i + TW_PREFETCH_AHEAD < n:
+                TW_PREFETCH(&self._table[tw_mix(kv[i + TW_PREFETCH_AHEAD]) & mask])
+            done += self._cancel(kv[i])
+        self._shrink()
+        if TW_DEBUG:
+            self.check_invariants()
+        return done
+
+    def advance(self, int64_t now_ms):
+        """Fires every pending key with deadline <= now_ms, as array('q') ordered by (deadline,
+        schedule order), and moves the wheel time to now_ms.
+
+        A now_ms before the wheel time fires the overdue keys due by then and leaves the wheel
+        time where it is, so a clock stepping back never fires anything early.
+        """
+        cdef array.array fired
+        cdef Py_ssize_t i, n
+        cdef int64_t *dst
+        self._check_usable()
+        if self._advance(now_ms) != 0:
+            self._check_usable()
+            raise MemoryError()
+        n = self._out_len
+        fired = array.clone(_KEYS_TEMPLATE, n, False)
+        dst = <int64_t *>fired.data.as_voidptr
+        for i in range(n):
+            dst[i] = self._out[i].key
+        self._out_len = 0
+        if self._out_cap > KEEP_OUT:
+            PyMem_RawFree(self._out)
+            self._out = NULL
+            self._out_cap = 0
+            PyMem_RawFree(self._tmp)
+            self._tmp = NULL
+            self._tmp_cap = 0
+        if n:
+            self._shrink()
+        if TW_DEBUG:
+            self.check_invariants()
+        return fired
+
+    def next_deadline(self):
+        """The earliest pending deadline (<= now_ms when some key is overdue), or None."""
+        cdef uint64_t event
+        cdef int k
+        cdef uint32_t s
+        if self._count == 0:
+            return None
+        if not self._next_valid:
+            if self._slots[OVERDUE].live:
+                s = OVERDUE
+            elif self._slots[self._cur & 255].live:
+                s = <uint32_t>(self._cur & 255)
+            else:
+                k = self._next_event(&event)
+                s = <uint32_t>(k * LEVEL_SLOTS + ((event >> (k * LEVEL_BITS)) & 255))
+            self._next_ms = self._min_live(s)
+            self._next_valid = True
+        return self._next_ms
+
+    def deadline_of(self, int64_t key):
+        """The deadline `key` is pending at, or None."""
+        cdef Py_ssize_t i = self._find_key(key, tw_mix(key))
+        if i < 0:
+            return None
+        return self._entry_of(self._table[i]).deadline
+
+    def __contains__(self, key):
+        if not isinstance(key, int) or not (-(1 << 63) <= key < (1 << 63)):
+            return False
+        cdef int64_t k = key
+        return self._find_key(k, tw_mix(k)) >= 0
+
+    def __len__(self):
+        return self._count
+
+    def __repr__(self):
+        return f"TimingWheel(tick_ms={self.tick_ms}, now_ms={self._now_ms}, pending={self._count})"
+
+    def memory_bytes(self):
+        """Bytes this wheel holds: the object, the table, every slot array and the buffers."""
+        cdef Py_ssize_t total = type(self).__basicsize__
+        cdef Py_ssize_t s
+        total += (self._mask + 1) * sizeof(uint64_t)
+        for s in range(NSLOTS):
+            total += self._slots[s].cap * sizeof(Entry)
+        total += (self._out_cap + self._tmp_cap) * sizeof(Entry)
+        return total
+
+    def check_invariants(self):
+        """Raises AssertionError when the wheel's structures disagree. O(n + table size)."""
+        cdef uint64_t i, j, b, h, cap = self._mask + 1
+        cdef uint32_t s, p
+        cdef Py_ssize_t buckets = 0
+        cdef Entry *e
+        cdef list live = [0] * NSLOTS
+        cdef object earliest = None
+        assert self._cur == self._utick(self._now_ms), "wheel tick does not match wheel time"
+        for i in range(cap):
+            b = self._table[i]
+            if b == 0:
+                continue
+            buckets += 1
+            s = <uint32_t>((b & TW_SLOT_MASK) - 1)
+            p = <uint32_t>((b & TW_LOC_MASK) >> TW_POS_SHIFT)
+            assert s < NSLOTS, f"bucket {i} names slot {s}"
+            assert p < self._slots[s].size, f"bucket {i} names position {p} past slot {s}'s end"
+            e = &self._slots[s].items[p]
+            h = tw_mix(e.key)
+            assert (h >> TW_TAG_SHIFT) == (b >> TW_TAG_SHIFT), f"bucket {i} has a wrong tag"
+            assert ((i - (h & self._mask)) & self._mask) == _psl(b), f"bucket {i} has a wrong probe distance"
+            j = (i + 1) & self._mask
+            assert self._table[j] == 0 or _psl(self._table[j]) <= _psl(b) + 1, f"robin hood order broken at {j}"
+            assert self._find_key(e.key, h) == <Py_ssize_t>i, f"key {e.key} is not found at its bucket"
+            live[s] += 1
+            if s == OVERDUE:
+                assert e.deadline <= self._now_ms, f"overdue key {e.key} is due after the wheel time"
+            else:
+                assert e.deadline > self._now_ms, f"key {e.key} in slot {s} is already due"
+                assert self._slot_for(e.deadline) == s, f"key {e.key} sits in slot {s}, not {self._slot_for(e.deadline)}"
+            if earliest is None or e.deadline < earliest:
+                earliest = e.deadline
+        assert buckets == self._count, f"{buckets} buckets for {self._count} timers"
+        for s in range(NSLOTS):
+            assert self._slots[s].live == live[s], f"slot {s} counts {self._slots[s].live} live, has {live[s]}"
+            assert self._slots[s].size <= self._slots[s].cap, f"slot {s} overflows its array"
+            assert self._slots[s].size < COMPACT_MIN or self._slots[s].live * 2 >= self._slots[s].size, \
+                f"slot {s} is more than half stale"
+            assert live[s] > 0 or self._slots[s].size == 0, f"slot {s} holds only stale entries"
+            if s != OVERDUE:
+                assert bool(self._occupied[s >> 6] & ((<uint64_t>1) << (s & 63))) == (live[s] > 0), \
+                    f"occupancy bit of slot {s} is wrong"
+        assert self._count * 5 <= cap * 4, "table load above 0.8"
+        if self._next_valid and self._count:
+            assert self._next_ms == earliest, f"cached next deadline {self._next_ms} != {earliest}"
