@@ -71,7 +71,11 @@ def _set_duration(d: duration_pb2.Duration, value: Seconds, name: str) -> None:
         nanos = round(value * 1e9)
     else:
         raise TypeError(f"{name}: expected seconds or timedelta, got {type(value).__name__}")
-    d.FromNanoseconds(nanos)
+    # Duration wants seconds and nanos of the same sign.
+    seconds, rest = divmod(abs(nanos), 1_000_000_000)
+    if nanos < 0:
+        seconds, rest = -seconds, -rest
+    d.seconds, d.nanos = seconds, rest
 
 
 def spec_message(queue: str, payload: bytes | str, *, fire_at: FireAt | None = None,
@@ -83,8 +87,13 @@ def spec_message(queue: str, payload: bytes | str, *, fire_at: FireAt | None = N
         raise ValueError("fire_at and delay are exclusive: give at most one")
     if isinstance(payload, str):
         payload = payload.encode()
-    msg = task_pb2.TaskSpec(queue=queue, payload=payload, idempotency_key=idempotency_key,
-                            max_attempts=max_attempts, headers=headers)
+    msg = task_pb2.TaskSpec(queue=queue, payload=payload)
+    if idempotency_key:
+        msg.idempotency_key = idempotency_key
+    if max_attempts:
+        msg.max_attempts = max_attempts
+    if headers:
+        msg.headers.update(headers)
     if fire_at is not None:
         _set_timestamp(msg.fire_at, fire_at)
     elif delay is not None:
