@@ -282,7 +282,7 @@ class CeleryEtaDriver(Driver):
             "redis-py": redis.__version__,
             "redis-server": server.stdout.split(" v=")[-1].split()[0] if server.stdout else "?",
             "pool": self.pool,
-            "concurrency": str(self.concurrency),
+            "concurrency": str(self.concurrency) if self.pool == "prefork" else "1 (solo)",
             "redis_persistence": ("appendonly yes, appendfsync everysec"
                                   if self.persistence == "aof" else "none"),
             "visibility_timeout_s": f"{self.visibility_timeout:g}",
