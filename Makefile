@@ -1,0 +1,38 @@
+# Two commands do all set-up on a fresh machine (see README.md):
+#   make up     run taskwheel (all three services, embedded store) on 127.0.0.1:7070
+#   make test   install everything, then run the whole test suite (starts its own Cassandra)
+# Others: make bench (perf/), make proto (regenerate the gRPC code), make clean.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml setup.py core/*.pyx core/*.pxd 2>/dev/null | cksum | cut -d' ' -f1)
+
+.PHONY: up test bench proto system-deps clean
+
+$(STAMP):
+	@$(MAKE) --no-print-directory system-deps
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip "setuptools>=68" wheel "Cython>=3.0"
+	$(BIN)/pip install -q --no-build-isolation -e '.[dev]'
+	rm -f $(VENV)/.installed-*; touch $@
+
+# Java 17 and Maven run the development Cassandra; both come from Debian when missing.
+system-deps:
+	@command -v java >/dev/null && command -v mvn >/dev/null && command -v gcc >/dev/null || \
+	  { apt-get update -q && apt-get install -y -q openjdk-17-jre-headless maven gcc python3-venv; }
+
+up: $(STAMP)
+	$(BIN)/taskwheel up --data-dir ./taskwheel-data --listen 127.0.0.1:7070
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -p no:cacheprovider tests
+
+bench: $(STAMP)
+	$(BIN)/python -m pytest perf/bench_core.py --benchmark-only --benchmark-json=perf/results/core.json
+
+proto: $(STAMP)
+	$(BIN)/python protos/generate.py
+
+clean:
+	rm -rf build *.egg-info core/*.c core/*.so $(VENV)

@@ -1,0 +1,152 @@
+"""Assembles services into a gRPC server: all three in one process, or one per process.
+
+Every server also serves gRPC health checking (grpc.health.v1, one status per service name and
+"" for the whole server) and server reflection, so grpcurl can list, describe and call it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from taskwheel import telemetry
+from taskwheel.config import Config
+from taskwheel.dispatch import DispatchService
+from taskwheel.ingest import IngestServicer
+from taskwheel.links import RemoteDispatch, RemoteTimer
+from taskwheel.stores import Store, open_store
+from taskwheel.timer import TimerService
+from taskwheel.v1 import dispatch_pb2, dispatch_pb2_grpc, ingest_pb2, ingest_pb2_grpc, timer_pb2, timer_pb2_grpc
+
+log = logging.getLogger("taskwheel")
+
+ROLES = ("ingest", "timer", "dispatch")
+_NAMES = {
+    "ingest": ingest_pb2.DESCRIPTOR.services_by_name["Ingest"].full_name,
+    "timer": timer_pb2.DESCRIPTOR.services_by_name["Timer"].full_name,
+    "dispatch": dispatch_pb2.DESCRIPTOR.services_by_name["Dispatch"].full_name,
+}
+
+
+class App:
+    """The running services of one process, their store and their server."""
+
+    def __init__(self, config: Config, roles: tuple[str, ...] = ROLES) -> None:
+        unknown = set(roles) - set(ROLES)
+        if unknown or not roles:
+            raise ValueError(f"roles must be among {ROLES}, got {roles}")
+        self.config = config
+        self.roles = roles
+        if config.store == "" and config.data_dir:
+            os.makedirs(config.data_dir, exist_ok=True)
+        self.store: Store = open_store(config.store_url(), num_shards=config.shards)
+        self.ingest: IngestServicer | None = None
+        self.timer: TimerService | None = None
+        self.dispatch: DispatchService | None = None
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self._health = health.aio.HealthServicer()
+
+    def _links(self):
+        if "timer" in self.roles:
+            timer_link = None  # the TimerService itself, made below
+        elif self.config.timer_target:
+            timer_link = RemoteTimer(self.config.timer_target, self.config.lookahead_ms)
+        else:
+            timer_link = _required("timer", "--timer-target") if {"ingest", "dispatch"} & set(self.roles) else None
+        if "dispatch" in self.roles:
+            dispatch_link = None
+        elif self.config.dispatch_target:
+            dispatch_link = RemoteDispatch(self.config.dispatch_target)
+        else:
+            dispatch_link = _required("dispatch", "--dispatch-target") if "timer" in self.roles else None
+        return timer_link, dispatch_link
+
+    async def start(self) -> int:
+        """Opens the store, starts the services and the server; returns the bound port."""
+        telemetry.setup_tracing("taskwheel-" + "-".join(self.roles))
+        timer_link, dispatch_link = self._links()
+        await self.store.open()
+        if "dispatch" in self.roles:
+            self.dispatch = DispatchService(self.config, self.store, timer_link)
+        if "timer" in self.roles:
+            self.timer = TimerService(self.config, self.store, self.dispatch or dispatch_link)
+            if self.dispatch is not None:
+                self.dispatch.timer = self.timer
+        if "ingest" in self.roles:
+            self.ingest = IngestServicer(self.config, self.store, self.timer or timer_link)
+
+        self.server = grpc.aio.server(
+            interceptors=telemetry.server_interceptors(),
+            options=[
+                ("grpc.max_receive_message_length", 64 << 20),
+                ("grpc.max_send_message_length", 64 << 20),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        names = [reflection.SERVICE_NAME, health.SERVICE_NAME]
+        if self.ingest:
+            ingest_pb2_grpc.add_IngestServicer_to_server(self.ingest, self.server)
+            names.append(_NAMES["ingest"])
+        if self.timer:
+            timer_pb2_grpc.add_TimerServicer_to_server(self.timer, self.server)
+            names.append(_NAMES["timer"])
+        if self.dispatch:
+            dispatch_pb2_grpc.add_DispatchServicer_to_server(self.dispatch, self.server)
+            names.append(_NAMES["dispatch"])
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)
+        reflection.enable_server_reflection(names, self.server)
+        self.port = self.server.add_insecure_port(self.config.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.config.listen}")
+
+        if self.dispatch:
+            await self.dispatch.start()
+        if self.ingest:
+            await self.ingest.start()
+        await self.server.start()
+        if self.timer:
+            # Serving first: a separate dispatch may be waiting for this server to push to.
+            await self.timer.start()
+        for role in self.roles:
+            await self._health.set(_NAMES[role], health_pb2.HealthCheckResponse.SERVING)
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        log.info("taskwheel %s listening on %s (store %s)", "+".join(self.roles), self.config.listen,
+                 self.store.description)
+        return self.port
+
+    async def stop(self, grace: float = 2.0) -> None:
+        await self._health.enter_graceful_shutdown()
+        if self.server:
+            await self.server.stop(grace)
+        if self.timer:
+            await self.timer.stop()
+        if self.ingest:
+            await self.ingest.stop()
+        if self.dispatch:
+            await self.dispatch.stop()
+        await self.store.close()
+        telemetry.shutdown_tracing()
+
+
+def _required(role: str, flag: str):
+    raise ValueError(f"{flag} is required when {role} runs in another process")
+
+
+async def serve(config: Config, roles: tuple[str, ...] = ROLES, ready=None) -> None:
+    """Runs until SIGINT/SIGTERM. ``ready(port)`` is called once serving."""
+    app = App(config, roles)
+    port = await app.start()
+    if ready is not None:
+        ready(port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await app.stop()

@@ -1,0 +1,1 @@
+"""The taskwheel command line: up, serve, submit, worker, status, dev."""

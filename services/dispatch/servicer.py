@@ -1,0 +1,442 @@
+"""The dispatch service: servicer, then its state (queues, consumers, leases), then its loops.
+
+A lease is not a timer of dispatch's own: delivering attempt *a* of a task at gen *g* writes
+the task's next due row (gen g+1, attempt a+1) at the lease's expiry. If the ack comes, the
+task ends SUCCEEDED and that row is dead; if not, the timer fires it as the redelivery, even
+when this process died meanwhile. Transitions go through one FIFO group-commit writer, so a
+task's ack is never applied before its lease.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections import OrderedDict, deque
+
+import grpc
+
+from taskwheel import telemetry
+from taskwheel.config import Config
+from taskwheel.core import shard_of
+from taskwheel.group_commit import GroupCommit
+from taskwheel.stores.base import Store, TaskRecord, TaskState, Transition, TransitionKind
+from taskwheel.v1 import dispatch_pb2, dispatch_pb2_grpc, task_pb2
+from taskwheel.wire import record_of_due, set_ms
+
+log = logging.getLogger("taskwheel.dispatch")
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class DispatchService(dispatch_pb2_grpc.DispatchServicer):
+    """``timer`` is anything with ``async offer(records)`` and ``async forget(task_ids)``."""
+
+    # -- servicer ---------------------------------------------------------------------------
+
+    async def Consume(self, request_iterator, context):
+        try:
+            first = await request_iterator.__anext__()
+        except StopAsyncIteration:
+            return
+        if first.WhichOneof("msg") != "subscribe":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be subscribe{queue, max_in_flight}")
+        sub = first.subscribe
+        if not sub.queue:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "subscribe.queue is required")
+        limit = self._config.limits.max_in_flight
+        if sub.max_in_flight > limit:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"subscribe.max_in_flight {sub.max_in_flight} is over the limit of {limit}",
+            )
+        consumer = _Consumer(sub.queue, sub.max_in_flight or self._config.default_max_in_flight)
+        qs = self._queue(sub.queue)
+        qs.consumers.append(consumer)
+        reader = asyncio.get_running_loop().create_task(self._read(consumer, request_iterator))
+        self._pump(qs)
+        try:
+            while True:
+                msg = await consumer.out.get()
+                if msg is None:
+                    break
+                if isinstance(msg, str):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, msg)
+                yield msg
+        finally:
+            reader.cancel()
+            qs.consumers.remove(consumer)
+            self._release(consumer, "worker disconnected")
+            self._pump(qs)
+
+    async def Push(self, request, context):
+        records = [record_of_due(m, self._shard_of) for m in request.tasks]
+        await self.push(records, request.fired_at_ms)
+        return dispatch_pb2.PushResponse(accepted=len(records))
+
+    async def Status(self, request, context):
+        status = dispatch_pb2.DispatchStatus(
+            delivered=self.delivered, acked=self.acked, nacked=self.nacked, redelivered=self.redelivered
+        )
+        for name, qs in sorted(self._queues.items()):
+            status.queues.add(
+                queue=name,
+                ready=len(qs.ready),
+                in_flight=sum(len(c.in_flight) for c in qs.consumers),
+                workers=len(qs.consumers),
+            )
+        return status
+
+    # -- state ------------------------------------------------------------------------------
+
+    def __init__(self, config: Config, store: Store, timer) -> None:
+        self._config = config
+        self._store = store
+        self.timer = timer
+        self._num_shards = store.num_shards
+        self._queues: dict[str, _QueueState] = {}
+        self._waiting: dict[str, _Waiting] = {}  # task_id -> fired, not yet sent to a worker
+        self._leases: dict[str, _Lease] = {}  # task_id -> its outstanding delivery
+        self._finished: OrderedDict[str, tuple[int, int]] = OrderedDict()  # task_id -> (gen, ms)
+        self._unheld: deque[_Waiting] = deque()
+        self._writer = GroupCommit(self._apply, max_batch=config.write_batch, max_pending=1 << 62)
+        self._tasks: list[asyncio.Task] = []
+        self.delivered = self.acked = self.nacked = self.redelivered = self.stale_acks = 0
+
+    def _shard_of(self, task_id: str) -> int:
+        return shard_of(task_id, self._num_shards)
+
+    def _queue(self, name: str) -> "_QueueState":
+        qs = self._queues.get(name)
+        if qs is None:
+            qs = self._queues[name] = _QueueState()
+        return qs
+
+    async def push(self, records: list[TaskRecord], fired_at_ms: int) -> None:
+        """Takes fired tasks; returns once each is leased to a worker or held, durably."""
+        batch = _Batch(asyncio.get_running_loop().create_future(), len(records))
+        touched = set()
+        now = now_ms()
+        for rec in records:
+            task_id = rec.task_id
+            fin = self._finished.get(task_id)
+            if fin is not None and fin[0] >= rec.gen:
+                batch.done_one()  # the lease row of a task acked in the race with its firing
+                continue
+            lease = self._leases.get(task_id)
+            if lease is not None:
+                if rec.gen < lease.gen:
+                    batch.done_one()  # a stale copy of a row already delivered
+                    continue
+                # The lease row fired: that delivery's lease expired.
+                self._drop_lease(lease)
+                self.redelivered += 1
+                if rec.attempt > rec.max_attempts:
+                    self._finish(rec, TransitionKind.FAIL, rec.gen, rec.due_ms,
+                                 "lease expired on the last attempt", batch)
+                    continue
+            waiting = self._waiting.get(task_id)
+            if waiting is not None:
+                if rec.gen < waiting.record.gen:
+                    batch.done_one()
+                elif rec.gen == waiting.record.gen and waiting.held_gen == 0:
+                    waiting.batches.append(batch)  # a reloaded copy: confirm with the first
+                else:
+                    # Its hold row fired while it still waits: hold it again.
+                    waiting.record = rec
+                    waiting.batches.append(batch)
+                    waiting.held_gen = 0
+                    waiting.since = now
+                    self._unheld.append(waiting)
+                continue
+            waiting = _Waiting(rec, [batch], now, fired_at_ms)
+            self._waiting[task_id] = waiting
+            self._unheld.append(waiting)
+            qs = self._queue(rec.queue)
+            qs.ready.append(waiting)
+            touched.add(qs)
+        for qs in touched:
+            self._pump(qs)
+        await batch.future
+
+    def _pump(self, qs: "_QueueState") -> None:
+        """Sends ready tasks to consumers with room, round robin, one message per consumer."""
+        if not qs.ready or not qs.consumers:
+            return
+        now = now_ms()
+        consumers = qs.consumers
+        for _ in range(len(consumers)):
+            if not qs.ready:
+                break
+            qs.rr = (qs.rr + 1) % len(consumers)
+            consumer = consumers[qs.rr]
+            room = consumer.max_in_flight - len(consumer.in_flight)
+            if room <= 0:
+                continue
+            response = dispatch_pb2.ConsumeResponse()
+            transitions = []
+            while room > 0 and qs.ready:
+                waiting = qs.ready.popleft()
+                rec = waiting.record
+                if self._waiting.get(rec.task_id) is not waiting:
+                    continue  # cancelled or superseded while waiting
+                del self._waiting[rec.task_id]
+                room -= 1
+                expires = now + rec.lease_ms
+                lease = _Lease(rec, rec.gen + 1, consumer, f"{rec.task_id}.{rec.gen + 1}", expires)
+                consumer.in_flight[lease.delivery_id] = lease
+                self._leases[rec.task_id] = lease
+                d = response.deliveries.add(
+                    task_id=rec.task_id,
+                    delivery_id=lease.delivery_id,
+                    queue=rec.queue,
+                    payload=rec.payload,
+                    attempt=rec.attempt,
+                    max_attempts=rec.max_attempts,
+                    headers=rec.headers,
+                    traceparent=rec.traceparent,
+                )
+                set_ms(d.fire_at, rec.fire_at_ms)
+                set_ms(d.fired_at, waiting.fired_at)
+                set_ms(d.lease_expires_at, expires)
+                successor = dataclasses.replace(
+                    rec, gen=lease.gen, due_ms=expires, attempt=rec.attempt + 1, state=TaskState.LEASED
+                )
+                transitions.append(
+                    (Transition(rec.task_id, rec.shard, TransitionKind.LEASE, rec.gen, rec.due_ms,
+                                due_ms=expires, attempt=rec.attempt + 1, task=successor),
+                     successor, waiting.batches)
+                )
+            if response.deliveries:
+                self.delivered += len(response.deliveries)
+                consumer.out.put_nowait(response)
+                if telemetry.enabled:
+                    _trace_deliveries(response)
+            if transitions:
+                self._write(transitions)
+
+    def _write(self, entries) -> None:
+        """Queues (transition, successor record or None, batches to confirm) for the writer."""
+        fut = self._writer.commit(entries)
+        fut.add_done_callback(self._written)
+
+    def _written(self, fut: asyncio.Future) -> None:
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:
+            log.error("store rejected %s; the checkpoint keeps the tasks for a restart", exc)
+            return
+        offers = []
+        for applied, successor, batches in fut.result():
+            if applied and successor is not None:
+                offers.append(successor)
+            for batch in batches:
+                batch.done_one()
+        if offers:
+            asyncio.get_running_loop().create_task(self.timer.offer(offers))
+
+    async def _apply(self, entries):
+        """The writer's store call: applies transitions, keeps each entry's bookkeeping."""
+        results = await self._store.apply([e[0] for e in entries], now_ms())
+        return [(ok, successor, batches) for ok, (_, successor, batches) in zip(results, entries)]
+
+    async def _read(self, consumer: "_Consumer", request_iterator) -> None:
+        try:
+            async for req in request_iterator:
+                kind = req.WhichOneof("msg")
+                if kind == "ack":
+                    self._ack(consumer, req.ack.delivery_ids)
+                elif kind == "nack":
+                    self._nack(consumer, req.nack)
+                else:
+                    consumer.out.put_nowait(f"unexpected {kind or 'empty'} message after subscribe")
+                    return
+                self._pump(self._queue(consumer.queue))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.debug("consumer stream ended: %s", exc)
+        consumer.out.put_nowait(None)
+
+    def _take_lease(self, consumer: "_Consumer", delivery_id: str) -> "_Lease | None":
+        lease = consumer.in_flight.pop(delivery_id, None)
+        if lease is None:
+            self.stale_acks += 1  # expired and redelivered, or never ours
+            return None
+        if self._leases.get(lease.record.task_id) is lease:
+            del self._leases[lease.record.task_id]
+        return lease
+
+    def _ack(self, consumer: "_Consumer", delivery_ids) -> None:
+        entries = []
+        forget = []
+        now = now_ms()
+        for delivery_id in delivery_ids:
+            lease = self._take_lease(consumer, delivery_id)
+            if lease is None:
+                continue
+            rec = lease.record
+            self.acked += 1
+            self._remember_finished(rec.task_id, lease.gen, now)
+            entries.append((Transition(rec.task_id, rec.shard, TransitionKind.SUCCEED, lease.gen,
+                                       lease.due_ms), None, []))
+            forget.append(rec.task_id)
+        if entries:
+            self._write(entries)
+            asyncio.get_running_loop().create_task(self.timer.forget(forget))
+
+    def _nack(self, consumer: "_Consumer", nack) -> None:
+        now = now_ms()
+        retry_after = nack.retry_after.seconds * 1000 + nack.retry_after.nanos // 1_000_000
+        error = nack.error or "nacked by worker"
+        for delivery_id in nack.delivery_ids:
+            lease = self._take_lease(consumer, delivery_id)
+            if lease is None:
+                continue
+            self.nacked += 1
+            self._retry_or_fail(lease, error, retry_after, nack.no_retry, now)
+
+    def _retry_or_fail(self, lease: "_Lease", error: str, retry_after: int, no_retry: bool, now: int) -> None:
+        rec = lease.record
+        if no_retry or rec.attempt >= rec.max_attempts:
+            self._finish(rec, TransitionKind.FAIL, lease.gen, lease.due_ms, error, None)
+            return
+        if retry_after <= 0:
+            retry_after = min(self._config.retry_base_ms << min(rec.attempt - 1, 30), self._config.retry_max_ms)
+        successor = dataclasses.replace(
+            rec, gen=lease.gen + 1, due_ms=now + retry_after, attempt=rec.attempt + 1,
+            state=TaskState.SCHEDULED, last_error=error,
+        )
+        self._write([(Transition(rec.task_id, rec.shard, TransitionKind.RETRY, lease.gen,
+                                 lease.due_ms, due_ms=successor.due_ms,
+                                 attempt=successor.attempt, error=error, task=successor),
+                      successor, [])])
+
+    def _finish(self, rec: TaskRecord, kind: TransitionKind, gen: int, due_ms: int, error: str,
+                batch) -> None:
+        self._remember_finished(rec.task_id, gen, now_ms())
+        self._write([(Transition(rec.task_id, rec.shard, kind, gen, due_ms, error=error), None,
+                      [batch] if batch is not None else [])])
+        asyncio.get_running_loop().create_task(self.timer.forget([rec.task_id]))
+
+    def _remember_finished(self, task_id: str, gen: int, now: int) -> None:
+        finished = self._finished
+        finished[task_id] = (gen, now)
+        finished.move_to_end(task_id)
+        horizon = now - self._config.finished_memory_ms
+        while finished:
+            first = next(iter(finished.values()))
+            if first[1] >= horizon:
+                break
+            finished.popitem(last=False)
+
+    def _drop_lease(self, lease: "_Lease") -> None:
+        lease.consumer.in_flight.pop(lease.delivery_id, None)
+        if self._leases.get(lease.record.task_id) is lease:
+            del self._leases[lease.record.task_id]
+
+    def _release(self, consumer: "_Consumer", error: str) -> None:
+        """A worker went away: its unacked deliveries are retried now, not at lease expiry."""
+        now = now_ms()
+        for lease in list(consumer.in_flight.values()):
+            self._drop_lease(lease)
+            self._retry_or_fail(lease, error, 1, False, now)
+
+    # -- loops --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._writer.start()
+        self._tasks = [asyncio.get_running_loop().create_task(self._hold_loop(), name="dispatch-hold")]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await self._writer.stop()
+
+    async def _hold_loop(self) -> None:
+        """Gives tasks that wait for a worker a durable hold row, confirming them to the timer."""
+        while True:
+            await asyncio.sleep(self._config.hold_after_ms / 4000)
+            now = now_ms()
+            horizon = now - self._config.hold_after_ms
+            entries = []
+            while self._unheld and self._unheld[0].since <= horizon:
+                waiting = self._unheld.popleft()
+                rec = waiting.record
+                if self._waiting.get(rec.task_id) is not waiting or waiting.held_gen:
+                    continue
+                due = now + self._config.hold_ms
+                successor = dataclasses.replace(rec, gen=rec.gen + 1, due_ms=due)
+                waiting.held_gen = successor.gen
+                entries.append((Transition(rec.task_id, rec.shard, TransitionKind.RETRY, rec.gen,
+                                           rec.due_ms, due_ms=due, attempt=rec.attempt,
+                                           error=rec.last_error, task=successor),
+                                successor, waiting.batches))
+                waiting.record = successor
+                waiting.batches = []
+            if entries:
+                self._write(entries)
+
+
+def _trace_deliveries(response) -> None:
+    tracer = telemetry.tracer
+    for d in response.deliveries:
+        ctx = telemetry.context_from_traceparent(d.traceparent) if d.traceparent else None
+        span = tracer.start_span("dispatch.deliver", context=ctx, attributes={
+            "taskwheel.task_id": d.task_id, "taskwheel.attempt": d.attempt, "taskwheel.queue": d.queue})
+        span.end()
+
+
+class _Batch:
+    __slots__ = ("future", "remaining")
+
+    def __init__(self, future: asyncio.Future, remaining: int) -> None:
+        self.future = future
+        self.remaining = remaining
+        if remaining == 0:
+            future.set_result(None)
+
+    def done_one(self) -> None:
+        self.remaining -= 1
+        if self.remaining == 0 and not self.future.done():
+            self.future.set_result(None)
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _Waiting:
+    record: TaskRecord
+    batches: list
+    since: int
+    fired_at: int
+    held_gen: int = 0
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _Lease:
+    record: TaskRecord  # the delivered row (gen = lease.gen - 1)
+    gen: int  # the lease row's gen
+    consumer: "_Consumer"
+    delivery_id: str
+    due_ms: int  # the lease row's due time: the lease's expiry
+
+
+class _Consumer:
+    __slots__ = ("queue", "max_in_flight", "in_flight", "out")
+
+    def __init__(self, queue: str, max_in_flight: int) -> None:
+        self.queue = queue
+        self.max_in_flight = max_in_flight
+        self.in_flight: dict[str, _Lease] = {}
+        self.out: asyncio.Queue = asyncio.Queue()
+
+
+class _QueueState:
+    __slots__ = ("ready", "consumers", "rr")
+
+    def __init__(self) -> None:
+        self.ready: deque[_Waiting] = deque()
+        self.consumers: list[_Consumer] = []
+        self.rr = 0

@@ -1,0 +1,109 @@
+"""Group commit: many callers' items become one store call.
+
+Callers ``await commit(items)``; one flusher coroutine takes everything queued so far (up to
+``max_batch`` items), makes one store call, and resolves each caller with its slice of the
+results. While a call runs, the next group accumulates, so the batch size adapts to the load
+with no timer. The queue is bounded: past ``max_pending`` items, ``commit`` raises Backpressure
+at once instead of growing a buffer.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any, Awaitable, Callable, Sequence
+
+
+class Backpressure(Exception):
+    """The write queue is full; retry after ``retry_after_ms``."""
+
+    def __init__(self, pending: int, retry_after_ms: int):
+        super().__init__(f"{pending} items are waiting for the store; retry in {retry_after_ms} ms")
+        self.retry_after_ms = retry_after_ms
+
+
+class GroupCommit:
+    def __init__(
+        self,
+        write: Callable[[list[Any]], Awaitable[Sequence[Any]]],
+        *,
+        max_batch: int,
+        max_pending: int,
+    ) -> None:
+        self._write = write
+        self._max_batch = max_batch
+        self._max_pending = max_pending
+        self._queue: deque[tuple[Sequence[Any], asyncio.Future]] = deque()
+        self._pending = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._last_batch_s = 0.01
+        self.batches = 0
+        self.items = 0
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="group-commit")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            # Let queued writes finish: callers are waiting for durability.
+            while self._queue:
+                await asyncio.sleep(0.005)
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    def commit(self, items: Sequence[Any]) -> asyncio.Future:
+        """Queues items; the future resolves to their results (or the store's exception)."""
+        if self._pending + len(items) > self._max_pending and self._pending > 0:
+            # Time to drain what is queued at the recent batch rate, at least 10 ms.
+            per_item_s = self._last_batch_s / max(1, self._max_batch)
+            raise Backpressure(self._pending, max(10, int(self._pending * per_item_s * 1000)))
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append((items, fut))
+        self._pending += len(items)
+        self._wake.set()
+        return fut
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+            group: list[tuple[Sequence[Any], asyncio.Future]] = []
+            batch: list[Any] = []
+            while self._queue and (not batch or len(batch) + len(self._queue[0][0]) <= self._max_batch):
+                items, fut = self._queue.popleft()
+                group.append((items, fut))
+                batch.extend(items)
+            started = loop.time()
+            try:
+                results = await self._write(batch)
+            except asyncio.CancelledError:
+                for _, fut in group:
+                    if not fut.done():
+                        fut.set_exception(RuntimeError("store writer stopped"))
+                raise
+            except Exception as exc:  # the store's failure goes to every caller of the group
+                for _, fut in group:
+                    if not fut.done():
+                        fut.set_exception(exc)
+            else:
+                offset = 0
+                for items, fut in group:
+                    if not fut.done():
+                        fut.set_result(results[offset:offset + len(items)])
+                    offset += len(items)
+            finally:
+                self._pending -= len(batch)
+                self._last_batch_s = max(loop.time() - started, 0.001)
+                self.batches += 1
+                self.items += len(batch)

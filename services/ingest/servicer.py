@@ -1,0 +1,146 @@
+"""The Ingest gRPC service: Submit, Cancel, Get, Stats."""
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from taskwheel import telemetry
+from taskwheel.config import Config
+from taskwheel.core import shard_of
+from taskwheel.group_commit import Backpressure, GroupCommit
+from taskwheel.ingest.validate import SpecError, TaskIds, now_ms, record_of_spec
+from taskwheel.stores.base import AlreadyEnded, Store, StoreUnavailable, TaskState
+from taskwheel.v1 import ingest_pb2, ingest_pb2_grpc
+from taskwheel.wire import set_ms, task_message
+
+log = logging.getLogger("taskwheel.ingest")
+
+_INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+
+class IngestServicer(ingest_pb2_grpc.IngestServicer):
+    """Validates, writes in group commits, then offers what is due soon to the timer.
+
+    ``timer`` is anything with ``async offer(records)`` and ``async forget(task_ids)``: the
+    TimerService itself in one process, a RemoteTimer across processes.
+    """
+
+    def __init__(self, config: Config, store: Store, timer) -> None:
+        self._config = config
+        self._limits = config.limits
+        self._store = store
+        self._timer = timer
+        self._ids = TaskIds()
+        self._writer = GroupCommit(
+            store.insert, max_batch=config.write_batch, max_pending=config.max_pending_writes
+        )
+        self.accepted = 0
+
+    async def start(self) -> None:
+        self._writer.start()
+
+    async def stop(self) -> None:
+        await self._writer.stop()
+
+    async def Submit(self, request, context):
+        specs = request.tasks
+        count = len(specs)
+        if count == 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "tasks is empty: send 1 or more tasks")
+        if count > self._limits.max_batch:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{count} tasks in one Submit; the limit is {self._limits.max_batch}: split the batch",
+            )
+        now = now_ms()
+        num_shards = self._store.num_shards
+        traceparent = telemetry.current_traceparent() if telemetry.enabled else ""
+        response = ingest_pb2.SubmitResponse()
+        results = response.results
+        records = []
+        positions = []
+        next_id = self._ids.next
+        limits = self._limits
+        for i, spec in enumerate(specs):
+            result = results.add()
+            task_id = next_id(now)
+            try:
+                record = record_of_spec(spec, task_id, shard_of(task_id, num_shards), now, limits)
+            except SpecError as exc:
+                result.code = _INVALID
+                result.error = f"tasks[{i}]: {exc}"
+                continue
+            record.traceparent = traceparent
+            records.append(record)
+            positions.append(i)
+        if not records:
+            return response
+        try:
+            outcomes = await self._writer.commit(records)
+        except Backpressure as exc:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"ingest is saturated: {exc}",
+                trailing_metadata=(("retry-after-ms", str(exc.retry_after_ms)),),
+            )
+        except StoreUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"store unavailable, nothing was accepted: {exc}")
+        fresh = []
+        for pos, record, outcome in zip(positions, records, outcomes):
+            result = results[pos]
+            result.task_id = outcome.task_id
+            if outcome.duplicate:
+                result.duplicate = True
+            else:
+                set_ms(result.fire_at, record.fire_at_ms)
+                fresh.append(record)
+        self.accepted += len(fresh)
+        if fresh:
+            # Durable already; the offer only saves the timer a store read for tasks due soon.
+            await self._timer.offer(fresh)
+        return response
+
+    async def Get(self, request, context):
+        task_id = await self._task_id(request, context)
+        record = await self._call_store(context, self._store.get(task_id))
+        if record is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no task with id {task_id!r}")
+        return task_message(record)
+
+    async def Cancel(self, request, context):
+        task_id = await self._task_id(request, context)
+        try:
+            record = await self._call_store(context, self._store.cancel(task_id, now_ms()))
+        except AlreadyEnded as exc:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"task {task_id!r} already ended as {exc.record.state.name}; nothing to cancel",
+            )
+        if record is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no task with id {task_id!r}")
+        await self._timer.forget([task_id])
+        return ingest_pb2.CancelResponse(task=task_message(record))
+
+    async def Stats(self, request, context):
+        counts = await self._call_store(context, self._store.counts())
+        return ingest_pb2.StatsResponse(
+            scheduled=counts.get(TaskState.SCHEDULED, 0),
+            leased=counts.get(TaskState.LEASED, 0),
+            succeeded=counts.get(TaskState.SUCCEEDED, 0),
+            failed=counts.get(TaskState.FAILED, 0),
+            cancelled=counts.get(TaskState.CANCELLED, 0),
+            store=self._store.description,
+        )
+
+    async def _task_id(self, request, context) -> str:
+        task_id = request.task_id
+        if not task_id or len(task_id) > 128:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "task_id is required (1-128 characters)")
+        return task_id
+
+    async def _call_store(self, context, coro):
+        try:
+            return await coro
+        except StoreUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"store unavailable: {exc}")

@@ -1,0 +1,301 @@
+"""The timer: servicer, then its state (the wheel and the loaded window), then its loops.
+
+Guarantees, and how:
+* Never early: a task enters the wheel with its due_ms and the wheel fires only keys whose
+  deadline <= the wall clock.
+* On time: the loader keeps [now, now + lookahead) in the wheel, reading the store in slices of
+  slice_ms ahead of need; a task accepted inside the loaded window is offered straight in.
+* Nothing lost on a crash: a fired task stays "unconfirmed" until dispatch answers that its
+  successor row (the lease) is durable. The checkpoint saved every second is below every
+  unconfirmed, pending or not-yet-loaded task, so a restarted timer reloads from there and
+  fires whatever is still live.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from taskwheel import telemetry
+from taskwheel.config import Config
+from taskwheel.core import TimingWheel, shard_of
+from taskwheel.stores.base import Store, TaskRecord
+from taskwheel.v1 import timer_pb2, timer_pb2_grpc
+from taskwheel.wire import record_of_due
+
+log = logging.getLogger("taskwheel.timer")
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class TimerService(timer_pb2_grpc.TimerServicer):
+    """``dispatch`` is anything with ``async push(records, fired_at_ms)`` that returns once the
+    records are handed over durably: the DispatchService in one process, RemoteDispatch across."""
+
+    # -- servicer ---------------------------------------------------------------------------
+
+    async def Offer(self, request, context):
+        records = [record_of_due(m, self._shard_of) for m in request.tasks]
+        taken = self.offer_now(records)
+        return timer_pb2.OfferResponse(taken=taken, loaded_until_ms=self.loaded_until_ms)
+
+    async def Forget(self, request, context):
+        return timer_pb2.ForgetResponse(forgotten=self.forget_now(request.task_ids))
+
+    async def Status(self, request, context):
+        return self.status()
+
+    # -- state ------------------------------------------------------------------------------
+
+    def __init__(self, config: Config, store: Store, dispatch) -> None:
+        self._config = config
+        self._store = store
+        self._dispatch = dispatch
+        self._shards = list(range(store.num_shards))
+        self.wheel = TimingWheel(tick_ms=config.tick_ms, start_ms=now_ms())
+        self._records: dict[int, TaskRecord] = {}  # wheel key -> the task at its due row
+        self._keys: dict[str, int] = {}  # task_id -> wheel key
+        self._next_key = 1
+        # Everything with due_ms below this is in the wheel, fired, or superseded.
+        self.loaded_until_ms = 0
+        # Fired batches dispatch has not confirmed: batch id -> (lowest due_ms, count).
+        self._unconfirmed: dict[int, tuple[int, int]] = {}
+        self._unconfirmed_count = 0
+        self._next_batch = 1
+        self._waiter: asyncio.Future | None = None
+        self._waiting_until = 0
+        self._tasks: list[asyncio.Task] = []
+        self._push_tasks: set[asyncio.Task] = set()
+        self.fired = 0
+        self.lag_ms = 0
+        self.checkpoint_ms = 0
+        self._started = asyncio.Event()
+
+    def _shard_of(self, task_id: str) -> int:
+        return shard_of(task_id, len(self._shards))
+
+    async def offer(self, records: list[TaskRecord]) -> None:
+        self.offer_now(records)
+
+    async def forget(self, task_ids) -> None:
+        self.forget_now(task_ids)
+
+    def offer_now(self, records) -> int:
+        """Admits the records due inside the loaded window; the rest the loader will read."""
+        limit = self.loaded_until_ms
+        taken = [r for r in records if r.due_ms < limit]
+        if taken:
+            self._admit(taken)
+        return len(taken)
+
+    def forget_now(self, task_ids) -> int:
+        forgotten = 0
+        for task_id in task_ids:
+            key = self._keys.pop(task_id, None)
+            if key is not None:
+                self.wheel.cancel(key)
+                del self._records[key]
+                forgotten += 1
+        return forgotten
+
+    def _admit(self, records) -> None:
+        """Schedules records; a task already held moves only for a newer gen."""
+        keys_by_task = self._keys
+        held = self._records
+        new_keys = []
+        deadlines = []
+        for rec in records:
+            key = keys_by_task.get(rec.task_id)
+            if key is not None:
+                if held[key].gen >= rec.gen:
+                    continue
+            else:
+                key = self._next_key
+                self._next_key += 1
+                keys_by_task[rec.task_id] = key
+            held[key] = rec
+            new_keys.append(key)
+            deadlines.append(rec.due_ms)
+        if not new_keys:
+            return
+        self.wheel.schedule_many(new_keys, deadlines)
+        earliest = min(deadlines)
+        if self._waiter is not None and earliest < self._waiting_until and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def checkpoint(self, now: int) -> int:
+        """Lowest due time that may still need firing after a crash."""
+        candidates = [self.loaded_until_ms, now - self._config.checkpoint_margin_ms]
+        next_deadline = self.wheel.next_deadline()
+        if next_deadline is not None:
+            candidates.append(next_deadline)
+        candidates.extend(low for low, _ in self._unconfirmed.values())
+        return min(candidates)
+
+    def status(self) -> timer_pb2.TimerStatus:
+        nd = self.wheel.next_deadline()
+        return timer_pb2.TimerStatus(
+            pending=len(self.wheel),
+            loaded_until_ms=self.loaded_until_ms,
+            checkpoint_ms=self.checkpoint_ms,
+            fired=self.fired,
+            lag_ms=self.lag_ms,
+            next_deadline_ms=nd if nd is not None else 0,
+            shards=len(self._shards),
+        )
+
+    # -- loops --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        starts = [await self._store.load_checkpoint(s) for s in self._shards]
+        self.loaded_until_ms = min(starts) if starts else now_ms()
+        self.checkpoint_ms = self.loaded_until_ms
+        # The first slices (catching up from the checkpoint) are read before serving offers.
+        await self._load_once()
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._load_loop(), name="timer-load"),
+            loop.create_task(self._fire_loop(), name="timer-fire"),
+            loop.create_task(self._checkpoint_loop(), name="timer-checkpoint"),
+        ]
+        self._started.set()
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._tasks = []
+        # Pushes in flight finish (their leases become durable) or are abandoned to the
+        # checkpoint, which still lies below them.
+        if self._push_tasks:
+            await asyncio.wait(list(self._push_tasks), timeout=2)
+        try:
+            await self._store.save_checkpoints({s: self.checkpoint(now_ms()) for s in self._shards})
+        except Exception as exc:
+            log.warning("final checkpoint not saved: %s", exc)
+
+    async def _load_once(self) -> bool:
+        """Reads the next slice if the window needs it. True when it read something."""
+        now = now_ms()
+        target = now + self._config.lookahead_ms
+        start = self.loaded_until_ms
+        if start >= target or len(self.wheel) >= self._config.max_wheel:
+            return False
+        if start < now - self._config.slice_ms:
+            # Catching up after downtime: the rest of the minute bucket, in one read per shard.
+            end = min((start // 60_000 + 1) * 60_000, target)
+        else:
+            end = min(start + self._config.slice_ms, target)
+        # Raised before reading, so that offers arriving during the read are taken; the read's
+        # copies of them are then dropped by gen.
+        self.loaded_until_ms = end
+        span = telemetry.tracer.start_span("timer.load") if telemetry.enabled else None
+        try:
+            results = await asyncio.gather(
+                *(self._store.load_due(s, start, end) for s in self._shards)
+            )
+        except Exception:
+            self.loaded_until_ms = min(self.loaded_until_ms, start)
+            raise
+        finally:
+            if span is not None:
+                span.end()
+        for records in results:
+            if records:
+                self._admit(records)
+        return True
+
+    async def _load_loop(self) -> None:
+        backoff = 0.05
+        while True:
+            try:
+                if not await self._load_once():
+                    await asyncio.sleep(min(0.1, self._config.slice_ms / 4000))
+                backoff = 0.05
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("loading due tasks failed, retrying in %.2fs: %s", backoff, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    async def _fire_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        wheel = self.wheel
+        held = self._records
+        keys_by_task = self._keys
+        while True:
+            now = now_ms()
+            nd = wheel.next_deadline()
+            paused = self._unconfirmed_count >= self._config.max_unconfirmed
+            if nd is None or nd > now or paused:
+                wait_ms = 50 if nd is None or paused else min(50, nd - now)
+                self._waiting_until = now + wait_ms if not paused else 0
+                waiter = self._waiter = loop.create_future()
+                handle = loop.call_later(wait_ms / 1000, _wake, waiter)
+                await waiter
+                handle.cancel()
+                self._waiter = None
+                continue
+            keys = wheel.advance(now)
+            if not keys:
+                continue
+            fired = []
+            for key in keys:
+                rec = held.pop(key)
+                del keys_by_task[rec.task_id]
+                fired.append(rec)
+            self.lag_ms = now - fired[0].due_ms
+            self.fired += len(fired)
+            self._hand_over(fired, now)
+
+    def _hand_over(self, fired: list[TaskRecord], fired_at: int) -> None:
+        batch = self._next_batch
+        self._next_batch += 1
+        self._unconfirmed[batch] = (fired[0].due_ms, len(fired))
+        self._unconfirmed_count += len(fired)
+        task = asyncio.get_running_loop().create_task(self._push(batch, fired, fired_at))
+        self._push_tasks.add(task)
+        task.add_done_callback(self._push_tasks.discard)
+
+    async def _push(self, batch: int, fired: list[TaskRecord], fired_at: int) -> None:
+        backoff = 0.05
+        try:
+            while True:
+                try:
+                    await self._dispatch.push(fired, fired_at)
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    # Dispatch down or restarting: keep the batch unconfirmed and try again.
+                    log.warning("push of %d fired tasks failed, retrying: %s", len(fired), exc)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+        finally:
+            _, count = self._unconfirmed.pop(batch)
+            self._unconfirmed_count -= count
+
+    async def _checkpoint_loop(self) -> None:
+        interval = self._config.checkpoint_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval)
+            cp = self.checkpoint(now_ms())
+            try:
+                await self._store.save_checkpoints({s: cp for s in self._shards})
+                self.checkpoint_ms = max(self.checkpoint_ms, cp)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("checkpoint not saved: %s", exc)
+
+
+def _wake(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)

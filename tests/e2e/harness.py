@@ -1,0 +1,166 @@
+"""Real taskwheel server processes and a plain-gRPC test worker, for the end-to-end tests."""
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from taskwheel.v1 import dispatch_pb2, dispatch_pb2_grpc, ingest_pb2, ingest_pb2_grpc, task_pb2
+
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class ServerProcess:
+    """``taskwheel up`` or ``taskwheel serve ROLE`` as a child process."""
+
+    def __init__(self, args: list[str], log_path: str, env: dict | None = None) -> None:
+        self.args = args
+        self.log_path = log_path
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30) -> "ServerProcess":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [PYTHON, "-m", "taskwheel.cli.main", *self.args],
+            stdout=subprocess.PIPE, stderr=log, env=self.env,
+        )
+        deadline = time.monotonic() + timeout
+        line = b""
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if b"serving on" in line:
+                threading.Thread(target=self._drain, daemon=True).start()
+                return self
+            if not line and self.proc.poll() is not None:
+                break
+        self.kill()
+        with open(self.log_path, "rb") as f:
+            tail = f.read()[-3000:].decode(errors="replace")
+        raise RuntimeError(f"server {self.args} did not start: {line!r}\n{tail}")
+
+    def _drain(self) -> None:
+        for _ in self.proc.stdout:
+            pass
+
+    def kill(self) -> None:
+        """kill -9: no chance to flush or checkpoint."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def spec(queue_name: str, *, fire_at_ms: int | None = None, delay_ms: int | None = None, payload=b"",
+         **fields) -> task_pb2.TaskSpec:
+    s = task_pb2.TaskSpec(queue=queue_name, payload=payload, **fields)
+    if fire_at_ms is not None:
+        s.fire_at.seconds, rem = divmod(fire_at_ms, 1000)
+        s.fire_at.nanos = rem * 1_000_000
+    if delay_ms is not None:
+        s.delay.seconds, rem = divmod(delay_ms, 1000)
+        s.delay.nanos = rem * 1_000_000
+    return s
+
+
+def ingest(target: str) -> ingest_pb2_grpc.IngestStub:
+    return ingest_pb2_grpc.IngestStub(grpc.insecure_channel(target))
+
+
+@dataclass
+class Received:
+    task_id: str
+    delivery_id: str
+    attempt: int
+    fire_at_ms: int
+    received_ms: int
+    payload: bytes
+
+
+@dataclass
+class QueueWorker:
+    """Consumes a queue over a raw Consume stream; acks, nacks, or holds deliveries forever."""
+
+    target: str
+    queue: str
+    max_in_flight: int = 1000
+    mode: str = "ack"  # "ack" | "nack" | "hold"
+    received: list[Received] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._requests: queue.Queue = queue.Queue()
+        self._channel = grpc.insecure_channel(self.target)
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.error: Exception | None = None
+
+    def __enter__(self) -> "QueueWorker":
+        self._requests.put(dispatch_pb2.ConsumeRequest(
+            subscribe=dispatch_pb2.Subscribe(queue=self.queue, max_in_flight=self.max_in_flight)))
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._requests.put(None)
+        self._channel.close()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        stub = dispatch_pb2_grpc.DispatchStub(self._channel)
+        try:
+            for response in stub.Consume(iter(self._requests.get, None)):
+                now = now_ms()
+                ids = []
+                with self._lock:
+                    for d in response.deliveries:
+                        self.received.append(Received(
+                            d.task_id, d.delivery_id, d.attempt,
+                            d.fire_at.seconds * 1000 + d.fire_at.nanos // 1_000_000, now, d.payload))
+                        ids.append(d.delivery_id)
+                if self.mode == "ack":
+                    self._requests.put(dispatch_pb2.ConsumeRequest(ack=dispatch_pb2.Ack(delivery_ids=ids)))
+                elif self.mode == "nack":
+                    self._requests.put(dispatch_pb2.ConsumeRequest(
+                        nack=dispatch_pb2.Nack(delivery_ids=ids, error="handler failed",
+                                               retry_after={"nanos": 100_000_000})))
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                self.error = exc
+
+    def snapshot(self) -> list[Received]:
+        with self._lock:
+            return list(self.received)
+
+    def wait_for(self, count: int, timeout: float) -> list[Received]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = self.snapshot()
+            if len(got) >= count:
+                return got
+            time.sleep(0.05)
+        return self.snapshot()

@@ -1,0 +1,206 @@
+"""End to end on the embedded store: real `taskwheel up` processes, real gRPC clients."""
+import collections
+import time
+
+import grpc
+import pytest
+
+from taskwheel.v1 import dispatch_pb2, dispatch_pb2_grpc, ingest_pb2, task_pb2
+from tests.e2e.harness import ServerProcess, QueueWorker, free_port, ingest, now_ms, spec
+
+pytestmark = pytest.mark.slow
+
+
+def submit(stub, specs):
+    results = []
+    for i in range(0, len(specs), 1000):
+        results.extend(stub.Submit(ingest_pb2.SubmitRequest(tasks=specs[i:i + 1000]), timeout=30).results)
+    return results
+
+
+def test_ten_thousand_tasks_spread_over_seconds_arrive_once_and_never_early(server):
+    stub = ingest(server.target)
+    start = now_ms() + 1500
+    specs = [spec("bulk", fire_at_ms=start + (i * 3000) // 10_000, payload=str(i).encode())
+             for i in range(10_000)]
+    with QueueWorker(server.target, "bulk") as worker:
+        results = submit(stub, specs)
+        assert all(r.code == 0 for r in results)
+        got = worker.wait_for(10_000, timeout=30)
+        time.sleep(0.5)
+        got = worker.snapshot()
+    ids = [r.task_id for r in got]
+    assert len(got) == 10_000
+    assert len(set(ids)) == 10_000, "a task was delivered twice"
+    assert set(ids) == {r.task_id for r in results}
+    early = [r for r in got if r.received_ms < r.fire_at_ms]
+    assert not early, f"{len(early)} tasks arrived before their fire time"
+
+
+def test_kill_minus_nine_mid_load_loses_no_accepted_task(tmp_path):
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    args = ["up", "--data-dir", str(tmp_path / "data"), "--listen", target]
+    server = ServerProcess(args, str(tmp_path / "server.log")).start()
+    stub = ingest(target)
+    accepted = set()
+    base = now_ms()
+    try:
+        # Some due during the outage, some before it, some after the restart.
+        for batch in range(20):
+            specs = [spec("crash", fire_at_ms=base + 500 + batch * 150 + i % 500) for i in range(500)]
+            results = stub.Submit(ingest_pb2.SubmitRequest(tasks=specs), timeout=30).results
+            accepted.update(r.task_id for r in results if r.code == 0)
+        with QueueWorker(target, "crash") as worker:
+            worker.wait_for(2000, timeout=10)
+            server.kill()
+        before = {r.task_id for r in worker.snapshot()}
+        server.start()
+        with QueueWorker(target, "crash") as worker:
+            worker.wait_for(len(accepted - before), timeout=30)
+            time.sleep(1)
+            after = {r.task_id for r in worker.snapshot()}
+    finally:
+        server.stop()
+    assert len(accepted) == 10_000
+    missing = accepted - before - after
+    assert not missing, f"{len(missing)} accepted tasks never delivered after kill -9"
+
+
+def test_unacked_delivery_is_redelivered_after_its_lease_with_next_attempt(server):
+    stub = ingest(server.target)
+    s = spec("lease", delay_ms=0, lease={"nanos": 500_000_000})
+    task_id = stub.Submit(ingest_pb2.SubmitRequest(tasks=[s])).results[0].task_id
+    with QueueWorker(server.target, "lease", mode="hold") as holder:
+        first = holder.wait_for(1, timeout=10)
+        assert [r.attempt for r in first] == [1]
+        second = holder.wait_for(2, timeout=10)
+    assert [(r.task_id, r.attempt) for r in second] == [(task_id, 1), (task_id, 2)]
+    assert second[1].received_ms - second[0].received_ms >= 500
+    assert stub.Get(ingest_pb2.GetRequest(task_id=task_id)).attempt >= 2
+
+
+def test_nack_retries_until_max_attempts_then_the_task_ends_failed(server):
+    stub = ingest(server.target)
+    task_id = stub.Submit(ingest_pb2.SubmitRequest(tasks=[spec("flaky", max_attempts=3)])).results[0].task_id
+    with QueueWorker(server.target, "flaky", mode="nack") as worker:
+        got = worker.wait_for(3, timeout=15)
+        time.sleep(1.0)
+        got = worker.snapshot()
+    assert [r.attempt for r in got] == [1, 2, 3]
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        task = stub.Get(ingest_pb2.GetRequest(task_id=task_id))
+        if task.state == task_pb2.TASK_STATE_FAILED:
+            break
+        time.sleep(0.1)
+    assert task.state == task_pb2.TASK_STATE_FAILED
+    assert task.last_error == "handler failed"
+
+
+def test_acked_task_ends_succeeded_and_is_not_redelivered(server):
+    stub = ingest(server.target)
+    s = spec("ok", lease={"nanos": 300_000_000})
+    task_id = stub.Submit(ingest_pb2.SubmitRequest(tasks=[s])).results[0].task_id
+    with QueueWorker(server.target, "ok") as worker:
+        worker.wait_for(1, timeout=10)
+        time.sleep(1.5)  # well past the lease
+        got = worker.snapshot()
+    assert len(got) == 1
+    assert stub.Get(ingest_pb2.GetRequest(task_id=task_id)).state == task_pb2.TASK_STATE_SUCCEEDED
+
+
+def test_cancel_before_fire_prevents_delivery(server):
+    stub = ingest(server.target)
+    results = stub.Submit(ingest_pb2.SubmitRequest(
+        tasks=[spec("cancel", delay_ms=1500), spec("cancel", delay_ms=1500)])).results
+    cancelled = stub.Cancel(ingest_pb2.CancelRequest(task_id=results[0].task_id))
+    assert cancelled.task.state == task_pb2.TASK_STATE_CANCELLED
+    with QueueWorker(server.target, "cancel") as worker:
+        worker.wait_for(1, timeout=10)
+        time.sleep(1.0)
+        got = worker.snapshot()
+    assert [r.task_id for r in got] == [results[1].task_id]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Cancel(ingest_pb2.CancelRequest(task_id=results[1].task_id))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_duplicate_idempotency_key_returns_the_first_task_and_schedules_nothing(server):
+    stub = ingest(server.target)
+    first = stub.Submit(ingest_pb2.SubmitRequest(tasks=[spec("idem", idempotency_key="order-42")])).results[0]
+    again = stub.Submit(ingest_pb2.SubmitRequest(tasks=[spec("idem", idempotency_key="order-42")])).results[0]
+    assert not first.duplicate and again.duplicate
+    assert again.task_id == first.task_id
+    with QueueWorker(server.target, "idem") as worker:
+        worker.wait_for(1, timeout=10)
+        time.sleep(1.0)
+        assert len(worker.snapshot()) == 1
+
+
+@pytest.mark.parametrize("bad, field", [
+    (task_pb2.TaskSpec(queue=""), "queue"),
+    (task_pb2.TaskSpec(queue="has space"), "queue"),
+    (task_pb2.TaskSpec(queue="q", payload=b"x" * 70_000), "payload"),
+    (spec("q", fire_at_ms=now_ms() + 400 * 86_400_000), "fire_at"),
+    (spec("q", fire_at_ms=now_ms() - 3 * 86_400_000), "fire_at"),
+    (task_pb2.TaskSpec(queue="q", max_attempts=1000), "max_attempts"),
+    (task_pb2.TaskSpec(queue="q", lease={"nanos": 1000}), "lease"),
+])
+def test_a_bad_task_gets_invalid_argument_naming_the_field_and_the_rest_is_accepted(server, bad, field):
+    stub = ingest(server.target)
+    results = stub.Submit(ingest_pb2.SubmitRequest(tasks=[spec("fine"), bad])).results
+    assert results[0].code == 0 and results[0].task_id
+    assert results[1].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert field in results[1].error and not results[1].task_id
+
+
+@pytest.mark.parametrize("count", [0, 10_001])
+def test_an_empty_or_oversized_batch_is_rejected_whole(server, count):
+    stub = ingest(server.target)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Submit(ingest_pb2.SubmitRequest(tasks=[spec("q")] * count))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "tasks" in err.value.details()
+
+
+def test_get_and_cancel_of_an_unknown_task_are_not_found(server):
+    stub = ingest(server.target)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Get(ingest_pb2.GetRequest(task_id="nope"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "nope" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Cancel(ingest_pb2.CancelRequest(task_id="nope"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_consume_must_start_with_subscribe(server):
+    stub = dispatch_pb2_grpc.DispatchStub(grpc.insecure_channel(server.target))
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Consume(iter([dispatch_pb2.ConsumeRequest(ack=dispatch_pb2.Ack(delivery_ids=["x"]))])))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "subscribe" in err.value.details()
+
+
+def test_a_worker_never_has_more_unacked_deliveries_than_max_in_flight(server):
+    stub = ingest(server.target)
+    stub.Submit(ingest_pb2.SubmitRequest(tasks=[spec("window") for _ in range(50)]))
+    with QueueWorker(server.target, "window", max_in_flight=7, mode="hold") as worker:
+        worker.wait_for(7, timeout=10)
+        time.sleep(1.0)
+        assert len(worker.snapshot()) == 7
+
+
+def test_health_and_reflection_answer_for_every_service(server):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    channel = grpc.insecure_channel(server.target)
+    health = health_pb2_grpc.HealthStub(channel)
+    for name in ("", "taskwheel.v1.Ingest", "taskwheel.v1.Timer", "taskwheel.v1.Dispatch"):
+        status = health.Check(health_pb2.HealthCheckRequest(service=name)).status
+        assert status == health_pb2.HealthCheckResponse.SERVING, name
+    refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+    reply = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in reply.list_services_response.service}
+    assert {"taskwheel.v1.Ingest", "taskwheel.v1.Timer", "taskwheel.v1.Dispatch"} <= names
