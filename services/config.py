@@ -69,6 +69,9 @@ class Config:
     hold_after_ms: int = 2_000
     hold_ms: int = 30_000
     default_max_in_flight: int = 100
+    # A worker whose stream broke may reconnect and ack on the new stream; its deliveries are
+    # retried only if no ack came within this grace.
+    orphan_grace_ms: int = 2_000
     limits: Limits = field(default_factory=Limits)
 
     def store_url(self) -> str:

@@ -101,6 +101,7 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         self._leases: dict[str, _Lease] = {}  # task_id -> its outstanding delivery
         self._finished: OrderedDict[str, tuple[int, int]] = OrderedDict()  # task_id -> (gen, ms)
         self._unheld: deque[_Waiting] = deque()
+        self._orphans: deque[tuple[int, _Lease]] = deque()  # (retry at, lease) of gone workers
         self._writer = GroupCommit(self._apply, max_batch=config.write_batch, max_pending=1 << 62)
         self._tasks: list[asyncio.Task] = []
         self.delivered = self.acked = self.nacked = self.redelivered = self.stale_acks = 0
@@ -264,8 +265,13 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
     def _take_lease(self, consumer: "_Consumer", delivery_id: str) -> "_Lease | None":
         lease = consumer.in_flight.pop(delivery_id, None)
         if lease is None:
-            self.stale_acks += 1  # expired and redelivered, or never ours
-            return None
+            # Delivered on an earlier stream of a worker that reconnected: still good if current.
+            task_id = delivery_id.rpartition(".")[0]
+            lease = self._leases.get(task_id)
+            if lease is None or lease.delivery_id != delivery_id:
+                self.stale_acks += 1  # expired and redelivered, or never ours
+                return None
+            lease.consumer.in_flight.pop(delivery_id, None)
         if self._leases.get(lease.record.task_id) is lease:
             del self._leases[lease.record.task_id]
         return lease
@@ -339,11 +345,19 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
             del self._leases[lease.record.task_id]
 
     def _release(self, consumer: "_Consumer", error: str) -> None:
-        """A worker went away: its unacked deliveries are retried now, not at lease expiry."""
-        now = now_ms()
-        for lease in list(consumer.in_flight.values()):
-            self._drop_lease(lease)
-            self._retry_or_fail(lease, error, 1, False, now)
+        """A worker went away: its unacked deliveries are retried after a short grace (it may
+        reconnect and ack them), not at their lease expiry."""
+        deadline = now_ms() + self._config.orphan_grace_ms
+        for lease in consumer.in_flight.values():
+            self._orphans.append((deadline, lease))
+        consumer.in_flight = {}
+
+    def _retry_orphans(self, now: int) -> None:
+        while self._orphans and self._orphans[0][0] <= now:
+            _, lease = self._orphans.popleft()
+            if self._leases.get(lease.record.task_id) is lease:
+                del self._leases[lease.record.task_id]
+                self._retry_or_fail(lease, "worker disconnected", 1, False, now)
 
     # -- loops --------------------------------------------------------------------------------
 
@@ -357,10 +371,12 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         await self._writer.stop()
 
     async def _hold_loop(self) -> None:
-        """Gives tasks that wait for a worker a durable hold row, confirming them to the timer."""
+        """Gives tasks that wait for a worker a durable hold row, confirming them to the timer;
+        retries the deliveries of workers that went away and did not come back."""
         while True:
-            await asyncio.sleep(self._config.hold_after_ms / 4000)
+            await asyncio.sleep(min(self._config.hold_after_ms, self._config.orphan_grace_ms) / 4000)
             now = now_ms()
+            self._retry_orphans(now)
             horizon = now - self._config.hold_after_ms
             entries = []
             while self._unheld and self._unheld[0].since <= horizon:

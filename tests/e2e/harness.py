@@ -152,6 +152,9 @@ class QueueWorker:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 self.error = exc
 
+    def ack(self, delivery_ids) -> None:
+        self._requests.put(dispatch_pb2.ConsumeRequest(ack=dispatch_pb2.Ack(delivery_ids=list(delivery_ids))))
+
     def snapshot(self) -> list[Received]:
         with self._lock:
             return list(self.received)

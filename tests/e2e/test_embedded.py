@@ -204,3 +204,27 @@ def test_health_and_reflection_answer_for_every_service(server):
     reply = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
     names = {s.name for s in reply.list_services_response.service}
     assert {"taskwheel.v1.Ingest", "taskwheel.v1.Timer", "taskwheel.v1.Dispatch"} <= names
+
+
+def test_a_disconnected_workers_deliveries_are_redelivered_long_before_their_lease_expires(server):
+    stub = ingest(server.target)
+    task_id = stub.Submit(ingest_pb2.SubmitRequest(tasks=[spec("gone")])).results[0].task_id
+    with QueueWorker(server.target, "gone", mode="hold") as first:
+        assert len(first.wait_for(1, timeout=10)) == 1
+    started = now_ms()
+    with QueueWorker(server.target, "gone") as second:
+        got = second.wait_for(1, timeout=15)
+    assert [(r.task_id, r.attempt) for r in got] == [(task_id, 2)]
+    assert got[0].received_ms - started < 10_000  # the lease is 30 s
+
+
+def test_an_ack_sent_on_a_new_stream_after_a_reconnect_is_honoured(server):
+    stub = ingest(server.target)
+    task_id = stub.Submit(ingest_pb2.SubmitRequest(tasks=[spec("reconnect")])).results[0].task_id
+    with QueueWorker(server.target, "reconnect", mode="hold") as first:
+        delivery = first.wait_for(1, timeout=10)[0]
+    with QueueWorker(server.target, "reconnect", mode="hold") as second:
+        second.ack([delivery.delivery_id])
+        time.sleep(4)  # past the orphan grace
+        assert second.snapshot() == []
+    assert stub.Get(ingest_pb2.GetRequest(task_id=task_id)).state == task_pb2.TASK_STATE_SUCCEEDED
