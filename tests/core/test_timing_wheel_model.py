@@ -1,0 +1,152 @@
+"""The compiled wheel behaves exactly like the reference model under random operations."""
+from array import array
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from taskwheel.core import TimingWheel
+from taskwheel.core.reference import INT64_MAX, INT64_MIN, ReferenceWheel
+
+HOUR_MS = 3_600_000
+
+# A small pool makes moves, cancels of pending keys and reuse after firing common.
+keys = st.one_of(st.integers(0, 40), st.sampled_from([INT64_MIN, INT64_MIN + 1, -1, INT64_MAX]))
+
+# How far from the wheel time a deadline lies: in the past, in the current slot, across each
+# level's boundary, hours and days away, and at the ends of int64.
+offsets = st.one_of(
+    st.integers(-300, 300),
+    st.integers(-70_000, 70_000),
+    st.integers(-20 * HOUR_MS, 20 * HOUR_MS),
+    st.integers(-(1 << 40), 1 << 40),
+    st.sampled_from([0, 1, 255, 256, 257, 65_535, 65_536, 65_537]),
+)
+extreme_deadlines = st.sampled_from([INT64_MIN, INT64_MIN + 1, INT64_MAX - 1, INT64_MAX])
+steps = st.one_of(
+    st.integers(0, 3),
+    st.integers(0, 600),
+    st.integers(0, 140_000),
+    st.integers(0, 30 * HOUR_MS),
+    st.integers(0, 1 << 45),
+)
+starts = st.one_of(
+    st.just(1_700_000_000_000),
+    st.integers(-(1 << 50), 1 << 50),
+    st.sampled_from([INT64_MIN, -1, 0, INT64_MAX - HOUR_MS]),
+)
+
+
+def clamp(value: int) -> int:
+    return max(INT64_MIN, min(INT64_MAX, value))
+
+
+class WheelAgreesWithReference(RuleBasedStateMachine):
+    @initialize(tick_ms=st.sampled_from([1, 1, 1, 3, 64, 1_000]), start_ms=starts)
+    def start(self, tick_ms, start_ms):
+        self.wheel = TimingWheel(tick_ms=tick_ms, start_ms=start_ms)
+        self.model = ReferenceWheel(tick_ms=tick_ms, start_ms=start_ms)
+
+    def deadline(self, data_offset):
+        return clamp(self.model.now_ms + data_offset)
+
+    @rule(key=keys, offset=offsets)
+    def schedule(self, key, offset):
+        deadline = self.deadline(offset)
+        self.wheel.schedule(key, deadline)
+        self.model.schedule(key, deadline)
+
+    @rule(key=keys, deadline=extreme_deadlines)
+    def schedule_at_an_extreme(self, key, deadline):
+        self.wheel.schedule(key, deadline)
+        self.model.schedule(key, deadline)
+
+    @rule(pairs=st.lists(st.tuples(keys, offsets), max_size=80))
+    def schedule_many(self, pairs):
+        ks = array("q", [k for k, _ in pairs])
+        ds = array("q", [self.deadline(o) for _, o in pairs])
+        self.wheel.schedule_many(ks, ds)
+        self.model.schedule_many(ks, ds)
+
+    @rule(key=keys)
+    def cancel(self, key):
+        assert self.wheel.cancel(key) == self.model.cancel(key)
+
+    @rule(ks=st.lists(keys, max_size=30))
+    def cancel_many(self, ks):
+        assert self.wheel.cancel_many(array("q", ks)) == self.model.cancel_many(array("q", ks))
+
+    @rule(step=steps)
+    def advance(self, step):
+        now = clamp(self.model.now_ms + step)
+        assert self.wheel.advance(now).tolist() == self.model.advance(now).tolist()
+
+    @rule(back=st.integers(1, 100_000))
+    def advance_to_an_earlier_time(self, back):
+        now = clamp(self.model.now_ms - back)
+        assert self.wheel.advance(now).tolist() == self.model.advance(now).tolist()
+
+    @precondition(lambda self: self.model.now_ms < INT64_MAX)
+    @rule()
+    def advance_to_the_next_deadline(self):
+        nd = self.model.next_deadline()
+        if nd is not None:
+            assert self.wheel.advance(nd).tolist() == self.model.advance(nd).tolist()
+
+    @rule()
+    def advance_to_the_end_of_time(self):
+        assert self.wheel.advance(INT64_MAX).tolist() == self.model.advance(INT64_MAX).tolist()
+
+    @invariant()
+    def same_pending_keys(self):
+        assert len(self.wheel) == len(self.model)
+        assert self.wheel.now_ms == self.model.now_ms
+        assert self.wheel.next_deadline() == self.model.next_deadline()
+        for key in [*range(41), INT64_MIN, INT64_MIN + 1, -1, INT64_MAX]:
+            assert (key in self.wheel) == (key in self.model)
+            assert self.wheel.deadline_of(key) == self.model.deadline_of(key)
+
+    @invariant()
+    def structures_are_consistent(self):
+        self.wheel.check_invariants()
+
+
+WheelAgreesWithReference.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_wheel_agrees_with_reference = WheelAgreesWithReference.TestCase
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    tick_ms=st.sampled_from([1, 5, 1_000]),
+    deadlines=st.lists(st.integers(0, 200_000), min_size=1, max_size=3_000),
+    step=st.sampled_from([1, 17, 1_000, 70_000, 300_000]),
+)
+def test_every_key_fires_once_in_deadline_then_schedule_order(tick_ms, deadlines, step):
+    wheel = TimingWheel(tick_ms=tick_ms, start_ms=0)
+    wheel.schedule_many(array("q", range(len(deadlines))), array("q", deadlines))
+    out = []
+    for now in range(0, 200_000 + step, step):
+        out.extend(wheel.advance(now))
+    assert out == sorted(range(len(deadlines)), key=lambda k: (deadlines[k], k))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 5_000),
+    cancelled=st.data(),
+)
+def test_cancelled_and_moved_keys_leave_no_trace(n, cancelled):
+    wheel = TimingWheel(tick_ms=1, start_ms=0)
+    wheel.schedule_many(array("q", range(n)), array("q", [(k * 7919) % 100_000 + 1 for k in range(n)]))
+    gone = cancelled.draw(st.sets(st.integers(0, n - 1)))
+    moved = cancelled.draw(st.sets(st.integers(0, n - 1)))
+    wheel.cancel_many(array("q", sorted(gone)))
+    for key in sorted(moved - gone):
+        wheel.schedule(key, 200_000 + key)
+    wheel.check_invariants()
+    out = wheel.advance(INT64_MAX).tolist()
+    assert sorted(out) == sorted(set(range(n)) - gone)
+    assert out[len(out) - len(moved - gone):] == sorted(moved - gone)
