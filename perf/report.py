@@ -15,6 +15,8 @@ Definitions:
 * **delivered** = distinct tasks received at least once; **duplicates** = deliveries beyond
   the first of a task; **lost** = tasks due by the horizon never received; **early** = first
   deliveries before ``fire_at``; **unknown** = deliveries of a seq nobody submitted.
+* **CPU** of each server process: user + system seconds between its first and last sample,
+  and that over the wall time between them (cores busy; 1.0 is one core all the time).
 * **submit rate** = tasks accepted / wall time from the phase's start to its last accepted
   batch, per phase and over the paced phases together.
 * **pending held** = accepted and not yet delivered, over time; the peak is what the servers
@@ -198,6 +200,18 @@ def memory_summary(samples: Mapping[str, Sequence[tuple[float, int]]],
     return out
 
 
+def cpu_summary(samples: Mapping[str, Sequence[tuple[float, float]]]) -> dict[str, dict]:
+    """Per server label: CPU seconds used between its first and last sample, and the share of
+    one core that is (1.0 = a core busy all the time)."""
+    out = {}
+    for label, seen in samples.items():
+        (t_first, cpu_first), (t_last, cpu_last) = seen[0], seen[-1]
+        wall = (t_last - t_first) / 1000.0
+        used = cpu_last - cpu_first
+        out[label] = {"cpu_seconds": used, "cores_busy": used / wall if wall > 0 else None}
+    return out
+
+
 def lateness_quantiles(values: np.ndarray, points: int = 240) -> list[list[float]]:
     """[[quantile, lateness_ms], ...] dense in the tail, for CDF plots drawn from the JSON."""
     if values.size == 0:
@@ -213,6 +227,7 @@ def build_report(*, driver: str, scenario: Mapping[str, Any], submits: np.ndarra
                  phase_windows: Sequence[Mapping[str, Any]],
                  memory_samples: Mapping[str, Sequence[tuple[float, int]]],
                  memory_hwm: Mapping[str, int],
+                 cpu_samples: Mapping[str, Sequence[tuple[float, float]]] | None = None,
                  reported_pending: Sequence[tuple[float, int | None]] = (),
                  context: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Every figure of one driver's run, JSON-ready."""
@@ -241,6 +256,7 @@ def build_report(*, driver: str, scenario: Mapping[str, Any], submits: np.ndarra
         "delivery": delivery_summary(submits, receipts, horizon_ms),
         "pending": {"peak_held": held, "reported_max": max(reported) if reported else None},
         "memory": memory_summary(memory_samples, memory_hwm, held),
+        "cpu": cpu_summary(cpu_samples or {}),
         "timeline": {
             "bin_s": BIN_S,
             "submit_rate": submit_rate.tolist(),
@@ -383,6 +399,9 @@ def comparison_table(reports: Sequence[Mapping[str, Any]]) -> str:
         f"{k} {_fmt_bytes(v['rss_growth_per_pending_task_bytes'])}"
         for k, v in r["memory"].items()
         if (v["rss_growth_per_pending_task_bytes"] or 0) >= MIN_BYTES_PER_TASK_SHOWN) or "-")
+    row("CPU (cores busy)", lambda r: "; ".join(
+        f"{k} {v['cores_busy']:.2f}" for k, v in r.get("cpu", {}).items()
+        if v["cores_busy"] is not None and v["cores_busy"] >= 0.01) or "-")
     header = "| | " + " | ".join(r["driver"] for r in reports) + " |"
     sep = "|---|" + "---|" * len(reports)
     body = ["| " + name + " | " + " | ".join(cells) + " |" for name, cells in rows]

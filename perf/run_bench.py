@@ -201,6 +201,19 @@ def read_proc_memory(pid: int) -> tuple[int, int] | None:
     return values["VmRSS"], values.get("VmHWM", values["VmRSS"])
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def read_proc_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time a process has used, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+
+
 class Sampler(threading.Thread):
     """Samples every server process's RSS and the system's pending count until stopped."""
 
@@ -209,6 +222,8 @@ class Sampler(threading.Thread):
         self.driver = driver
         self.memory: dict[str, list[tuple[float, int]]] = {}
         self.hwm: dict[str, int] = {}
+        # label -> [(t_ms, cpu_s) first seen, (t_ms, cpu_s) last seen]
+        self.cpu: dict[str, list[tuple[float, float]]] = {}
         self.pending: list[tuple[float, int | None]] = []
         self.errors: list[str] = []
         self._stop_event = threading.Event()
@@ -221,6 +236,10 @@ class Sampler(threading.Thread):
                 continue
             self.memory.setdefault(label, []).append((now_ms, mem[0]))
             self.hwm[label] = max(self.hwm.get(label, 0), mem[1])
+            cpu = read_proc_cpu_seconds(pid)
+            if cpu is not None:
+                seen = self.cpu.setdefault(label, [(now_ms, cpu)])
+                seen[1:] = [(now_ms, cpu)]
 
     def run(self) -> None:
         next_pending = 0.0
@@ -372,7 +391,7 @@ def run_driver(name: str, scenario: Scenario, args: argparse.Namespace,
             refresh("done")
         end_ms = time.time() * 1000.0
         sampler.stop()
-        memory, hwm = sampler.memory, sampler.hwm
+        memory, hwm, cpu = sampler.memory, sampler.hwm, sampler.cpu
         pending = sampler.pending
         sampler_errors = sampler.errors
         sampler = None
@@ -400,7 +419,8 @@ def run_driver(name: str, scenario: Scenario, args: argparse.Namespace,
     result = report_mod.build_report(
         driver=name, scenario=scenario.to_dict(), submits=submits, receipts=receipts,
         horizon_ms=horizon_ms, t0_ms=t0_ms.value, end_ms=end_ms, phase_windows=phase_windows,
-        memory_samples=memory, memory_hwm=hwm, reported_pending=pending, context=context)
+        memory_samples=memory, memory_hwm=hwm, cpu_samples=cpu, reported_pending=pending,
+        context=context)
     if args.keep_raw:
         console.print(f"raw records kept in {run_dir}")
     else:

@@ -166,3 +166,8 @@ def test_pending_scenario_holds_its_tasks_beyond_any_bounded_run():
     pending = scenario.phases[0]
     assert scenario.pending_tasks == 10_000
     assert pending.fire.offset_s >= 600  # not shortened by the time factor
+
+
+def test_cpu_share_is_cpu_seconds_over_the_sampled_wall_time():
+    out = report.cpu_summary({"timer": [(0.0, 10.0), (4000.0, 13.0)]})
+    assert out["timer"] == {"cpu_seconds": 3.0, "cores_busy": 0.75}
