@@ -1,0 +1,842 @@
+"""The Apache Cassandra store. Data model and trade-offs: docs/cassandra.md; schema: schema.cql.
+
+Tables: ``due`` (rows partitioned by (shard, minute bucket), written once with a TTL),
+``due_done`` (markers for superseded due rows, same partition key), ``tasks`` (by id),
+``idempotency``, ``checkpoints``, ``state_counts``, ``meta``.
+
+Versions instead of compare-and-set. Every write to a ``tasks`` row carries
+``USING TIMESTAMP _version(from_gen, kind)``: the gen the write moves the task from, times
+eight, plus a rank for the kind. Cassandra keeps, cell by cell, the value with the highest
+timestamp, so whatever order writes arrive in (retried inserts, a lease racing an ack, a stale
+transition), the row converges to the state written from the highest gen, and within one gen to
+the highest-ranked kind (a cancel beats an ack beats a retry beats a lease). The gen check of a
+transition is a read of the row (batched with ``IN``, beside the other reads) before the
+write; two transitions from the same gen that race inside that window both report True, and
+the version order decides which one the row keeps. docs/cassandra.md walks through the races.
+
+Every request goes through ``_execute``: the driver's ResponseFuture becomes an asyncio future
+(callbacks hop threads with ``call_soon_threadsafe``; the event loop never blocks), at most
+``max_in_flight`` requests run at once, and driver errors that mean "cannot reach Cassandra"
+become StoreUnavailable.
+
+Grouping: due rows and done markers go in UNLOGGED batches of one partition each. By-id rows are
+one partition per task, so single-partition batches would be single statements; they are
+grouped per primary replica instead (a multi-partition UNLOGGED batch whose partitions all live
+on the coordinator it is routed to), which is what keeps the Python client under 10 µs a row.
+The core's ``group_by`` does the grouping; ingest's group commit has already made the call a
+batch, so no further accumulation (the core's Batcher) happens here.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import logging
+import string
+import struct
+import time
+from collections import defaultdict
+from importlib import resources
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from cassandra import ConsistencyLevel, OperationTimedOut, RequestExecutionException, cqltypes
+from cassandra.cluster import (
+    EXEC_PROFILE_DEFAULT,
+    Cluster,
+    ExecutionProfile,
+    NoHostAvailable,
+    ResponseFuture,
+    Session,
+)
+from cassandra.connection import ConnectionException
+from cassandra.policies import (
+    DCAwareRoundRobinPolicy,
+    ExponentialReconnectionPolicy,
+    TokenAwarePolicy,
+)
+from cassandra.query import (
+    BatchStatement,
+    BatchType,
+    BoundStatement,
+    PreparedStatement,
+    SimpleStatement,
+    tuple_factory,
+)
+
+from taskwheel.core import group_by
+from taskwheel.stores.base import (
+    BUCKET_MS,
+    TERMINAL_STATES,
+    AlreadyEnded,
+    InsertOutcome,
+    Store,
+    StoreUnavailable,
+    TaskRecord,
+    TaskState,
+    Transition,
+    TransitionKind,
+    bucket_of,
+)
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+_MAX_TTL_S = 630_720_000  # Cassandra's limit: 20 years
+_IN_CHUNK = 100  # task ids per "IN ?" read
+# What Cassandra counts against batch_size_fail_threshold (PartitionUpdate.dataSize) for a row:
+# per cell a timestamp, TTL and expiry besides the value. Measured against "Batch too large".
+_CELL_OVERHEAD = 24
+_SMALL_ROW_SIZE = 8 * _CELL_OVERHEAD + 96  # update_task, insert_done
+
+# Rank of a write within one gen (see the module docstring). Gaps leave room for new kinds.
+_RANK_INSERT = 1
+_RANK = {
+    TransitionKind.LEASE: 2,
+    TransitionKind.RETRY: 3,
+    TransitionKind.SUCCEED: 5,
+    TransitionKind.FAIL: 5,
+}
+_RANK_CANCEL = 7
+
+
+def _version(from_gen: int, rank: int) -> int:
+    """The write timestamp of a tasks-row write that moves a task from ``from_gen``."""
+    return from_gen * 8 + rank
+
+
+_LIVE_STATES = (int(TaskState.SCHEDULED), int(TaskState.LEASED))
+_TERMINAL = frozenset(int(s) for s in TERMINAL_STATES)
+_STATES = {int(s): s for s in TaskState}
+
+_TASK_COLUMNS = (
+    "task_id, shard, queue, payload, fire_at_ms, due_ms, state, attempt, max_attempts, gen, "
+    "headers, idempotency_key, lease_ms, traceparent, created_ms, updated_ms, last_error"
+)
+_CQL = {
+    "insert_task": (
+        "INSERT INTO tasks (task_id, shard, queue, payload, fire_at_ms, max_attempts, headers, "
+        "idempotency_key, lease_ms, traceparent, created_ms, gen, state, attempt, due_ms, "
+        "updated_ms, last_error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "USING TTL ? AND TIMESTAMP ?"
+    ),
+    "update_task": (
+        "UPDATE tasks USING TTL ? AND TIMESTAMP ? SET gen = ?, state = ?, attempt = ?, "
+        "due_ms = ?, updated_ms = ?, last_error = ? WHERE task_id = ?"
+    ),
+    "select_task": f"SELECT {_TASK_COLUMNS} FROM tasks WHERE task_id = ?",
+    "select_current": (
+        "SELECT task_id, gen, state, attempt, due_ms, last_error FROM tasks WHERE task_id IN ?"
+    ),
+    "select_exists": "SELECT state FROM tasks WHERE task_id = ?",
+    "insert_due": (
+        "INSERT INTO due (shard, bucket, due_ms, task_id, gen, state, queue, payload, "
+        "fire_at_ms, attempt, max_attempts, headers, idempotency_key, lease_ms, traceparent, "
+        "created_ms, updated_ms, last_error) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?"
+    ),
+    # Columns in TaskRecord order, so one function builds records from both SELECTs.
+    "select_due": (
+        "SELECT task_id, shard, queue, payload, fire_at_ms, due_ms, state, attempt, "
+        "max_attempts, gen, headers, idempotency_key, lease_ms, traceparent, created_ms, "
+        "updated_ms, last_error FROM due "
+        "WHERE shard = ? AND bucket = ? AND due_ms >= ? AND due_ms < ?"
+    ),
+    "insert_done": (
+        "INSERT INTO due_done (shard, bucket, due_ms, task_id, gen, state) "
+        "VALUES (?, ?, ?, ?, ?, ?) USING TTL ?"
+    ),
+    "select_done": (
+        "SELECT due_ms, task_id, gen FROM due_done "
+        "WHERE shard = ? AND bucket = ? AND due_ms >= ? AND due_ms < ?"
+    ),
+    "claim": (
+        "INSERT INTO idempotency (queue, idempotency_key, task_id, claimed_ms) "
+        "VALUES (?, ?, ?, ?) IF NOT EXISTS USING TTL ?"
+    ),
+    "steal": (
+        "UPDATE idempotency USING TTL ? SET task_id = ?, claimed_ms = ? "
+        "WHERE queue = ? AND idempotency_key = ? IF task_id = ?"
+    ),
+    "save_checkpoint": "INSERT INTO checkpoints (shard, ms) VALUES (?, ?) USING TIMESTAMP ?",
+    "select_checkpoint": "SELECT ms FROM checkpoints WHERE shard = ?",
+    "add_count": "UPDATE state_counts SET n = n + ? WHERE state = ?",
+    "select_counts": "SELECT state, n FROM state_counts",
+}
+# Safe to resend after a timeout: explicit timestamps or values make a replay a no-op.
+_IDEMPOTENT = {
+    "insert_task", "update_task", "insert_due", "insert_done", "save_checkpoint",
+    "select_task", "select_current", "select_exists", "select_due", "select_done",
+    "select_checkpoint", "select_counts",
+}
+
+# Driver errors that mean the cluster cannot serve the request right now; anything else
+# (InvalidRequest, a syntax error) is a bug and propagates as is.
+_UNAVAILABLE_ERRORS = (
+    NoHostAvailable,
+    OperationTimedOut,
+    RequestExecutionException,  # Unavailable, read/write timeouts and failures, overloaded
+    ConnectionException,
+)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _consistency(name: str) -> int:
+    try:
+        return ConsistencyLevel.name_to_value[name.upper()]
+    except KeyError:
+        raise ValueError(
+            f"unknown consistency level {name!r}: use one of "
+            + ", ".join(sorted(ConsistencyLevel.name_to_value))
+        ) from None
+
+
+@dataclasses.dataclass
+class CassandraOptions:
+    """Tuning of the Cassandra store; every field can come from the store URL's query string
+    (``cassandra://host:9042/ks?write_cl=ONE&retention_s=86400``). docs/cassandra.md argues the
+    defaults."""
+
+    #: SimpleStrategy replication factor, used only when the keyspace is created here.
+    replication_factor: int = 1
+    #: Default consistency of writes (insert, apply, cancel, checkpoints) and of reads.
+    write_cl: str = "LOCAL_QUORUM"
+    read_cl: str = "LOCAL_QUORUM"
+    #: Per-operation overrides; empty means the default above.
+    insert_cl: str = ""
+    apply_cl: str = ""
+    checkpoint_cl: str = ""
+    load_cl: str = ""  # load_due: must overlap insert_cl/apply_cl or a timer can miss rows
+    get_cl: str = ""  # get, cancel's read and the gen-check read of apply
+    serial_cl: str = "LOCAL_SERIAL"  # the idempotency claims' Paxos round
+    local_dc: str = ""
+    protocol_version: int = 5
+    #: Requests in flight at once per store; more wait (backpressure reaches the caller's queue).
+    max_in_flight: int = 64
+    request_timeout_s: float = 5.0
+    connect_timeout_s: float = 10.0
+    #: How long rows stay after their due time (or after a task ends): Get still finds them.
+    retention_s: int = 7 * 86_400
+    #: Limits of one UNLOGGED batch. Cassandra rejects batches over batch_size_fail_threshold
+    #: (50 KiB by default): keep max_batch_bytes below the server's threshold.
+    max_batch_rows: int = 100
+    max_batch_bytes: int = 40_000
+    #: An idempotency claim whose task row is missing is taken over once it is this old
+    #: (its insert failed after claiming); younger ones may belong to an insert in flight.
+    claim_grace_ms: int = 5_000
+    #: TimeWindowCompactionStrategy window of due / due_done, set when the tables are created.
+    window_hours: int = 6
+    #: gc_grace_seconds of due / due_done: they are never deleted, only expire.
+    due_gc_grace_s: int = 3 * 3600
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> "CassandraOptions":
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - set(fields))
+        if unknown:
+            raise ValueError(
+                f"unknown Cassandra store option(s) {', '.join(unknown)}; known: "
+                + ", ".join(fields)
+            )
+        values = {}
+        for name, value in options.items():
+            kind = type(getattr(cls, name))  # the default's type: int, float or str
+            try:
+                values[name] = kind(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"option {name}={value!r} is not a {kind.__name__}") from None
+        made = cls(**values)
+        for name in ("write_cl", "read_cl", "insert_cl", "apply_cl", "checkpoint_cl", "load_cl",
+                     "get_cl", "serial_cl"):
+            if getattr(made, name):
+                _consistency(getattr(made, name))
+        for name in ("replication_factor", "max_in_flight", "max_batch_rows", "max_batch_bytes",
+                     "retention_s", "window_hours"):
+            if getattr(made, name) < 1:
+                raise ValueError(f"option {name} must be at least 1")
+        return made
+
+
+class CassandraStore(Store):
+    """Tasks in Apache Cassandra; see the module docstring and docs/cassandra.md."""
+
+    def __init__(
+        self,
+        hosts: Sequence[str] | str = ("127.0.0.1",),
+        port: int | str = 9042,
+        keyspace: str = "taskwheel",
+        num_shards: int | str = 16,
+        **options: Any,
+    ):
+        self.hosts = [hosts] if isinstance(hosts, str) else list(hosts)
+        self.port = int(port)
+        if not keyspace.replace("_", "").isalnum() or keyspace[0].isdigit():
+            raise ValueError(f"keyspace name {keyspace!r}: letters, digits and _ only")
+        self.keyspace = keyspace
+        self.num_shards = int(num_shards)
+        if self.num_shards < 1:
+            raise ValueError(f"num_shards must be at least 1, not {self.num_shards}")
+        self.options = CassandraOptions.from_options(options)
+        o = self.options
+        self._cl = {
+            "insert": _consistency(o.insert_cl or o.write_cl),
+            "apply": _consistency(o.apply_cl or o.write_cl),
+            "checkpoint": _consistency(o.checkpoint_cl or o.write_cl),
+            "load": _consistency(o.load_cl or o.read_cl),
+            "get": _consistency(o.get_cl or o.read_cl),
+            "serial": _consistency(o.serial_cl),
+        }
+        self.description = f"cassandra://{','.join(self.hosts)}:{self.port}/{keyspace}"
+        self.created_ms = 0
+        self._cluster: Cluster | None = None
+        self._session: Session | None = None
+        self._binders: dict[str, _Binder] = {}
+        self._slots: asyncio.Semaphore | None = None
+        self._retention_ms = o.retention_s * 1000
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._session is not None:
+            return
+        self._slots = asyncio.Semaphore(self.options.max_in_flight)
+        loop = asyncio.get_running_loop()
+        # Connecting, DDL (with its schema agreement wait) and preparing are blocking driver
+        # calls; they run once, on a worker thread.
+        await loop.run_in_executor(None, self._open_blocking)
+
+    def _open_blocking(self) -> None:
+        o = self.options
+        profile = ExecutionProfile(
+            load_balancing_policy=TokenAwarePolicy(
+                DCAwareRoundRobinPolicy(local_dc=o.local_dc or None)
+            ),
+            request_timeout=o.request_timeout_s,
+            consistency_level=self._cl["get"],
+            serial_consistency_level=self._cl["serial"],
+            row_factory=tuple_factory,
+        )
+        cluster = Cluster(
+            self.hosts,
+            port=self.port,
+            protocol_version=o.protocol_version,
+            execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+            connect_timeout=o.connect_timeout_s,
+            control_connection_timeout=o.connect_timeout_s,
+            # Come back within seconds of Cassandra returning (the default backs off to 10 min).
+            reconnection_policy=ExponentialReconnectionPolicy(0.5, 4.0),
+            idle_heartbeat_interval=5,
+            idle_heartbeat_timeout=5,
+        )
+        try:
+            session = cluster.connect()
+            self._create_schema(session)
+            session.set_keyspace(self.keyspace)
+            self.created_ms = self._check_meta(session)
+            for name, cql in _CQL.items():
+                ps = session.prepare(cql)
+                ps.is_idempotent = name in _IDEMPOTENT
+                self._binders[name] = _Binder(ps)
+        except _UNAVAILABLE_ERRORS as e:
+            cluster.shutdown()
+            raise StoreUnavailable(f"{self.description}: cannot open: {e}") from e
+        except BaseException:
+            cluster.shutdown()
+            raise
+        self._cluster, self._session = cluster, session
+
+    def _create_schema(self, session: Session) -> None:
+        text = resources.files("taskwheel.stores.cassandra").joinpath("schema.cql").read_text()
+        o = self.options
+        cql = string.Template(text).substitute(
+            keyspace=self.keyspace,
+            replication_factor=o.replication_factor,
+            window_hours=o.window_hours,
+            due_gc_grace_s=o.due_gc_grace_s,
+        )
+        body = "\n".join(line for line in cql.splitlines() if not line.lstrip().startswith("--"))
+        for statement in body.split(";"):
+            if statement.strip():
+                session.execute(statement, timeout=max(30.0, o.request_timeout_s))
+
+    def _check_meta(self, session: Session) -> int:
+        created_ms = _now_ms()
+        # One LWT is both the check and the read: not applied, it returns the row that is there,
+        # (False, id, created_ms, num_shards, schema_version); applied, just (True,).
+        row = session.execute(SimpleStatement(
+            "INSERT INTO meta (id, created_ms, num_shards, schema_version) "
+            "VALUES (0, %s, %s, %s) IF NOT EXISTS",
+            consistency_level=self._cl["checkpoint"],
+        ), (created_ms, self.num_shards, SCHEMA_VERSION)).one()
+        if row[0]:
+            return created_ms
+        _, _, created_ms, num_shards, schema_version = row
+        if num_shards != self.num_shards:
+            raise ValueError(
+                f"keyspace {self.keyspace} was created with {num_shards} shards, but this store "
+                f"is configured with {self.num_shards}; the shard count is fixed when a store "
+                f"is created (open it with shards={num_shards})"
+            )
+        if schema_version != SCHEMA_VERSION:
+            raise ValueError(
+                f"keyspace {self.keyspace} has schema version {schema_version}; this taskwheel "
+                f"reads version {SCHEMA_VERSION}"
+            )
+        return int(created_ms)
+
+    async def close(self) -> None:
+        cluster = self._cluster
+        if cluster is None:
+            return
+        self._cluster = self._session = None
+        await asyncio.get_running_loop().run_in_executor(None, cluster.shutdown)
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    async def _execute(self, statement: Any, cl: int | None = None) -> list[tuple]:
+        """Runs one statement (all pages) without blocking the loop; StoreUnavailable when
+        Cassandra cannot serve it."""
+        session, slots = self._session, self._slots
+        if session is None or slots is None:
+            raise StoreUnavailable(f"{self.description}: store is not open")
+        if cl is not None:
+            statement.consistency_level = cl
+        async with slots:
+            loop = asyncio.get_running_loop()
+            done: asyncio.Future[list[tuple]] = loop.create_future()
+            rows: list[tuple] = []
+            try:
+                response: ResponseFuture = session.execute_async(statement)
+            except _UNAVAILABLE_ERRORS as e:
+                raise StoreUnavailable(f"{self.description}: {e}") from e
+
+            def on_page(page: list[tuple] | None) -> None:
+                # Runs on the driver's I/O thread: hand everything over, raise nothing here.
+                try:
+                    if page:
+                        rows.extend(page)
+                    if response.has_more_pages:
+                        response.start_fetching_next_page()
+                        return
+                except BaseException as e:  # noqa: B902 - must reach the awaiting coroutine
+                    loop.call_soon_threadsafe(_reject, done, e)
+                    return
+                loop.call_soon_threadsafe(_resolve, done, rows)
+
+            def on_error(exc: BaseException) -> None:
+                loop.call_soon_threadsafe(_reject, done, exc)
+
+            response.add_callbacks(on_page, on_error)
+            try:
+                return await done
+            except _UNAVAILABLE_ERRORS as e:
+                raise StoreUnavailable(f"{self.description}: {e}") from e
+
+    def _bind(self, name: str, values: Sequence[Any]) -> BoundStatement:
+        return self._binders[name](values)
+
+    async def _write_batches(self, batches: Iterable[BatchStatement]) -> None:
+        results = await asyncio.gather(
+            *(self._execute(b) for b in batches), return_exceptions=True
+        )
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+
+    def _batches(
+        self, rows: list[tuple[Any, str, Sequence[Any], int]], cl: int
+    ) -> list[BatchStatement]:
+        """UNLOGGED batches from (group, statement name, values, size estimate): one group per
+        batch (a partition, or a replica for by-id rows), split by max_batch_rows/bytes."""
+        max_rows, max_bytes = self.options.max_batch_rows, self.options.max_batch_bytes
+        batches: list[BatchStatement] = []
+        for members in group_by([r[0] for r in rows], rows).values():
+            batch, size = None, 0
+            for _, name, values, row_size in members:
+                if batch is None or len(batch) >= max_rows or size + row_size > max_bytes:
+                    batch, size = BatchStatement(BatchType.UNLOGGED, consistency_level=cl), 0
+                    batches.append(batch)
+                batch.add(self._binders[name](values))
+                size += row_size
+        return batches
+
+    def _replica_of(self, task_id: str) -> Any:
+        """The primary replica of a by-id row: rows grouped by it share a coordinator."""
+        cluster = self._cluster
+        if cluster is None:
+            return None
+        replicas = cluster.metadata.get_replicas(self.keyspace, task_id.encode())
+        return replicas[0] if replicas else None
+
+    def _ttl_s(self, due_ms: int, now_ms: int) -> int:
+        return min(_MAX_TTL_S, (max(due_ms - now_ms, 0) + self._retention_ms) // 1000 + 1)
+
+    def _check_shard(self, shard: int) -> None:
+        if not 0 <= shard < self.num_shards:
+            raise ValueError(f"shard {shard} is outside 0..{self.num_shards - 1}")
+
+    async def _add_counts(self, deltas: Mapping[int, int]) -> None:
+        # Counters cannot share a batch with regular rows; one small write per changed state.
+        # Best effort: the tasks are already durable, and counts() is documented approximate.
+        writes = [
+            self._execute(self._bind("add_count", (n, state)), self._cl["apply"])
+            for state, n in deltas.items() if n
+        ]
+        for r in await asyncio.gather(*writes, return_exceptions=True):
+            if isinstance(r, BaseException):
+                log.warning("%s: state count not updated: %s", self.description, r)
+
+    # ---- insert ------------------------------------------------------------------------------
+
+    async def insert(self, tasks: Sequence[TaskRecord]) -> list[InsertOutcome]:
+        if not tasks:
+            return []
+        for t in tasks:
+            if not 0 <= t.shard < self.num_shards:
+                raise ValueError(
+                    f"task {t.task_id}: shard {t.shard} outside 0..{self.num_shards - 1}"
+                )
+        outcomes: list[InsertOutcome | None] = [None] * len(tasks)
+        first_with_key: dict[tuple[str, str], int] = {}
+        claims = []
+        for i, t in enumerate(tasks):
+            if not t.idempotency_key:
+                continue
+            key = (t.queue, t.idempotency_key)
+            if key in first_with_key:  # same key earlier in this call: the first wins
+                outcomes[i] = InsertOutcome(tasks[first_with_key[key]].task_id, duplicate=True)
+            else:
+                first_with_key[key] = i
+                claims.append(i)
+        if claims:
+            holders = await asyncio.gather(*(self._claim(tasks[i]) for i in claims))
+            for i, holder in zip(claims, holders):
+                if holder is not None:
+                    outcomes[i] = InsertOutcome(holder, duplicate=True)
+        now_ms = _now_ms()
+        cl = self._cl["insert"]
+        rows = []
+        stored = 0
+        for i, t in enumerate(tasks):
+            if outcomes[i] is not None:
+                continue
+            outcomes[i] = InsertOutcome(t.task_id)
+            stored += 1
+            headers = t.headers or None
+            ttl = self._ttl_s(t.due_ms, now_ms)
+            size = _row_size(t)
+            rows.append((
+                self._replica_of(t.task_id), "insert_task",
+                (t.task_id, t.shard, t.queue, t.payload, t.fire_at_ms, t.max_attempts, headers,
+                 t.idempotency_key, t.lease_ms, t.traceparent, t.created_ms, 1,
+                 int(TaskState.SCHEDULED), t.attempt, t.due_ms, t.updated_ms, t.last_error,
+                 ttl, _version(0, _RANK_INSERT)),
+                size,
+            ))
+            rows.append((
+                (t.shard, bucket_of(t.due_ms)), "insert_due",
+                (t.shard, bucket_of(t.due_ms), t.due_ms, t.task_id, 1, int(TaskState.SCHEDULED),
+                 t.queue, t.payload, t.fire_at_ms, t.attempt, t.max_attempts, headers,
+                 t.idempotency_key, t.lease_ms, t.traceparent, t.created_ms, t.updated_ms,
+                 t.last_error, ttl),
+                size,
+            ))
+        if rows:
+            await self._write_batches(self._batches(rows, cl))
+            await self._add_counts({int(TaskState.SCHEDULED): stored})
+        return outcomes  # type: ignore[return-value]
+
+    async def _claim(self, t: TaskRecord) -> str | None:
+        """Claims (queue, idempotency_key) for ``t``; None when it is ours, else the task id
+        holding it. A holder with no task row is an insert that failed after claiming (or one
+        still in flight): once its claim is claim_grace_ms old, the claim is taken over."""
+        ttl = self._ttl_s(t.due_ms, _now_ms())
+        claim = self._bind("claim", (t.queue, t.idempotency_key, t.task_id, _now_ms(), ttl))
+        row = (await self._execute(claim, self._cl["insert"]))[0]
+        while True:
+            if row[0]:  # [applied]
+                return None
+            # Not applied: (False, queue, idempotency_key, claimed_ms, task_id)
+            holder, claimed_ms = row[4], row[3] or 0
+            exists = await self._execute(
+                self._bind("select_exists", (holder,)), self._cl["get"]
+            )
+            if exists and exists[0][0] is not None:
+                return holder
+            if holder == t.task_id:  # our own earlier attempt claimed it, then failed
+                return None
+            wait_ms = claimed_ms + self.options.claim_grace_ms - _now_ms()
+            if wait_ms > 0:
+                await asyncio.sleep(min(wait_ms, 100) / 1000)
+                row = (False, t.queue, t.idempotency_key, claimed_ms, holder)
+                continue
+            steal = self._bind(
+                "steal", (ttl, t.task_id, _now_ms(), t.queue, t.idempotency_key, holder)
+            )
+            result = (await self._execute(steal, self._cl["insert"]))[0]
+            if result[0]:
+                return None
+            # Someone else changed the claim first: (False, task_id) -> re-read it.
+            row = (await self._execute(claim, self._cl["insert"]))[0]
+
+    # ---- reads -------------------------------------------------------------------------------
+
+    async def get(self, task_id: str) -> TaskRecord | None:
+        rows = await self._execute(self._bind("select_task", (task_id,)), self._cl["get"])
+        if not rows or rows[0][6] is None:  # no row, or only cells outliving an ended task
+            return None
+        return _record(rows[0])
+
+    async def load_due(self, shard: int, from_ms: int, to_ms: int) -> list[TaskRecord]:
+        self._check_shard(shard)
+        if to_ms <= from_ms:
+            return []
+        cl = self._cl["load"]
+        reads = []
+        for bucket in range(bucket_of(from_ms), bucket_of(to_ms - 1) + 1):
+            lo = max(from_ms, bucket * BUCKET_MS)
+            hi = min(to_ms, (bucket + 1) * BUCKET_MS)
+            reads.append(self._execute(self._bind("select_due", (shard, bucket, lo, hi)), cl))
+            reads.append(self._execute(self._bind("select_done", (shard, bucket, lo, hi)), cl))
+        results = await asyncio.gather(*reads)
+        records = []
+        for i in range(0, len(results), 2):
+            due_rows, done_rows = results[i], results[i + 1]
+            done = set(done_rows)  # (due_ms, task_id, gen)
+            for row in due_rows:
+                if (row[5], row[0], row[9]) not in done:
+                    records.append(_record(row))
+        return records  # buckets in order, each clustered by (due_ms, task_id, gen)
+
+    async def load_checkpoint(self, shard: int) -> int:
+        self._check_shard(shard)
+        rows = await self._execute(
+            self._bind("select_checkpoint", (shard,)), self._cl["load"]
+        )
+        saved = rows[0][0] if rows else None
+        return self.created_ms if saved is None else max(saved, self.created_ms)
+
+    async def counts(self) -> dict[TaskState, int]:
+        rows = await self._execute(self._bind("select_counts", ()), self._cl["get"])
+        counts = {s: 0 for s in TaskState}
+        for state, n in rows:
+            if state in _STATES:
+                counts[_STATES[state]] = n or 0
+        return counts
+
+    # ---- changes -----------------------------------------------------------------------------
+
+    async def save_checkpoints(self, checkpoints: Mapping[int, int]) -> None:
+        for shard in checkpoints:
+            self._check_shard(shard)
+        cl = self._cl["checkpoint"]
+        writes = []
+        for shard, ms in checkpoints.items():
+            ms = max(int(ms), self.created_ms)
+            # The timestamp is the value: a lower checkpoint loses to a higher one, in any order.
+            writes.append(self._execute(self._bind("save_checkpoint", (shard, ms, ms)), cl))
+        for r in await asyncio.gather(*writes, return_exceptions=True):
+            if isinstance(r, BaseException):
+                raise r
+
+    async def cancel(self, task_id: str, now_ms: int) -> TaskRecord | None:
+        record = await self.get(task_id)
+        if record is None:
+            return None
+        if record.state in TERMINAL_STATES:
+            raise AlreadyEnded(record)
+        cl = self._cl["apply"]
+        ttl = self._ttl_s(now_ms, now_ms)
+        update = self._bind("update_task", (
+            ttl, _version(record.gen, _RANK_CANCEL), record.gen, int(TaskState.CANCELLED),
+            record.attempt, record.due_ms, now_ms, record.last_error, task_id,
+        ))
+        done = self._bind("insert_done", (
+            record.shard, bucket_of(record.due_ms), record.due_ms, task_id, record.gen,
+            int(TaskState.CANCELLED), self._ttl_s(record.due_ms, now_ms),
+        ))
+        results = await asyncio.gather(
+            self._execute(update, cl), self._execute(done, cl), return_exceptions=True
+        )
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        await self._add_counts({int(record.state): -1, int(TaskState.CANCELLED): 1})
+        record.state = TaskState.CANCELLED
+        record.updated_ms = now_ms
+        return record
+
+    async def apply(self, transitions: Sequence[Transition], now_ms: int) -> list[bool]:
+        if not transitions:
+            return []
+        for t in transitions:
+            self._check_shard(t.shard)
+            if t.kind in (TransitionKind.LEASE, TransitionKind.RETRY) and t.task is None:
+                raise ValueError(
+                    f"{t.kind.name} of task {t.task_id} carries no task: the new due row "
+                    "needs its fields"
+                )
+            if t.kind not in _RANK:
+                raise ValueError(f"unknown transition kind {t.kind!r}")
+        current = await self._read_current({t.task_id for t in transitions})
+        cl = self._cl["apply"]
+        applied: list[bool] = []
+        rows = []
+        deltas: dict[int, int] = defaultdict(int)
+        for t in transitions:
+            cur = current.get(t.task_id)
+            # cur = [gen, state, attempt, due_ms, last_error], advanced as transitions apply
+            if cur is None or cur[0] != t.expected_gen or cur[1] in _TERMINAL:
+                applied.append(False)
+                continue
+            gen, old_state, old_due = cur[0], cur[1], cur[3]
+            kind = t.kind
+            if kind == TransitionKind.LEASE or kind == TransitionKind.RETRY:
+                task = t.task
+                assert task is not None
+                new_state = int(TaskState.LEASED if kind == TransitionKind.LEASE
+                                else TaskState.SCHEDULED)
+                error = t.error if kind == TransitionKind.RETRY else cur[4]
+                cur[:] = [gen + 1, new_state, t.attempt, t.due_ms, error]
+                headers = task.headers or None
+                size = _row_size(task)
+                ttl = self._ttl_s(t.due_ms, now_ms)
+                rows.append((
+                    (t.shard, bucket_of(t.due_ms)), "insert_due",
+                    (t.shard, bucket_of(t.due_ms), t.due_ms, t.task_id, gen + 1, new_state,
+                     task.queue, task.payload, task.fire_at_ms, t.attempt, task.max_attempts,
+                     headers, task.idempotency_key, task.lease_ms, task.traceparent,
+                     task.created_ms, now_ms, error, ttl),
+                    size,
+                ))
+                if kind == TransitionKind.RETRY:
+                    # A retry may lie far ahead: rewrite the whole row so that every cell's
+                    # TTL covers the new due time. A lease only moves due_ms by the lease.
+                    rows.append((
+                        self._replica_of(t.task_id), "insert_task",
+                        (t.task_id, t.shard, task.queue, task.payload, task.fire_at_ms,
+                         task.max_attempts, headers, task.idempotency_key, task.lease_ms,
+                         task.traceparent, task.created_ms, gen + 1, new_state, t.attempt,
+                         t.due_ms, now_ms, error, ttl, _version(gen, _RANK[kind])),
+                        size,
+                    ))
+                    row_written = True
+                else:
+                    row_written = False
+            else:
+                new_state = int(TaskState.SUCCEEDED if kind == TransitionKind.SUCCEED
+                                else TaskState.FAILED)
+                if kind == TransitionKind.FAIL:
+                    cur[4] = t.error
+                cur[1] = new_state
+                ttl = self._ttl_s(now_ms, now_ms)
+                row_written = False
+            if not row_written:
+                rows.append((
+                    self._replica_of(t.task_id), "update_task",
+                    (ttl, _version(gen, _RANK[kind]), cur[0], cur[1], cur[2], cur[3], now_ms,
+                     cur[4], t.task_id),
+                    _SMALL_ROW_SIZE,
+                ))
+            rows.append((
+                (t.shard, bucket_of(old_due)), "insert_done",
+                (t.shard, bucket_of(old_due), old_due, t.task_id, gen, new_state,
+                 self._ttl_s(old_due, now_ms)),
+                _SMALL_ROW_SIZE,
+            ))
+            if new_state != old_state:
+                deltas[old_state] -= 1
+                deltas[new_state] += 1
+            applied.append(True)
+        if rows:
+            await self._write_batches(self._batches(rows, cl))
+            await self._add_counts(deltas)
+        return applied
+
+    async def _read_current(self, task_ids: set[str]) -> dict[str, list]:
+        """task_id -> [gen, state, attempt, due_ms, last_error] of the by-id rows that exist.
+        One ``IN`` read per primary replica and chunk, routed to that replica."""
+        groups: dict[Any, list[str]] = defaultdict(list)
+        for task_id in task_ids:
+            groups[self._replica_of(task_id)].append(task_id)
+        reads = []
+        for ids in groups.values():
+            for i in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[i:i + _IN_CHUNK]
+                bound = self._bind("select_current", (chunk,))
+                # The driver would route on the serialized list; route on a member instead.
+                bound._routing_key = chunk[0].encode()
+                reads.append(self._execute(bound, self._cl["get"]))
+        current: dict[str, list] = {}
+        for rows in await asyncio.gather(*reads):
+            for task_id, gen, state, attempt, due_ms, last_error in rows:
+                if state is not None:
+                    current[task_id] = [gen, state, attempt, due_ms, last_error or ""]
+        return current
+
+
+_PACKERS: dict[type, Callable[[Any], bytes]] = {
+    cqltypes.Int32Type: struct.Struct(">i").pack,
+    cqltypes.LongType: struct.Struct(">q").pack,
+    cqltypes.ByteType: struct.Struct(">b").pack,
+    cqltypes.UTF8Type: str.encode,
+    cqltypes.VarcharType: str.encode,
+    cqltypes.BytesType: bytes,
+}
+
+
+class _Binder:
+    """Binds values to a prepared statement several times faster than ``PreparedStatement.bind``
+    (which builds a namedtuple per value for column encryption we do not use): the column
+    types here are fixed, so each gets its serializer once. Values are in marker order."""
+
+    __slots__ = ("prepared", "packers")
+
+    def __init__(self, prepared: PreparedStatement):
+        self.prepared = prepared
+        version = prepared.protocol_version
+        self.packers = [
+            _PACKERS.get(column.type) or functools.partial(column.type.serialize,
+                                                           protocol_version=version)
+            for column in prepared.column_metadata
+        ]
+
+    def __call__(self, values: Sequence[Any]) -> BoundStatement:
+        if len(values) != len(self.packers):
+            raise ValueError(f"{len(values)} values for {len(self.packers)} markers in "
+                             f"{self.prepared.query_string!r}")
+        bound = BoundStatement(self.prepared)
+        bound.values = [None if v is None else pack(v) for pack, v in zip(self.packers, values)]
+        return bound
+
+
+def _resolve(future: asyncio.Future, rows: list[tuple]) -> None:
+    if not future.done():
+        future.set_result(rows)
+
+
+def _reject(future: asyncio.Future, exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
+def _row_size(t: TaskRecord) -> int:
+    """Estimated batch bytes of a full due or tasks row (18 cells) of this task."""
+    size = (len(t.payload) + 2 * len(t.task_id) + len(t.queue) + len(t.idempotency_key)
+            + len(t.traceparent) + len(t.last_error) + 18 * _CELL_OVERHEAD + 64)
+    if t.headers:
+        size += sum(len(k) + len(v) + 8 for k, v in t.headers.items())
+    return size
+
+
+def _record(row: tuple) -> TaskRecord:
+    return TaskRecord(
+        row[0], row[1], row[2], row[3] or b"", row[4], row[5], _STATES[row[6]], row[7], row[8],
+        row[9], dict(row[10]) if row[10] else {}, row[11] or "", row[12], row[13] or "",
+        row[14], row[15], row[16] or "",
+    )
+
+
+__all__ = ["CassandraOptions", "CassandraStore"]
