@@ -16,7 +16,8 @@ Definitions:
   the first of a task; **lost** = tasks due by the horizon never received; **early** = first
   deliveries before ``fire_at``; **unknown** = deliveries of a seq nobody submitted.
 * **CPU** of each server process: user + system seconds between its first and last sample,
-  and that over the wall time between them (cores busy; 1.0 is one core all the time).
+  and that over the wall time between them (cores busy; 1.0 is one core all the time), and
+  per task submitted: what each task cost, whatever else the shared machine was doing.
 * **submit rate** = tasks accepted / wall time from the phase's start to its last accepted
   batch, per phase and over the paced phases together.
 * **pending held** = accepted and not yet delivered, over time; the peak is what the servers
@@ -200,15 +201,18 @@ def memory_summary(samples: Mapping[str, Sequence[tuple[float, int]]],
     return out
 
 
-def cpu_summary(samples: Mapping[str, Sequence[tuple[float, float]]]) -> dict[str, dict]:
-    """Per server label: CPU seconds used between its first and last sample, and the share of
-    one core that is (1.0 = a core busy all the time)."""
+def cpu_summary(samples: Mapping[str, Sequence[tuple[float, float]]],
+                tasks: int = 0) -> dict[str, dict]:
+    """Per server label: CPU seconds used between its first and last sample, the share of one
+    core that is (1.0 = a core busy all the time), and CPU microseconds per task submitted
+    (a cost that does not depend on how busy the shared machine was)."""
     out = {}
     for label, seen in samples.items():
         (t_first, cpu_first), (t_last, cpu_last) = seen[0], seen[-1]
         wall = (t_last - t_first) / 1000.0
         used = cpu_last - cpu_first
-        out[label] = {"cpu_seconds": used, "cores_busy": used / wall if wall > 0 else None}
+        out[label] = {"cpu_seconds": used, "cores_busy": used / wall if wall > 0 else None,
+                      "cpu_us_per_task": used * 1e6 / tasks if tasks else None}
     return out
 
 
@@ -256,7 +260,7 @@ def build_report(*, driver: str, scenario: Mapping[str, Any], submits: np.ndarra
         "delivery": delivery_summary(submits, receipts, horizon_ms),
         "pending": {"peak_held": held, "reported_max": max(reported) if reported else None},
         "memory": memory_summary(memory_samples, memory_hwm, held),
-        "cpu": cpu_summary(cpu_samples or {}),
+        "cpu": cpu_summary(cpu_samples or {}, int(submits.size)),
         "timeline": {
             "bin_s": BIN_S,
             "submit_rate": submit_rate.tolist(),
@@ -402,6 +406,9 @@ def comparison_table(reports: Sequence[Mapping[str, Any]]) -> str:
     row("CPU (cores busy)", lambda r: "; ".join(
         f"{k} {v['cores_busy']:.2f}" for k, v in r.get("cpu", {}).items()
         if v["cores_busy"] is not None and v["cores_busy"] >= 0.01) or "-")
+    row("CPU per task submitted", lambda r: "; ".join(
+        f"{k} {v['cpu_us_per_task']:,.0f} µs" for k, v in r.get("cpu", {}).items()
+        if (v.get("cpu_us_per_task") or 0) >= 1) or "-")
     header = "| | " + " | ".join(r["driver"] for r in reports) + " |"
     sep = "|---|" + "---|" * len(reports)
     body = ["| " + name + " | " + " | ".join(cells) + " |" for name, cells in rows]

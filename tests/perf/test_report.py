@@ -170,4 +170,9 @@ def test_pending_scenario_holds_its_tasks_beyond_any_bounded_run():
 
 def test_cpu_share_is_cpu_seconds_over_the_sampled_wall_time():
     out = report.cpu_summary({"timer": [(0.0, 10.0), (4000.0, 13.0)]})
-    assert out["timer"] == {"cpu_seconds": 3.0, "cores_busy": 0.75}
+    assert (out["timer"]["cpu_seconds"], out["timer"]["cores_busy"]) == (3.0, 0.75)
+
+
+def test_cpu_per_task_is_cpu_seconds_over_tasks_submitted():
+    out = report.cpu_summary({"timer": [(0.0, 10.0), (4000.0, 13.0)]}, tasks=30_000)
+    assert out["timer"]["cpu_us_per_task"] == pytest.approx(100.0)
