@@ -290,6 +290,8 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
             entries.append((Transition(rec.task_id, rec.shard, TransitionKind.SUCCEED, lease.gen,
                                        lease.due_ms), None, []))
             forget.append(rec.task_id)
+            if telemetry.enabled:
+                _trace_task("dispatch.ack", rec, lease.gen)
         if entries:
             self._write(entries)
             asyncio.get_running_loop().create_task(self.timer.forget(forget))
@@ -303,6 +305,8 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
             if lease is None:
                 continue
             self.nacked += 1
+            if telemetry.enabled:
+                _trace_task("dispatch.nack", lease.record, lease.gen, error)
             self._retry_or_fail(lease, error, retry_after, nack.no_retry, now)
 
     def _retry_or_fail(self, lease: "_Lease", error: str, retry_after: int, no_retry: bool, now: int) -> None:
@@ -398,12 +402,24 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
 
 
 def _trace_deliveries(response) -> None:
+    """A span per delivery in the task's trace; the worker continues from it."""
     tracer = telemetry.tracer
     for d in response.deliveries:
         ctx = telemetry.context_from_traceparent(d.traceparent) if d.traceparent else None
         span = tracer.start_span("dispatch.deliver", context=ctx, attributes={
             "taskwheel.task_id": d.task_id, "taskwheel.attempt": d.attempt, "taskwheel.queue": d.queue})
+        sc = span.get_span_context()
+        d.traceparent = f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{sc.trace_flags:02x}"
         span.end()
+
+
+def _trace_task(name: str, rec: TaskRecord, gen: int, error: str = "") -> None:
+    ctx = telemetry.context_from_traceparent(rec.traceparent) if rec.traceparent else None
+    attributes = {"taskwheel.task_id": rec.task_id, "taskwheel.attempt": rec.attempt,
+                  "taskwheel.queue": rec.queue, "taskwheel.gen": gen}
+    if error:
+        attributes["taskwheel.error"] = error
+    telemetry.tracer.start_span(name, context=ctx, attributes=attributes).end()
 
 
 class _Batch:

@@ -76,6 +76,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
             positions.append(i)
         if not records:
             return response
+        span = telemetry.tracer.start_span("ingest.store_write", attributes={
+            "taskwheel.tasks": len(records)}) if telemetry.enabled else None
         try:
             outcomes = await self._writer.commit(records)
         except Backpressure as exc:
@@ -86,6 +88,9 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
             )
         except StoreUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"store unavailable, nothing was accepted: {exc}")
+        finally:
+            if span is not None:
+                span.end()
         fresh = []
         for pos, record, outcome in zip(positions, records, outcomes):
             result = results[pos]

@@ -253,6 +253,8 @@ class TimerService(timer_pb2_grpc.TimerServicer):
                 fired.append(rec)
             self.lag_ms = now - fired[0].due_ms
             self.fired += len(fired)
+            if telemetry.enabled:
+                _trace_fire(fired, now)
             self._hand_over(fired, now)
 
     def _hand_over(self, fired: list[TaskRecord], fired_at: int) -> None:
@@ -294,6 +296,14 @@ class TimerService(timer_pb2_grpc.TimerServicer):
                 raise
             except Exception as exc:
                 log.warning("checkpoint not saved: %s", exc)
+
+
+def _trace_fire(fired: list[TaskRecord], now: int) -> None:
+    """One span per fired batch, linked to the traces of (up to 128 of) its tasks."""
+    links = [link for link in (telemetry.link_from_traceparent(r.traceparent) for r in fired[:128]) if link]
+    span = telemetry.tracer.start_span("timer.fire", links=links, attributes={
+        "taskwheel.tasks": len(fired), "taskwheel.lag_ms": now - fired[0].due_ms})
+    span.end()
 
 
 def _wake(fut: asyncio.Future) -> None:

@@ -31,9 +31,11 @@ def now_ms() -> int:
 class ServerProcess:
     """``taskwheel up`` or ``taskwheel serve ROLE`` as a child process."""
 
-    def __init__(self, args: list[str], log_path: str, env: dict | None = None) -> None:
+    def __init__(self, args: list[str], log_path: str, env: dict | None = None,
+                 stdout_path: str | None = None) -> None:
         self.args = args
         self.log_path = log_path
+        self.stdout_path = stdout_path
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
 
@@ -58,8 +60,11 @@ class ServerProcess:
         raise RuntimeError(f"server {self.args} did not start: {line!r}\n{tail}")
 
     def _drain(self) -> None:
-        for _ in self.proc.stdout:
-            pass
+        out = open(self.stdout_path, "ab") if self.stdout_path else None
+        for line in self.proc.stdout:
+            if out:
+                out.write(line)
+                out.flush()
 
     def kill(self) -> None:
         """kill -9: no chance to flush or checkpoint."""
