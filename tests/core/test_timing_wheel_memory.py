@@ -117,3 +117,17 @@ def test_invariants_hold_after_a_mixed_workload(timers):
     for now in range(START_MS, START_MS + 70_000, 997):
         wheel.advance(now)
     wheel.check_invariants()
+
+
+def test_stale_entries_never_outnumber_live_ones_once_there_are_many():
+    wheel = TimingWheel(tick_ms=1, start_ms=START_MS)
+    far = START_MS + 30_000
+    wheel.schedule_many(np.arange(63, dtype=np.int64), np.full(63, far))
+    wheel.cancel_many(np.arange(63, dtype=np.int64))
+    wheel.schedule(100, far)  # 1 live entry beside at most 63 stale ones: allowed
+    wheel.check_invariants()
+    for key in range(1_000):
+        wheel.schedule(key, far)
+        wheel.cancel(key)
+    wheel.check_invariants()
+    assert wheel.memory_bytes() < TimingWheel(tick_ms=1, start_ms=START_MS).memory_bytes() + 64 * 1024
