@@ -79,7 +79,7 @@ class ReferenceWheel:
     def cancel_many(self, keys: Any) -> int:
         return sum(self.cancel(key) for key in _int64s(keys, "keys"))
 
-    def advance(self, now_ms: int) -> array:
+    def advance(self, now_ms: int) -> array[int]:
         now_ms = _int64(now_ms, "now_ms")
         fired = []
         while self._heap and self._heap[0][0] <= now_ms:

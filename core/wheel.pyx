@@ -107,7 +107,9 @@ cdef extern from *:
     #define TW_PSL_MAX 255ULL
     #define TW_TAG_SHIFT 52
     #define TW_SIGN (1ULL << 63)
-    #define TW_PREFETCH_AHEAD 32
+    #ifndef TW_PREFETCH_AHEAD
+    #define TW_PREFETCH_AHEAD 32  /* entries ahead: more than one memory latency of loop work */
+    #endif
     #define TW_POS_MAX 0xFFFFFFFFULL
     /* SplitMix64's finalizer: a bijection, so distinct keys never share a full hash. */
     static inline uint64_t tw_mix(int64_t key) {

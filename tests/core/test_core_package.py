@@ -1,0 +1,85 @@
+"""The core ships compiled, typed, lint-clean, and exposes exactly the names its stub declares."""
+import ast
+import importlib
+import importlib.machinery
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import taskwheel.core
+
+REPO = Path(__file__).resolve().parents[2]
+CORE = REPO / "core"
+
+
+def test_every_hot_path_module_is_a_compiled_extension():
+    for name in ("wheel", "batcher", "sharding"):
+        module = importlib.import_module(f"taskwheel.core.{name}")
+        assert module.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)), module.__file__
+
+
+def test_the_package_exports_exactly_the_names_of_its_stub():
+    stub = ast.parse((CORE / "__init__.pyi").read_text())
+    declared = {
+        node.name for node in stub.body if isinstance(node, (ast.ClassDef, ast.FunctionDef))
+    } | {
+        node.target.id for node in stub.body
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+    }
+    public = {name for name in declared if not name.startswith("_")}
+    assert public == set(taskwheel.core.__all__)
+    assert all(hasattr(taskwheel.core, name) for name in public)
+
+
+def test_the_package_declares_that_it_is_typed():
+    assert (Path(taskwheel.core.__file__).parent / "py.typed").exists()
+
+
+def test_the_core_python_code_passes_flake8():
+    paths = [CORE / "__init__.py", CORE / "__init__.pyi", CORE / "reference.py",
+             REPO / "tests" / "core", REPO / "perf" / "bench_core.py", REPO / "perf" / "conftest.py"]
+    # Stubs follow typeshed's layout: no blank lines between their one-line definitions.
+    done = subprocess.run([sys.executable, "-m", "flake8", "--max-line-length=110",
+                           "--per-file-ignores=*.pyi:E301,E302,E305,E701,E704", *map(str, paths)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.fixture
+def stub_root(tmp_path):
+    # mypy cannot follow the editable install's import hook, so show it the package as files.
+    (tmp_path / "taskwheel").mkdir()
+    (tmp_path / "taskwheel" / "__init__.pyi").write_text("")
+    os.symlink(CORE, tmp_path / "taskwheel" / "core")
+    return tmp_path
+
+
+def test_a_typical_caller_and_the_reference_model_type_check_strictly(stub_root, tmp_path):
+    caller = tmp_path / "caller.py"
+    caller.write_text(textwrap.dedent("""
+        from array import array
+        import numpy as np
+        from taskwheel.core import Batcher, TimingWheel, bucket_of, group_by, shard_of, shards_of
+        from taskwheel.core.reference import ReferenceWheel
+
+        wheel = TimingWheel(tick_ms=1, start_ms=0)
+        wheel.schedule(1, 10)
+        wheel.schedule_many(array("q", [2]), np.array([5], dtype=np.int64))
+        wheel.schedule_many([3], [4])
+        fired: array[int] = wheel.advance(10)
+        upcoming: int | None = wheel.next_deadline()
+        model = ReferenceWheel(tick_ms=1, start_ms=0)
+        same: bool = fired.tolist() == model.advance(10).tolist()
+        batch = Batcher(10, 5).add(("shard", 1), "item", 0)
+        groups: dict[int, list[str]] = group_by([1, 2], ["a", "b"])
+        where: int = shard_of("task", 16) + bucket_of(5) + shards_of(["a"], 4)[0]
+    """))
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--cache-dir", str(tmp_path / "cache"),
+         str(caller)],
+        capture_output=True, text=True, env={**os.environ, "MYPYPATH": str(stub_root)}, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
