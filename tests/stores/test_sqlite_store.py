@@ -1,0 +1,271 @@
+"""The embedded store: the store contract, plus what only SQLite has (files, locks, purging)."""
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from taskwheel.stores import open_store
+from taskwheel.stores.base import BUCKET_MS, StoreUnavailable, TaskState, Transition, TransitionKind
+from taskwheel.stores.sqlite import SqliteStore
+from tests.stores.contract import (
+    T0,
+    StoreContract,
+    insert_one,
+    lease,
+    load,
+    new_task,
+    opened,
+    succeed,
+)
+
+
+class TestSqliteStoreContract(StoreContract):
+    @pytest.fixture
+    def make_store(self, tmp_path):
+        return lambda: SqliteStore(tmp_path / "tasks.db", num_shards=8)
+
+
+@pytest.fixture
+def db(tmp_path):
+    return str(tmp_path / "data" / "tasks.db")
+
+
+def due_rows_in_file(path) -> int:
+    with sqlite3.connect(path) as conn:
+        return conn.execute("SELECT count(*) FROM due").fetchone()[0]
+
+
+# ---- files and options ---------------------------------------------------------------------
+
+async def test_opening_with_another_shard_count_is_refused(db):
+    async with opened(lambda: SqliteStore(db, num_shards=16)):
+        pass
+    with pytest.raises(ValueError, match="created with 16 shards.*configured with 8"):
+        async with opened(lambda: SqliteStore(db, num_shards=8)):
+            pass
+
+
+async def test_database_is_in_wal_mode(db):
+    async with opened(lambda: SqliteStore(db, num_shards=4)):
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_store_url_options_reach_the_store(tmp_path):
+    store = open_store(f"sqlite://{tmp_path}/t.db?synchronous=full&busy_timeout_ms=250&shards=4")
+    assert isinstance(store, SqliteStore)
+    assert (store.num_shards, store.synchronous, store.busy_timeout_ms) == (4, "full", 250)
+    async with opened(lambda: store) as opened_store:
+        await insert_one(opened_store, new_task(shard=3))
+
+
+def test_synchronous_off_is_refused(db):
+    with pytest.raises(ValueError, match="synchronous='off'"):
+        SqliteStore(db, synchronous="off")
+
+
+async def test_unwritable_location_raises_store_unavailable(tmp_path):
+    (tmp_path / "a-file").write_text("not a directory")
+    with pytest.raises(StoreUnavailable, match="cannot"):
+        async with opened(lambda: SqliteStore(tmp_path / "a-file" / "tasks.db")):
+            pass
+
+
+async def test_calls_on_a_closed_store_raise_store_unavailable(db):
+    store = SqliteStore(db, num_shards=4)
+    with pytest.raises(StoreUnavailable, match="not open"):
+        await store.insert([new_task()])
+    await store.open()
+    await store.close()
+    with pytest.raises(StoreUnavailable, match="not open"):
+        await store.get("x")
+
+
+# ---- what the contract leaves to each store ------------------------------------------------
+
+async def test_reinserting_a_stored_task_id_is_reported_as_duplicate(db):
+    task = new_task()
+    async with opened(lambda: SqliteStore(db, num_shards=4)) as store:
+        await insert_one(store, task)
+        await store.cancel(task.task_id, now_ms=T0)
+        fresh = new_task()
+        outcomes = await store.insert([fresh, new_task(task_id=task.task_id, payload=b"again")])
+        assert [(o.task_id, o.duplicate) for o in outcomes] == [
+            (fresh.task_id, False), (task.task_id, True)
+        ]
+        stored = await store.get(task.task_id)
+        counts = await store.counts()
+    assert (stored.state, stored.payload) == (TaskState.CANCELLED, task.payload)
+    assert (counts[TaskState.SCHEDULED], counts[TaskState.CANCELLED]) == (1, 1)
+
+
+async def test_lease_without_the_task_is_refused_before_anything_applies(db):
+    a, b = new_task(due_ms=T0), new_task(due_ms=T0 + 1)
+    async with opened(lambda: SqliteStore(db, num_shards=4)) as store:
+        await store.insert([a, b])
+        bare = Transition(b.task_id, 0, TransitionKind.LEASE, 1, T0 + 1, due_ms=T0 + 30_000,
+                          attempt=2)
+        with pytest.raises(ValueError, match="carries no task"):
+            await store.apply([lease(a, T0 + 30_000), bare], now_ms=T0)
+        assert [r.gen for r in await load(store)] == [1, 1]
+
+
+async def test_task_in_a_shard_the_store_does_not_have_is_refused(db):
+    async with opened(lambda: SqliteStore(db, num_shards=4)) as store:
+        with pytest.raises(ValueError, match="shard 4"):
+            await store.insert([new_task(shard=0), new_task(shard=4)])
+        assert (await store.counts())[TaskState.SCHEDULED] == 0
+
+
+# ---- threads, locks, processes -------------------------------------------------------------
+
+async def test_event_loop_runs_while_a_batch_is_written(db):
+    ticks_during_insert = 0
+    done = False
+
+    async def tick():
+        nonlocal ticks_during_insert
+        while not done:
+            await asyncio.sleep(0)
+            ticks_during_insert += 1
+
+    async with opened(lambda: SqliteStore(db, num_shards=4)) as store:
+        ticker = asyncio.create_task(tick())
+        await store.insert([new_task(shard=i % 4, due_ms=T0 + i) for i in range(20_000)])
+        done = True
+        await ticker
+    assert ticks_during_insert > 0
+
+
+async def test_concurrent_calls_from_one_loop_are_all_stored(db):
+    batches = [[new_task(shard=i % 4, due_ms=T0 + i) for i in range(100)] for _ in range(20)]
+    async with opened(lambda: SqliteStore(db, num_shards=4)) as store:
+        await asyncio.gather(*(store.insert(batch) for batch in batches))
+        assert (await store.counts())[TaskState.SCHEDULED] == 2_000
+
+
+async def test_two_stores_on_one_file_write_side_by_side(db):
+    # As ingest and dispatch do when `taskwheel serve` runs them as separate processes.
+    first = [new_task(shard=0, due_ms=T0 + i) for i in range(2_000)]
+    second = [new_task(shard=1, due_ms=T0 + i) for i in range(2_000)]
+    async with opened(lambda: SqliteStore(db, num_shards=4)) as a:
+        async with opened(lambda: SqliteStore(db, num_shards=4)) as b:
+            await asyncio.gather(
+                *(a.insert(first[i:i + 100]) for i in range(0, 2_000, 100)),
+                *(b.insert(second[i:i + 100]) for i in range(0, 2_000, 100)),
+            )
+            assert len(await load(a, shard=1)) == 2_000
+            assert len(await load(b, shard=0)) == 2_000
+            assert (await a.counts())[TaskState.SCHEDULED] == 4_000
+
+
+async def test_write_while_another_process_holds_the_lock_raises_store_unavailable(db):
+    async with opened(lambda: SqliteStore(db, num_shards=4, busy_timeout_ms=50)) as store:
+        other = sqlite3.connect(db, isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")
+        try:
+            with pytest.raises(StoreUnavailable, match="locked"):
+                await store.insert([new_task()])
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        await insert_one(store, new_task())  # usable again once the lock is gone
+
+
+_INSERTING_CHILD = textwrap.dedent("""
+    import asyncio, itertools, sys
+    from taskwheel.stores.base import TaskRecord
+    from taskwheel.stores.sqlite import SqliteStore
+
+    async def main(path):
+        store = SqliteStore(path, num_shards=4)
+        await store.open()
+        for batch in itertools.count():
+            await store.insert([
+                TaskRecord(task_id=f"b{batch}-{i}", shard=i % 4, queue="q", payload=b"x" * 200,
+                           fire_at_ms=batch, due_ms=batch)
+                for i in range(500)
+            ])
+            print(f"committed {batch}", flush=True)
+
+    asyncio.run(main(sys.argv[1]))
+""")
+
+
+async def test_kill_9_loses_no_batch_that_insert_acknowledged(db):
+    os.makedirs(os.path.dirname(db))
+    child = subprocess.Popen([sys.executable, "-c", _INSERTING_CHILD, db],
+                             stdout=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        while len(lines) < 5:
+            line = child.stdout.readline()
+            assert line, f"child exited early with {child.wait()}"
+            lines.append(line)
+    finally:
+        child.send_signal(signal.SIGKILL)  # right away: it is usually mid-way through a batch
+        lines += child.stdout.readlines()  # every line printed before it died counts
+        child.wait()
+    committed = {int(line.split()[1]) for line in lines}
+    assert child.returncode == -signal.SIGKILL
+    async with opened(lambda: SqliteStore(db, num_shards=4)) as store:
+        stored = {}
+        for shard in range(4):
+            for row in await store.load_due(shard, 0, 1_000_000):
+                stored[row.due_ms] = stored.get(row.due_ms, 0) + 1
+        for batch in committed:
+            assert await store.get(f"b{batch}-499") is not None
+    assert all(stored.get(batch) == 500 for batch in committed)
+    assert set(stored.values()) == {500}  # the batch in flight is there entirely or not at all
+
+
+# ---- purging -------------------------------------------------------------------------------
+
+async def test_purge_deletes_superseded_and_ended_rows_and_keeps_live_ones(db):
+    tasks = [new_task(due_ms=T0 + i) for i in range(6)]
+    async with opened(lambda: SqliteStore(db, num_shards=4)) as store:
+        await store.insert(tasks)
+        await store.apply([lease(t, T0 + 30_000) for t in tasks[:3]], now_ms=T0)  # 3 superseded
+        await store.apply([succeed(tasks[0], gen=2)], now_ms=T0)  # and its new row ends
+        await store.cancel(tasks[3].task_id, now_ms=T0)
+        live = await load(store)
+        assert await store.purge_before(T0 + 2 * BUCKET_MS) == 5
+        assert await load(store) == live
+    assert due_rows_in_file(db) == len(live) == 4
+
+
+async def test_purge_leaves_the_bucket_holding_its_cutoff(db):
+    early, late = new_task(due_ms=T0 + 10), new_task(due_ms=T0 + BUCKET_MS + 10)
+    async with opened(lambda: SqliteStore(db, num_shards=4)) as store:
+        await store.insert([early, late])
+        await store.apply([succeed(early), succeed(late)], now_ms=T0)
+        assert await store.purge_before(T0 + BUCKET_MS + 59_999) == 1
+        assert await store.purge_before(T0 + 2 * BUCKET_MS) == 1
+    assert due_rows_in_file(db) == 0
+
+
+async def test_purge_stays_a_margin_behind_the_slowest_checkpoint(db):
+    async with opened(lambda: SqliteStore(db, num_shards=4)) as store:
+        created = store.created_ms
+        old = new_task(shard=0, due_ms=created - 10 * BUCKET_MS)
+        recent = new_task(shard=1, due_ms=created - 1 * BUCKET_MS)
+        await store.insert([old, recent])
+        await store.apply([succeed(old), succeed(recent)], now_ms=created)
+        await store.save_checkpoints({s: created + 60 * BUCKET_MS for s in range(1, 4)})
+        # shard 0's checkpoint is still the creation time: only buckets 5+ minutes before it go
+        assert await store.purge(margin_ms=5 * BUCKET_MS) == 1
+    assert due_rows_in_file(db) == 1
+
+
+async def test_purge_works_through_more_rows_than_one_chunk(db):
+    tasks = [new_task(shard=0, due_ms=T0 + i) for i in range(5_000)]
+    async with opened(lambda: SqliteStore(db, num_shards=4)) as store:
+        await store.insert(tasks)
+        await store.apply([lease(t, T0 + BUCKET_MS * 5) for t in tasks], now_ms=T0)
+        assert await store.purge_before(T0 + BUCKET_MS) == 5_000
+        assert len(await store.load_due(0, T0, T0 + BUCKET_MS * 6)) == 5_000
