@@ -11,6 +11,7 @@ import pytest
 
 from taskwheel.stores import open_store
 from taskwheel.stores.base import BUCKET_MS, StoreUnavailable, TaskState, Transition, TransitionKind
+from taskwheel.stores import sqlite as sqlite_store
 from taskwheel.stores.sqlite import SqliteStore
 from tests.stores.contract import (
     T0,
@@ -269,3 +270,27 @@ async def test_purge_works_through_more_rows_than_one_chunk(db):
         await store.apply([lease(t, T0 + BUCKET_MS * 5) for t in tasks], now_ms=T0)
         assert await store.purge_before(T0 + BUCKET_MS) == 5_000
         assert len(await store.load_due(0, T0, T0 + BUCKET_MS * 6)) == 5_000
+
+
+# ---- the write-ahead log -------------------------------------------------------------------
+
+async def test_wal_stays_bounded_under_continuous_writes(db, monkeypatch):
+    # Scaled down 32x: restart past 4 MiB, keep 1 MiB. Unchecked, 60 batches leave ~60 MiB.
+    monkeypatch.setattr(sqlite_store, "_CHECKPOINT_EVERY_S", 0.01)
+    monkeypatch.setattr(sqlite_store, "_WAL_RESTART_PAGES", 1_000)
+    monkeypatch.setattr(sqlite_store, "_WAL_KEEP_BYTES", 1 << 20)
+    largest = 0
+    async with opened(lambda: SqliteStore(db, num_shards=4)) as store:
+        for batch in range(60):
+            await store.insert([new_task(shard=i % 4, due_ms=T0 + batch * 1_000 + i,
+                                         payload=b"p" * 500) for i in range(1_000)])
+            largest = max(largest, os.path.getsize(db + "-wal"))
+    assert largest < 24 << 20
+
+
+async def test_tasks_are_in_the_database_file_after_close(db):
+    async with opened(lambda: SqliteStore(db, num_shards=4)) as store:
+        await store.insert([new_task(shard=i % 4) for i in range(100)])
+    assert not os.path.exists(db + "-wal") or os.path.getsize(db + "-wal") == 0
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        assert conn.execute("SELECT count(*) FROM tasks").fetchone()[0] == 100
