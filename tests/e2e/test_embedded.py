@@ -228,3 +228,33 @@ def test_an_ack_sent_on_a_new_stream_after_a_reconnect_is_honoured(server):
         time.sleep(4)  # past the orphan grace
         assert second.snapshot() == []
     assert stub.Get(ingest_pb2.GetRequest(task_id=task_id)).state == task_pb2.TASK_STATE_SUCCEEDED
+
+
+def test_a_saturated_ingest_answers_resource_exhausted_with_a_retry_hint_and_loses_nothing(tmp_path):
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    server = ServerProcess(["up", "--data-dir", str(tmp_path / "data"), "--listen", target,
+                            "--max-pending-writes", "1500", "--write-batch", "1000"],
+                           str(tmp_path / "server.log")).start()
+    try:
+        stub = ingest(target)
+        refused, accepted = [], []
+        for _ in range(5):
+            calls = [stub.Submit.future(ingest_pb2.SubmitRequest(tasks=[spec("busy", delay_ms=60_000)] * 1000))
+                     for _ in range(12)]
+            for call in calls:
+                try:
+                    accepted.extend(r.task_id for r in call.result(timeout=30).results)
+                except grpc.RpcError as exc:
+                    refused.append(exc)
+            if refused:
+                break
+        assert refused, "12 concurrent batches of 1000 never filled a queue of 1500"
+        for exc in refused:
+            assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            hint = dict(exc.trailing_metadata())["retry-after-ms"]
+            assert int(hint) > 0
+        stats = stub.Stats(ingest_pb2.StatsRequest())
+        assert stats.scheduled == len(accepted)
+    finally:
+        server.stop()

@@ -1,0 +1,91 @@
+"""Group commit: many callers, one store call; bounded, and failures reach every caller."""
+import asyncio
+
+import pytest
+
+from taskwheel.group_commit import Backpressure, GroupCommit
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_callers_arriving_during_a_write_share_the_next_write():
+    calls = []
+
+    async def write(items):
+        calls.append(list(items))
+        await asyncio.sleep(0.02)
+        return [i * 10 for i in items]
+
+    async def main():
+        gc = GroupCommit(write, max_batch=100, max_pending=1000)
+        gc.start()
+        first = gc.commit([1])
+        await asyncio.sleep(0.005)  # the first write is running now
+        rest = [gc.commit([i, i + 100]) for i in range(2, 6)]
+        results = await asyncio.gather(first, *rest)
+        await gc.stop()
+        return results
+
+    results = run(main())
+    assert results == [[10], [20, 1020], [30, 1030], [40, 1040], [50, 1050]]
+    assert calls == [[1], [2, 102, 3, 103, 4, 104, 5, 105]]
+
+
+def test_a_write_never_exceeds_max_batch_unless_one_caller_alone_does():
+    sizes = []
+
+    async def write(items):
+        sizes.append(len(items))
+        return list(items)
+
+    async def main():
+        gc = GroupCommit(write, max_batch=5, max_pending=1000)
+        futs = [gc.commit([0, 0, 0]) for _ in range(4)] + [gc.commit([0] * 7)]
+        gc.start()
+        await asyncio.gather(*futs)
+        await gc.stop()
+
+    run(main())
+    assert sizes == [3, 3, 3, 3, 7]
+
+
+def test_a_full_queue_refuses_at_once_with_a_retry_hint():
+    async def write(items):
+        await asyncio.sleep(0.05)
+        return list(items)
+
+    async def main():
+        gc = GroupCommit(write, max_batch=10, max_pending=10)
+        gc.start()
+        first = gc.commit(list(range(8)))
+        with pytest.raises(Backpressure) as err:
+            gc.commit(list(range(5)))
+        assert err.value.retry_after_ms >= 10
+        await first
+        await gc.stop()
+
+    run(main())
+
+
+def test_a_store_failure_reaches_every_caller_of_that_write_and_later_writes_still_run():
+    attempts = []
+
+    async def write(items):
+        attempts.append(len(items))
+        if len(attempts) == 1:
+            raise ConnectionError("store down")
+        return list(items)
+
+    async def main():
+        gc = GroupCommit(write, max_batch=100, max_pending=100)
+        a, b = gc.commit([1]), gc.commit([2])
+        gc.start()
+        for fut in (a, b):
+            with pytest.raises(ConnectionError):
+                await fut
+        assert await gc.commit([3]) == [3]
+        await gc.stop()
+
+    run(main())

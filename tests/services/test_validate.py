@@ -1,0 +1,81 @@
+"""Ingest's validation: what it accepts, and errors that name the field."""
+import pytest
+
+from taskwheel.config import Limits
+from taskwheel.ingest.validate import SpecError, TaskIds, record_of_spec
+from taskwheel.v1 import task_pb2
+
+NOW = 1_800_000_000_000
+LIMITS = Limits()
+
+
+def make(**fields):
+    spec = task_pb2.TaskSpec(queue=fields.pop("queue", "q"), **fields)
+    return spec
+
+
+def check(spec):
+    return record_of_spec(spec, "id", 3, NOW, LIMITS)
+
+
+def test_no_fire_time_means_now():
+    rec = check(make())
+    assert rec.fire_at_ms == NOW and rec.due_ms == NOW
+
+
+def test_delay_is_relative_to_acceptance():
+    rec = check(make(delay={"seconds": 2, "nanos": 500_000_000}))
+    assert rec.fire_at_ms == NOW + 2500 and rec.due_ms == NOW + 2500
+
+
+def test_a_fire_time_in_the_recent_past_is_due_now_but_keeps_its_fire_at():
+    rec = check(make(fire_at={"seconds": NOW // 1000 - 60}))
+    assert rec.fire_at_ms == NOW - 60_000
+    assert rec.due_ms == NOW
+
+
+def test_defaults_fill_attempts_and_lease():
+    rec = check(make())
+    assert rec.max_attempts == LIMITS.default_max_attempts
+    assert rec.lease_ms == LIMITS.default_lease_ms
+    assert rec.attempt == 1 and rec.gen == 1 and rec.shard == 3
+
+
+@pytest.mark.parametrize("spec, field", [
+    (make(queue=""), "queue"),
+    (make(queue="a/b"), "queue"),
+    (make(queue="x" * 129), "queue"),
+    (make(payload=b"x" * (LIMITS.max_payload_bytes + 1)), "payload"),
+    (make(fire_at={"seconds": NOW // 1000 + 367 * 86400}), "fire_at"),
+    (make(fire_at={"seconds": NOW // 1000 - 2 * 86400}), "fire_at"),
+    (make(delay={"seconds": -1}), "delay"),
+    (make(delay={"seconds": 400 * 86400}), "delay"),
+    (make(max_attempts=101), "max_attempts"),
+    (make(headers={f"k{i}": "v" for i in range(65)}), "headers"),
+    (make(headers={"k": "v" * 9000}), "headers"),
+    (make(idempotency_key="k" * 257), "idempotency_key"),
+    (make(lease={"nanos": 1_000_000}), "lease"),
+    (make(lease={"seconds": 13 * 3600}), "lease"),
+])
+def test_each_limit_is_enforced_with_a_message_naming_the_field(spec, field):
+    with pytest.raises(SpecError, match=field):
+        check(spec)
+
+
+def test_a_spec_exactly_at_the_limits_is_accepted():
+    rec = check(make(queue="q" * 128, payload=b"x" * LIMITS.max_payload_bytes, max_attempts=100,
+                     lease={"seconds": 12 * 3600}, idempotency_key="k" * 256))
+    assert rec.max_attempts == 100
+
+
+def test_task_ids_are_unique_and_ordered_by_time_within_a_process():
+    ids = TaskIds()
+    a = [ids.next(NOW) for _ in range(10_000)]
+    b = ids.next(NOW + 1)
+    assert len(set(a)) == 10_000
+    assert all(len(i) == 28 for i in a)
+    assert b[:12] > a[-1][:12]
+
+
+def test_two_processes_draw_different_id_prefixes():
+    assert TaskIds().next(NOW)[12:20] != TaskIds().next(NOW)[12:20]
