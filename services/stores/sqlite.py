@@ -354,7 +354,7 @@ class SqliteStore(Store):
             raise StoreUnavailable(f"{self.description}: store is not open")
         try:
             return await asyncio.get_running_loop().run_in_executor(
-                self._writer, self._guard, fn, args
+                self._writer, self._guard_write, fn, args
             )
         finally:
             if self._checkpointer is not None:
@@ -364,6 +364,12 @@ class SqliteStore(Store):
         if self._reader is None:
             raise StoreUnavailable(f"{self.description}: store is not open")
         return await asyncio.get_running_loop().run_in_executor(self._reader, self._guard, fn, args)
+
+    def _guard_write(self, fn: Callable[..., T], args: tuple) -> T:
+        result = self._guard(fn, args)
+        if self._checkpointer is not None:
+            self._checkpointer.restart_if_wanted(self._conn_w())
+        return result
 
     def _guard(self, fn: Callable[..., T], args: tuple) -> T:
         try:
@@ -684,6 +690,7 @@ class _Checkpointer:
         self._description = description
         self._written = threading.Event()
         self._stopping = threading.Event()
+        self.restart_wanted = False
         self._thread = threading.Thread(
             target=self._run, name="taskwheel-sqlite-checkpoint", daemon=True
         )
@@ -691,6 +698,18 @@ class _Checkpointer:
 
     def wake(self) -> None:
         self._written.set()
+
+    def restart_if_wanted(self, writer: sqlite3.Connection) -> None:
+        """Called by the writer between transactions. PASSIVE checkpoints copy up to the last
+        commit but cannot rewind a WAL that is written without pause; only a checkpoint that
+        holds off writers can. The writer runs it itself, between two of its own transactions,
+        so there is no writer to wait for, and the copying is mostly done already."""
+        if self.restart_wanted:
+            try:
+                busy, _, _ = writer.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+                self.restart_wanted = bool(busy)  # readers in the way: try after the next write
+            except sqlite3.Error as e:
+                log.warning("%s: checkpoint failed: %s", self._description, e)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -711,11 +730,7 @@ class _Checkpointer:
                 self._written.clear()
                 try:
                     _, wal_pages, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                    if wal_pages > _WAL_RESTART_PAGES:
-                        # PASSIVE copies up to the last commit but cannot rewind a WAL that
-                        # never stops growing; RESTART waits out the current write, finishes
-                        # the copy and makes the next write start the file over.
-                        conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+                    self.restart_wanted = wal_pages > _WAL_RESTART_PAGES
                 except sqlite3.Error as e:
                     log.warning("%s: checkpoint failed: %s", self._description, e)
         finally:
