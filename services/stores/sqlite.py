@@ -573,7 +573,7 @@ class SqliteStore(Store):
         for shard in range(self.num_shards):
             bucket = await self._read(self._next_bucket, shard, None, end_bucket)
             while bucket is not None:
-                after_seq = -1
+                after_seq: int | None = -1
                 while after_seq is not None:
                     n, after_seq = await self._write(self._purge_chunk, shard, bucket, after_seq)
                     deleted += n
