@@ -35,9 +35,10 @@ Durability: every write is one transaction, committed before the coroutine retur
 kill -9 of any process; only a power loss or OS crash can lose the last commits.
 ``synchronous=full`` fsyncs the WAL on every commit and survives those too, at a cost per commit.
 
-Garbage: superseded and terminal due rows stay until ``purge_before`` / ``purge`` delete them.
-``load_due`` ignores them either way; purging keeps the file from growing without bound. The
-timer calls ``purge()`` now and then (once a minute is plenty).
+Garbage: ``load_due`` skips superseded and ended due rows; purging deletes them so the file
+stops growing. Once a minute (``purge_every_s``), saving checkpoints starts a background
+``purge()``: the dead rows of every bucket that ended 10 minutes before the slowest shard's
+checkpoint. Live rows are never deleted, whatever the checkpoints say.
 """
 from __future__ import annotations
 
@@ -184,6 +185,7 @@ _WAL_RESTART_PAGES = 32_768  # past ~128 MiB, make the writer pause so the WAL c
 _WAL_KEEP_BYTES = 64 << 20  # a restarted WAL file is truncated back to this
 _IN_CHUNK = 500  # task ids per "IN (...)" lookup
 _PURGE_CHUNK = 2000  # due rows deleted per transaction, so purging never stalls inserts for long
+_PURGE_MARGIN_MS = 10 * BUCKET_MS  # how far behind the slowest checkpoint purging stays
 _encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _decode_json = json.JSONDecoder().decode
 
@@ -213,6 +215,8 @@ class SqliteStore(Store):
     ``num_shards`` is fixed when the file is created; opening it with another count fails.
     ``synchronous``: "normal" (survives process crashes) or "full"/"extra" (also power loss).
     ``busy_timeout_ms``: how long a write waits for another process's write before failing.
+    ``purge_every_s``: how often saving checkpoints also starts a purge of dead due rows
+    (0: never; then call ``purge`` yourself).
     Options may arrive as strings (they come from the store URL's query).
     """
 
@@ -222,6 +226,7 @@ class SqliteStore(Store):
         num_shards: int | str = 16,
         synchronous: str = "normal",
         busy_timeout_ms: int | str = 5_000,
+        purge_every_s: float | str = 60.0,
     ):
         self.path = os.fspath(path)
         self.num_shards = int(num_shards)
@@ -234,6 +239,7 @@ class SqliteStore(Store):
                 "(anything weaker could lose acknowledged tasks)"
             )
         self.busy_timeout_ms = int(busy_timeout_ms)
+        self.purge_every_s = float(purge_every_s)
         self.description = f"sqlite:{self.path}"
         self.created_ms = 0
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
@@ -241,6 +247,8 @@ class SqliteStore(Store):
         self._wconn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
         self._checkpointer: _Checkpointer | None = None
+        self._purge_task: asyncio.Task | None = None
+        self._next_purge_at = 0.0
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -267,6 +275,10 @@ class SqliteStore(Store):
         writer, reader = self._writer, self._reader
         if writer is None or reader is None:
             return
+        if self._purge_task is not None:
+            self._purge_task.cancel()
+            await asyncio.gather(self._purge_task, return_exceptions=True)
+            self._purge_task = None
         self._writer = self._reader = None
         loop = asyncio.get_running_loop()
         if self._checkpointer is not None:
@@ -552,6 +564,7 @@ class SqliteStore(Store):
             self._check_shard(shard)
         if checkpoints:
             await self._write(self._save_checkpoints, dict(checkpoints))
+            self._purge_soon()
 
     def _save_checkpoints(self, checkpoints: dict[int, int]) -> None:
         conn = self._conn_w()
@@ -563,27 +576,54 @@ class SqliteStore(Store):
                 [(shard, ms, self.created_ms) for shard, ms in checkpoints.items()],
             )
 
+    # ---- garbage -----------------------------------------------------------------------------
+
     async def purge_before(self, before_ms: int) -> int:
         """Deletes dead due rows (superseded, or of a terminal task) in every bucket that ends at
         or before ``before_ms``; returns how many. Live rows are never touched, so any value is
         safe; a value well behind the timers (see ``purge``) keeps the work away from the rows
-        they are reading. Runs as many short transactions, so inserts interleave."""
+        they are reading. The reader thread finds dead rows and the writer deletes them in
+        small transactions, so inserts interleave. A dead row never comes back to life (gens
+        only grow, ended tasks stay ended), so nothing changes between finding and deleting."""
         end_bucket = bucket_of(before_ms)  # buckets strictly below this one end by before_ms
         deleted = 0
         for shard in range(self.num_shards):
             bucket = await self._read(self._next_bucket, shard, None, end_bucket)
             while bucket is not None:
-                after_seq: int | None = -1
-                while after_seq is not None:
-                    n, after_seq = await self._write(self._purge_chunk, shard, bucket, after_seq)
-                    deleted += n
+                after_seq = -1
+                while True:
+                    seqs = await self._read(self._dead_due_rows, shard, bucket, after_seq)
+                    if seqs:
+                        await self._write(self._delete_due_rows, seqs)
+                        deleted += len(seqs)
+                    if len(seqs) < _PURGE_CHUNK:
+                        break
+                    after_seq = seqs[-1][0]
                 bucket = await self._read(self._next_bucket, shard, bucket, end_bucket)
         return deleted
 
-    async def purge(self, margin_ms: int = 10 * BUCKET_MS) -> int:
-        """``purge_before(smallest checkpoint - margin_ms)``: the housekeeping the timer runs."""
+    async def purge(self, margin_ms: int = _PURGE_MARGIN_MS) -> int:
+        """``purge_before(smallest checkpoint - margin_ms)``. Runs by itself (see
+        ``purge_every_s``); callable for tests and maintenance."""
         checkpoints = [await self.load_checkpoint(s) for s in range(self.num_shards)]
         return await self.purge_before(min(checkpoints) - margin_ms)
+
+    def _purge_soon(self) -> None:
+        # Checkpoints advance every second or so; purging follows them at most once per period.
+        if not self.purge_every_s or (self._purge_task and not self._purge_task.done()):
+            return
+        now = time.monotonic()
+        if now < self._next_purge_at:
+            return
+        self._next_purge_at = now + self.purge_every_s
+        self._purge_task = asyncio.get_running_loop().create_task(self._purge_in_background())
+
+    async def _purge_in_background(self) -> None:
+        try:
+            deleted = await self.purge()
+            log.debug("%s: purged %d dead due rows", self.description, deleted)
+        except StoreUnavailable as e:
+            log.warning("%s: purge failed, will retry: %s", self.description, e)
 
     def _next_bucket(self, shard: int, after: int | None, end: int) -> int | None:
         lowest = after + 1 if after is not None else -(2**62)
@@ -593,16 +633,15 @@ class SqliteStore(Store):
         ).fetchone()
         return row[0]
 
-    def _purge_chunk(self, shard: int, bucket: int, after_seq: int) -> tuple[int, int | None]:
-        """Deletes up to _PURGE_CHUNK dead rows of the bucket past ``after_seq``; returns how
-        many and where to continue (None when the bucket is done)."""
+    def _dead_due_rows(self, shard: int, bucket: int, after_seq: int) -> list[tuple[int]]:
+        return self._conn_r().execute(
+            _DEAD_DUE_IN_BUCKET, (shard, bucket, after_seq, _PURGE_CHUNK)
+        ).fetchall()
+
+    def _delete_due_rows(self, seqs: list[tuple[int]]) -> None:
         conn = self._conn_w()
         with _transaction(conn):
-            seqs = conn.execute(
-                _DEAD_DUE_IN_BUCKET, (shard, bucket, after_seq, _PURGE_CHUNK)
-            ).fetchall()
             conn.executemany("DELETE FROM due WHERE seq = ?", seqs)
-        return len(seqs), (seqs[-1][0] if len(seqs) == _PURGE_CHUNK else None)
 
     # ---- reads -------------------------------------------------------------------------------
 

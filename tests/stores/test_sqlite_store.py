@@ -251,7 +251,7 @@ async def test_purge_leaves_the_bucket_holding_its_cutoff(db):
 
 
 async def test_purge_stays_a_margin_behind_the_slowest_checkpoint(db):
-    async with opened(lambda: SqliteStore(db, num_shards=4)) as store:
+    async with opened(lambda: SqliteStore(db, num_shards=4, purge_every_s=0)) as store:
         created = store.created_ms
         old = new_task(shard=0, due_ms=created - 10 * BUCKET_MS)
         recent = new_task(shard=1, due_ms=created - 1 * BUCKET_MS)
@@ -270,6 +270,23 @@ async def test_purge_works_through_more_rows_than_one_chunk(db):
         await store.apply([lease(t, T0 + BUCKET_MS * 5) for t in tasks], now_ms=T0)
         assert await store.purge_before(T0 + BUCKET_MS) == 5_000
         assert len(await store.load_due(0, T0, T0 + BUCKET_MS * 6)) == 5_000
+
+
+async def test_saving_checkpoints_purges_in_the_background(db):
+    async with opened(lambda: SqliteStore(db, num_shards=4, purge_every_s=3600)) as store:
+        created = store.created_ms
+        old = new_task(due_ms=created - 20 * BUCKET_MS)
+        await store.insert([old])
+        await store.apply([succeed(old)], now_ms=created)
+        await store.save_checkpoints({s: created for s in range(4)})
+        await store._purge_task  # started by the save; awaited here only to observe its end
+        assert due_rows_in_file(db) == 0
+        again = new_task(due_ms=created - 20 * BUCKET_MS)
+        await store.insert([again])
+        await store.apply([succeed(again)], now_ms=created)
+        await store.save_checkpoints({s: created + 1 for s in range(4)})
+        assert store._purge_task.done()  # no second purge within purge_every_s
+    assert due_rows_in_file(db) == 1
 
 
 # ---- the write-ahead log -------------------------------------------------------------------
