@@ -13,9 +13,9 @@ import uuid
 from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
 import pytest
+from cassandra.cluster import Cluster, Session
 
 from taskwheel.stores import (
-    AlreadyEnded,
     StoreUnavailable,
     TaskRecord,
     TaskState,
@@ -25,6 +25,7 @@ from taskwheel.stores import (
 )
 from taskwheel.stores.base import BUCKET_MS, bucket_of
 from taskwheel.stores.cassandra import CassandraStore, devserver
+from tests.stores.contract import StoreContract
 
 pytestmark = pytest.mark.cassandra
 
@@ -50,6 +51,22 @@ def cassandra_contact(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tupl
         devserver.stop(directory)
 
 
+@pytest.fixture(scope="session")
+def cql(cassandra_contact) -> Iterator[Session]:
+    """A plain driver session, for looking under the store and for dropping keyspaces."""
+    host, port = cassandra_contact
+    cluster = Cluster([host], port=port, protocol_version=5)
+    session = cluster.connect()
+    yield session
+    cluster.shutdown()
+
+
+def drop_keyspace(cql: Session, keyspace: str) -> None:
+    # Every keyspace costs the server heap (seven tables' memtables and metadata): a session
+    # of contract tests, one keyspace each, would exhaust a small dev heap without this.
+    cql.execute(f"DROP KEYSPACE IF EXISTS {keyspace}", timeout=60)
+
+
 @pytest.fixture(scope="module")
 def run() -> Iterator[Callable[[Awaitable[T]], T]]:
     """Runs a coroutine on this module's event loop (the store lives on one loop)."""
@@ -63,16 +80,17 @@ def fresh_keyspace(prefix: str = "tw") -> str:
 
 
 @pytest.fixture(scope="module")
-def store(cassandra_contact, run) -> Iterator[CassandraStore]:
+def store(cassandra_contact, cql, run) -> Iterator[CassandraStore]:
     host, port = cassandra_contact
     s = CassandraStore([host], port, fresh_keyspace(), num_shards=SHARDS)
     run(s.open())
     yield s
     run(s.close())
+    drop_keyspace(cql, s.keyspace)
 
 
 @pytest.fixture
-def new_store(cassandra_contact, run) -> Iterator[Callable[..., CassandraStore]]:
+def new_store(cassandra_contact, cql, run) -> Iterator[Callable[..., CassandraStore]]:
     """Opens stores on fresh keyspaces (or a given one) and closes them after the test."""
     opened = []
 
@@ -87,6 +105,19 @@ def new_store(cassandra_contact, run) -> Iterator[Callable[..., CassandraStore]]
     yield make
     for s in opened:
         run(s.close())
+    for keyspace in {s.keyspace for s in opened}:
+        drop_keyspace(cql, keyspace)
+
+
+class TestCassandraStoreContract(StoreContract):
+    """The store contract (tests/stores/contract.py), each test on a fresh keyspace."""
+
+    @pytest.fixture
+    def make_store(self, cassandra_contact, cql) -> Iterator[Callable[[], CassandraStore]]:
+        host, port = cassandra_contact
+        keyspace = fresh_keyspace("contract")
+        yield lambda: CassandraStore([host], port, keyspace, num_shards=8)
+        drop_keyspace(cql, keyspace)
 
 
 # ---- helpers -----------------------------------------------------------------------------------
@@ -123,7 +154,8 @@ def lease(r: TaskRecord, due_ms: int) -> Transition:
 
 
 def live(run, store: CassandraStore, shard: int, start: int, minutes: int = 10) -> list:
-    return [(r.task_id, r.gen) for r in run(store.load_due(shard, start, start + minutes * BUCKET_MS))]
+    rows = run(store.load_due(shard, start, start + minutes * BUCKET_MS))
+    return [(r.task_id, r.gen) for r in rows]
 
 
 # ---- opening -----------------------------------------------------------------------------------
@@ -172,50 +204,13 @@ def test_unknown_option_or_consistency_level_is_refused():
 
 # ---- insert and get ----------------------------------------------------------------------------
 
-def test_inserted_task_reads_back_scheduled_at_gen_1_with_every_field(store, run):
-    t = task(own_slice(), shard=1, payload=b"\x00\xffbytes", headers={"a": "1", "b": "2"},
-             traceparent="00-abc-def-01", max_attempts=5, lease_ms=1234)
-    assert run(store.insert([t]))[0].duplicate is False
-    got = run(store.get(t.task_id))
-    assert got == t  # SCHEDULED, gen 1, attempt 1: the defaults of a new task
-
-
-def test_get_of_an_unknown_task_is_none(store, run):
-    assert run(store.get(uuid.uuid4().hex)) is None
-
-
-def test_second_task_with_a_taken_key_returns_the_first_and_stores_nothing(store, run):
-    start = own_slice()
-    first, second = task(start, key="k"), task(start + 1, key="k")
-    run(store.insert([first]))
-    (outcome,) = run(store.insert([second]))
-    assert (outcome.task_id, outcome.duplicate) == (first.task_id, True)
-    assert run(store.get(second.task_id)) is None
-    assert live(run, store, 0, start) == [(first.task_id, 1)]
-
-
-def test_same_key_in_another_queue_is_not_a_duplicate(store, run):
-    start = own_slice()
-    a, b = task(start, key="k2", queue="qa"), task(start, key="k2", queue="qb")
-    outcomes = run(store.insert([a, b]))
-    assert [o.duplicate for o in outcomes] == [False, False]
-
-
-def test_two_tasks_with_one_key_in_one_call_the_first_wins(store, run):
-    start = own_slice()
-    a, b, c = task(start, key="k3"), task(start + 1), task(start + 2, key="k3")
-    outcomes = run(store.insert([a, b, c]))
-    assert [(o.task_id, o.duplicate) for o in outcomes] == [
-        (a.task_id, False), (b.task_id, False), (a.task_id, True)]
-    assert run(store.get(c.task_id)) is None
-
-
-def test_claim_left_by_a_failed_insert_is_taken_over_after_the_grace(store, run):
+def test_claim_left_by_a_failed_insert_is_taken_over_after_the_grace(store, cql, run):
     # An insert that claimed its key and then failed leaves a claim naming a task that was
     # never stored; a retry must not be told "duplicate of a task that does not exist".
     t = task(own_slice(), key="orphaned")
-    store._session.execute(
-        "INSERT INTO idempotency (queue, idempotency_key, task_id, claimed_ms) VALUES (%s, %s, %s, %s)",
+    cql.execute(
+        f"INSERT INTO {store.keyspace}.idempotency (queue, idempotency_key, task_id, claimed_ms) "
+        "VALUES (%s, %s, %s, %s)",
         (t.queue, t.idempotency_key, "never-stored", now_ms() - store.options.claim_grace_ms - 1),
     )
     (outcome,) = run(store.insert([t]))
@@ -223,11 +218,12 @@ def test_claim_left_by_a_failed_insert_is_taken_over_after_the_grace(store, run)
     assert run(store.get(t.task_id)) is not None
 
 
-def test_young_claim_without_its_task_is_waited_for_then_taken_over(new_store, run):
+def test_young_claim_without_its_task_is_waited_for_then_taken_over(new_store, cql, run):
     s = new_store(claim_grace_ms=600)
     t = task(own_slice(), key="in-flight")
-    s._session.execute(
-        "INSERT INTO idempotency (queue, idempotency_key, task_id, claimed_ms) VALUES (%s, %s, %s, %s)",
+    cql.execute(
+        f"INSERT INTO {s.keyspace}.idempotency (queue, idempotency_key, task_id, claimed_ms) "
+        "VALUES (%s, %s, %s, %s)",
         (t.queue, t.idempotency_key, "in-flight-elsewhere", now_ms()),
     )
     began = time.monotonic()
@@ -266,45 +262,21 @@ def test_batches_of_large_payloads_stay_under_the_batch_size_limit(store, run):
     assert loaded == len(tasks)
 
 
-def test_rows_expire_retention_after_their_due_time(new_store, run):
+def test_rows_expire_retention_after_their_due_time(new_store, cql, run):
     s = new_store(retention_s=3600)
     due = now_ms() + 120_000
     t = task(due)
     run(s.insert([t]))
-    (due_ttl,) = s._session.execute(
-        "SELECT TTL(payload) FROM due WHERE shard = 0 AND bucket = %s", (bucket_of(due),)).one()
-    (task_ttl,) = s._session.execute(
-        "SELECT TTL(payload) FROM tasks WHERE task_id = %s", (t.task_id,)).one()
+    (due_ttl,) = cql.execute(
+        f"SELECT TTL(payload) FROM {s.keyspace}.due WHERE shard = 0 AND bucket = %s",
+        (bucket_of(due),)).one()
+    (task_ttl,) = cql.execute(
+        f"SELECT TTL(payload) FROM {s.keyspace}.tasks WHERE task_id = %s", (t.task_id,)).one()
     for ttl in (due_ttl, task_ttl):
         assert 3600 + 110 <= ttl <= 3600 + 121
 
 
 # ---- load_due ----------------------------------------------------------------------------------
-
-def test_load_due_returns_the_range_in_due_then_id_order_across_buckets(store, run):
-    start = own_slice()
-    dues = [start + 59_999, start + 5, start + 60_000, start + 3 * BUCKET_MS + 1, start + 5,
-            start - 1, start + 4 * BUCKET_MS]
-    tasks = [task(d, shard=2) for d in dues]
-    run(store.insert(tasks))
-    got = run(store.load_due(2, start, start + 4 * BUCKET_MS))
-    expected = sorted((t.due_ms, t.task_id) for t in tasks if start <= t.due_ms < start + 4 * BUCKET_MS)
-    assert [(r.due_ms, r.task_id) for r in got] == expected
-
-
-def test_load_due_sees_only_its_shard(store, run):
-    start = own_slice()
-    a, b = task(start, shard=0), task(start, shard=1)
-    run(store.insert([a, b]))
-    assert live(run, store, 1, start) == [(b.task_id, 1)]
-
-
-def test_load_due_of_an_empty_or_inverted_range_is_empty(store, run):
-    start = own_slice()
-    run(store.insert([task(start)]))
-    assert run(store.load_due(0, start, start)) == []
-    assert run(store.load_due(0, start + 5, start)) == []
-
 
 def test_load_due_rejects_a_shard_outside_the_store(store, run):
     with pytest.raises(ValueError):
@@ -323,167 +295,9 @@ def test_load_due_pages_through_a_partition_larger_than_one_page(store, run):
 
 # ---- transitions -------------------------------------------------------------------------------
 
-def test_lease_supersedes_the_due_row_with_a_leased_row_at_the_lease_expiry(store, run):
-    start = own_slice()
-    t = task(start)
-    run(store.insert([t]))
-    assert run(store.apply([lease(t, start + 2 * BUCKET_MS)], now_ms())) == [True]
-    (row,) = run(store.load_due(0, start, start + 10 * BUCKET_MS))
-    assert (row.task_id, row.gen, row.state, row.attempt, row.due_ms) == (
-        t.task_id, 2, TaskState.LEASED, 2, start + 2 * BUCKET_MS)
-    assert row.payload == t.payload
-    got = run(store.get(t.task_id))
-    assert (got.gen, got.state, got.attempt, got.due_ms) == (2, TaskState.LEASED, 2, start + 2 * BUCKET_MS)
-
-
-def test_ack_ends_the_task_succeeded_and_leaves_no_live_row(store, run):
-    start = own_slice()
-    t = task(start)
-    run(store.insert([t]))
-    run(store.apply([lease(t, start + BUCKET_MS)], now_ms()))
-    ack = Transition(t.task_id, 0, TransitionKind.SUCCEED, 2, start + BUCKET_MS)
-    assert run(store.apply([ack], now_ms())) == [True]
-    assert run(store.get(t.task_id)).state == TaskState.SUCCEEDED
-    assert live(run, store, 0, start) == []
-
-
-def test_retry_schedules_a_new_gen_with_the_error(store, run):
-    start = own_slice()
-    t = task(start)
-    run(store.insert([t]))
-    run(store.apply([lease(t, start + BUCKET_MS)], now_ms()))
-    leased = run(store.get(t.task_id))
-    retry = Transition(t.task_id, 0, TransitionKind.RETRY, 2, start + BUCKET_MS,
-                       due_ms=start + 3 * BUCKET_MS, attempt=2, error="boom", task=leased)
-    assert run(store.apply([retry], now_ms())) == [True]
-    (row,) = run(store.load_due(0, start, start + 10 * BUCKET_MS))
-    assert (row.gen, row.state, row.due_ms, row.last_error) == (
-        3, TaskState.SCHEDULED, start + 3 * BUCKET_MS, "boom")
-    assert run(store.get(t.task_id)).last_error == "boom"
-
-
-def test_fail_ends_the_task_failed_with_the_error(store, run):
-    start = own_slice()
-    t = task(start)
-    run(store.insert([t]))
-    fail = Transition(t.task_id, 0, TransitionKind.FAIL, 1, start, error="fatal")
-    assert run(store.apply([fail], now_ms())) == [True]
-    got = run(store.get(t.task_id))
-    assert (got.state, got.last_error) == (TaskState.FAILED, "fatal")
-    assert live(run, store, 0, start) == []
-
-
-def test_transition_from_a_stale_gen_is_ignored_and_writes_no_row(store, run):
-    start = own_slice()
-    t = task(start)
-    run(store.insert([t]))
-    run(store.apply([lease(t, start + BUCKET_MS)], now_ms()))
-    stale = lease(t, start + 5 * BUCKET_MS)  # still expects gen 1
-    assert run(store.apply([stale], now_ms())) == [False]
-    assert live(run, store, 0, start) == [(t.task_id, 2)]
-
-
-def test_transition_of_an_ended_or_unknown_task_is_ignored(store, run):
-    start = own_slice()
-    t = task(start)
-    run(store.insert([t]))
-    run(store.apply([Transition(t.task_id, 0, TransitionKind.SUCCEED, 1, start)], now_ms()))
-    again = Transition(t.task_id, 0, TransitionKind.FAIL, 1, start, error="late")
-    unknown = Transition(uuid.uuid4().hex, 0, TransitionKind.SUCCEED, 1, start)
-    assert run(store.apply([again, unknown], now_ms())) == [False, False]
-    assert run(store.get(t.task_id)).state == TaskState.SUCCEEDED
-
-
-def test_transitions_of_one_call_apply_in_order(store, run):
-    start = own_slice()
-    t = task(start)
-    run(store.insert([t]))
-    first = lease(t, start + BUCKET_MS)
-    ack = Transition(t.task_id, 0, TransitionKind.SUCCEED, 2, start + BUCKET_MS)
-    duplicate_lease = lease(t, start + 2 * BUCKET_MS)
-    assert run(store.apply([first, ack, duplicate_lease], now_ms())) == [True, True, False]
-    got = run(store.get(t.task_id))
-    assert (got.gen, got.state) == (2, TaskState.SUCCEEDED)
-    assert live(run, store, 0, start) == []
-
-
 def test_lease_without_the_task_is_a_programming_error(store, run):
     with pytest.raises(ValueError, match="carries no task"):
         run(store.apply([Transition("x", 0, TransitionKind.LEASE, 1, 0, due_ms=1, attempt=2)], 0))
-
-
-# ---- cancel ------------------------------------------------------------------------------------
-
-def test_cancel_ends_a_scheduled_task_and_kills_its_row(store, run):
-    start = own_slice()
-    t = task(start)
-    run(store.insert([t]))
-    now = now_ms()
-    got = run(store.cancel(t.task_id, now))
-    assert (got.task_id, got.state, got.updated_ms) == (t.task_id, TaskState.CANCELLED, now)
-    assert run(store.get(t.task_id)).state == TaskState.CANCELLED
-    assert live(run, store, 0, start) == []
-
-
-def test_cancel_of_a_leased_task_kills_its_redelivery_row(store, run):
-    start = own_slice()
-    t = task(start)
-    run(store.insert([t]))
-    run(store.apply([lease(t, start + BUCKET_MS)], now_ms()))
-    assert run(store.cancel(t.task_id, now_ms())).state == TaskState.CANCELLED
-    assert live(run, store, 0, start) == []
-    ack = Transition(t.task_id, 0, TransitionKind.SUCCEED, 2, start + BUCKET_MS)
-    assert run(store.apply([ack], now_ms())) == [False]
-
-
-def test_cancel_of_an_unknown_task_is_none(store, run):
-    assert run(store.cancel(uuid.uuid4().hex, now_ms())) is None
-
-
-def test_cancel_of_an_ended_task_raises_already_ended(store, run):
-    t = task(own_slice())
-    run(store.insert([t]))
-    run(store.apply([Transition(t.task_id, 0, TransitionKind.SUCCEED, 1, t.due_ms)], now_ms()))
-    with pytest.raises(AlreadyEnded) as ended:
-        run(store.cancel(t.task_id, now_ms()))
-    assert ended.value.record.state == TaskState.SUCCEEDED
-
-
-# ---- checkpoints and counts --------------------------------------------------------------------
-
-def test_checkpoint_defaults_to_the_creation_time(new_store, run):
-    s = new_store()
-    assert [run(s.load_checkpoint(shard)) for shard in range(SHARDS)] == [s.created_ms] * SHARDS
-
-
-def test_checkpoint_never_moves_backwards(new_store, run):
-    s = new_store()
-    base = s.created_ms
-    run(s.save_checkpoints({0: base + 5000, 1: base + 10}))
-    run(s.save_checkpoints({0: base + 4000, 1: base + 20}))
-    assert (run(s.load_checkpoint(0)), run(s.load_checkpoint(1))) == (base + 5000, base + 20)
-    assert run(s.load_checkpoint(2)) == base
-
-
-def test_checkpoint_below_the_creation_time_reads_as_the_creation_time(new_store, run):
-    s = new_store()
-    run(s.save_checkpoints({0: s.created_ms - 60_000}))
-    assert run(s.load_checkpoint(0)) == s.created_ms
-
-
-def test_counts_follow_inserts_and_transitions(new_store, run):
-    s = new_store()
-    start = own_slice()
-    a, b, c, d = (task(start + i) for i in range(4))
-    run(s.insert([a, b, c, d]))
-    run(s.apply([lease(a, start + BUCKET_MS),
-                 Transition(b.task_id, 0, TransitionKind.SUCCEED, 1, b.due_ms),
-                 Transition(c.task_id, 0, TransitionKind.FAIL, 1, c.due_ms, error="x")], now_ms()))
-    run(s.cancel(d.task_id, now_ms()))
-    assert run(s.counts()) == {
-        TaskState.SCHEDULED: 0, TaskState.LEASED: 1, TaskState.SUCCEEDED: 1,
-        TaskState.FAILED: 1, TaskState.CANCELLED: 1,
-    }
 
 
 # ---- the event loop ----------------------------------------------------------------------------
@@ -503,7 +317,8 @@ def test_requests_do_not_block_the_event_loop(store, run):
         done = asyncio.Event()
         ticking = asyncio.ensure_future(ticker(done))
         await store.insert(tasks)
-        await asyncio.gather(*(store.load_due(s, start, start + BUCKET_MS) for s in range(SHARDS)))
+        await asyncio.gather(
+            *(store.load_due(s, start, start + BUCKET_MS) for s in range(SHARDS)))
         done.set()
         await ticking
 

@@ -59,6 +59,7 @@ from cassandra.query import (
     BatchType,
     BoundStatement,
     PreparedStatement,
+    UNSET_VALUE,
     SimpleStatement,
     tuple_factory,
 )
@@ -114,22 +115,23 @@ _TASK_COLUMNS = (
 )
 _CQL = {
     "insert_task": (
-        "INSERT INTO tasks (task_id, shard, queue, payload, fire_at_ms, max_attempts, headers, "
-        "idempotency_key, lease_ms, traceparent, created_ms, gen, state, attempt, due_ms, "
+        "INSERT INTO {ks}.tasks (task_id, shard, queue, payload, fire_at_ms, max_attempts, "
+        "headers, idempotency_key, lease_ms, traceparent, created_ms, gen, state, attempt, due_ms, "
         "updated_ms, last_error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
         "USING TTL ? AND TIMESTAMP ?"
     ),
     "update_task": (
-        "UPDATE tasks USING TTL ? AND TIMESTAMP ? SET gen = ?, state = ?, attempt = ?, "
+        "UPDATE {ks}.tasks USING TTL ? AND TIMESTAMP ? SET gen = ?, state = ?, attempt = ?, "
         "due_ms = ?, updated_ms = ?, last_error = ? WHERE task_id = ?"
     ),
-    "select_task": f"SELECT {_TASK_COLUMNS} FROM tasks WHERE task_id = ?",
+    "select_task": f"SELECT {_TASK_COLUMNS} FROM {{ks}}.tasks WHERE task_id = ?",
     "select_current": (
-        "SELECT task_id, gen, state, attempt, due_ms, last_error FROM tasks WHERE task_id IN ?"
+        "SELECT task_id, gen, state, attempt, due_ms, last_error FROM {ks}.tasks "
+        "WHERE task_id IN ?"
     ),
-    "select_exists": "SELECT state FROM tasks WHERE task_id = ?",
+    "select_exists": "SELECT state FROM {ks}.tasks WHERE task_id = ?",
     "insert_due": (
-        "INSERT INTO due (shard, bucket, due_ms, task_id, gen, state, queue, payload, "
+        "INSERT INTO {ks}.due (shard, bucket, due_ms, task_id, gen, state, queue, payload, "
         "fire_at_ms, attempt, max_attempts, headers, idempotency_key, lease_ms, traceparent, "
         "created_ms, updated_ms, last_error) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?"
@@ -138,29 +140,31 @@ _CQL = {
     "select_due": (
         "SELECT task_id, shard, queue, payload, fire_at_ms, due_ms, state, attempt, "
         "max_attempts, gen, headers, idempotency_key, lease_ms, traceparent, created_ms, "
-        "updated_ms, last_error FROM due "
+        "updated_ms, last_error FROM {ks}.due "
         "WHERE shard = ? AND bucket = ? AND due_ms >= ? AND due_ms < ?"
     ),
     "insert_done": (
-        "INSERT INTO due_done (shard, bucket, due_ms, task_id, gen, state) "
+        "INSERT INTO {ks}.due_done (shard, bucket, due_ms, task_id, gen, state) "
         "VALUES (?, ?, ?, ?, ?, ?) USING TTL ?"
     ),
     "select_done": (
-        "SELECT due_ms, task_id, gen FROM due_done "
+        "SELECT due_ms, task_id, gen FROM {ks}.due_done "
         "WHERE shard = ? AND bucket = ? AND due_ms >= ? AND due_ms < ?"
     ),
     "claim": (
-        "INSERT INTO idempotency (queue, idempotency_key, task_id, claimed_ms) "
+        "INSERT INTO {ks}.idempotency (queue, idempotency_key, task_id, claimed_ms) "
         "VALUES (?, ?, ?, ?) IF NOT EXISTS USING TTL ?"
     ),
     "steal": (
-        "UPDATE idempotency USING TTL ? SET task_id = ?, claimed_ms = ? "
+        "UPDATE {ks}.idempotency USING TTL ? SET task_id = ?, claimed_ms = ? "
         "WHERE queue = ? AND idempotency_key = ? IF task_id = ?"
     ),
-    "save_checkpoint": "INSERT INTO checkpoints (shard, ms) VALUES (?, ?) USING TIMESTAMP ?",
-    "select_checkpoint": "SELECT ms FROM checkpoints WHERE shard = ?",
-    "add_count": "UPDATE state_counts SET n = n + ? WHERE state = ?",
-    "select_counts": "SELECT state, n FROM state_counts",
+    "save_checkpoint": (
+        "INSERT INTO {ks}.checkpoints (shard, ms) VALUES (?, ?) USING TIMESTAMP ?"
+    ),
+    "select_checkpoint": "SELECT ms FROM {ks}.checkpoints WHERE shard = ?",
+    "add_count": "UPDATE {ks}.state_counts SET n = n + ? WHERE state = ?",
+    "select_counts": "SELECT state, n FROM {ks}.state_counts",
 }
 # Safe to resend after a timeout: explicit timestamps or values make a replay a no-op.
 _IDEMPOTENT = {
@@ -333,10 +337,9 @@ class CassandraStore(Store):
         try:
             session = cluster.connect()
             self._create_schema(session)
-            session.set_keyspace(self.keyspace)
             self.created_ms = self._check_meta(session)
             for name, cql in _CQL.items():
-                ps = session.prepare(cql)
+                ps = session.prepare(cql.format(ks=self.keyspace))
                 ps.is_idempotent = name in _IDEMPOTENT
                 self._binders[name] = _Binder(ps)
         except _UNAVAILABLE_ERRORS as e:
@@ -366,7 +369,7 @@ class CassandraStore(Store):
         # One LWT is both the check and the read: not applied, it returns the row that is there,
         # (False, id, created_ms, num_shards, schema_version); applied, just (True,).
         row = session.execute(SimpleStatement(
-            "INSERT INTO meta (id, created_ms, num_shards, schema_version) "
+            f"INSERT INTO {self.keyspace}.meta (id, created_ms, num_shards, schema_version) "
             "VALUES (0, %s, %s, %s) IF NOT EXISTS",
             consistency_level=self._cl["checkpoint"],
         ), (created_ms, self.num_shards, SCHEMA_VERSION)).one()
@@ -501,12 +504,13 @@ class CassandraStore(Store):
         outcomes: list[InsertOutcome | None] = [None] * len(tasks)
         first_with_key: dict[tuple[str, str], int] = {}
         claims = []
+        repeats = []  # (index, index of the first task of this call with the same key)
         for i, t in enumerate(tasks):
             if not t.idempotency_key:
                 continue
             key = (t.queue, t.idempotency_key)
-            if key in first_with_key:  # same key earlier in this call: the first wins
-                outcomes[i] = InsertOutcome(tasks[first_with_key[key]].task_id, duplicate=True)
+            if key in first_with_key:
+                repeats.append((i, first_with_key[key]))
             else:
                 first_with_key[key] = i
                 claims.append(i)
@@ -515,6 +519,11 @@ class CassandraStore(Store):
             for i, holder in zip(claims, holders):
                 if holder is not None:
                     outcomes[i] = InsertOutcome(holder, duplicate=True)
+        for i, first in repeats:  # the first of the call wins, or names the task it lost to
+            winner = outcomes[first]
+            outcomes[i] = InsertOutcome(
+                winner.task_id if winner is not None else tasks[first].task_id, duplicate=True
+            )
         now_ms = _now_ms()
         cl = self._cl["insert"]
         rows = []
@@ -808,7 +817,10 @@ class _Binder:
             raise ValueError(f"{len(values)} values for {len(self.packers)} markers in "
                              f"{self.prepared.query_string!r}")
         bound = BoundStatement(self.prepared)
-        bound.values = [None if v is None else pack(v) for pack, v in zip(self.packers, values)]
+        # None is UNSET, not null: a null in an INSERT writes a tombstone cell, and the timer
+        # would scan past one per row (no headers, say) in every bucket it loads.
+        bound.values = [UNSET_VALUE if v is None else pack(v)
+                        for pack, v in zip(self.packers, values)]
         return bound
 
 
