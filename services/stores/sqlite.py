@@ -129,8 +129,9 @@ _TASK_COLUMNS = (
     "task_id, shard, queue, payload, fire_at_ms, due_ms, state, attempt, max_attempts, gen, "
     "headers, idempotency_key, lease_ms, traceparent, created_ms, updated_ms, last_error"
 )
-_INSERT_TASK = f"INSERT INTO tasks ({_TASK_COLUMNS}) VALUES ({', '.join('?' * 17)})"
-_INSERT_TASK_UNLESS_TAKEN = _INSERT_TASK + " ON CONFLICT DO NOTHING"
+_INSERT_TASK_UNLESS_TAKEN = (
+    f"INSERT INTO tasks ({_TASK_COLUMNS}) VALUES ({', '.join('?' * 17)}) ON CONFLICT DO NOTHING"
+)
 _INSERT_DUE = (
     "INSERT INTO due (shard, bucket, due_ms, task_id, gen, queue, payload, fire_at_ms, attempt, "
     "max_attempts, headers, lease_ms, traceparent) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -409,7 +410,6 @@ class SqliteStore(Store):
         n_shards = self.num_shards
         scheduled = int(TaskState.SCHEDULED)
         rows = []
-        keyed = False
         for t in tasks:
             if not 0 <= t.shard < n_shards:
                 raise ValueError(f"task {t.task_id}: shard {t.shard} outside 0..{n_shards - 1}")
@@ -419,25 +419,23 @@ class SqliteStore(Store):
                 t.idempotency_key, t.lease_ms, t.traceparent, t.created_ms, t.updated_ms,
                 t.last_error,
             ))
-            if t.idempotency_key:
-                keyed = True
         conn = self._conn_w()
         with _transaction(conn):
             # Rowids grow, and this transaction holds the write lock: every task row it adds
             # lies above this mark, so one INSERT ... SELECT writes their due rows in C.
             mark = conn.execute("SELECT coalesce(max(rowid), 0) FROM tasks").fetchone()[0]
-            outcomes = None
-            if not keyed:
-                try:
-                    conn.execute("SAVEPOINT batch")
-                    conn.executemany(_INSERT_TASK, rows)
-                    conn.execute("RELEASE batch")
-                    outcomes = [InsertOutcome(t.task_id) for t in tasks]
-                except sqlite3.IntegrityError:  # a task id that is already stored
-                    conn.execute("ROLLBACK TO batch")
-                    conn.execute("RELEASE batch")
-            if outcomes is None:
+            # Optimistic: the whole batch in one executemany, skipping any row whose id or key
+            # is taken. Only when a row was skipped is the batch redone row by row to learn
+            # which task holds what; batches without duplicates never pay for the lookups.
+            conn.execute("SAVEPOINT batch")
+            changes = conn.total_changes
+            conn.executemany(_INSERT_TASK_UNLESS_TAKEN, rows)
+            if conn.total_changes - changes == len(rows):
+                outcomes = [InsertOutcome(t.task_id) for t in tasks]
+            else:
+                conn.execute("ROLLBACK TO batch")
                 outcomes = self._insert_one_by_one(conn, tasks, rows)
+            conn.execute("RELEASE batch")
             added = conn.execute(_COPY_DUE_ROWS, (mark,)).rowcount
             conn.execute(_ADD_COUNT, (added, scheduled))
         return outcomes
