@@ -174,6 +174,12 @@ ORDER BY d.seq LIMIT ?
 """
 
 _STATES = {int(s): s for s in TaskState}
+_LEASE, _FAIL = TransitionKind.LEASE, TransitionKind.FAIL
+_RESCHEDULING = frozenset({TransitionKind.LEASE, TransitionKind.RETRY})
+_ENDING = {
+    TransitionKind.SUCCEED: int(TaskState.SUCCEEDED),
+    TransitionKind.FAIL: int(TaskState.FAILED),
+}
 _TERMINAL = frozenset(int(s) for s in TERMINAL_STATES)
 _SYNCHRONOUS = ("normal", "full", "extra")
 # Checkpoints (copying the WAL back into the database file) run on their own thread, so a
@@ -487,14 +493,16 @@ class SqliteStore(Store):
     async def apply(self, transitions: Sequence[Transition], now_ms: int) -> list[bool]:
         if not transitions:
             return []
-        for t in transitions:
-            if t.kind in (TransitionKind.LEASE, TransitionKind.RETRY) and t.task is None:
-                raise ValueError(
-                    f"{t.kind.name} of task {t.task_id} carries no task: the new due row "
-                    "needs its fields"
-                )
-            if t.kind in (TransitionKind.LEASE, TransitionKind.RETRY):
+        for t in transitions:  # refused before anything is written
+            if t.kind in _RESCHEDULING:
+                if t.task is None:
+                    raise ValueError(
+                        f"{t.kind.name} of task {t.task_id} carries no task: the new due row "
+                        "needs its fields"
+                    )
                 self._check_shard(t.shard)
+            elif t.kind not in _ENDING:
+                raise ValueError(f"unknown transition kind {t.kind!r} for task {t.task_id}")
         return await self._write(self._apply, transitions, now_ms)
 
     def _apply(self, transitions: Sequence[Transition], now_ms: int) -> list[bool]:
@@ -524,11 +532,11 @@ class SqliteStore(Store):
                     continue
                 old_state = cur[1]
                 kind = t.kind
-                if kind == TransitionKind.LEASE or kind == TransitionKind.RETRY:
+                if kind in _RESCHEDULING:
                     task = t.task
                     assert task is not None
                     gen = cur[0] + 1
-                    if kind == TransitionKind.LEASE:
+                    if kind == _LEASE:
                         cur[:] = [gen, leased, t.attempt, t.due_ms, cur[4]]
                     else:
                         cur[:] = [gen, scheduled, t.attempt, t.due_ms, t.error]
@@ -537,13 +545,10 @@ class SqliteStore(Store):
                         task.payload, task.fire_at_ms, t.attempt, task.max_attempts,
                         _encode_headers(task.headers), task.lease_ms, task.traceparent,
                     ))
-                elif kind == TransitionKind.SUCCEED:
-                    cur[1] = int(TaskState.SUCCEEDED)
-                elif kind == TransitionKind.FAIL:
-                    cur[1] = int(TaskState.FAILED)
-                    cur[4] = t.error
                 else:
-                    raise ValueError(f"unknown transition kind {kind!r}")
+                    cur[1] = _ENDING[kind]
+                    if kind == _FAIL:
+                        cur[4] = t.error
                 updates.append((cur[0], cur[1], cur[2], cur[3], now_ms, cur[4], t.task_id))
                 if cur[1] != old_state:
                     count_changes[old_state] = count_changes.get(old_state, 0) - 1
