@@ -10,11 +10,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def cluster(tmp_path):
+def cluster(tmp_path, store_url):
     ports = {role: free_port() for role in ("ingest", "timer", "dispatch")}
     targets = {role: f"127.0.0.1:{port}" for role, port in ports.items()}
-    store = str(tmp_path / "tasks.db")
-    common = ["--store", store, "--timer-target", targets["timer"], "--dispatch-target", targets["dispatch"]]
+    common = ["--store", store_url, "--timer-target", targets["timer"], "--dispatch-target", targets["dispatch"]]
     procs = {}
     for role in ("dispatch", "timer", "ingest"):
         procs[role] = ServerProcess(["serve", role, "--listen", targets[role], *common],

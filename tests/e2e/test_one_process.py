@@ -1,4 +1,4 @@
-"""End to end on the embedded store: real `taskwheel up` processes, real gRPC clients."""
+"""End to end on each store: real `taskwheel up` processes, real gRPC clients."""
 import collections
 import time
 
@@ -37,10 +37,10 @@ def test_ten_thousand_tasks_spread_over_seconds_arrive_once_and_never_early(serv
     assert not early, f"{len(early)} tasks arrived before their fire time"
 
 
-def test_kill_minus_nine_mid_load_loses_no_accepted_task(tmp_path):
+def test_kill_minus_nine_mid_load_loses_no_accepted_task(tmp_path, store_url):
     port = free_port()
     target = f"127.0.0.1:{port}"
-    args = ["up", "--data-dir", str(tmp_path / "data"), "--listen", target]
+    args = ["up", "--data-dir", str(tmp_path / "data"), "--store", store_url, "--listen", target]
     server = ServerProcess(args, str(tmp_path / "server.log")).start()
     stub = ingest(target)
     accepted = set()
