@@ -295,6 +295,108 @@ def test_load_due_pages_through_a_partition_larger_than_one_page(store, run):
 
 # ---- transitions -------------------------------------------------------------------------------
 
+def stale_reads(store: CassandraStore, snapshot: dict) -> None:
+    """Makes the store's next gen-check read see ``snapshot``: the interleaving in which
+    another writer changed the task between this writer's read and its write."""
+    real = store._read_current
+
+    async def read(task_ids, cl):
+        store._read_current = real
+        return {k: list(v) for k, v in snapshot.items() if k in task_ids}
+
+    store._read_current = read
+
+
+def test_ack_racing_a_lease_of_the_same_gen_wins_and_the_lease_row_stays_dead(store, run):
+    start = own_slice()
+    t = task(start)
+    run(store.insert([t]))
+    before = run(store._read_current({t.task_id}, store._cl["get"]))
+    ack = Transition(t.task_id, 0, TransitionKind.SUCCEED, 1, start)
+    assert run(store.apply([ack], now_ms())) == [True]
+    stale_reads(store, before)
+    assert run(store.apply([lease(t, start + BUCKET_MS)], now_ms())) == [True]  # the race window
+    assert run(store.get(t.task_id)).state == TaskState.SUCCEEDED  # ack outranks lease
+    assert live(run, store, 0, start) == []  # the lease's gen-2 row is not live
+
+
+def test_cancel_racing_a_lease_of_the_same_gen_wins(store, run):
+    start = own_slice()
+    t = task(start)
+    run(store.insert([t]))
+    before = run(store._read_current({t.task_id}, store._cl["get"]))
+    run(store.cancel(t.task_id, now_ms()))
+    stale_reads(store, before)
+    run(store.apply([lease(t, start + BUCKET_MS)], now_ms()))
+    assert run(store.get(t.task_id)).state == TaskState.CANCELLED
+    assert live(run, store, 0, start) == []
+
+
+def test_lease_racing_an_earlier_gens_write_keeps_the_later_gen(store, run):
+    # A transition from gen 2 lands; then one that read gen 1 writes. Versions put gen 2 first.
+    start = own_slice()
+    t = task(start)
+    run(store.insert([t]))
+    before = run(store._read_current({t.task_id}, store._cl["get"]))
+    run(store.apply([lease(t, start + BUCKET_MS)], now_ms()))
+    leased = run(store.get(t.task_id))
+    run(store.apply([lease(leased, start + 2 * BUCKET_MS)], now_ms()))
+    stale_reads(store, before)
+    run(store.apply([Transition(t.task_id, 0, TransitionKind.FAIL, 1, start, error="late")],
+                    now_ms()))
+    got = run(store.get(t.task_id))
+    assert (got.gen, got.state, got.last_error) == (3, TaskState.LEASED, "")
+    assert live(run, store, 0, start) == [(t.task_id, 3)]
+
+
+def failing_from(store: CassandraStore, statement: str) -> None:
+    """The next writes that carry ``statement`` fail as if Cassandra went away."""
+    real = store._execute
+    query_id = store._binders[statement].prepared.query_id
+
+    async def execute(request, cl=None):
+        parts = getattr(request, "_statements_and_parameters", ())
+        if any(part[1] == query_id for part in parts):
+            raise StoreUnavailable("injected outage")
+        return await real(request, cl)
+
+    store._execute = execute
+
+
+@pytest.mark.parametrize("outage_at", ["insert_due", "update_task", "insert_done"])
+def test_outage_part_way_through_a_lease_never_leaves_the_task_without_a_live_row(
+        new_store, run, outage_at):
+    s = new_store()
+    start = own_slice()
+    t = task(start)
+    run(s.insert([t]))
+    failing_from(s, outage_at)
+    with pytest.raises(StoreUnavailable):
+        run(s.apply([lease(t, start + BUCKET_MS)], now_ms()))
+    gen = run(s.get(t.task_id)).gen
+    assert (t.task_id, gen) in live(run, s, 0, start)
+
+
+@pytest.mark.parametrize("outage_at", ["insert_due", "insert_task"])
+def test_outage_part_way_through_an_insert_leaves_no_task_that_cannot_fire(
+        new_store, run, outage_at):
+    s = new_store()
+    start = own_slice()
+    t = task(start, key="k-outage")
+    failing_from(s, outage_at)
+    with pytest.raises(StoreUnavailable):
+        run(s.insert([t]))
+    if run(s.get(t.task_id)) is not None:
+        assert live(run, s, 0, start) == [(t.task_id, 1)]
+    # The client's retry (a new id, the same key) is stored once the failed claim is stale,
+    # instead of being told "duplicate of" a task that cannot fire.
+    del s._execute
+    s.options.claim_grace_ms = 0
+    retried = task(start, key="k-outage")
+    assert run(s.insert([retried]))[0].duplicate is False
+    assert (retried.task_id, 1) in live(run, s, 0, start)
+
+
 def test_lease_without_the_task_is_a_programming_error(store, run):
     with pytest.raises(ValueError, match="carries no task"):
         run(store.apply([Transition("x", 0, TransitionKind.LEASE, 1, 0, due_ms=1, attempt=2)], 0))

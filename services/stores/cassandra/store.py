@@ -37,7 +37,7 @@ import struct
 import time
 from collections import defaultdict
 from importlib import resources
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from cassandra import ConsistencyLevel, OperationTimedOut, RequestExecutionException, cqltypes
 from cassandra.cluster import (
@@ -440,13 +440,20 @@ class CassandraStore(Store):
     def _bind(self, name: str, values: Sequence[Any]) -> BoundStatement:
         return self._binders[name](values)
 
-    async def _write_batches(self, batches: Iterable[BatchStatement]) -> None:
-        results = await asyncio.gather(
-            *(self._execute(b) for b in batches), return_exceptions=True
-        )
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
+    async def _write_phases(self, *phases: list[tuple[Any, str, Sequence[Any], int]],
+                            cl: int) -> None:
+        """Writes each phase's rows (batched, concurrently) once the phase before is durable:
+        a failure part-way leaves duplicates for at-least-once delivery to absorb, never a
+        task without a live row (see docs/cassandra.md, "Partial failures")."""
+        for rows in phases:
+            if not rows:
+                continue
+            results = await asyncio.gather(
+                *(self._execute(b) for b in self._batches(rows, cl)), return_exceptions=True
+            )
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
 
     def _batches(
         self, rows: list[tuple[Any, str, Sequence[Any], int]], cl: int
@@ -526,7 +533,7 @@ class CassandraStore(Store):
             )
         now_ms = _now_ms()
         cl = self._cl["insert"]
-        rows = []
+        due_rows, task_rows = [], []
         stored = 0
         for i, t in enumerate(tasks):
             if outcomes[i] is not None:
@@ -536,7 +543,7 @@ class CassandraStore(Store):
             headers = t.headers or None
             ttl = self._ttl_s(t.due_ms, now_ms)
             size = _row_size(t)
-            rows.append((
+            task_rows.append((
                 self._replica_of(t.task_id), "insert_task",
                 (t.task_id, t.shard, t.queue, t.payload, t.fire_at_ms, t.max_attempts, headers,
                  t.idempotency_key, t.lease_ms, t.traceparent, t.created_ms, 1,
@@ -544,7 +551,7 @@ class CassandraStore(Store):
                  ttl, _version(0, _RANK_INSERT)),
                 size,
             ))
-            rows.append((
+            due_rows.append((
                 (t.shard, bucket_of(t.due_ms)), "insert_due",
                 (t.shard, bucket_of(t.due_ms), t.due_ms, t.task_id, 1, int(TaskState.SCHEDULED),
                  t.queue, t.payload, t.fire_at_ms, t.attempt, t.max_attempts, headers,
@@ -552,8 +559,11 @@ class CassandraStore(Store):
                  t.last_error, ttl),
                 size,
             ))
-        if rows:
-            await self._write_batches(self._batches(rows, cl))
+        if stored:
+            # Due rows first: if the task rows then fail, an orphan due row fires once and its
+            # lease is refused (no task row); the other order could leave a task that Get shows
+            # and that never fires, and a retry with its key would be told it exists.
+            await self._write_phases(due_rows, task_rows, cl=cl)
             await self._add_counts({int(TaskState.SCHEDULED): stored})
         return outcomes  # type: ignore[return-value]
 
@@ -617,6 +627,14 @@ class CassandraStore(Store):
             for row in due_rows:
                 if (row[5], row[0], row[9]) not in done:
                     records.append(_record(row))
+        # Rows written by a transition can lose a race without a marker (a lease beside an
+        # ack of the same gen, docs/cassandra.md): unmarked ones, redeliveries and retries in
+        # the healthy case, are checked against their task rows. Gen-1 rows are not: nothing
+        # races an insert, and checking every row would double the cost of a load.
+        suspects = {r.task_id for r in records if r.gen > 1}
+        if suspects:
+            current = await self._read_current(suspects, cl)
+            records = [r for r in records if r.gen == 1 or _is_current(r, current.get(r.task_id))]
         return records  # buckets in order, each clustered by (due_ms, task_id, gen)
 
     async def load_checkpoint(self, shard: int) -> int:
@@ -666,12 +684,9 @@ class CassandraStore(Store):
             record.shard, bucket_of(record.due_ms), record.due_ms, task_id, record.gen,
             int(TaskState.CANCELLED), self._ttl_s(record.due_ms, now_ms),
         ))
-        results = await asyncio.gather(
-            self._execute(update, cl), self._execute(done, cl), return_exceptions=True
-        )
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
+        # Task row first: a marker without it would leave a task that never fires.
+        await self._execute(update, cl)
+        await self._execute(done, cl)
         await self._add_counts({int(record.state): -1, int(TaskState.CANCELLED): 1})
         record.state = TaskState.CANCELLED
         record.updated_ms = now_ms
@@ -689,10 +704,10 @@ class CassandraStore(Store):
                 )
             if t.kind not in _RANK:
                 raise ValueError(f"unknown transition kind {t.kind!r}")
-        current = await self._read_current({t.task_id for t in transitions})
+        current = await self._read_current({t.task_id for t in transitions}, self._cl["get"])
         cl = self._cl["apply"]
         applied: list[bool] = []
-        rows = []
+        due_rows, task_rows, done_rows = [], [], []
         deltas: dict[int, int] = defaultdict(int)
         for t in transitions:
             cur = current.get(t.task_id)
@@ -712,7 +727,7 @@ class CassandraStore(Store):
                 headers = task.headers or None
                 size = _row_size(task)
                 ttl = self._ttl_s(t.due_ms, now_ms)
-                rows.append((
+                due_rows.append((
                     (t.shard, bucket_of(t.due_ms)), "insert_due",
                     (t.shard, bucket_of(t.due_ms), t.due_ms, t.task_id, gen + 1, new_state,
                      task.queue, task.payload, task.fire_at_ms, t.attempt, task.max_attempts,
@@ -723,7 +738,7 @@ class CassandraStore(Store):
                 if kind == TransitionKind.RETRY:
                     # A retry may lie far ahead: rewrite the whole row so that every cell's
                     # TTL covers the new due time. A lease only moves due_ms by the lease.
-                    rows.append((
+                    task_rows.append((
                         self._replica_of(t.task_id), "insert_task",
                         (t.task_id, t.shard, task.queue, task.payload, task.fire_at_ms,
                          task.max_attempts, headers, task.idempotency_key, task.lease_ms,
@@ -743,13 +758,13 @@ class CassandraStore(Store):
                 ttl = self._ttl_s(now_ms, now_ms)
                 row_written = False
             if not row_written:
-                rows.append((
+                task_rows.append((
                     self._replica_of(t.task_id), "update_task",
                     (ttl, _version(gen, _RANK[kind]), cur[0], cur[1], cur[2], cur[3], now_ms,
                      cur[4], t.task_id),
                     _SMALL_ROW_SIZE,
                 ))
-            rows.append((
+            done_rows.append((
                 (t.shard, bucket_of(old_due)), "insert_done",
                 (t.shard, bucket_of(old_due), old_due, t.task_id, gen, new_state,
                  self._ttl_s(old_due, now_ms)),
@@ -759,12 +774,14 @@ class CassandraStore(Store):
                 deltas[old_state] -= 1
                 deltas[new_state] += 1
             applied.append(True)
-        if rows:
-            await self._write_batches(self._batches(rows, cl))
+        if task_rows:
+            # New due rows, then task rows, then the markers that retire the old rows: an
+            # outage part-way never leaves a task without a live row.
+            await self._write_phases(due_rows, task_rows, done_rows, cl=cl)
             await self._add_counts(deltas)
         return applied
 
-    async def _read_current(self, task_ids: set[str]) -> dict[str, list]:
+    async def _read_current(self, task_ids: set[str], cl: int) -> dict[str, list]:
         """task_id -> [gen, state, attempt, due_ms, last_error] of the by-id rows that exist.
         One ``IN`` read per primary replica and chunk, routed to that replica."""
         groups: dict[Any, list[str]] = defaultdict(list)
@@ -777,7 +794,7 @@ class CassandraStore(Store):
                 bound = self._bind("select_current", (chunk,))
                 # The driver would route on the serialized list; route on a member instead.
                 bound._routing_key = chunk[0].encode()
-                reads.append(self._execute(bound, self._cl["get"]))
+                reads.append(self._execute(bound, cl))
         current: dict[str, list] = {}
         for rows in await asyncio.gather(*reads):
             for task_id, gen, state, attempt, due_ms, last_error in rows:
@@ -822,6 +839,12 @@ class _Binder:
         bound.values = [UNSET_VALUE if v is None else pack(v)
                         for pack, v in zip(self.packers, values)]
         return bound
+
+
+def _is_current(row: TaskRecord, current: list | None) -> bool:
+    """The due row is the task's live one: [gen, state, attempt, due_ms, last_error] agree."""
+    return (current is not None and current[0] == row.gen and current[3] == row.due_ms
+            and current[1] not in _TERMINAL)
 
 
 def _resolve(future: asyncio.Future, rows: list[tuple]) -> None:
