@@ -51,3 +51,23 @@ def test_a_killed_dispatch_process_loses_nothing_the_timer_fired(cluster, tmp_pa
         time.sleep(0.5)
         got = {r.task_id for r in worker.snapshot()}
     assert got == {r.task_id for r in results}
+
+
+def test_a_timer_killed_mid_minute_fires_the_rest_of_the_bucket_after_restart(cluster):
+    stub = ingest(cluster["ingest"].target)
+    start = now_ms() + 1000
+    # Due over 8 s: some before the kill, some while the timer is down, some after its restart.
+    results = stub.Submit(ingest_pb2.SubmitRequest(
+        tasks=[spec("tkill", fire_at_ms=start + i * 8) for i in range(1000)]), timeout=30).results
+    with QueueWorker(cluster["dispatch"].target, "tkill") as worker:
+        time.sleep(3.0)
+        cluster["timer"].kill()
+        before = len(worker.snapshot())
+        time.sleep(2.0)
+        cluster["timer"].start()
+        worker.wait_for(1000, timeout=40)
+        time.sleep(0.5)
+        got = worker.snapshot()
+    assert 0 < before < 1000, "the kill was meant to land mid-stream"
+    assert {r.task_id for r in got} == {r.task_id for r in results}
+    assert all(r.received_ms >= r.fire_at_ms for r in got)
