@@ -129,8 +129,10 @@ _TASK_COLUMNS = (
     "task_id, shard, queue, payload, fire_at_ms, due_ms, state, attempt, max_attempts, gen, "
     "headers, idempotency_key, lease_ms, traceparent, created_ms, updated_ms, last_error"
 )
+# A new task is SCHEDULED (1) at gen 1, whatever the record says.
 _INSERT_TASK_UNLESS_TAKEN = (
-    f"INSERT INTO tasks ({_TASK_COLUMNS}) VALUES ({', '.join('?' * 17)}) ON CONFLICT DO NOTHING"
+    f"INSERT INTO tasks ({_TASK_COLUMNS}) "
+    "VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
 )
 _INSERT_DUE = (
     "INSERT INTO due (shard, bucket, due_ms, task_id, gen, queue, payload, fire_at_ms, attempt, "
@@ -163,7 +165,7 @@ ORDER BY d.due_ms, d.task_id
 """
 _UPDATE_TASK = (
     "UPDATE tasks SET gen = ?, state = ?, attempt = ?, due_ms = ?, updated_ms = ?, last_error = ? "
-    "WHERE task_id = ?"
+    "WHERE rowid = ?"
 )
 _ADD_COUNT = "UPDATE state_counts SET n = n + ? WHERE state = ?"
 _DEAD_DUE_IN_BUCKET = f"""
@@ -420,8 +422,8 @@ class SqliteStore(Store):
             if not 0 <= t.shard < n_shards:
                 raise ValueError(f"task {t.task_id}: shard {t.shard} outside 0..{n_shards - 1}")
             rows.append((
-                t.task_id, t.shard, t.queue, t.payload, t.fire_at_ms, t.due_ms, scheduled,
-                t.attempt, t.max_attempts, 1, _encode_headers(t.headers) if t.headers else "",
+                t.task_id, t.shard, t.queue, t.payload, t.fire_at_ms, t.due_ms, t.attempt,
+                t.max_attempts, _encode_headers(t.headers) if t.headers else "",
                 t.idempotency_key, t.lease_ms, t.traceparent, t.created_ms, t.updated_ms,
                 t.last_error,
             ))
@@ -510,12 +512,13 @@ class SqliteStore(Store):
         leased, scheduled = int(TaskState.LEASED), int(TaskState.SCHEDULED)
         with _transaction(conn):
             ids = list({t.task_id: None for t in transitions})
-            # task_id -> [gen, state, attempt, due_ms, last_error], advanced as transitions apply
+            # task_id -> [gen, state, attempt, due_ms, last_error, rowid], advanced as
+            # transitions apply; the rowid spares each UPDATE a second index lookup
             current: dict[str, list] = {}
             for i in range(0, len(ids), _IN_CHUNK):
                 chunk = ids[i:i + _IN_CHUNK]
                 rows = conn.execute(
-                    "SELECT task_id, gen, state, attempt, due_ms, last_error FROM tasks "
+                    "SELECT task_id, gen, state, attempt, due_ms, last_error, rowid FROM tasks "
                     f"WHERE task_id IN ({','.join('?' * len(chunk))})",
                     chunk,
                 )
@@ -536,10 +539,11 @@ class SqliteStore(Store):
                     task = t.task
                     assert task is not None
                     gen = cur[0] + 1
+                    cur[0], cur[2], cur[3] = gen, t.attempt, t.due_ms
                     if kind == _LEASE:
-                        cur[:] = [gen, leased, t.attempt, t.due_ms, cur[4]]
+                        cur[1] = leased
                     else:
-                        cur[:] = [gen, scheduled, t.attempt, t.due_ms, t.error]
+                        cur[1], cur[4] = scheduled, t.error
                     due_rows.append((
                         t.shard, t.due_ms // BUCKET_MS, t.due_ms, t.task_id, gen, task.queue,
                         task.payload, task.fire_at_ms, t.attempt, task.max_attempts,
@@ -549,7 +553,7 @@ class SqliteStore(Store):
                     cur[1] = _ENDING[kind]
                     if kind == _FAIL:
                         cur[4] = t.error
-                updates.append((cur[0], cur[1], cur[2], cur[3], now_ms, cur[4], t.task_id))
+                updates.append((cur[0], cur[1], cur[2], cur[3], now_ms, cur[4], cur[5]))
                 if cur[1] != old_state:
                     count_changes[old_state] = count_changes.get(old_state, 0) - 1
                     count_changes[cur[1]] = count_changes.get(cur[1], 0) + 1
