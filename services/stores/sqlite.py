@@ -236,7 +236,13 @@ class SqliteStore(Store):
         synchronous: str = "normal",
         busy_timeout_ms: int | str = 5_000,
         purge_every_s: float | str = 60.0,
+        **unknown: str,
     ):
+        if unknown:
+            raise ValueError(
+                f"unknown SQLite store option(s) {', '.join(sorted(unknown))}: the options are "
+                "shards, synchronous, busy_timeout_ms and purge_every_s"
+            )
         self.path = os.fspath(path)
         self.num_shards = int(num_shards)
         if self.num_shards < 1:

@@ -65,6 +65,11 @@ async def test_store_url_options_reach_the_store(tmp_path):
         await insert_one(opened_store, new_task(shard=3))
 
 
+def test_unknown_url_option_is_refused_by_name(tmp_path):
+    with pytest.raises(ValueError, match="unknown SQLite store option.*synchronus"):
+        open_store(f"sqlite://{tmp_path}/t.db?synchronus=full")
+
+
 def test_synchronous_off_is_refused(db):
     with pytest.raises(ValueError, match="synchronous='off'"):
         SqliteStore(db, synchronous="off")
