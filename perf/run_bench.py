@@ -406,6 +406,7 @@ def run_driver(name: str, scenario: Scenario, args: argparse.Namespace,
         driver.teardown()
     receipts = read_records(receipts_dir(run_dir), RECEIPT_DTYPE)
     phase_windows = _merge_windows(list(windows.values()), len(scenario.phases))
+    machine["load_average_1m_after"] = round(os.getloadavg()[0], 2)
     context = {
         "machine": machine,
         "driver": describe,
