@@ -541,14 +541,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"no Cassandra running for {d}", file=sys.stderr)
             return 0
         pid = running_pid(d)
-        ports = saved_ports(d)
-        if pid is None or ports is None:
+        known = saved_ports(d)
+        if pid is None or known is None:
             print(f"stopped ({d})")
             return 3
-        if not cql_answers(ports.cql):
-            print(f"running (pid {pid}) but CQL on {HOST}:{ports.cql} does not answer yet")
+        if not cql_answers(known.cql):
+            print(f"running (pid {pid}) but CQL on {HOST}:{known.cql} does not answer yet")
             return 1
-        print(f"running (pid {pid}) at {HOST}:{ports.cql}")
+        print(f"running (pid {pid}) at {HOST}:{known.cql}")
         return 0
     except DevServerError as err:
         print(f"taskwheel dev cassandra {args.command}: {err}", file=sys.stderr)
