@@ -132,8 +132,10 @@ def validate(config: Config) -> None:
     for name in positive:
         if getattr(config, name) <= 0:
             raise ValueError(f"{_flag(name)} must be positive, got {getattr(config, name)}")
-    if config.slice_ms > config.lookahead_ms:
-        raise ValueError("--slice-ms must not exceed --lookahead-ms")
+    if config.slice_ms * 2 > config.lookahead_ms:
+        # A slice is read when the loaded window shrinks to lookahead - slice; below one slice
+        # of margin the read would start too late for the slice's first tasks.
+        raise ValueError("--slice-ms must be at most half of --lookahead-ms")
     for f in fields(Limits):
         if getattr(config.limits, f.name) <= 0:
             raise ValueError(f"{_flag(f.name)} must be positive")

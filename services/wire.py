@@ -54,7 +54,9 @@ def task_message(rec: TaskRecord) -> task_pb2.Task:
         queue=rec.queue,
         payload=rec.payload,
         state=int(rec.state),
-        attempt=rec.attempt,
+        # A LEASED task's row carries its lease row's attempt (the redelivery's); the
+        # contract reports the delivery in progress.
+        attempt=rec.attempt - 1 if rec.state == TaskState.LEASED and rec.attempt > 1 else rec.attempt,
         max_attempts=rec.max_attempts,
         headers=rec.headers,
         idempotency_key=rec.idempotency_key,

@@ -181,17 +181,22 @@ class TimerService(timer_pb2_grpc.TimerServicer):
             log.warning("final checkpoint not saved: %s", exc)
 
     async def _load_once(self) -> bool:
-        """Reads the next slice if the window needs it. True when it read something."""
+        """Reads the next slice once the window needs it. True when it read something.
+
+        Slices are whole and aligned (``slice_ms``), read when the loaded window has shrunk to
+        ``lookahead_ms - slice_ms``: one read per shard per slice, never a trickle of small
+        reads (each read costs a walk of its bucket's index in the embedded store).
+        """
         now = now_ms()
-        target = now + self._config.lookahead_ms
+        slice_ms = self._config.slice_ms
         start = self.loaded_until_ms
-        if start >= target or len(self.wheel) >= self._config.max_wheel:
+        if start >= now + self._config.lookahead_ms - slice_ms or len(self.wheel) >= self._config.max_wheel:
             return False
-        if start < now - self._config.slice_ms:
+        if start < now - slice_ms:
             # Catching up after downtime: the rest of the minute bucket, in one read per shard.
-            end = min((start // 60_000 + 1) * 60_000, target)
+            end = (start // 60_000 + 1) * 60_000
         else:
-            end = min(start + self._config.slice_ms, target)
+            end = (start // slice_ms + 1) * slice_ms
         # Raised before reading, so that offers arriving during the read are taken; the read's
         # copies of them are then dropped by gen.
         self.loaded_until_ms = end

@@ -35,7 +35,7 @@ def test_a_non_numeric_variable_is_named_in_the_error():
 
 @pytest.mark.parametrize("argv, message", [
     (["--shards", "0"], "--shards"),
-    (["--slice-ms", "9000", "--lookahead-ms", "5000"], "--slice-ms"),
+    (["--slice-ms", "3000", "--lookahead-ms", "5000"], "--slice-ms"),
     (["--max-batch", "0"], "--max-batch"),
 ])
 def test_bad_values_are_refused_naming_the_flag(argv, message):

@@ -1,0 +1,165 @@
+"""The timer on a real embedded store, in process: loading, firing, forgetting, checkpoints."""
+import asyncio
+import time
+
+from taskwheel.config import Config
+from taskwheel.core import shard_of
+from taskwheel.stores.base import TaskRecord
+from taskwheel.stores.sqlite import SqliteStore
+from taskwheel.timer import TimerService
+
+SHARDS = 4
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class CountingStore(SqliteStore):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reads = []
+
+    async def load_due(self, shard, from_ms, to_ms):
+        self.reads.append((shard, from_ms, to_ms))
+        return await super().load_due(shard, from_ms, to_ms)
+
+
+class RecordingDispatch:
+    """Confirms pushes at once (or never, with hold=True), recording when each task came."""
+
+    def __init__(self, hold: bool = False):
+        self.fired = []
+        self.hold = hold
+
+    async def push(self, records, fired_at_ms):
+        self.fired.extend((r.task_id, r.due_ms, now_ms()) for r in records)
+        if self.hold:
+            await asyncio.Event().wait()
+
+
+def task(task_id: str, due_ms: int) -> TaskRecord:
+    return TaskRecord(task_id=task_id, shard=shard_of(task_id, SHARDS), queue="q", payload=b"",
+                      fire_at_ms=due_ms, due_ms=due_ms, created_ms=now_ms())
+
+
+async def until_loaded(timer, ms: int) -> None:
+    while timer.loaded_until_ms <= ms:
+        await asyncio.sleep(0.01)
+
+
+def config(**overrides) -> Config:
+    cfg = Config(lookahead_ms=2_000, slice_ms=500, checkpoint_interval_ms=100, checkpoint_margin_ms=0)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+async def run_timer(store, dispatch, seconds, cfg=None, before=None):
+    await store.open()
+    if before:
+        await before(store)
+    timer = TimerService(cfg or config(), store, dispatch)
+    await timer.start()
+    await asyncio.sleep(seconds)
+    await timer.stop()
+    await store.close()
+    return timer
+
+
+def test_the_loader_reads_each_shard_once_per_slice_not_in_a_trickle(tmp_path):
+    store = CountingStore(str(tmp_path / "t.db"), num_shards=SHARDS)
+    asyncio.run(run_timer(store, RecordingDispatch(), 3.0))
+    live = [r for r in store.reads if r[2] - r[1] == 500]
+    # 3 s of 500 ms slices, plus the first window, per shard; never dozens of small reads.
+    assert len(store.reads) <= SHARDS * (3 * 2 + 6)
+    assert len(live) >= SHARDS * 5
+    assert all(to % 500 == 0 for _, _, to in store.reads)
+
+
+def test_tasks_in_the_store_fire_at_their_due_time_never_early(tmp_path):
+    store = SqliteStore(str(tmp_path / "t.db"), num_shards=SHARDS)
+    start = now_ms() + 300
+    tasks = [task(f"{i:028x}", start + i * 7) for i in range(300)]
+
+    async def insert(st):
+        await st.insert(tasks)
+
+    dispatch = RecordingDispatch()
+    asyncio.run(run_timer(store, dispatch, 3.5, before=insert))
+    assert sorted(t for t, _, _ in dispatch.fired) == sorted(t.task_id for t in tasks)
+    assert all(fired >= due for _, due, fired in dispatch.fired)
+
+
+def test_an_offered_task_inside_the_loaded_window_fires_without_a_store_read(tmp_path):
+    store = CountingStore(str(tmp_path / "t.db"), num_shards=SHARDS)
+    dispatch = RecordingDispatch()
+
+    async def main():
+        await store.open()
+        timer = TimerService(config(), store, dispatch)
+        await timer.start()
+        await until_loaded(timer, now_ms() + 300)
+        rec = task("offered".ljust(28, "0"), now_ms() + 200)  # never written: only offered
+        await timer.offer([rec])
+        await asyncio.sleep(0.6)
+        await timer.stop()
+        await store.close()
+        return rec
+
+    rec = asyncio.run(main())
+    assert [t for t, _, _ in dispatch.fired] == [rec.task_id]
+
+
+def test_a_forgotten_task_does_not_fire(tmp_path):
+    store = SqliteStore(str(tmp_path / "t.db"), num_shards=SHARDS)
+    dispatch = RecordingDispatch()
+
+    async def main():
+        await store.open()
+        timer = TimerService(config(), store, dispatch)
+        await timer.start()
+        keep, drop = task("a".ljust(28, "0"), now_ms() + 300), task("b".ljust(28, "0"), now_ms() + 300)
+        await store.insert([keep, drop])  # as ingest does: durable first, then offered
+        await timer.offer([keep, drop])
+        await store.cancel(drop.task_id, now_ms())  # as ingest's Cancel does: store, then timer
+        await timer.forget([drop.task_id])
+        await asyncio.sleep(0.7)
+        await timer.stop()
+        await store.close()
+
+    asyncio.run(main())
+    assert [t for t, _, _ in dispatch.fired] == ["a".ljust(28, "0")]
+
+
+def test_the_checkpoint_stays_below_a_fired_task_dispatch_has_not_confirmed(tmp_path):
+    path = str(tmp_path / "t.db")
+    due = now_ms() + 200
+
+    async def insert(st):
+        await st.insert([task("held".ljust(28, "0"), due)])
+
+    dispatch = RecordingDispatch(hold=True)
+    asyncio.run(run_timer(SqliteStore(path, num_shards=SHARDS), dispatch, 1.5, before=insert))
+    assert len(dispatch.fired) == 1
+
+    async def checkpoints():
+        st = SqliteStore(path, num_shards=SHARDS)
+        await st.open()
+        cps = [await st.load_checkpoint(s) for s in range(SHARDS)]
+        await st.close()
+        return cps
+
+    assert max(asyncio.run(checkpoints())) <= due
+    # A new timer on the same store fires it again: nothing confirmed is lost.
+    again = RecordingDispatch()
+    asyncio.run(run_timer(SqliteStore(path, num_shards=SHARDS), again, 1.0))
+    assert [t for t, _, _ in again.fired] == ["held".ljust(28, "0")]
+
+
+def test_the_checkpoint_advances_when_everything_is_confirmed(tmp_path):
+    path = str(tmp_path / "t.db")
+    store = SqliteStore(path, num_shards=SHARDS)
+    started = now_ms()
+    timer = asyncio.run(run_timer(store, RecordingDispatch(), 1.5))
+    assert timer.checkpoint_ms >= started
