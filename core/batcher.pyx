@@ -1,4 +1,5 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
+# cython: language_level=3, cdivision=True
+# boundscheck, wraparound and initializedcheck come from setup.py: off, and on under TASKWHEEL_DEBUG=1.
 """Groups items by destination for the write and dispatch paths.
 
 Items accumulate per partition (any hashable: a (shard, minute bucket) tuple for the store, a
@@ -8,7 +9,26 @@ list ordered by the time of their first item, so ``due`` and ``next_flush_ms`` t
 groups they return: O(1) per item added and per group flushed. Not thread-safe: one owner.
 """
 cimport cython
+from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.stdint cimport INT64_MAX, int64_t, uint64_t
+
+cdef extern from "Python.h":
+    bint PyIndex_Check(object o)
+    long long PyLong_AsLongLongAndOverflow(object o, int *overflow) except? -1
+
+
+cdef inline int64_t _int64(object value, str name) except? -1:
+    """An int (or any __index__ integer such as numpy.int64) as int64; floats are TypeErrors."""
+    cdef int overflow = 0
+    cdef long long v
+    if not isinstance(value, int):
+        if not PyIndex_Check(value):
+            raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+        value = value.__index__()
+    v = PyLong_AsLongLongAndOverflow(value, &overflow)
+    if overflow:
+        raise OverflowError(f"{name} {value} does not fit in int64")
+    return v
 
 
 @cython.final
@@ -32,13 +52,14 @@ cdef class Batcher:
     cdef _Group _youngest
     cdef Py_ssize_t _count
 
-    def __cinit__(self, Py_ssize_t max_items, int64_t max_delay_ms):
-        if max_items < 1:
-            raise ValueError(f"max_items must be at least 1, got {max_items}")
-        if max_delay_ms < 0:
-            raise ValueError(f"max_delay_ms must not be negative, got {max_delay_ms}")
-        self.max_items = max_items
-        self.max_delay_ms = max_delay_ms
+    def __cinit__(self, max_items, max_delay_ms):
+        cdef int64_t items = _int64(max_items, "max_items"), delay = _int64(max_delay_ms, "max_delay_ms")
+        if items < 1:
+            raise ValueError(f"max_items must be at least 1, got {items}")
+        if delay < 0:
+            raise ValueError(f"max_delay_ms must not be negative, got {delay}")
+        self.max_items = <Py_ssize_t>min(items, <int64_t>PY_SSIZE_T_MAX)
+        self.max_delay_ms = delay
         self._groups = {}
 
     cdef _Group _open(self, object partition, object item, int64_t now_ms):
@@ -97,29 +118,31 @@ cdef class Batcher:
     cdef inline bint _is_due(self, int64_t first_ms, int64_t now_ms) noexcept:
         return now_ms >= first_ms and <uint64_t>now_ms - <uint64_t>first_ms >= <uint64_t>self.max_delay_ms
 
-    def add(self, partition, item, int64_t now_ms):
+    def add(self, partition, item, now_ms):
         """Adds an item; returns (partition, items) when that group just filled, else None."""
-        return self._add(partition, item, now_ms)
+        return self._add(partition, item, _int64(now_ms, "now_ms"))
 
-    def add_many(self, partitions, items, int64_t now_ms):
+    def add_many(self, partitions, items, now_ms):
         """add() for each (partition, item) pair; returns the groups that filled, in order."""
         cdef list ps = partitions if type(partitions) is list else list(partitions)
         cdef list xs = items if type(items) is list else list(items)
         cdef Py_ssize_t i, n = len(ps)
         cdef list full = []
         cdef object batch
+        cdef int64_t now = _int64(now_ms, "now_ms")
         if len(xs) != n:
             raise ValueError(f"partitions and items differ in length: {n} != {len(xs)}")
         for i in range(n):
-            batch = self._add(ps[i], xs[i], now_ms)
+            batch = self._add(ps[i], xs[i], now)
             if batch is not None:
                 full.append(batch)
         return full
 
-    def due(self, int64_t now_ms):
+    def due(self, now_ms):
         """Removes and returns the groups whose oldest item is max_delay_ms old, oldest first."""
+        cdef int64_t now = _int64(now_ms, "now_ms")
         cdef list out = []
-        while self._oldest is not None and self._is_due(self._oldest.first_ms, now_ms):
+        while self._oldest is not None and self._is_due(self._oldest.first_ms, now):
             out.append(self._take(self._oldest))
         return out
 

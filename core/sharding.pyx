@@ -1,4 +1,5 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
+# cython: language_level=3, cdivision=True
+# boundscheck, wraparound and initializedcheck come from setup.py: off, and on under TASKWHEEL_DEBUG=1.
 """Where a task lives: its shard (from its id) and its minute bucket (from its due time).
 
 The shard hash is FNV-1a 64 over the id's UTF-8 bytes, reduced modulo the shard count. It is
@@ -22,6 +23,26 @@ cdef extern from *:
     const uint64_t TW_FNV_OFFSET
     const uint64_t TW_FNV_PRIME
 
+
+cdef extern from "Python.h":
+    bint PyIndex_Check(object o)
+    long long PyLong_AsLongLongAndOverflow(object o, int *overflow) except? -1
+
+
+cdef inline int64_t _int64(object value, str name) except? -1:
+    """An int (or any __index__ integer such as numpy.int64) as int64; floats are TypeErrors."""
+    cdef int overflow = 0
+    cdef long long v
+    if not isinstance(value, int):
+        if not PyIndex_Check(value):
+            raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+        value = value.__index__()
+    v = PyLong_AsLongLongAndOverflow(value, &overflow)
+    if overflow:
+        raise OverflowError(f"{name} {value} does not fit in int64")
+    return v
+
+
 BUCKET_MS = 60_000
 
 cdef array.array _SHARDS_TEMPLATE = _array.array("q")
@@ -44,35 +65,37 @@ cdef inline int64_t _shard(object task_id, uint64_t num_shards) except -1:
     return <int64_t>(_fnv1a(data, n) % num_shards)
 
 
-cdef inline void _check_shards(int64_t num_shards) except *:
-    if num_shards <= 0:
-        raise ValueError(f"num_shards must be positive, got {num_shards}")
+cdef inline uint64_t _shard_count(object num_shards) except 0:
+    cdef int64_t n = _int64(num_shards, "num_shards")
+    if n <= 0:
+        raise ValueError(f"num_shards must be positive, got {n}")
+    return <uint64_t>n
 
 
-def shard_of(task_id, int64_t num_shards):
+def shard_of(task_id, num_shards):
     """The shard (0 <= shard < num_shards) of a task id; stable across processes and machines."""
-    _check_shards(num_shards)
-    return _shard(task_id, <uint64_t>num_shards)
+    return _shard(task_id, _shard_count(num_shards))
 
 
-def shards_of(task_ids, int64_t num_shards):
+def shards_of(task_ids, num_shards):
     """shard_of() for each id of a list (or any sequence) of str, as array('q')."""
     cdef Py_ssize_t i, n
     cdef array.array out
     cdef int64_t *dst
-    _check_shards(num_shards)
+    cdef uint64_t shards = _shard_count(num_shards)
     cdef list ids = task_ids if type(task_ids) is list else list(task_ids)
     n = len(ids)
     out = array.clone(_SHARDS_TEMPLATE, n, False)
     dst = <int64_t *>out.data.as_voidptr
     for i in range(n):
-        dst[i] = _shard(ids[i], <uint64_t>num_shards)
+        dst[i] = _shard(ids[i], shards)
     return out
 
 
-def bucket_of(int64_t due_ms):
+def bucket_of(due_ms):
     """The minute bucket holding a due time: due_ms // 60000, rounding down for negative times."""
-    cdef int64_t q = due_ms / 60000
-    if due_ms % 60000 < 0:
+    cdef int64_t ms = _int64(due_ms, "due_ms")
+    cdef int64_t q = ms / 60000
+    if ms % 60000 < 0:
         q -= 1
     return q

@@ -1,4 +1,5 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
+# cython: language_level=3, cdivision=True
+# boundscheck, wraparound and initializedcheck come from setup.py: off, and on under TASKWHEEL_DEBUG=1.
 """A hierarchical timing wheel for int64 keys.
 
 Geometry
@@ -41,8 +42,11 @@ no pointers and there is no Python object per timer. A key -> (slot, position) h
 (open addressing, robin hood, 8-byte buckets that also hold a 12-bit tag of the key's hash and
 the probe distance) makes a key findable. Cancelling a key only deletes its bucket: the entry
 left behind is stale, and every walk over a slot asks the table whether (slot, position) is
-still live. A slot that is more than half stale is compacted, so stale entries never cost more
-than the live ones. Memory is ~16 bytes per entry plus 10-20 bytes of table per timer.
+still live. A slot holding 64 or more stale entries, and more stale than live ones, is
+compacted (a batch compacts once, at its end), so stale entries never cost more than live ones.
+Memory is 16 bytes per entry plus 10-20 bytes of table per timer. Every operation is bound by
+one random access to the table; walks over a slot and batch calls prefetch the buckets
+TW_PREFETCH_AHEAD (32) entries ahead, and lookups by key prefetch the entry a bucket names too.
 
 Order of firing: ``advance`` returns keys ordered by deadline, then by the order of the
 ``schedule`` calls that set them. Timers with equal deadlines always share one slot and move
@@ -68,7 +72,9 @@ start to end and never calls back into Python while changing state, so a call is
 other Python threads, but nothing is locked. The GIL is deliberately not released: taskwheel
 scales with processes, and releasing it would make concurrent use silently corrupt the wheel.
 
-Build with TASKWHEEL_DEBUG=1 to run ``check_invariants()`` after every mutating call.
+Built with TASKWHEEL_DEBUG=1 the wheel runs ``check_invariants()`` after mutating calls (every
+call while it holds up to 4096 timers, about one call in n / 1024 beyond), with bounds checks
+and line tracing on.
 """
 cimport cython
 from cpython cimport array
@@ -326,6 +332,7 @@ cdef class TimingWheel:
     cdef int64_t _next_ms
     cdef bint _broken               # an allocation failed half-way through an update
     cdef bint _batching             # inside schedule_many / cancel_many: compact at the end
+    cdef Py_ssize_t _debug_calls    # TASKWHEEL_DEBUG builds: mutating calls so far
 
     def __cinit__(self, tick_ms=1, start_ms=None):
         cdef int64_t tick = _int64(tick_ms, "tick_ms"), start
@@ -658,7 +665,6 @@ cdef class TimingWheel:
         cdef Slot *slot = &self._slots[s]
         cdef Entry *items = slot.items
         cdef uint32_t p, n = slot.size
-        cdef uint64_t mask = self._mask
         cdef Py_ssize_t i, start = self._out_len
         if self._reserve_out(self._out_len + slot.live) != 0:
             return -1
@@ -713,7 +719,6 @@ cdef class TimingWheel:
         cdef Slot *slot = &self._slots[s]
         cdef Entry *items = slot.items
         cdef uint32_t p, n = slot.size, pos, t
-        cdef uint64_t mask = self._mask
         cdef Py_ssize_t i
         self._prefetch_buckets(items, n)
         for p in range(n):
@@ -835,6 +840,13 @@ cdef class TimingWheel:
         if self._broken:
             raise RuntimeError("this TimingWheel lost state in a failed allocation; discard it")
 
+    cdef void _debug_check(self) except *:
+        # Every call checks a small wheel; a large one is checked on about 1 call in n / 1024,
+        # so that a debug run of the test suite costs O(1000) per call, not O(n).
+        self._debug_calls += 1
+        if self._count <= 4096 or self._debug_calls % (self._count >> 10) == 0:
+            self.check_invariants()
+
     @property
     def now_ms(self):
         """The wheel time: the latest time advanced to (or start_ms)."""
@@ -848,7 +860,7 @@ cdef class TimingWheel:
             self._check_usable()
             raise MemoryError()
         if TW_DEBUG:
-            self.check_invariants()
+            self._debug_check()
 
     def schedule_many(self, keys, deadlines):
         """schedule() for each pair of two int64 buffers of equal length, in order."""
@@ -857,7 +869,6 @@ cdef class TimingWheel:
         cdef Py_ssize_t i, n = kv.shape[0]
         cdef uint32_t s
         cdef uint32_t *counts
-        cdef uint64_t mask
         cdef int rc = 0
         self._check_usable()
         if dv.shape[0] != n:
@@ -893,7 +904,7 @@ cdef class TimingWheel:
             self._check_usable()
             raise MemoryError()
         if TW_DEBUG:
-            self.check_invariants()
+            self._debug_check()
 
     def cancel(self, key):
         """Cancels `key`; True when it was pending."""
@@ -901,7 +912,7 @@ cdef class TimingWheel:
         self._check_usable()
         cdef bint done = self._cancel(k)
         if TW_DEBUG:
-            self.check_invariants()
+            self._debug_check()
         return done
 
     def cancel_many(self, keys):
@@ -924,7 +935,7 @@ cdef class TimingWheel:
         self._end_batch()
         self._shrink()
         if TW_DEBUG:
-            self.check_invariants()
+            self._debug_check()
         return done
 
     def advance(self, now_ms):
@@ -958,7 +969,7 @@ cdef class TimingWheel:
         if n:
             self._shrink()
         if TW_DEBUG:
-            self.check_invariants()
+            self._debug_check()
         return fired
 
     def next_deadline(self):
@@ -1020,44 +1031,51 @@ cdef class TimingWheel:
         cdef uint32_t s, p
         cdef Py_ssize_t buckets = 0
         cdef Entry *e
-        cdef list live = [0] * NSLOTS
-        cdef object earliest = None
-        assert self._cur == self._utick(self._now_ms), "wheel tick does not match wheel time"
-        for i in range(cap):
-            b = self._table[i]
-            if b == 0:
-                continue
-            buckets += 1
-            s = <uint32_t>((b & TW_SLOT_MASK) - 1)
-            p = <uint32_t>((b & TW_LOC_MASK) >> TW_POS_SHIFT)
-            assert s < NSLOTS, f"bucket {i} names slot {s}"
-            assert p < self._slots[s].size, f"bucket {i} names position {p} past slot {s}'s end"
-            e = &self._slots[s].items[p]
-            h = tw_mix(e.key)
-            assert (h >> TW_TAG_SHIFT) == (b >> TW_TAG_SHIFT), f"bucket {i} has a wrong tag"
-            assert ((i - (h & self._mask)) & self._mask) == _psl(b), f"bucket {i} has a wrong probe distance"
-            j = (i + 1) & self._mask
-            assert self._table[j] == 0 or _psl(self._table[j]) <= _psl(b) + 1, f"robin hood order broken at {j}"
-            assert self._find_key(e.key, h) == <Py_ssize_t>i, f"key {e.key} is not found at its bucket"
-            live[s] += 1
-            if s == OVERDUE:
-                assert e.deadline <= self._now_ms, f"overdue key {e.key} is due after the wheel time"
-            else:
-                assert e.deadline > self._now_ms, f"key {e.key} in slot {s} is already due"
-                assert self._slot_for(e.deadline) == s, f"key {e.key} sits in slot {s}, not {self._slot_for(e.deadline)}"
-            if earliest is None or e.deadline < earliest:
-                earliest = e.deadline
-        assert buckets == self._count, f"{buckets} buckets for {self._count} timers"
-        for s in range(NSLOTS):
-            assert self._slots[s].live == live[s], f"slot {s} counts {self._slots[s].live} live, has {live[s]}"
-            assert self._slots[s].size <= self._slots[s].cap, f"slot {s} overflows its array"
-            # Stale entries are bounded: fewer than COMPACT_MIN, or no more than the live ones.
-            assert self._slots[s].size - self._slots[s].live < COMPACT_MIN \
-                or self._slots[s].live * 2 >= self._slots[s].size, f"slot {s} is more than half stale"
-            assert live[s] > 0 or self._slots[s].size == 0, f"slot {s} holds only stale entries"
-            if s != OVERDUE:
-                assert bool(self._occupied[s >> 6] & ((<uint64_t>1) << (s & 63))) == (live[s] > 0), \
-                    f"occupancy bit of slot {s} is wrong"
-        assert self._count * 5 <= cap * 4, "table load above 0.8"
-        if self._next_valid and self._count:
-            assert self._next_ms == earliest, f"cached next deadline {self._next_ms} != {earliest}"
+        cdef uint32_t *live = <uint32_t *>PyMem_RawMalloc(NSLOTS * sizeof(uint32_t))
+        cdef int64_t earliest = INT64_MAX
+        if live == NULL:
+            raise MemoryError()
+        memset(live, 0, NSLOTS * sizeof(uint32_t))
+        try:
+            assert self._cur == self._utick(self._now_ms), "wheel tick does not match wheel time"
+            for i in range(cap):
+                b = self._table[i]
+                if b == 0:
+                    continue
+                buckets += 1
+                s = <uint32_t>((b & TW_SLOT_MASK) - 1)
+                p = <uint32_t>((b & TW_LOC_MASK) >> TW_POS_SHIFT)
+                assert s < NSLOTS, f"bucket {i} names slot {s}"
+                assert p < self._slots[s].size, f"bucket {i} names position {p} past slot {s}'s end"
+                e = &self._slots[s].items[p]
+                h = tw_mix(e.key)
+                assert (h >> TW_TAG_SHIFT) == (b >> TW_TAG_SHIFT), f"bucket {i} has a wrong tag"
+                assert ((i - (h & self._mask)) & self._mask) == _psl(b), f"bucket {i} has a wrong probe distance"
+                j = (i + 1) & self._mask
+                assert self._table[j] == 0 or _psl(self._table[j]) <= _psl(b) + 1, f"robin hood order broken at {j}"
+                assert self._find_key(e.key, h) == <Py_ssize_t>i, f"key {e.key} is not found at its bucket"
+                live[s] += 1
+                if s == OVERDUE:
+                    assert e.deadline <= self._now_ms, f"overdue key {e.key} is due after the wheel time"
+                else:
+                    assert e.deadline > self._now_ms, f"key {e.key} in slot {s} is already due"
+                    assert self._slot_for(e.deadline) == s, \
+                        f"key {e.key} sits in slot {s}, not {self._slot_for(e.deadline)}"
+                if e.deadline < earliest:
+                    earliest = e.deadline
+            assert buckets == self._count, f"{buckets} buckets for {self._count} timers"
+            for s in range(NSLOTS):
+                assert self._slots[s].live == live[s], f"slot {s} counts {self._slots[s].live} live, has {live[s]}"
+                assert self._slots[s].size <= self._slots[s].cap, f"slot {s} overflows its array"
+                # Stale entries are bounded: fewer than COMPACT_MIN, or no more than the live ones.
+                assert self._slots[s].size - self._slots[s].live < COMPACT_MIN \
+                    or self._slots[s].live * 2 >= self._slots[s].size, f"slot {s} is more than half stale"
+                assert live[s] > 0 or self._slots[s].size == 0, f"slot {s} holds only stale entries"
+                if s != OVERDUE:
+                    assert bool(self._occupied[s >> 6] & ((<uint64_t>1) << (s & 63))) == (live[s] > 0), \
+                        f"occupancy bit of slot {s} is wrong"
+            assert <uint64_t>self._count * 5 <= cap * 4, "table load above 0.8"
+            if self._next_valid and self._count:
+                assert self._next_ms == earliest, f"cached next deadline {self._next_ms} != {earliest}"
+        finally:
+            PyMem_RawFree(live)

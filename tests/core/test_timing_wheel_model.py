@@ -118,17 +118,17 @@ WheelAgreesWithReference.TestCase.settings = settings(
 test_wheel_agrees_with_reference = WheelAgreesWithReference.TestCase
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
     tick_ms=st.sampled_from([1, 5, 1_000]),
-    deadlines=st.lists(st.integers(0, 200_000), min_size=1, max_size=3_000),
+    deadlines=st.lists(st.integers(0, 140_000), min_size=1, max_size=3_000),  # crosses 2 level-2 blocks
     step=st.sampled_from([1, 17, 1_000, 70_000, 300_000]),
 )
 def test_every_key_fires_once_in_deadline_then_schedule_order(tick_ms, deadlines, step):
     wheel = TimingWheel(tick_ms=tick_ms, start_ms=0)
     wheel.schedule_many(array("q", range(len(deadlines))), array("q", deadlines))
     out = []
-    for now in range(0, 200_000 + step, step):
+    for now in range(0, max(deadlines) + step, step):
         out.extend(wheel.advance(now))
     assert out == sorted(range(len(deadlines)), key=lambda k: (deadlines[k], k))
 
