@@ -264,7 +264,8 @@ def report(path: str) -> str:
     rows.append("")
     rows.append(f"Machine: {machine.get('cpu', {}).get('brand_raw', machine.get('processor'))}, "
                 f"{machine.get('cpu', {}).get('count', '?')} cores, Python {machine['python_version']}, "
-                f"load average at start {machine.get('load_average', '?')}; {data['datetime']}.")
+                f"load average (1, 5, 15 min) as the run ended {machine.get('load_average', '?')}; "
+                f"{data['datetime']}.")
     return "\n".join(rows)
 
 

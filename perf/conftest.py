@@ -9,6 +9,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 
     import taskwheel.core
 
+    # Called as the results are written: the load of the shared machine over the last minutes.
     machine_info["load_average"] = [round(x, 2) for x in os.getloadavg()]
     machine_info["cpu_count"] = os.cpu_count()
     machine_info["kernel"] = platform.release()
