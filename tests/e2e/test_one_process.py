@@ -77,7 +77,11 @@ def test_unacked_delivery_is_redelivered_after_its_lease_with_next_attempt(serve
         second = holder.wait_for(2, timeout=10)
     assert [(r.task_id, r.attempt) for r in second] == [(task_id, 1), (task_id, 2)]
     assert second[1].received_ms - second[0].received_ms >= 500
-    assert stub.Get(ingest_pb2.GetRequest(task_id=task_id)).attempt >= 2
+    # The store shows a delivery once its lease is written (lease_write_delay_ms later).
+    deadline = time.monotonic() + 5
+    while stub.Get(ingest_pb2.GetRequest(task_id=task_id)).attempt < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stub.Get(ingest_pb2.GetRequest(task_id=task_id)).attempt == 2
 
 
 def test_nack_retries_until_max_attempts_then_the_task_ends_failed(server):
