@@ -23,7 +23,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Sequence
 
 from perf.drivers import Driver, ReceiptLog, Submitter, decode_payload, encode_payload, receipts_dir

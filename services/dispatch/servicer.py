@@ -25,7 +25,7 @@ from taskwheel.config import Config
 from taskwheel.core import shard_of
 from taskwheel.group_commit import GroupCommit
 from taskwheel.stores.base import Store, TaskRecord, TaskState, Transition, TransitionKind
-from taskwheel.v1 import dispatch_pb2, dispatch_pb2_grpc, task_pb2
+from taskwheel.v1 import dispatch_pb2, dispatch_pb2_grpc
 from taskwheel.wire import record_of_due, set_ms
 
 log = logging.getLogger("taskwheel.dispatch")
@@ -46,7 +46,8 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         except StopAsyncIteration:
             return
         if first.WhichOneof("msg") != "subscribe":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be subscribe{queue, max_in_flight}")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "the first message must be subscribe{queue, max_in_flight}")
         sub = first.subscribe
         if not sub.queue:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "subscribe.queue is required")

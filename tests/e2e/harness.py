@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from taskwheel.v1 import dispatch_pb2, dispatch_pb2_grpc, ingest_pb2, ingest_pb2_grpc, task_pb2
+from taskwheel.v1 import dispatch_pb2, dispatch_pb2_grpc, ingest_pb2_grpc, task_pb2
 
 PYTHON = sys.executable
 

@@ -1,5 +1,4 @@
 """End to end on each store: real `taskwheel up` processes, real gRPC clients."""
-import collections
 import time
 
 import grpc

@@ -7,7 +7,6 @@ the end. Each test module gets a fresh keyspace; tests that need an empty store 
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import uuid
 from typing import Any, Awaitable, Callable, Iterator, TypeVar
@@ -34,22 +33,6 @@ SHARDS = 4
 
 
 # ---- the server, a loop and a store per module ------------------------------------------------
-
-@pytest.fixture(scope="session")
-def cassandra_contact(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
-    """(host, port) of a Cassandra that answers CQL."""
-    given = os.environ.get("TASKWHEEL_CASSANDRA")
-    if given:
-        host, _, port = given.rpartition(":")
-        yield host or "127.0.0.1", int(port)
-        return
-    directory = tmp_path_factory.mktemp("cassandra")
-    ports = devserver.start(directory, fast=True, heap="1G")
-    try:
-        yield devserver.HOST, ports.cql
-    finally:
-        devserver.stop(directory)
-
 
 @pytest.fixture(scope="session")
 def cql(cassandra_contact) -> Iterator[Session]:
