@@ -28,12 +28,9 @@ import enum
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-BUCKET_MS = 60_000
-
-
-def bucket_of(due_ms: int) -> int:
-    """The minute bucket that holds a due time (floor division, so negative times work)."""
-    return due_ms // BUCKET_MS
+# One definition of where a due time lives, compiled in the core: BUCKET_MS (a minute) and
+# bucket_of(due_ms) = floor(due_ms / BUCKET_MS), negative times included.
+from taskwheel.core import BUCKET_MS, bucket_of  # noqa: F401 (re-exported)
 
 
 class TaskState(enum.IntEnum):
