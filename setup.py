@@ -6,6 +6,10 @@ Package layout (the folders show the architecture):
   protos/taskwheel/v1/  -> taskwheel.v1        the gRPC contract and its generated code
 
 TASKWHEEL_DEBUG=1 at build time compiles the core with line tracing and invariant checks.
+
+Each core/<name>.pyx has a core/<name>.pxd. Cython finds a module's own .pxd by its full name,
+taskwheel/core/<name>.pxd under an include directory, and core/ is not laid out that way, so the
+build points the include path at build/cython-include, where taskwheel/core links to core/.
 """
 import glob
 import os
@@ -26,6 +30,23 @@ directives = {
 }
 macros = [("CYTHON_TRACE_NOGIL", "1"), ("TASKWHEEL_DEBUG", "1")] if DEBUG else []
 compile_args = ["-O0", "-g"] if DEBUG else ["-O3"]
+
+
+def _pxd_include_root():
+    """build/cython-include, holding taskwheel/core as a relative link to core/.
+
+    A link rather than copies: edits to core/*.pxd take effect at once, and Cython's rebuild
+    checks see their real modification times. A link left by a moved tree is replaced.
+    """
+    root = os.path.abspath(os.path.join("build", "cython-include"))
+    link = os.path.join(root, "taskwheel", "core")
+    if os.path.realpath(link) != os.path.realpath("core"):
+        if os.path.islink(link):
+            os.unlink(link)
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        os.symlink(os.path.relpath("core", os.path.dirname(link)), link)
+    return root
+
 
 extensions = [
     Extension(
@@ -64,6 +85,7 @@ setup(
     ext_modules=cythonize(
         extensions,
         compiler_directives=directives,
+        include_path=[_pxd_include_root()],
         annotate=False,
         force=DEBUG,
     ),

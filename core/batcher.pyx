@@ -12,45 +12,18 @@ cimport cython
 from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.stdint cimport INT64_MAX, int64_t, uint64_t
 
-cdef extern from "Python.h":
-    bint PyIndex_Check(object o)
-    long long PyLong_AsLongLongAndOverflow(object o, int *overflow) except? -1
-
-
-cdef inline int64_t _int64(object value, str name) except? -1:
-    """An int (or any __index__ integer such as numpy.int64) as int64; floats are TypeErrors."""
-    cdef int overflow = 0
-    cdef long long v
-    if not isinstance(value, int):
-        if not PyIndex_Check(value):
-            raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-        value = value.__index__()
-    v = PyLong_AsLongLongAndOverflow(value, &overflow)
-    if overflow:
-        raise OverflowError(f"{name} {value} does not fit in int64")
-    return v
+# batcher.pxd declares the fields and C methods of Batcher and _Group, and the inline helpers.
 
 
 @cython.final
 @cython.freelist(64)
 cdef class _Group:
-    cdef object partition
-    cdef list items
-    cdef int64_t first_ms
-    cdef _Group older
-    cdef _Group younger
+    """One partition's pending items, linked into the Batcher's list ordered by first_ms."""
 
 
 @cython.final
 cdef class Batcher:
     """Batches of at most max_items items per partition, none older than max_delay_ms."""
-
-    cdef readonly Py_ssize_t max_items
-    cdef readonly int64_t max_delay_ms
-    cdef dict _groups               # partition -> _Group
-    cdef _Group _oldest             # groups ordered by first_ms, ties by arrival
-    cdef _Group _youngest
-    cdef Py_ssize_t _count
 
     def __cinit__(self, max_items, max_delay_ms):
         cdef int64_t items = _int64(max_items, "max_items"), delay = _int64(max_delay_ms, "max_delay_ms")

@@ -12,64 +12,11 @@ from libc.stdint cimport int64_t, uint64_t
 
 import array as _array
 
-cdef extern from "Python.h":
-    const char *PyUnicode_AsUTF8AndSize(object unicode, Py_ssize_t *size) except NULL
-
-cdef extern from *:
-    """
-    #define TW_FNV_OFFSET 0xcbf29ce484222325ULL
-    #define TW_FNV_PRIME 0x100000001b3ULL
-    """
-    const uint64_t TW_FNV_OFFSET
-    const uint64_t TW_FNV_PRIME
-
-
-cdef extern from "Python.h":
-    bint PyIndex_Check(object o)
-    long long PyLong_AsLongLongAndOverflow(object o, int *overflow) except? -1
-
-
-cdef inline int64_t _int64(object value, str name) except? -1:
-    """An int (or any __index__ integer such as numpy.int64) as int64; floats are TypeErrors."""
-    cdef int overflow = 0
-    cdef long long v
-    if not isinstance(value, int):
-        if not PyIndex_Check(value):
-            raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-        value = value.__index__()
-    v = PyLong_AsLongLongAndOverflow(value, &overflow)
-    if overflow:
-        raise OverflowError(f"{name} {value} does not fit in int64")
-    return v
-
+# sharding.pxd declares the hash's constants and the inline helpers (_fnv1a, _shard, _int64).
 
 BUCKET_MS = 60_000
 
 cdef array.array _SHARDS_TEMPLATE = _array.array("q")
-
-
-cdef inline uint64_t _fnv1a(const char *data, Py_ssize_t n) noexcept nogil:
-    cdef uint64_t h = TW_FNV_OFFSET
-    cdef Py_ssize_t i
-    for i in range(n):
-        h = (h ^ <unsigned char>data[i]) * TW_FNV_PRIME
-    return h
-
-
-cdef inline int64_t _shard(object task_id, uint64_t num_shards) except -1:
-    cdef Py_ssize_t n
-    cdef const char *data
-    if not PyUnicode_Check(task_id):
-        raise TypeError(f"task_id must be str, not {type(task_id).__name__}")
-    data = PyUnicode_AsUTF8AndSize(task_id, &n)
-    return <int64_t>(_fnv1a(data, n) % num_shards)
-
-
-cdef inline uint64_t _shard_count(object num_shards) except 0:
-    cdef int64_t n = _int64(num_shards, "num_shards")
-    if n <= 0:
-        raise ValueError(f"num_shards must be positive, got {n}")
-    return <uint64_t>n
 
 
 def shard_of(task_id, num_shards):

@@ -85,134 +85,12 @@ from libc.string cimport memcpy, memset
 import array as _array
 import time as _time
 
-cdef extern from *:
-    """
-    #include <stdint.h>
-    #if defined(__GNUC__) || defined(__clang__)
-      #define TW_PREFETCH(p) __builtin_prefetch((const void *)(p))
-      #define TW_CLZ64(x) __builtin_clzll(x)
-      #define TW_CTZ64(x) __builtin_ctzll(x)
-    #else
-      static inline int tw_clz64(uint64_t x) { int n = 0; while (!(x >> 63)) { x <<= 1; n++; } return n; }
-      static inline int tw_ctz64(uint64_t x) { int n = 0; while (!(x & 1)) { x >>= 1; n++; } return n; }
-      #define TW_PREFETCH(p) ((void)0)
-      #define TW_CLZ64(x) tw_clz64(x)
-      #define TW_CTZ64(x) tw_ctz64(x)
-    #endif
-    #ifdef TASKWHEEL_DEBUG
-      #define TW_DEBUG 1
-    #else
-      #define TW_DEBUG 0
-    #endif
-    /* bucket = (slot + 1) | position << 12 | probe distance << 44 | hash tag << 52; 0 = empty */
-    #define TW_SLOT_MASK 0xFFFULL
-    #define TW_POS_SHIFT 12
-    #define TW_LOC_MASK 0xFFFFFFFFFFFULL
-    #define TW_PSL_SHIFT 44
-    #define TW_PSL_ONE (1ULL << 44)
-    #define TW_PSL_MAX 255ULL
-    #define TW_TAG_SHIFT 52
-    #define TW_SIGN (1ULL << 63)
-    #ifndef TW_PREFETCH_AHEAD
-    #define TW_PREFETCH_AHEAD 32  /* entries ahead: more than one memory latency of loop work */
-    #endif
-    #define TW_POS_MAX 0xFFFFFFFFULL
-    #if defined(__linux__)
-      #include <sys/mman.h>
-    #endif
-    /* The table is read at random: on Linux, ask for 2 MB pages so that lookups in a large
-       table do not also miss the TLB. Only whole pages inside the block are advised. */
-    static inline void tw_advise_huge(void *p, size_t n) {
-    #if defined(__linux__) && defined(MADV_HUGEPAGE) && !defined(TW_NO_HUGEPAGES)
-        uintptr_t start = ((uintptr_t)p + 4095) & ~(uintptr_t)4095;
-        uintptr_t end = ((uintptr_t)p + n) & ~(uintptr_t)4095;
-        if (n >= ((size_t)4 << 20) && end > start)
-            madvise((void *)start, end - start, MADV_HUGEPAGE);
-    #endif
-    }
-    /* SplitMix64's finalizer: a bijection, so distinct keys never share a full hash. */
-    static inline uint64_t tw_mix(int64_t key) {
-        uint64_t z = (uint64_t)key;
-        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-        z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-        return z ^ (z >> 31);
-    }
-    """
-    void TW_PREFETCH(const void *p) noexcept nogil
-    int TW_CLZ64(uint64_t x) noexcept nogil
-    int TW_CTZ64(uint64_t x) noexcept nogil
-    const bint TW_DEBUG
-    const uint64_t TW_SLOT_MASK
-    const int TW_POS_SHIFT
-    const uint64_t TW_LOC_MASK
-    const int TW_PSL_SHIFT
-    const uint64_t TW_PSL_ONE
-    const uint64_t TW_PSL_MAX
-    const int TW_TAG_SHIFT
-    const uint64_t TW_SIGN
-    const Py_ssize_t TW_PREFETCH_AHEAD
-    const uint64_t TW_POS_MAX
-    uint64_t tw_mix(int64_t key) noexcept nogil
-    void tw_advise_huge(void *p, size_t n) noexcept nogil
+# wheel.pxd declares the C layout (Entry, Slot, slot ids, the bucket encoding), the fields and C
+# methods of TimingWheel, and the inline helpers; this file implements them.
 
 DEBUG_BUILD = bool(TW_DEBUG)
 
-# -- C-level layout ------------------------------------------------------------------------
-
-cdef enum:
-    LEVELS = 8              # 8 levels x 8 bits of tick cover the whole int64 range
-    LEVEL_BITS = 8
-    LEVEL_SLOTS = 256
-    OVERDUE = 2048          # slot id of the list of timers already due (deadline <= wheel time)
-    NSLOTS = 2049           # LEVELS * LEVEL_SLOTS level slots, then OVERDUE
-    BITMAP_WORDS = 33       # one bit per slot id: which level slots hold live timers
-
-
-cdef struct Entry:
-    # A timer as it sits in a slot: 16 bytes, no pointers.
-    int64_t key
-    int64_t deadline
-
-
-cdef struct Slot:
-    # A growable array of entries in insertion order. `size - live` entries are stale
-    # (cancelled or moved); the hash table decides which are live.
-    Entry *items
-    uint32_t size
-    uint32_t cap
-    uint32_t live
-
-cdef enum:
-    MIN_TABLE = 16
-    COMPACT_MIN = 64          # slots smaller than this are never compacted
-    KEEP_CAPACITY = 512       # an emptied slot keeps its array up to this many entries
-    KEEP_OUT = 65536          # the fired-timer buffer is freed after advances larger than this
-
 cdef array.array _KEYS_TEMPLATE = _array.array("q")
-
-
-cdef inline uint64_t _loc(uint32_t s, uint64_t pos) noexcept nogil:
-    return <uint64_t>(s + 1) | (pos << TW_POS_SHIFT)
-
-
-cdef inline uint64_t _psl(uint64_t bucket) noexcept nogil:
-    return (bucket >> TW_PSL_SHIFT) & TW_PSL_MAX
-
-
-cdef inline int _next_bit(const uint64_t *words, int start) noexcept nogil:
-    """First set bit at or after `start` in a 256-bit map, or -1."""
-    cdef int w = start >> 6
-    cdef uint64_t bits
-    if w >= 4:
-        return -1
-    bits = words[w] & (~(<uint64_t>0) << (start & 63))
-    while True:
-        if bits:
-            return (w << 6) + TW_CTZ64(bits)
-        w += 1
-        if w == 4:
-            return -1
-        bits = words[w]
 
 
 cdef int _place(uint64_t *table, uint64_t mask, uint64_t *carry, uint64_t i) noexcept nogil:
@@ -235,18 +113,6 @@ cdef int _place(uint64_t *table, uint64_t mask, uint64_t *carry, uint64_t i) noe
             return -1
         c += TW_PSL_ONE
         i = (i + 1) & mask
-
-
-cdef inline void _insertion_sort(Entry *a, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t i, j
-    cdef Entry e
-    for i in range(1, n):
-        e = a[i]
-        j = i
-        while j > 0 and a[j - 1].deadline > e.deadline:
-            a[j] = a[j - 1]
-            j -= 1
-        a[j] = e
 
 
 cdef void _stable_sort(Entry *a, Py_ssize_t n, Entry *tmp) noexcept nogil:
@@ -291,25 +157,6 @@ cdef void _stable_sort(Entry *a, Py_ssize_t n, Entry *tmp) noexcept nogil:
         memcpy(a, src, n * sizeof(Entry))
 
 
-cdef extern from "Python.h":
-    bint PyIndex_Check(object o)
-    long long PyLong_AsLongLongAndOverflow(object o, int *overflow) except? -1
-
-
-cdef inline int64_t _int64(object value, str name) except? -1:
-    """An int (or any __index__ integer such as numpy.int64) as int64; floats are TypeErrors."""
-    cdef int overflow = 0
-    cdef long long v
-    if not isinstance(value, int):
-        if not PyIndex_Check(value):
-            raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-        value = value.__index__()
-    v = PyLong_AsLongLongAndOverflow(value, &overflow)
-    if overflow:
-        raise OverflowError(f"{name} {value} does not fit in int64")
-    return v
-
-
 cdef object _int64_view(object values, str name):
     """A typed view of an int64 buffer; lists and tuples of ints are converted in C."""
     cdef const int64_t[:] view
@@ -327,26 +174,6 @@ cdef object _int64_view(object values, str name):
 @cython.final
 cdef class TimingWheel:
     """Keys (int64) fire once the wheel advances to or past their deadline (int64 ms)."""
-
-    cdef readonly int64_t tick_ms
-    cdef int64_t _now_ms            # wheel time: every pending deadline above it is in a level slot
-    cdef uint64_t _cur              # tick of _now_ms, mapped to uint64 so that order is kept
-    cdef Slot _slots[NSLOTS]
-    cdef uint64_t _occupied[BITMAP_WORDS]
-    cdef uint64_t _dirty[BITMAP_WORDS]  # slots a batch left more than half stale
-    cdef uint64_t *_table           # key -> (slot, position): robin hood, open addressing
-    cdef uint64_t _mask             # table capacity - 1 (a power of two)
-    cdef Py_ssize_t _count          # live timers
-    cdef Entry *_out                # fired timers of the current advance
-    cdef Py_ssize_t _out_len
-    cdef Py_ssize_t _out_cap
-    cdef Entry *_tmp                # merge-sort scratch
-    cdef Py_ssize_t _tmp_cap
-    cdef bint _next_valid           # _next_ms holds the earliest deadline (when _count > 0)
-    cdef int64_t _next_ms
-    cdef bint _broken               # an allocation failed half-way through an update
-    cdef bint _batching             # inside schedule_many / cancel_many: compact at the end
-    cdef Py_ssize_t _debug_calls    # TASKWHEEL_DEBUG builds: mutating calls so far
 
     def __cinit__(self, tick_ms=1, start_ms=None):
         cdef int64_t tick = _int64(tick_ms, "tick_ms"), start

@@ -83,3 +83,28 @@ def test_a_typical_caller_and_the_reference_model_type_check_strictly(stub_root,
          str(caller)],
         capture_output=True, text=True, env={**os.environ, "MYPYPATH": str(stub_root)}, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_compiled_module_is_paired_with_a_pxd():
+    assert sorted(p.stem for p in CORE.glob("*.pxd")) == sorted(p.stem for p in CORE.glob("*.pyx"))
+
+
+def test_other_cython_code_can_cimport_the_core_declarations(stub_root, tmp_path):
+    user = tmp_path / "user.pyx"
+    # Taking a field's address compiles only if the .pxd declares it as a C field.
+    user.write_text(textwrap.dedent("""
+        from taskwheel.core.wheel cimport NSLOTS, Entry, Slot, TimingWheel, _int64
+        from taskwheel.core.batcher cimport Batcher
+        from taskwheel.core.sharding cimport _fnv1a
+
+        cdef Entry entry = Entry(1, 2)
+
+        def peek(TimingWheel wheel, Batcher batcher):
+            cdef Slot *overdue = &wheel._slots[NSLOTS - 1]
+            cdef Py_ssize_t *pending = &batcher._count
+            return overdue.live, pending[0], _fnv1a(b"id", 2), _int64(entry.deadline, "deadline")
+    """))
+    done = subprocess.run([sys.executable, "-m", "cython", "-3", "-I", str(stub_root), str(user)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "user.c").exists()
