@@ -222,10 +222,8 @@ def wait_serving(address: str, process: subprocess.Popen, timeout: float = 30.0)
 def store_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'tasks.db'}"
-    contact = os.environ.get("TASKWHEEL_CASSANDRA")
-    if not contact:
-        pytest.skip("TASKWHEEL_CASSANDRA=host:port not set")
-    return f"cassandra://{contact}/compose_{uuid.uuid4().hex[:12]}"
+    host, port = request.getfixturevalue("cassandra_contact")
+    return f"cassandra://{host}:{port}/compose_{uuid.uuid4().hex[:12]}"
 
 
 @pytest.mark.slow

@@ -117,14 +117,21 @@ def _submit(args) -> int:
 
 
 def _worker(args) -> int:
+    import threading
+
     from taskwheel.client import Worker
 
+    lock = threading.Lock()
+
     def handle(delivery) -> None:
-        print(json.dumps({
+        line = json.dumps({
             "task_id": delivery.task_id, "attempt": delivery.attempt, "queue": delivery.queue,
             "payload": delivery.payload.decode("utf-8", "replace"),
             "late_ms": _late_ms(delivery),
-        }), flush=True)
+        })
+        with lock:  # handlers run on several threads; print() would interleave their lines
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
         if args.fail:
             raise RuntimeError("--fail given")
 

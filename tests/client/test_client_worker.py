@@ -294,10 +294,15 @@ def test_stop_finishes_received_deliveries_and_acks_them(fake):
 
 WORKER_PROCESS = """
 import sys
+import threading
 from taskwheel.client import Worker
 
-def handler(delivery):
-    print(delivery.delivery_id, flush=True)
+lock = threading.Lock()
+
+def handler(delivery):  # runs on pool threads: one locked write per line
+    with lock:
+        sys.stdout.write(delivery.delivery_id + "\\n")
+        sys.stdout.flush()
 
 Worker(sys.argv[1], "q", handler).run()
 print("stopped", flush=True)
