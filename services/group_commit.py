@@ -5,6 +5,10 @@ Callers ``await commit(items)``; one flusher coroutine takes everything queued s
 results. While a call runs, the next group accumulates, so the batch size adapts to the load
 with no timer. The queue is bounded: past ``max_pending`` items, ``commit`` raises Backpressure
 at once instead of growing a buffer.
+
+``concurrency`` > 1 lets that many store calls run at once (for a latency-bound store); their
+order is then not kept, so only callers whose writes are independent (ingest's inserts) use it.
+Dispatch's transitions keep 1: a task's ack must not overtake its lease.
 """
 from __future__ import annotations
 
@@ -28,8 +32,11 @@ class GroupCommit:
         *,
         max_batch: int,
         max_pending: int,
+        concurrency: int = 1,
     ) -> None:
         self._write = write
+        self._slots = asyncio.Semaphore(concurrency)
+        self._running: set[asyncio.Task] = set()
         self._max_batch = max_batch
         self._max_pending = max_pending
         self._queue: deque[tuple[Sequence[Any], asyncio.Future]] = deque()
@@ -51,7 +58,7 @@ class GroupCommit:
     async def stop(self) -> None:
         if self._task is not None:
             # Let queued writes finish: callers are waiting for durability.
-            while self._queue:
+            while self._queue or self._running:
                 await asyncio.sleep(0.005)
             self._task.cancel()
             try:
@@ -78,12 +85,23 @@ class GroupCommit:
             if not self._queue:
                 self._wake.clear()
                 await self._wake.wait()
+            await self._slots.acquire()
+            if not self._queue:
+                self._slots.release()
+                continue
             group: list[tuple[Sequence[Any], asyncio.Future]] = []
             batch: list[Any] = []
             while self._queue and (not batch or len(batch) + len(self._queue[0][0]) <= self._max_batch):
                 items, fut = self._queue.popleft()
                 group.append((items, fut))
                 batch.extend(items)
+            task = loop.create_task(self._flush(group, batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _flush(self, group: list[tuple[Sequence[Any], asyncio.Future]], batch: list[Any]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
             started = loop.time()
             try:
                 results = await self._write(batch)
@@ -107,3 +125,5 @@ class GroupCommit:
                 self._last_batch_s = max(loop.time() - started, 0.001)
                 self.batches += 1
                 self.items += len(batch)
+        finally:
+            self._slots.release()

@@ -33,7 +33,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
         self._timer = timer
         self._ids = TaskIds()
         self._writer = GroupCommit(
-            store.insert, max_batch=config.write_batch, max_pending=config.max_pending_writes
+            store.insert, max_batch=config.write_batch, max_pending=config.max_pending_writes,
+            concurrency=store.insert_concurrency,
         )
         self.accepted = 0
 

@@ -124,6 +124,9 @@ class Store(abc.ABC):
     description: str = ""
     #: Fixed when the store is created; due rows are partitioned by it.
     num_shards: int = 16
+    #: How many independent ``insert`` calls are worth running at once: 1 for a store with one
+    #: writer (SQLite), more for a latency-bound networked one (Cassandra).
+    insert_concurrency: int = 1
 
     @abc.abstractmethod
     async def open(self) -> None:

@@ -89,3 +89,49 @@ def test_a_store_failure_reaches_every_caller_of_that_write_and_later_writes_sti
         await gc.stop()
 
     run(main())
+
+
+def test_with_concurrency_independent_writes_overlap_and_each_caller_gets_its_own_results():
+    running = []
+    peak = []
+
+    async def write(items):
+        running.append(1)
+        peak.append(len(running))
+        await asyncio.sleep(0.03)
+        running.pop()
+        return [i + 1 for i in items]
+
+    async def main():
+        gc = GroupCommit(write, max_batch=2, max_pending=100, concurrency=3)
+        futs = [gc.commit([i, i]) for i in range(6)]
+        gc.start()
+        results = await asyncio.gather(*futs)
+        await gc.stop()
+        return results
+
+    results = run(main())
+    assert results == [[i + 1, i + 1] for i in range(6)]
+    assert max(peak) == 3
+
+
+def test_with_concurrency_one_writes_never_overlap():
+    running = []
+    peak = []
+
+    async def write(items):
+        running.append(1)
+        peak.append(len(running))
+        await asyncio.sleep(0.01)
+        running.pop()
+        return list(items)
+
+    async def main():
+        gc = GroupCommit(write, max_batch=1, max_pending=100)
+        futs = [gc.commit([i]) for i in range(5)]
+        gc.start()
+        await asyncio.gather(*futs)
+        await gc.stop()
+
+    run(main())
+    assert max(peak) == 1

@@ -271,6 +271,8 @@ class CassandraOptions:
 
 
 class CassandraStore(Store):
+    # Each insert waits for its replicas' commit-log sync: several in flight hide that latency.
+    insert_concurrency = 8
     """Tasks in Apache Cassandra; see the module docstring and docs/cassandra.md."""
 
     def __init__(
