@@ -14,7 +14,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml setup.py core/*.pyx core
 $(STAMP):
 	@$(MAKE) --no-print-directory system-deps
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip "setuptools>=68" wheel "Cython>=3.0"
+	$(BIN)/pip install -q --upgrade pip "setuptools>=77" wheel "Cython>=3.0"
 	$(BIN)/pip install -q --no-build-isolation -e '.[dev]'
 	rm -f $(VENV)/.installed-*; touch $@
 
