@@ -233,7 +233,18 @@ TOP_OF_MINUTE = Scenario(
     notes={"late_submits": "a driver slower than 25K/s submits some tasks after their second"},
 )
 
-SCENARIOS: dict[str, Scenario] = {s.name: s for s in (STEADY, SPIKE, PENDING_1M, TOP_OF_MINUTE)}
+CONSTANT_10K = Scenario(
+    "constant_10k",
+    "10K tasks/s with no peaks for 30 s, due 2-10 s after submission: the rate issue 3's "
+    "lateness target is stated at",
+    (
+        Phase("constant", DUE_SOON, rate=10_000, duration_s=30.0),
+    ),
+)
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s for s in (STEADY, SPIKE, PENDING_1M, TOP_OF_MINUTE, CONSTANT_10K)
+}
 
 
 def get_scenario(name: str, scale: float = 1.0, time_factor: float = 1.0) -> Scenario:
