@@ -12,6 +12,7 @@ import time
 import grpc
 
 from taskwheel import telemetry
+from taskwheel.clock import now_ms
 from taskwheel.stores.base import TaskRecord
 from taskwheel.v1 import dispatch_pb2, dispatch_pb2_grpc, timer_pb2, timer_pb2_grpc
 from taskwheel.wire import due_message
@@ -44,7 +45,7 @@ class RemoteTimer:
         self._inflight: set[asyncio.Task] = set()
 
     async def offer(self, records: list[TaskRecord]) -> None:
-        limit = time.time_ns() // 1_000_000 + self._horizon_ms
+        limit = now_ms() + self._horizon_ms
         soon = [r for r in records if r.due_ms < limit]
         if soon:
             request = timer_pb2.OfferRequest(tasks=[due_message(r) for r in soon])

@@ -145,8 +145,9 @@ def _worker(args) -> int:
 
 
 def _late_ms(delivery) -> int:
-    import time
-    return time.time_ns() // 1_000_000 - delivery.fire_at_ms
+    from taskwheel.clock import now_ms
+
+    return now_ms() - delivery.fire_at_ms
 
 
 def _status(args) -> int:

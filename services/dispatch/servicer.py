@@ -15,12 +15,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import time
 from collections import OrderedDict, deque
 
 import grpc
 
 from taskwheel import telemetry
+from taskwheel.clock import now_ms
 from taskwheel.config import Config
 from taskwheel.core import shard_of
 from taskwheel.group_commit import GroupCommit
@@ -29,10 +29,6 @@ from taskwheel.v1 import dispatch_pb2, dispatch_pb2_grpc
 from taskwheel.wire import record_of_due, set_ms
 
 log = logging.getLogger("taskwheel.dispatch")
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class DispatchService(dispatch_pb2_grpc.DispatchServicer):

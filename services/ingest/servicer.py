@@ -9,7 +9,8 @@ from taskwheel import telemetry
 from taskwheel.config import Config
 from taskwheel.core import shard_of
 from taskwheel.group_commit import Backpressure, GroupCommit
-from taskwheel.ingest.validate import SpecError, TaskIds, now_ms, record_of_spec
+from taskwheel.clock import now_ms
+from taskwheel.ingest.validate import SpecError, TaskIds, record_of_spec
 from taskwheel.stores.base import AlreadyEnded, Store, StoreUnavailable, TaskState
 from taskwheel.v1 import ingest_pb2, ingest_pb2_grpc
 from taskwheel.wire import set_ms, task_message

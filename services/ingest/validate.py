@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import re
-import time
 
 from taskwheel.config import Limits
 from taskwheel.stores.base import TaskRecord
@@ -26,10 +25,6 @@ class TaskIds:
     def next(self, now_ms: int) -> str:
         self._counter = (self._counter + 1) & 0xFFFFFFFF
         return f"{now_ms & 0xFFFFFFFFFFFF:012x}{self._prefix}{self._counter:08x}"
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class SpecError(ValueError):

@@ -52,6 +52,7 @@ import threading
 import time
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
+from taskwheel.clock import now_ms
 from taskwheel.stores.base import (
     BUCKET_MS,
     TERMINAL_STATES,
@@ -214,10 +215,6 @@ def _record(row: tuple) -> TaskRecord:
     )
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 class SqliteStore(Store):
     """The embedded store. ``path`` is the database file (created with its directory if missing).
 
@@ -348,7 +345,7 @@ class SqliteStore(Store):
                 meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
                 if not meta:
                     meta = {
-                        "created_ms": _now_ms(),
+                        "created_ms": now_ms(),
                         "num_shards": self.num_shards,
                         "schema_version": SCHEMA_VERSION,
                     }

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from taskwheel import telemetry
+from taskwheel.clock import now_ms
 from taskwheel.config import Config
 from taskwheel.core import TimingWheel, shard_of
 from taskwheel.stores.base import Store, TaskRecord
@@ -24,10 +24,6 @@ from taskwheel.v1 import timer_pb2, timer_pb2_grpc
 from taskwheel.wire import record_of_due
 
 log = logging.getLogger("taskwheel.timer")
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class TimerService(timer_pb2_grpc.TimerServicer):
@@ -71,7 +67,6 @@ class TimerService(timer_pb2_grpc.TimerServicer):
         self.fired = 0
         self.lag_ms = 0
         self.checkpoint_ms = 0
-        self._started = asyncio.Event()
 
     def _shard_of(self, task_id: str) -> int:
         return shard_of(task_id, len(self._shards))
@@ -160,7 +155,6 @@ class TimerService(timer_pb2_grpc.TimerServicer):
             loop.create_task(self._fire_loop(), name="timer-fire"),
             loop.create_task(self._checkpoint_loop(), name="timer-checkpoint"),
         ]
-        self._started.set()
 
     async def stop(self) -> None:
         for task in self._tasks:

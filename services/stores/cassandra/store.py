@@ -35,7 +35,6 @@ import functools
 import logging
 import string
 import struct
-import time
 from collections import defaultdict
 from importlib import resources
 from typing import Any, Callable, Mapping, Sequence
@@ -66,6 +65,7 @@ from cassandra.query import (
     tuple_factory,
 )
 
+from taskwheel.clock import now_ms
 from taskwheel.core import group_by
 from taskwheel.stores.base import (
     BUCKET_MS,
@@ -188,10 +188,6 @@ _UNAVAILABLE_ERRORS = (
     ConnectionException,
     ServerError,  # the coordinator failed internally: nothing to fix in the request
 )
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def _consistency(name: str) -> int:
@@ -374,7 +370,7 @@ class CassandraStore(Store):
                 session.execute(statement, timeout=max(30.0, o.request_timeout_s))
 
     def _check_meta(self, session: Session) -> int:
-        created_ms = _now_ms()
+        created_ms = now_ms()
         # One LWT is both the check and the read: not applied, it returns the row that is there,
         # (False, id, created_ms, num_shards, schema_version); applied, just (True,).
         row = session.execute(SimpleStatement(
@@ -540,7 +536,7 @@ class CassandraStore(Store):
             outcomes[i] = InsertOutcome(
                 winner.task_id if winner is not None else tasks[first].task_id, duplicate=True
             )
-        now_ms = _now_ms()
+        now = now_ms()
         cl = self._cl["insert"]
         due_rows: list[_Row] = []
         task_rows: list[_Row] = []
@@ -551,7 +547,7 @@ class CassandraStore(Store):
             outcomes[i] = InsertOutcome(t.task_id)
             stored += 1
             headers = t.headers or None
-            ttl = self._ttl_s(t.due_ms, now_ms)
+            ttl = self._ttl_s(t.due_ms, now)
             size = _row_size(t)
             task_rows.append((
                 self._replica_of(t.task_id), "insert_task",
@@ -581,8 +577,8 @@ class CassandraStore(Store):
         """Claims (queue, idempotency_key) for ``t``; None when it is ours, else the task id
         holding it. A holder with no task row is an insert that failed after claiming (or one
         still in flight): once its claim is claim_grace_ms old, the claim is taken over."""
-        ttl = self._ttl_s(t.due_ms, _now_ms())
-        claim = self._bind("claim", (t.queue, t.idempotency_key, t.task_id, _now_ms(), ttl))
+        ttl = self._ttl_s(t.due_ms, now_ms())
+        claim = self._bind("claim", (t.queue, t.idempotency_key, t.task_id, now_ms(), ttl))
         row = (await self._execute(claim, self._cl["insert"]))[0]
         while True:
             if row[0]:  # [applied]
@@ -596,13 +592,13 @@ class CassandraStore(Store):
                 return holder
             if holder == t.task_id:  # our own earlier attempt claimed it, then failed
                 return None
-            wait_ms = claimed_ms + self.options.claim_grace_ms - _now_ms()
+            wait_ms = claimed_ms + self.options.claim_grace_ms - now_ms()
             if wait_ms > 0:
                 await asyncio.sleep(min(wait_ms, 100) / 1000)
                 row = (False, t.queue, t.idempotency_key, claimed_ms, holder)
                 continue
             steal = self._bind(
-                "steal", (ttl, t.task_id, _now_ms(), t.queue, t.idempotency_key, holder)
+                "steal", (ttl, t.task_id, now_ms(), t.queue, t.idempotency_key, holder)
             )
             result = (await self._execute(steal, self._cl["insert"]))[0]
             if result[0]:
