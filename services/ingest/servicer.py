@@ -7,10 +7,9 @@ import grpc
 
 from taskwheel import telemetry
 from taskwheel.config import Config
-from taskwheel.core import shard_of
 from taskwheel.group_commit import Backpressure, GroupCommit
 from taskwheel.clock import now_ms
-from taskwheel.ingest.validate import SpecError, TaskIds, record_of_spec
+from taskwheel.ingest.validate import TaskIds, records_of_specs
 from taskwheel.stores.base import AlreadyEnded, Store, StoreUnavailable, TaskState
 from taskwheel.v1 import ingest_pb2, ingest_pb2_grpc
 from taskwheel.wire import set_ms, task_message
@@ -56,26 +55,17 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
                 f"{count} tasks in one Submit; the limit is {self._limits.max_batch}: split the batch",
             )
         now = now_ms()
-        num_shards = self._store.num_shards
         traceparent = telemetry.current_traceparent() if telemetry.enabled else ""
+        records, positions, errors = records_of_specs(
+            specs, self._ids, self._store.num_shards, now, self._limits, traceparent)
         response = ingest_pb2.SubmitResponse()
         results = response.results
-        records = []
-        positions = []
-        next_id = self._ids.next
-        limits = self._limits
-        for i, spec in enumerate(specs):
-            result = results.add()
-            task_id = next_id(now)
-            try:
-                record = record_of_spec(spec, task_id, shard_of(task_id, num_shards), now, limits)
-            except SpecError as exc:
-                result.code = _INVALID
-                result.error = f"tasks[{i}]: {exc}"
-                continue
-            record.traceparent = traceparent
-            records.append(record)
-            positions.append(i)
+        if errors:  # otherwise (the common case) results are added in order below
+            for _ in range(count):
+                results.add()
+            for i, message in errors:
+                results[i].code = _INVALID
+                results[i].error = message
         if not records:
             return response
         span = telemetry.tracer.start_span("ingest.store_write", attributes={
@@ -94,8 +84,9 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
             if span is not None:
                 span.end()
         fresh = []
+        add = results.add
         for pos, record, outcome in zip(positions, records, outcomes):
-            result = results[pos]
+            result = results[pos] if errors else add()
             result.task_id = outcome.task_id
             if outcome.duplicate:
                 result.duplicate = True
