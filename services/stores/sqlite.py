@@ -165,7 +165,21 @@ WHERE d.shard = ? AND d.bucket >= ? AND d.bucket <= ? AND d.due_ms >= ? AND d.du
   AND d.gen = t.gen AND {_LIVE}
 ORDER BY d.due_ms, d.task_id
 """
+# The same rows as one JSON array, in one statement step (see _Bulk for why steps are counted):
+# the subquery's ORDER BY holds because SQLite never flattens an ordered subquery into an
+# aggregate. Payloads travel as hex.
+_SELECT_DUE_JSON = f"""
+SELECT json_group_array(json_array(task_id, shard, queue, hex(payload), fire_at_ms, due_ms, state,
+       attempt, max_attempts, gen, headers, idempotency_key, lease_ms, traceparent, created_ms,
+       updated_ms, last_error))
+FROM ({_SELECT_DUE})
+"""
 _ADD_COUNT = "UPDATE state_counts SET n = n + ? WHERE state = ?"
+# The current state of the tasks named in a JSON array, as one JSON array of rows.
+_SELECT_CURRENT = (
+    "SELECT json_group_array(json_array(task_id, gen, state, attempt, due_ms, last_error, rowid)) "
+    "FROM tasks WHERE task_id IN (SELECT value FROM json_each(?))"
+)
 # The bulk forms of the writes above, for _Bulk: {values} becomes a VALUES list whose columns are
 # column1, column2, ... (SQLite's names), and NULL padding rows match nothing.
 _BULK_INSERT_TASKS = (
@@ -206,7 +220,6 @@ _CHECKPOINT_EVERY_S = 0.25
 _WAL_AUTOCHECKPOINT_PAGES = 100_000  # the writer checkpoints itself only if that thread lags
 _WAL_RESTART_PAGES = 32_768  # past ~128 MiB, make the writer pause so the WAL can start over
 _WAL_KEEP_BYTES = 64 << 20  # a restarted WAL file is truncated back to this
-_IN_CHUNK = 500  # task ids per "IN (...)" lookup
 _PURGE_CHUNK = 2000  # due rows deleted per transaction, so purging never stalls inserts for long
 _PURGE_MARGIN_MS = 10 * BUCKET_MS  # how far behind the slowest checkpoint purging stays
 _encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -527,19 +540,13 @@ class SqliteStore(Store):
         conn = self._conn_w()
         leased, scheduled = int(TaskState.LEASED), int(TaskState.SCHEDULED)
         with _transaction(conn):
-            ids = list({t.task_id: None for t in transitions})
             # task_id -> [gen, state, attempt, due_ms, last_error, rowid], advanced as
-            # transitions apply; the rowid spares each UPDATE a second index lookup
-            current: dict[str, list] = {}
-            for i in range(0, len(ids), _IN_CHUNK):
-                chunk = ids[i:i + _IN_CHUNK]
-                rows = conn.execute(
-                    "SELECT task_id, gen, state, attempt, due_ms, last_error, rowid FROM tasks "
-                    f"WHERE task_id IN ({','.join('?' * len(chunk))})",
-                    chunk,
-                )
-                for row in rows:
-                    current[row[0]] = list(row[1:])
+            # transitions apply; the rowid spares each UPDATE a second index lookup. One
+            # statement step for all of them (see _Bulk for why steps are counted).
+            found = conn.execute(
+                _SELECT_CURRENT, (_encode_json(list({t.task_id: None for t in transitions})),)
+            ).fetchone()[0]
+            current: dict[str, list] = {row[0]: row[1:] for row in _decode_json(found)}
             applied = []
             updates: dict[int, tuple] = {}
             due_rows = []
@@ -683,9 +690,12 @@ class SqliteStore(Store):
         return await self._read(self._load_due, shard, from_ms, to_ms)
 
     def _load_due(self, shard: int, from_ms: int, to_ms: int) -> list[TaskRecord]:
-        rows = self._conn_r().execute(
-            _SELECT_DUE, (shard, bucket_of(from_ms), bucket_of(to_ms - 1), from_ms, to_ms)
-        )
+        found = self._conn_r().execute(
+            _SELECT_DUE_JSON, (shard, bucket_of(from_ms), bucket_of(to_ms - 1), from_ms, to_ms)
+        ).fetchone()[0]
+        rows = _decode_json(found)
+        for row in rows:
+            row[3] = bytes.fromhex(row[3])
         return [_record(row) for row in rows]
 
     async def load_checkpoint(self, shard: int) -> int:
