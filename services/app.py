@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -148,15 +149,39 @@ def tune_runtime() -> None:
       (5 ms by default). The fire loop feels that as lateness and the store thread as lost
       throughput. At 0.2 ms, submits of pre-built 1,000-task batches went from ~70K to ~80K
       tasks/s against 1 ms (8 clients, one process, embedded store); 0.05 ms gained nothing more.
-    * The cyclic GC's full collections walk every live object; with a wheel window of tasks in
-      memory that is a pause of tens of milliseconds. What exists at start-up is frozen out of
-      the collections, and young collections run less often (the hot path's objects are freed
-      by reference counting, not by the GC).
+    * The cyclic GC runs only when the heap has grown (see ``collect_garbage_on_growth``); what
+      exists at start-up is frozen out of its collections.
     """
     sys.setswitchinterval(0.0002)
     gc.collect()
     gc.freeze()
-    gc.set_threshold(50_000, 50, 100)
+    gc.disable()
+
+
+# Net new GC-tracked objects that start a collection; see collect_garbage_on_growth.
+GC_GROWTH_OBJECTS = 1_000_000
+
+
+async def collect_garbage_on_growth(threshold: int = GC_GROWTH_OBJECTS, every_s: float = 1.0) -> None:
+    """Runs the cyclic GC, disabled by ``tune_runtime``, once the heap has grown.
+
+    Automatic collections paused the event loop, and the timer with it, for 8 ms on average and
+    up to 62 ms at 10K tasks/s: each young collection walks every young container, and the
+    lists and records of thousands of tasks in flight are young. The hot path makes no
+    reference cycles (a 200,000-task run left 0 unreachable objects), so its objects are freed
+    by reference counting alone, and with automatic collection off the worker-facing p99
+    lateness at 10K tasks/s went from 22-44 ms to 9-17 ms. Cycles from rarer paths (errors,
+    aborted calls) still need collecting: the GC's own count of net new tracked objects
+    (allocations minus frees since the last collection) stays near zero in a steady state and
+    grows with any leak or a growing working set; past ``threshold`` a full collection runs.
+    """
+    while True:
+        await asyncio.sleep(every_s)
+        if gc.get_count()[0] >= threshold:
+            started = time.perf_counter()
+            found = gc.collect()
+            log.info("garbage collection: %d unreachable objects, %.1f ms", found,
+                     (time.perf_counter() - started) * 1000)
 
 
 async def serve(config: Config, roles: tuple[str, ...] = ROLES, ready=None) -> None:
@@ -164,6 +189,7 @@ async def serve(config: Config, roles: tuple[str, ...] = ROLES, ready=None) -> N
     app = App(config, roles)
     port = await app.start()
     tune_runtime()
+    collector = asyncio.get_running_loop().create_task(collect_garbage_on_growth())
     if ready is not None:
         ready(port)
     stop = asyncio.Event()
@@ -171,4 +197,5 @@ async def serve(config: Config, roles: tuple[str, ...] = ROLES, ready=None) -> N
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    collector.cancel()
     await app.stop()

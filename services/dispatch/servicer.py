@@ -181,6 +181,7 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
             if room <= 0:
                 continue
             response = dispatch_pb2.ConsumeResponse()
+            add = response.deliveries.add
             while room > 0 and qs.ready:
                 waiting = qs.ready.popleft()
                 rec = waiting.record
@@ -194,16 +195,19 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
                 consumer.in_flight[lease.delivery_id] = lease
                 self._leases[rec.task_id] = lease
                 unwritten.append((now, lease))
-                d = response.deliveries.add(
+                d = add(
                     task_id=rec.task_id,
                     delivery_id=lease.delivery_id,
                     queue=rec.queue,
                     payload=rec.payload,
                     attempt=rec.attempt,
                     max_attempts=rec.max_attempts,
-                    headers=rec.headers,
-                    traceparent=rec.traceparent,
                 )
+                # Set only when present: an empty map passed to add() costs 1 us a delivery.
+                if rec.headers:
+                    d.headers.update(rec.headers)
+                if rec.traceparent:
+                    d.traceparent = rec.traceparent
                 set_ms(d.fire_at, rec.fire_at_ms)
                 set_ms(d.fired_at, waiting.fired_at)
                 set_ms(d.lease_expires_at, expires)

@@ -1,0 +1,50 @@
+import asyncio
+import gc
+import weakref
+
+import pytest
+
+from taskwheel.app import collect_garbage_on_growth
+
+
+class Node:
+    def __init__(self):
+        self.other = self
+
+
+@pytest.fixture
+def automatic_gc_off():
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    yield
+    if was_enabled:
+        gc.enable()
+
+
+def run_collector(threshold: int, seconds: float = 0.1) -> None:
+    async def main():
+        task = asyncio.get_running_loop().create_task(collect_garbage_on_growth(threshold, every_s=0.01))
+        await asyncio.sleep(seconds)
+        task.cancel()
+    asyncio.run(main())
+
+
+def test_garbage_cycles_are_collected_once_the_heap_has_grown(automatic_gc_off):
+    probe = Node()
+    dead = weakref.ref(probe)
+    del probe
+    keep = [Node() for _ in range(5_000)]  # growth past the threshold
+    run_collector(threshold=1_000)
+    assert dead() is None
+    assert len(keep) == 5_000
+
+
+def test_no_collection_runs_while_the_heap_stays_put(automatic_gc_off):
+    probe = Node()
+    cycle = weakref.ref(probe)
+    del probe
+    run_collector(threshold=1_000_000)
+    assert cycle() is not None  # left for a later collection, not walked on every tick
+    gc.collect()
+    assert cycle() is None
