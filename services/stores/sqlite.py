@@ -72,6 +72,7 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+_MIN_SQLITE = (3, 38, 0)  # JSON functions built in by default; UPDATE ... FROM since 3.33
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -265,6 +266,11 @@ class SqliteStore(Store):
             raise ValueError(
                 f"unknown SQLite store option(s) {', '.join(sorted(unknown))}: the options are "
                 "shards, synchronous, busy_timeout_ms and purge_every_s"
+            )
+        if sqlite3.sqlite_version_info < _MIN_SQLITE:
+            raise RuntimeError(
+                f"the embedded store needs SQLite {'.'.join(map(str, _MIN_SQLITE))} or newer "
+                f"(json_each, UPDATE ... FROM); this Python links SQLite {sqlite3.sqlite_version}"
             )
         self.path = os.fspath(path)
         self.num_shards = int(num_shards)

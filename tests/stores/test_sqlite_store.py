@@ -70,6 +70,13 @@ def test_unknown_url_option_is_refused_by_name(tmp_path):
         open_store(f"sqlite://{tmp_path}/t.db?synchronus=full")
 
 
+def test_an_sqlite_too_old_for_the_store_is_named_in_the_error(db, monkeypatch):
+    monkeypatch.setattr(sqlite_store.sqlite3, "sqlite_version_info", (3, 31, 1))
+    monkeypatch.setattr(sqlite_store.sqlite3, "sqlite_version", "3.31.1")
+    with pytest.raises(RuntimeError, match=r"needs SQLite 3\.38\.0 or newer.*links SQLite 3\.31\.1"):
+        SqliteStore(db)
+
+
 def test_synchronous_off_is_refused(db):
     with pytest.raises(ValueError, match="synchronous='off'"):
         SqliteStore(db, synchronous="off")
