@@ -141,7 +141,7 @@ def _required(role: str, flag: str):
     raise ValueError(f"{flag} is required when {role} runs in another process")
 
 
-def tune_runtime() -> None:
+def tune_runtime(store: Store) -> None:
     """Interpreter settings for a latency-sensitive event loop beside store threads.
 
     * The store's threads hold the GIL while they turn rows into objects, and let go of it
@@ -149,13 +149,18 @@ def tune_runtime() -> None:
       (5 ms by default). The fire loop feels that as lateness and the store thread as lost
       throughput. At 0.2 ms, submits of pre-built 1,000-task batches went from ~70K to ~80K
       tasks/s against 1 ms (8 clients, one process, embedded store); 0.05 ms gained nothing more.
-    * The cyclic GC runs only when the heap has grown (see ``collect_garbage_on_growth``); what
-      exists at start-up is frozen out of its collections.
+    * What exists at start-up is frozen out of the cyclic GC's collections. Then, unless the
+      store's client makes reference cycles, automatic collection is off and the GC runs only
+      once the heap has grown (see ``collect_garbage_on_growth``). With the Cassandra driver's
+      cycles it stays on, with young collections every 50,000 net allocations instead of 700.
     """
     sys.setswitchinterval(0.0002)
     gc.collect()
     gc.freeze()
-    gc.disable()
+    if store.makes_reference_cycles:
+        gc.set_threshold(50_000, 50, 100)
+    else:
+        gc.disable()
 
 
 # Net new GC-tracked objects that start a collection; see collect_garbage_on_growth.
@@ -188,8 +193,9 @@ async def serve(config: Config, roles: tuple[str, ...] = ROLES, ready=None) -> N
     """Runs until SIGINT/SIGTERM. ``ready(port)`` is called once serving."""
     app = App(config, roles)
     port = await app.start()
-    tune_runtime()
-    collector = asyncio.get_running_loop().create_task(collect_garbage_on_growth())
+    tune_runtime(app.store)
+    collector = None if gc.isenabled() else asyncio.get_running_loop().create_task(
+        collect_garbage_on_growth())
     if ready is not None:
         ready(port)
     stop = asyncio.Event()
@@ -197,5 +203,6 @@ async def serve(config: Config, roles: tuple[str, ...] = ROLES, ready=None) -> N
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    collector.cancel()
+    if collector is not None:
+        collector.cancel()
     await app.stop()

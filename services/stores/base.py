@@ -127,6 +127,9 @@ class Store(abc.ABC):
     #: How many independent ``insert`` calls are worth running at once: 1 for a store with one
     #: writer (SQLite), more for a latency-bound networked one (Cassandra).
     insert_concurrency: int = 1
+    #: Whether the store's client library leaves reference cycles behind its calls, which only
+    #: the cyclic GC frees; the server then keeps automatic collection on (see app.tune_runtime).
+    makes_reference_cycles: bool = False
 
     @abc.abstractmethod
     async def open(self) -> None:

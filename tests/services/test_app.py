@@ -1,10 +1,13 @@
 import asyncio
 import gc
+import sys
 import weakref
 
 import pytest
 
-from taskwheel.app import collect_garbage_on_growth
+from taskwheel.app import collect_garbage_on_growth, tune_runtime
+from taskwheel.stores.cassandra import CassandraStore
+from taskwheel.stores.sqlite import SqliteStore
 
 
 class Node:
@@ -48,3 +51,24 @@ def test_no_collection_runs_while_the_heap_stays_put(automatic_gc_off):
     assert cycle() is not None  # left for a later collection, not walked on every tick
     gc.collect()
     assert cycle() is None
+
+
+@pytest.fixture
+def runtime_restored():
+    enabled, threshold, interval = gc.isenabled(), gc.get_threshold(), sys.getswitchinterval()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*threshold)
+    (gc.enable if enabled else gc.disable)()
+    sys.setswitchinterval(interval)
+
+
+def test_automatic_gc_is_off_beside_the_embedded_store(runtime_restored):
+    tune_runtime(SqliteStore)
+    assert not gc.isenabled()
+
+
+def test_automatic_gc_stays_on_beside_a_store_whose_client_makes_cycles(runtime_restored):
+    tune_runtime(CassandraStore)
+    assert gc.isenabled()
+    assert gc.get_threshold()[0] == 50_000
