@@ -147,8 +147,7 @@ _BUCKET_SQL = (
     f"ELSE -((-due_ms + {BUCKET_MS - 1}) / {BUCKET_MS}) END"
 )
 _COPY_DUE_ROWS = f"""
-INSERT INTO due (shard, bucket, due_ms, task_id, gen, queue, payload, fire_at_ms, attempt,
-                 max_attempts, headers, lease_ms, traceparent)
+INSERT INTO due ({_DUE_COLUMNS})
 SELECT shard, {_BUCKET_SQL}, due_ms, task_id, gen, queue, payload, fire_at_ms, attempt,
        max_attempts, headers, lease_ms, traceparent
 FROM tasks WHERE rowid > ?
