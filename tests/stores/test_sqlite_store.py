@@ -237,6 +237,32 @@ async def test_kill_9_loses_no_batch_that_insert_acknowledged(db):
     assert set(stored.values()) == {500}  # the batch in flight is there entirely or not at all
 
 
+def _count_statements(conn: sqlite3.Connection) -> list[str]:
+    started: list[str] = []
+    conn.set_trace_callback(started.append)  # once per statement run (executemany: per row)
+    return started
+
+
+async def test_a_batch_of_inserts_runs_a_few_statements_not_one_per_row(db):
+    # Each statement run lets go of the GIL and waits to win it back (see _Bulk in sqlite.py).
+    tasks = [new_task(due_ms=T0 + i) for i in range(1_000)]
+    async with opened(lambda: SqliteStore(db)) as store:
+        started = _count_statements(store._wconn)
+        await store.insert(tasks)
+    assert len(started) <= 15, started
+
+
+async def test_a_batch_of_transitions_runs_a_few_statements_not_one_per_task(db):
+    tasks = [new_task(due_ms=T0 + i) for i in range(1_000)]
+    async with opened(lambda: SqliteStore(db)) as store:
+        await store.insert(tasks)
+        leased = await store.apply([lease(t, T0 + 30_000) for t in tasks], now_ms=T0)
+        started = _count_statements(store._wconn)
+        ended = await store.apply([succeed(t, gen=2) for t in tasks], now_ms=T0)
+    assert all(leased) and all(ended)
+    assert len(started) <= 15, started
+
+
 # ---- purging -------------------------------------------------------------------------------
 
 async def test_purge_deletes_superseded_and_ended_rows_and_keeps_live_ones(db):
