@@ -30,6 +30,11 @@ from taskwheel.wire import record_of_due, set_ms
 
 log = logging.getLogger("taskwheel.dispatch")
 
+# Fired tasks taken per turn of the event loop. A burst (100,000 tasks due on one second) taken
+# whole held the loop for a second before the first delivery went out; in chunks, workers start
+# on the first while the rest are taken. Ordinary fires are far smaller and go in one turn.
+BURST_CHUNK = 4096
+
 
 class DispatchService(dispatch_pb2_grpc.DispatchServicer):
     """``timer`` is anything with ``async offer(records)`` and ``async forget(task_ids)``."""
@@ -121,6 +126,13 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
     async def push(self, records: list[TaskRecord], fired_at_ms: int) -> None:
         """Takes fired tasks; returns once each is leased to a worker or held, durably."""
         batch = _Batch(asyncio.get_running_loop().create_future(), len(records))
+        for start in range(0, len(records), BURST_CHUNK):
+            if start:
+                await asyncio.sleep(0)
+            self._take_fired(records[start:start + BURST_CHUNK], fired_at_ms, batch)
+        await batch.future
+
+    def _take_fired(self, records: list[TaskRecord], fired_at_ms: int, batch: "_Batch") -> None:
         touched = set()
         now = now_ms()
         for rec in records:
@@ -163,7 +175,6 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
             touched.add(qs)
         for qs in touched:
             self._pump(qs)
-        await batch.future
 
     def _pump(self, qs: "_QueueState") -> None:
         """Sends ready tasks to consumers with room, round robin, one message per consumer."""
