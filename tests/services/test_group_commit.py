@@ -91,16 +91,24 @@ def test_a_store_failure_reaches_every_caller_of_that_write_and_later_writes_sti
     run(main())
 
 
-def test_with_concurrency_independent_writes_overlap_and_each_caller_gets_its_own_results():
-    running = []
-    peak = []
+class OverlapCounter:
+    """A store write that takes ``seconds`` and records how many writes ran at once."""
 
-    async def write(items):
-        running.append(1)
-        peak.append(len(running))
-        await asyncio.sleep(0.03)
-        running.pop()
-        return [i + 1 for i in items]
+    def __init__(self, seconds: float, result=list):
+        self.seconds, self.result = seconds, result
+        self.running = 0
+        self.peak = 0
+
+    async def __call__(self, items):
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        await asyncio.sleep(self.seconds)
+        self.running -= 1
+        return self.result(items)
+
+
+def test_with_concurrency_independent_writes_overlap_and_each_caller_gets_its_own_results():
+    write = OverlapCounter(0.03, lambda items: [i + 1 for i in items])
 
     async def main():
         gc = GroupCommit(write, max_batch=2, max_pending=100, concurrency=3)
@@ -112,19 +120,11 @@ def test_with_concurrency_independent_writes_overlap_and_each_caller_gets_its_ow
 
     results = run(main())
     assert results == [[i + 1, i + 1] for i in range(6)]
-    assert max(peak) == 3
+    assert write.peak == 3
 
 
 def test_with_concurrency_one_writes_never_overlap():
-    running = []
-    peak = []
-
-    async def write(items):
-        running.append(1)
-        peak.append(len(running))
-        await asyncio.sleep(0.01)
-        running.pop()
-        return list(items)
+    write = OverlapCounter(0.01)
 
     async def main():
         gc = GroupCommit(write, max_batch=1, max_pending=100)
@@ -134,4 +134,4 @@ def test_with_concurrency_one_writes_never_overlap():
         await gc.stop()
 
     run(main())
-    assert max(peak) == 1
+    assert write.peak == 1
