@@ -125,6 +125,9 @@ def _submit_phases(submitter, scenario: Scenario, index: int, parts: int, run_di
             if phase.fire.kind == "same_second":
                 at = t0_ms + phase.fire.offset_s * 1000.0
                 fire_at = np.full(n, math.ceil(at / 1000.0) * 1000, dtype=np.int64)
+            elif phase.fire.kind == "window":
+                fire_at = (t0_ms + phase.fire.offset_s * 1000.0
+                           + rng.random(n) * phase.fire.length_s * 1000.0).astype(np.int64)
             else:
                 fire_at = (now_ms + phase.fire.offset_s * 1000.0
                            + rng.random(n) * phase.fire.length_s * 1000.0).astype(np.int64)

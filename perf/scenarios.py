@@ -8,6 +8,8 @@ fire time from the phase's spread:
   after the moment the submitter built the batch, as a user calling "run this in N seconds" does.
 * ``FireSpread.same_second(at_s)``: all due at one instant, the top of the whole second
   ``at_s`` seconds after the run started (a cron-style top-of-minute burst).
+* ``FireSpread.window(at_s, length_s)``: due ``at_s + U(0, length_s)`` seconds after the run
+  started, whenever submitted: a fire rate set apart from the submit rate.
 
 The named scenarios follow issue 5 (full scale, for the 2-core reference machine):
 
@@ -19,6 +21,8 @@ pending_1m     1,000,000 tasks due over the next hour, submitted as fast as the 
                them, then 30 s of a 5,000/s stream due 2-10 s out.
 top_of_minute  100,000 tasks submitted at 25,000/s, all due on the same second, 10 s after
                the run started.
+fire_50k       500,000 tasks submitted as fast as taken, due evenly over the 10 s that start
+               20 s after the run started: firing at 50,000/s with no submits beside it.
 =============  ==============================================================================
 
 ``scenario.scaled(0.01)`` multiplies every rate and count by the factor and keeps the durations
@@ -35,7 +39,7 @@ from typing import Iterator
 class FireSpread:
     """When a phase's tasks are due. See the module docstring."""
 
-    kind: str  # "after_submit" or "same_second"
+    kind: str  # "after_submit", "same_second" or "window"
     offset_s: float
     length_s: float = 0.0
 
@@ -47,8 +51,12 @@ class FireSpread:
     def same_second(cls, at_s: float) -> "FireSpread":
         return cls("same_second", at_s, 0.0)
 
+    @classmethod
+    def window(cls, at_s: float, length_s: float) -> "FireSpread":
+        return cls("window", at_s, length_s)
+
     def __post_init__(self) -> None:
-        if self.kind not in ("after_submit", "same_second"):
+        if self.kind not in ("after_submit", "same_second", "window"):
             raise ValueError(f"unknown fire spread {self.kind!r}")
         if self.offset_s < 0 or self.length_s < 0:
             raise ValueError("fire spread offsets must be >= 0")
@@ -57,6 +65,8 @@ class FireSpread:
         """The latest fire time (s since run start) of a task submitted at ``submit_s``."""
         if self.kind == "same_second":
             return math.floor(self.offset_s)
+        if self.kind == "window":
+            return self.offset_s + self.length_s
         return submit_s + self.offset_s + self.length_s
 
 
@@ -242,8 +252,18 @@ CONSTANT_10K = Scenario(
     ),
 )
 
+FIRE_50K = Scenario(
+    "fire_50k",
+    "500K tasks submitted as fast as taken, due evenly over 10 s from 20 s after start: "
+    "50K fires/s with no submits beside them",
+    (
+        Phase("fire", FireSpread.window(20.0, 10.0), tasks=500_000),
+    ),
+    notes={"late_submits": "a driver slower than 25K/s submits some tasks after they are due"},
+)
+
 SCENARIOS: dict[str, Scenario] = {
-    s.name: s for s in (STEADY, SPIKE, PENDING_1M, TOP_OF_MINUTE, CONSTANT_10K)
+    s.name: s for s in (STEADY, SPIKE, PENDING_1M, TOP_OF_MINUTE, CONSTANT_10K, FIRE_50K)
 }
 
 

@@ -168,6 +168,13 @@ def test_pending_scenario_holds_its_tasks_beyond_any_bounded_run():
     assert pending.fire.offset_s >= 600  # not shortened by the time factor
 
 
+def test_fire_50k_scenario_is_due_at_50k_per_second_whatever_the_submit_rate():
+    scenario = get_scenario("fire_50k")
+    fire = scenario.phases[0].fire
+    assert scenario.total_tasks / fire.length_s == 50_000
+    assert fire.latest_after(submit_s=25.0) == fire.offset_s + fire.length_s  # not after submit
+
+
 def test_cpu_share_is_cpu_seconds_over_the_sampled_wall_time():
     out = report.cpu_summary({"timer": [(0.0, 10.0), (4000.0, 13.0)]})
     assert (out["timer"]["cpu_seconds"], out["timer"]["cores_busy"]) == (3.0, 0.75)
