@@ -34,6 +34,8 @@ log = logging.getLogger("taskwheel.dispatch")
 # whole held the loop for a second before the first delivery went out; in chunks, workers start
 # on the first while the rest are taken. Ordinary fires are far smaller and go in one turn.
 BURST_CHUNK = 4096
+_MS_BITS = 44  # wall-clock milliseconds fit until the year 2527
+_MS_MASK = (1 << _MS_BITS) - 1
 
 
 class DispatchService(dispatch_pb2_grpc.DispatchServicer):
@@ -105,8 +107,15 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         self._queues: dict[str, _QueueState] = {}
         self._waiting: dict[str, _Waiting] = {}  # task_id -> fired, not yet sent to a worker
         self._leases: dict[str, _Lease] = {}  # task_id -> its outstanding delivery
-        self._finished: OrderedDict[str, tuple[int, int]] = OrderedDict()  # task_id -> (gen, ms)
-        self._unheld: deque[_Waiting] = deque()
+        # task_id -> gen << _MS_BITS | finished at ms. One int, not a tuple: a tuple stays tracked
+        # by the cyclic GC (automatic collection is off), and 120 s of finished tasks at 40K/s
+        # made collections walk millions of them.
+        self._finished: OrderedDict[str, int] = OrderedDict()
+        # Fired tasks in the order they started waiting, for the hold loop: ids and times, not
+        # the _Waiting objects, so a task sent to a worker at once is freed at once instead of
+        # staying alive (and tracked by the GC) for hold_after_ms.
+        self._unheld_ids: deque[str] = deque()
+        self._unheld_since: deque[int] = deque()
         self._orphans: deque[tuple[int, _Lease]] = deque()  # (retry at, lease) of gone workers
         self._unwritten: deque[tuple[int, _Lease]] = deque()  # (sent at, lease) not yet written
         self._writer = GroupCommit(self._apply, max_batch=config.write_batch, max_pending=1 << 62)
@@ -138,7 +147,7 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         for rec in records:
             task_id = rec.task_id
             fin = self._finished.get(task_id)
-            if fin is not None and fin[0] >= rec.gen:
+            if fin is not None and fin >> _MS_BITS >= rec.gen:
                 batch.done_one()  # the lease row of a task acked in the race with its firing
                 continue
             lease = self._leases.get(task_id)
@@ -165,11 +174,13 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
                     waiting.batches.append(batch)
                     waiting.held_gen = 0
                     waiting.since = now
-                    self._unheld.append(waiting)
+                    self._unheld_ids.append(task_id)
+                    self._unheld_since.append(now)
                 continue
             waiting = _Waiting(rec, [batch], now, fired_at_ms)
             self._waiting[task_id] = waiting
-            self._unheld.append(waiting)
+            self._unheld_ids.append(task_id)
+            self._unheld_since.append(now)
             qs = self._queue(rec.queue)
             qs.ready.append(waiting)
             touched.add(qs)
@@ -376,12 +387,12 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
 
     def _remember_finished(self, task_id: str, gen: int, now: int) -> None:
         finished = self._finished
-        finished[task_id] = (gen, now)
+        finished[task_id] = gen << _MS_BITS | now
         finished.move_to_end(task_id)
         horizon = now - self._config.finished_memory_ms
         while finished:
             first = next(iter(finished.values()))
-            if first[1] >= horizon:
+            if first & _MS_MASK >= horizon:
                 break
             finished.popitem(last=False)
 
@@ -434,11 +445,13 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
             self._retry_orphans(now)
             horizon = now - self._config.hold_after_ms
             entries = []
-            while self._unheld and self._unheld[0].since <= horizon:
-                waiting = self._unheld.popleft()
-                rec = waiting.record
-                if self._waiting.get(rec.task_id) is not waiting or waiting.held_gen:
+            ids, since = self._unheld_ids, self._unheld_since
+            while since and since[0] <= horizon:
+                task_id, started = ids.popleft(), since.popleft()
+                waiting = self._waiting.get(task_id)
+                if waiting is None or waiting.since != started or waiting.held_gen:
                     continue
+                rec = waiting.record
                 due = now + self._config.hold_ms
                 successor = dataclasses.replace(rec, gen=rec.gen + 1, due_ms=due)
                 waiting.held_gen = successor.gen
