@@ -51,6 +51,33 @@ async def test_opening_with_another_shard_count_is_refused(db):
             pass
 
 
+async def test_a_version_1_file_is_upgraded_and_keeps_every_task_as_it_was(db):
+    waiting, done, leased = (new_task(due_ms=T0 + i) for i in range(3))
+    async with opened(lambda: SqliteStore(db, num_shards=4)) as store:
+        await store.insert([waiting, done, leased])
+        await store.apply([succeed(done), lease(leased, T0 + 30_000)], now_ms=T0)
+    _rewrite_as_version_1(db)
+    async with opened(lambda: SqliteStore(db, num_shards=4)) as store:
+        assert [(r.task_id, r.gen) for r in await load(store)] == [
+            (waiting.task_id, 1), (leased.task_id, 2)]
+        assert (await store.get(done.task_id)).state == TaskState.SUCCEEDED
+        assert await store.apply([succeed(waiting), succeed(done)], now_ms=T0) == [True, False]
+        assert (await store.get(waiting.task_id)).state == TaskState.SUCCEEDED
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (2,)
+
+
+def _rewrite_as_version_1(path) -> None:
+    """The file as version 1 wrote it: ended tasks' states in their task rows, no ``ended``
+    table, due rows without the task's rowid."""
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE tasks SET state = e.state, updated_ms = e.updated_ms, "
+                     "last_error = e.last_error FROM ended AS e WHERE e.task_rowid = tasks.rowid")
+        conn.execute("DROP TABLE ended")
+        conn.execute("ALTER TABLE due DROP COLUMN task_rowid")
+        conn.execute("UPDATE meta SET value = 1 WHERE key = 'schema_version'")
+
+
 async def test_database_is_in_wal_mode(db):
     async with opened(lambda: SqliteStore(db, num_shards=4)):
         with sqlite3.connect(db) as conn:
