@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 from collections import OrderedDict, deque
 
@@ -26,7 +27,7 @@ from taskwheel.core import shard_of
 from taskwheel.group_commit import GroupCommit
 from taskwheel.stores.base import Store, TaskRecord, TaskState, Transition, TransitionKind
 from taskwheel.v1 import dispatch_pb2, dispatch_pb2_grpc
-from taskwheel.wire import record_of_due, set_ms
+from taskwheel.wire import delivery_times, record_of_due
 
 log = logging.getLogger("taskwheel.dispatch")
 
@@ -111,13 +112,14 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         # by the cyclic GC (automatic collection is off), and 120 s of finished tasks at 40K/s
         # made collections walk millions of them.
         self._finished: OrderedDict[str, int] = OrderedDict()
-        # Fired tasks in the order they started waiting, for the hold loop: ids and times, not
-        # the _Waiting objects, so a task sent to a worker at once is freed at once instead of
-        # staying alive (and tracked by the GC) for hold_after_ms.
-        self._unheld_ids: deque[str] = deque()
-        self._unheld_since: deque[int] = deque()
+        # Fired tasks in the order they started waiting, for the hold loop: (since, task ids)
+        # per take, not the _Waiting objects, so a task sent to a worker at once is freed at
+        # once instead of staying alive (and tracked by the GC) for hold_after_ms.
+        self._unheld: deque[tuple[int, list[str]]] = deque()
         self._orphans: deque[tuple[int, _Lease]] = deque()  # (retry at, lease) of gone workers
-        self._unwritten: deque[tuple[int, _Lease]] = deque()  # (sent at, lease) not yet written
+        # (sent at, leases) per message sent, their leases not yet written: one entry a message,
+        # not one a delivery.
+        self._unwritten: deque[tuple[int, list[_Lease]]] = deque()
         self._writer = GroupCommit(self._apply, max_batch=config.write_batch, max_pending=1 << 62)
         self._tasks: list[asyncio.Task] = []
         self.delivered = self.acked = self.nacked = self.redelivered = self.stale_acks = 0
@@ -144,13 +146,18 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
     def _take_fired(self, records: list[TaskRecord], fired_at_ms: int, batch: "_Batch") -> None:
         touched = set()
         now = now_ms()
+        finished = self._finished
+        leases = self._leases
+        waiting_by_task = self._waiting
+        queues = self._queues
+        unheld: list[str] = []
         for rec in records:
             task_id = rec.task_id
-            fin = self._finished.get(task_id)
+            fin = finished.get(task_id)
             if fin is not None and fin >> _MS_BITS >= rec.gen:
                 batch.done_one()  # the lease row of a task acked in the race with its firing
                 continue
-            lease = self._leases.get(task_id)
+            lease = leases.get(task_id)
             if lease is not None:
                 if rec.gen < lease.gen:
                     batch.done_one()  # a stale copy of a row already delivered
@@ -162,7 +169,7 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
                     self._finish(rec, TransitionKind.FAIL, rec.gen, rec.due_ms,
                                  "lease expired on the last attempt", [batch])
                     continue
-            waiting = self._waiting.get(task_id)
+            waiting = waiting_by_task.get(task_id)
             if waiting is not None:
                 if rec.gen < waiting.record.gen:
                     batch.done_one()
@@ -174,16 +181,16 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
                     waiting.batches.append(batch)
                     waiting.held_gen = 0
                     waiting.since = now
-                    self._unheld_ids.append(task_id)
-                    self._unheld_since.append(now)
+                    unheld.append(task_id)
                 continue
             waiting = _Waiting(rec, [batch], now, fired_at_ms)
-            self._waiting[task_id] = waiting
-            self._unheld_ids.append(task_id)
-            self._unheld_since.append(now)
-            qs = self._queue(rec.queue)
+            waiting_by_task[task_id] = waiting
+            unheld.append(task_id)
+            qs = queues.get(rec.queue) or self._queue(rec.queue)
             qs.ready.append(waiting)
             touched.add(qs)
+        if unheld:
+            self._unheld.append((now, unheld))
         for qs in touched:
             self._pump(qs)
 
@@ -192,34 +199,42 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         if not qs.ready or not qs.consumers:
             return
         now = now_ms()
-        unwritten = self._unwritten
+        ready = qs.ready
+        waiting_by_task = self._waiting
+        leases = self._leases
         consumers = qs.consumers
+        # (fire_at, fired_at, lease_ms) -> a delivery's three times, encoded once: a burst's
+        # tasks share them.
+        times: dict[tuple[int, int, int], bytes] = {}
         for _ in range(len(consumers)):
-            if not qs.ready:
+            if not ready:
                 break
             qs.rr = (qs.rr + 1) % len(consumers)
             consumer = consumers[qs.rr]
-            room = consumer.max_in_flight - len(consumer.in_flight)
+            in_flight = consumer.in_flight
+            room = consumer.max_in_flight - len(in_flight)
             if room <= 0:
                 continue
             response = dispatch_pb2.ConsumeResponse()
             add = response.deliveries.add
-            while room > 0 and qs.ready:
-                waiting = qs.ready.popleft()
+            sent = []
+            while room > 0 and ready:
+                waiting = ready.popleft()
                 rec = waiting.record
-                if self._waiting.get(rec.task_id) is not waiting:
+                task_id = rec.task_id
+                if waiting_by_task.get(task_id) is not waiting:
                     continue  # cancelled or superseded while waiting
-                del self._waiting[rec.task_id]
+                del waiting_by_task[task_id]
                 room -= 1
-                expires = now + rec.lease_ms
-                lease = _Lease(rec, rec.gen + 1, consumer, f"{rec.task_id}.{rec.gen + 1}", expires,
-                               waiting.batches)
-                consumer.in_flight[lease.delivery_id] = lease
-                self._leases[rec.task_id] = lease
-                unwritten.append((now, lease))
+                gen = rec.gen + 1
+                delivery_id = f"{task_id}.{gen}"
+                lease = _Lease(rec, gen, consumer, delivery_id, now + rec.lease_ms, waiting.batches)
+                in_flight[delivery_id] = lease
+                leases[task_id] = lease
+                sent.append(lease)
                 d = add(
-                    task_id=rec.task_id,
-                    delivery_id=lease.delivery_id,
+                    task_id=task_id,
+                    delivery_id=delivery_id,
                     queue=rec.queue,
                     payload=rec.payload,
                     attempt=rec.attempt,
@@ -230,11 +245,14 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
                     d.headers.update(rec.headers)
                 if rec.traceparent:
                     d.traceparent = rec.traceparent
-                set_ms(d.fire_at, rec.fire_at_ms)
-                set_ms(d.fired_at, waiting.fired_at)
-                set_ms(d.lease_expires_at, expires)
-            if response.deliveries:
-                self.delivered += len(response.deliveries)
+                key = (rec.fire_at_ms, waiting.fired_at, rec.lease_ms)
+                encoded = times.get(key)
+                if encoded is None:
+                    encoded = times[key] = delivery_times(rec.fire_at_ms, waiting.fired_at, lease.due_ms)
+                d.MergeFromString(encoded)
+            if sent:
+                self._unwritten.append((now, sent))
+                self.delivered += len(sent)
                 consumer.out.put_nowait(response)
                 if telemetry.enabled:
                     _trace_deliveries(response)
@@ -245,21 +263,25 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         """Writes the leases of deliveries sent before the delay that are still unanswered."""
         horizon = now - self._config.lease_write_delay_ms
         unwritten = self._unwritten
-        entries = []
+        transitions = []
+        successors = []
+        confirm = []
         while unwritten and unwritten[0][0] <= horizon:
-            _, lease = unwritten.popleft()
-            if lease.written:
-                continue  # answered within the delay: settled with one write
-            lease.written = True
-            rec = lease.record
-            successor = dataclasses.replace(
-                rec, gen=lease.gen, due_ms=lease.due_ms, attempt=rec.attempt + 1, state=TaskState.LEASED
-            )
-            entries.append((Transition(rec.task_id, rec.shard, TransitionKind.LEASE, rec.gen, rec.due_ms,
-                                       due_ms=lease.due_ms, attempt=successor.attempt, task=successor),
-                            successor, lease.batches))
-        if entries:
-            self._write(entries)
+            _, sent = unwritten.popleft()
+            for lease in sent:
+                if lease.written:
+                    continue  # answered within the delay: settled with one write
+                lease.written = True
+                rec = lease.record
+                successor = dataclasses.replace(
+                    rec, gen=lease.gen, due_ms=lease.due_ms, attempt=rec.attempt + 1, state=TaskState.LEASED
+                )
+                transitions.append(Transition(rec.task_id, rec.shard, TransitionKind.LEASE, rec.gen, rec.due_ms,
+                                              due_ms=lease.due_ms, attempt=successor.attempt, task=successor))
+                successors.append(successor)
+                confirm.append(lease.batches)
+        if transitions:
+            self._write(transitions, successors, confirm)
 
     def _settle(self, lease: "_Lease") -> tuple[int, int, list]:
         """(gen, due_ms, push batches) of the row a final transition of this delivery
@@ -270,31 +292,33 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         self.coalesced += 1
         return lease.record.gen, lease.record.due_ms, lease.batches
 
-    def _write(self, entries) -> None:
-        """Queues (transition, successor record or None, batches to confirm) for the writer."""
-        fut = self._writer.commit(entries)
-        fut.add_done_callback(self._written)
+    def _write(self, transitions: list[Transition], successors: list[TaskRecord] | None,
+               confirm: list[list[_Batch]]) -> None:
+        """Queues transitions for the writer. Once durable, each applied transition's successor
+        record (``successors`` lines up with ``transitions``; None: none has one) goes to the
+        timer, and every push batch in ``confirm`` (lists of them) counts one task handed over
+        per appearance."""
+        fut = self._writer.commit(transitions)
+        fut.add_done_callback(functools.partial(self._written, successors, confirm))
 
-    def _written(self, fut: asyncio.Future) -> None:
+    def _written(self, successors: list[TaskRecord] | None, confirm: list[list[_Batch]],
+                 fut: asyncio.Future) -> None:
         if fut.cancelled():
             return
         exc = fut.exception()
         if exc is not None:
             log.error("store rejected %s; the checkpoint keeps the tasks for a restart", exc)
             return
-        offers = []
-        for applied, successor, batches in fut.result():
-            if applied and successor is not None:
-                offers.append(successor)
-            for batch in batches:
-                batch.done_one()
-        if offers:
-            asyncio.get_running_loop().create_task(self.timer.offer(offers))
+        if confirm:
+            _confirm(confirm)
+        if successors is not None:
+            offers = [successor for applied, successor in zip(fut.result(), successors) if applied]
+            if offers:
+                asyncio.get_running_loop().create_task(self.timer.offer(offers))
 
-    async def _apply(self, entries):
-        """The writer's store call: applies transitions, keeps each entry's bookkeeping."""
-        results = await self._store.apply([e[0] for e in entries], now_ms())
-        return [(ok, successor, batches) for ok, (_, successor, batches) in zip(results, entries)]
+    async def _apply(self, transitions: list[Transition]) -> list[bool]:
+        """The writer's store call."""
+        return await self._store.apply(transitions, now_ms())
 
     async def _read(self, consumer: "_Consumer", request_iterator) -> None:
         try:
@@ -315,38 +339,57 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         consumer.out.put_nowait(None)
 
     def _take_lease(self, consumer: "_Consumer", delivery_id: str) -> "_Lease | None":
-        lease = consumer.in_flight.pop(delivery_id, None)
-        if lease is None:
-            # Delivered on an earlier stream of a worker that reconnected: still good if current.
-            task_id = delivery_id.rpartition(".")[0]
-            lease = self._leases.get(task_id)
-            if lease is None or lease.delivery_id != delivery_id:
-                self.stale_acks += 1  # expired and redelivered, or never ours
-                return None
-            lease.consumer.in_flight.pop(delivery_id, None)
-        if self._leases.get(lease.record.task_id) is lease:
+        lease = consumer.in_flight.pop(delivery_id, None) or self._lease_elsewhere(delivery_id)
+        if lease is not None and self._leases.get(lease.record.task_id) is lease:
             del self._leases[lease.record.task_id]
         return lease
 
+    def _lease_elsewhere(self, delivery_id: str) -> "_Lease | None":
+        """The lease of a delivery not in flight on the answering stream: delivered on an earlier
+        stream of a worker that reconnected, still good if current."""
+        lease = self._leases.get(delivery_id.rpartition(".")[0])
+        if lease is None or lease.delivery_id != delivery_id:
+            self.stale_acks += 1  # expired and redelivered, or never ours
+            return None
+        lease.consumer.in_flight.pop(delivery_id, None)
+        return lease
+
     def _ack(self, consumer: "_Consumer", delivery_ids) -> None:
-        entries = []
+        # _take_lease, _remember_finished and _settle, inlined: this runs once per task.
+        transitions = []
+        confirm = []
         forget = []
         now = now_ms()
+        in_flight = consumer.in_flight
+        leases = self._leases
+        finished = self._finished
+        succeed = TransitionKind.SUCCEED
+        coalesced = self.coalesced
         for delivery_id in delivery_ids:
-            lease = self._take_lease(consumer, delivery_id)
+            lease = in_flight.pop(delivery_id, None) or self._lease_elsewhere(delivery_id)
             if lease is None:
                 continue
             rec = lease.record
-            self.acked += 1
-            self._remember_finished(rec.task_id, lease.gen, now)
-            gen, due_ms, batches = self._settle(lease)
-            entries.append((Transition(rec.task_id, rec.shard, TransitionKind.SUCCEED, gen, due_ms),
-                            None, batches))
-            forget.append(rec.task_id)
+            task_id = rec.task_id
+            if leases.get(task_id) is lease:
+                del leases[task_id]
+            finished[task_id] = lease.gen << _MS_BITS | now
+            finished.move_to_end(task_id)
+            if lease.written:
+                transitions.append(Transition(task_id, rec.shard, succeed, lease.gen, lease.due_ms))
+            else:
+                lease.written = True
+                coalesced += 1
+                transitions.append(Transition(task_id, rec.shard, succeed, rec.gen, rec.due_ms))
+                confirm.append(lease.batches)
+            forget.append(task_id)
             if telemetry.enabled:
                 _trace_task("dispatch.ack", rec, lease.gen)
-        if entries:
-            self._write(entries)
+        if transitions:
+            self.acked += len(transitions)
+            self.coalesced = coalesced
+            self._forget_finished(now)
+            self._write(transitions, None, confirm)
             asyncio.get_running_loop().create_task(self.timer.forget(forget))
 
     def _nack(self, consumer: "_Consumer", nack) -> None:
@@ -374,21 +417,25 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
             rec, gen=gen + 1, due_ms=now + retry_after, attempt=rec.attempt + 1,
             state=TaskState.SCHEDULED, last_error=error,
         )
-        self._write([(Transition(rec.task_id, rec.shard, TransitionKind.RETRY, gen, due_ms,
-                                 due_ms=successor.due_ms, attempt=successor.attempt, error=error,
-                                 task=successor),
-                      successor, batches)])
+        self._write([Transition(rec.task_id, rec.shard, TransitionKind.RETRY, gen, due_ms,
+                                due_ms=successor.due_ms, attempt=successor.attempt, error=error,
+                                task=successor)],
+                    [successor], [batches])
 
     def _finish(self, rec: TaskRecord, kind: TransitionKind, gen: int, due_ms: int, error: str,
                 batches: list) -> None:
         self._remember_finished(rec.task_id, gen + 1, now_ms())
-        self._write([(Transition(rec.task_id, rec.shard, kind, gen, due_ms, error=error), None, batches)])
+        self._write([Transition(rec.task_id, rec.shard, kind, gen, due_ms, error=error)], None, [batches])
         asyncio.get_running_loop().create_task(self.timer.forget([rec.task_id]))
 
     def _remember_finished(self, task_id: str, gen: int, now: int) -> None:
         finished = self._finished
         finished[task_id] = gen << _MS_BITS | now
         finished.move_to_end(task_id)
+        self._forget_finished(now)
+
+    def _forget_finished(self, now: int) -> None:
+        finished = self._finished
         horizon = now - self._config.finished_memory_ms
         while finished:
             first = next(iter(finished.values()))
@@ -444,25 +491,29 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
             now = now_ms()
             self._retry_orphans(now)
             horizon = now - self._config.hold_after_ms
-            entries = []
-            ids, since = self._unheld_ids, self._unheld_since
-            while since and since[0] <= horizon:
-                task_id, started = ids.popleft(), since.popleft()
-                waiting = self._waiting.get(task_id)
-                if waiting is None or waiting.since != started or waiting.held_gen:
-                    continue
-                rec = waiting.record
-                due = now + self._config.hold_ms
-                successor = dataclasses.replace(rec, gen=rec.gen + 1, due_ms=due)
-                waiting.held_gen = successor.gen
-                entries.append((Transition(rec.task_id, rec.shard, TransitionKind.RETRY, rec.gen,
-                                           rec.due_ms, due_ms=due, attempt=rec.attempt,
-                                           error=rec.last_error, task=successor),
-                                successor, waiting.batches))
-                waiting.record = successor
-                waiting.batches = []
-            if entries:
-                self._write(entries)
+            transitions = []
+            successors = []
+            confirm = []
+            unheld = self._unheld
+            while unheld and unheld[0][0] <= horizon:
+                started, task_ids = unheld.popleft()
+                for task_id in task_ids:
+                    waiting = self._waiting.get(task_id)
+                    if waiting is None or waiting.since != started or waiting.held_gen:
+                        continue
+                    rec = waiting.record
+                    due = now + self._config.hold_ms
+                    successor = dataclasses.replace(rec, gen=rec.gen + 1, due_ms=due)
+                    waiting.held_gen = successor.gen
+                    transitions.append(Transition(rec.task_id, rec.shard, TransitionKind.RETRY, rec.gen,
+                                                  rec.due_ms, due_ms=due, attempt=rec.attempt,
+                                                  error=rec.last_error, task=successor))
+                    successors.append(successor)
+                    confirm.append(waiting.batches)
+                    waiting.record = successor
+                    waiting.batches = []
+            if transitions:
+                self._write(transitions, successors, confirm)
 
 
 def _trace_deliveries(response) -> None:
@@ -496,9 +547,28 @@ class _Batch:
             future.set_result(None)
 
     def done_one(self) -> None:
-        self.remaining -= 1
+        self.done(1)
+
+    def done(self, count: int) -> None:
+        self.remaining -= count
         if self.remaining == 0 and not self.future.done():
             self.future.set_result(None)
+
+
+def _confirm(confirm: list[list[_Batch]]) -> None:
+    """One done() per run of the same batch: a write's tasks mostly come from one push."""
+    last = None
+    count = 0
+    for batches in confirm:
+        for batch in batches:
+            if batch is last:
+                count += 1
+                continue
+            if last is not None:
+                last.done(count)
+            last, count = batch, 1
+    if last is not None:
+        last.done(count)
 
 
 @dataclasses.dataclass(slots=True, eq=False)

@@ -86,14 +86,17 @@ class TimerService(timer_pb2_grpc.TimerServicer):
         return len(taken)
 
     def forget_now(self, task_ids) -> int:
-        forgotten = 0
+        keys_by_task = self._keys
+        held = self._records
+        keys = []
         for task_id in task_ids:
-            key = self._keys.pop(task_id, None)
+            key = keys_by_task.pop(task_id, None)
             if key is not None:
-                self.wheel.cancel(key)
-                del self._records[key]
-                forgotten += 1
-        return forgotten
+                del held[key]
+                keys.append(key)
+        if keys:
+            self.wheel.cancel_many(keys)
+        return len(keys)
 
     def _admit(self, records) -> None:
         """Schedules records; a task already held moves only for a newer gen."""

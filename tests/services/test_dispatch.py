@@ -2,12 +2,17 @@
 import asyncio
 import time
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from taskwheel.config import Config
 from taskwheel.core import shard_of
 from taskwheel.dispatch import DispatchService
 from taskwheel.dispatch.servicer import BURST_CHUNK
-from taskwheel.stores.base import TaskRecord
+from taskwheel.stores.base import TaskRecord, TaskState
 from taskwheel.stores.sqlite import SqliteStore
+from taskwheel.v1 import dispatch_pb2, task_pb2
+from taskwheel.wire import delivery_times, ms_of, set_ms
 
 
 class QuietTimer:
@@ -48,3 +53,111 @@ def test_a_burst_of_fired_tasks_is_taken_over_several_turns_of_the_event_loop(tm
 
     seen = asyncio.run(main())
     assert any(0 < n < len(burst) for n in seen), seen[:5]
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def task(task_id: str, due_ms: int, **fields) -> TaskRecord:
+    return TaskRecord(task_id=task_id, shard=shard_of(task_id, 4), queue="q", payload=b"p",
+                      fire_at_ms=due_ms, due_ms=due_ms, **fields)
+
+
+class Stream:
+    """A Consume stream's requests, handed to the servicer as grpc.aio would."""
+
+    def __init__(self) -> None:
+        self._sent: asyncio.Queue = asyncio.Queue()
+
+    def send(self, **msg) -> None:
+        self._sent.put_nowait(dispatch_pb2.ConsumeRequest(**msg))
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return await self._sent.get()
+
+
+class Context:
+    async def abort(self, code, details):
+        raise AssertionError(f"aborted: {code} {details}")
+
+
+async def subscribed(dispatch: DispatchService, max_in_flight: int = 100):
+    stream = Stream()
+    stream.send(subscribe=dispatch_pb2.Subscribe(queue="q", max_in_flight=max_in_flight))
+    return stream, dispatch.Consume(stream, Context())
+
+
+@given(st.integers(min_value=-(1 << 44), max_value=1 << 44), st.integers(min_value=-5_000, max_value=5_000))
+def test_delivery_times_read_back_as_the_milliseconds_they_were_made_of(ms, offset):
+    merged = task_pb2.Delivery(task_id="t")
+    merged.MergeFromString(delivery_times(ms, ms + offset, ms - offset))
+    assert (ms_of(merged.fire_at), ms_of(merged.fired_at), ms_of(merged.lease_expires_at)) == (
+        ms, ms + offset, ms - offset)
+    filled = task_pb2.Delivery(task_id="t")
+    set_ms(filled.fire_at, ms)
+    set_ms(filled.fired_at, ms + offset)
+    set_ms(filled.lease_expires_at, ms - offset)
+    assert merged.SerializeToString() == filled.SerializeToString()
+
+
+def test_a_delivery_carries_its_fire_time_the_time_it_fired_and_its_lease_expiry(tmp_path):
+    async def main():
+        store = SqliteStore(tmp_path / "t.db", num_shards=4)
+        await store.open()
+        fired_at = now_ms()
+        early = task("early", fired_at - 1_500, lease_ms=7_000)
+        late = task("late", fired_at - 1_499, lease_ms=9_000)
+        await store.insert([early, late])
+        dispatch = DispatchService(Config(), store, QuietTimer())
+        await dispatch.start()
+        stream, deliveries = await subscribed(dispatch)
+        push = asyncio.get_running_loop().create_task(dispatch.push([early, late], fired_at))
+        sent_after = now_ms()
+        msg = await deliveries.__anext__()
+        sent_before = now_ms()
+        stream.send(ack=dispatch_pb2.Ack(delivery_ids=[d.delivery_id for d in msg.deliveries]))
+        await asyncio.wait_for(push, 5)
+        await deliveries.aclose()
+        await dispatch.stop()
+        await store.close()
+        return msg, sent_after, sent_before
+
+    msg, sent_after, sent_before = asyncio.run(main())
+    times = {d.task_id: (ms_of(d.fire_at), ms_of(d.fired_at), ms_of(d.lease_expires_at)) for d in msg.deliveries}
+    assert times["early"][:2] == (times["early"][1] - 1_500, times["early"][1])
+    assert times["late"][:2] == (times["late"][1] - 1_499, times["late"][1])
+    assert sent_after - 5 <= times["early"][2] - 7_000 <= sent_before
+    assert times["late"][2] - 9_000 == times["early"][2] - 7_000  # one message, one send time
+    assert {d.delivery_id for d in msg.deliveries} == {"early.2", "late.2"}
+
+
+def test_a_push_returns_once_each_task_is_answered_or_leased_durably_the_last_one_included(tmp_path):
+    async def main():
+        store = SqliteStore(tmp_path / "t.db", num_shards=4)
+        await store.open()
+        fired_at = now_ms()
+        tasks = [task(f"t{i}", fired_at - 10) for i in range(5)]
+        await store.insert(tasks)
+        dispatch = DispatchService(Config(lease_write_delay_ms=50), store, QuietTimer())
+        await dispatch.start()
+        stream, deliveries = await subscribed(dispatch)
+        started = time.monotonic()
+        push = asyncio.get_running_loop().create_task(dispatch.push(tasks, fired_at))
+        ids = sorted(d.delivery_id for d in (await deliveries.__anext__()).deliveries)
+        stream.send(ack=dispatch_pb2.Ack(delivery_ids=ids[:2]))
+        stream.send(ack=dispatch_pb2.Ack(delivery_ids=ids[2:4]))  # t4: left unanswered
+        await asyncio.wait_for(push, 5)
+        waited = time.monotonic() - started
+        states = [(await store.get(t.task_id)).state for t in tasks]
+        await deliveries.aclose()
+        await dispatch.stop()
+        await store.close()
+        return waited, states
+
+    waited, states = asyncio.run(main())
+    assert waited >= 0.05  # the unanswered task's lease, written after the delay
+    assert states == [TaskState.SUCCEEDED] * 4 + [TaskState.LEASED]

@@ -132,6 +132,25 @@ def test_a_forgotten_task_does_not_fire(tmp_path):
     assert [t for t, _, _ in dispatch.fired] == ["a".ljust(28, "0")]
 
 
+def test_forget_counts_the_tasks_it_took_out_of_the_wheel_and_leaves_the_rest(tmp_path):
+    store = SqliteStore(str(tmp_path / "t.db"), num_shards=SHARDS)
+
+    async def main():
+        await store.open()
+        timer = TimerService(config(), store, RecordingDispatch())
+        timer.loaded_until_ms = now_ms() + 60_000  # offers are taken without a running loader
+        due = now_ms() + 30_000
+        timer.offer_now([task(f"{i:028x}", due + i) for i in range(4)])
+        forgotten = timer.forget_now([f"{1:028x}", f"{3:028x}", "never-offered", f"{3:028x}"])
+        left = sorted(rec.task_id for rec in timer._records.values())
+        await store.close()
+        return forgotten, len(timer.wheel), left
+
+    forgotten, pending, left = asyncio.run(main())
+    assert (forgotten, pending) == (2, 2)
+    assert left == [f"{0:028x}", f"{2:028x}"]
+
+
 def test_the_checkpoint_stays_below_a_fired_task_dispatch_has_not_confirmed(tmp_path):
     path = str(tmp_path / "t.db")
     due = now_ms() + 200
