@@ -2,8 +2,10 @@
 
 Tables (see base.py for the semantics every store shares):
 
-``due``          one row per (task, gen): shard, minute bucket, due_ms, task_id, gen and
-                 everything a delivery needs. Written once, never updated. The index
+``due``          one row per (task, gen): shard, minute bucket, due_ms, gen and the task's
+                 rowid; the rest of a delivery is read from the task row, which a due row
+                 must match anyway to be live (so a task's payload is written once, not again
+                 per due row as the Cassandra store must). Written once, never updated. The index
                  ``due_partition (shard, bucket, seq, due_ms)`` is the Cassandra partition
                  (shard, bucket); within it rows sit in arrival order (``seq``) and ``load_due``
                  sorts the slice it reads by (due_ms, task_id). Why not cluster by due_ms as
@@ -25,8 +27,8 @@ Tables (see base.py for the semantics every store shares):
 ``checkpoints``  shard -> ms, only ever raised.
 ``state_counts`` state -> number of tasks, changed in the same transaction as the tasks, so
                  ``counts()`` reads 5 rows instead of scanning every task.
-``meta``         created_ms, num_shards, schema_version (1 -> 2 added ``ended`` and
-                 ``due.task_rowid``; a version 1 file is upgraded when opened).
+``meta``         created_ms, num_shards, schema_version (2 added ``ended`` and narrowed
+                 ``due`` to the task's rowid; a version 1 file is upgraded when opened).
 
 Threading: all writes run on ONE writer thread that owns the write connection, so the event
 loop never blocks on disk and this process never contends with itself for SQLite's write lock.
@@ -81,7 +83,18 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 2
 _MIN_SQLITE = (3, 38, 0)  # JSON functions built in by default; UPDATE ... FROM since 3.33
 
-_SCHEMA = """
+_DUE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS due (
+    seq INTEGER PRIMARY KEY,
+    shard INTEGER NOT NULL,
+    bucket INTEGER NOT NULL,
+    due_ms INTEGER NOT NULL,
+    gen INTEGER NOT NULL,
+    task_rowid INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS due_partition ON due (shard, bucket, seq, due_ms);
+"""
+_SCHEMA = _DUE_SCHEMA + """
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -107,24 +120,6 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS tasks_idem ON tasks (queue, idempotency_key)
     WHERE idempotency_key != '';
-CREATE TABLE IF NOT EXISTS due (
-    seq INTEGER PRIMARY KEY,
-    shard INTEGER NOT NULL,
-    bucket INTEGER NOT NULL,
-    due_ms INTEGER NOT NULL,
-    task_id TEXT NOT NULL,
-    gen INTEGER NOT NULL,
-    queue TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    fire_at_ms INTEGER NOT NULL,
-    attempt INTEGER NOT NULL,
-    max_attempts INTEGER NOT NULL,
-    headers TEXT NOT NULL,
-    lease_ms INTEGER NOT NULL,
-    traceparent TEXT NOT NULL,
-    task_rowid INTEGER
-);
-CREATE INDEX IF NOT EXISTS due_partition ON due (shard, bucket, seq, due_ms);
 CREATE TABLE IF NOT EXISTS ended (
     task_rowid INTEGER PRIMARY KEY,
     state INTEGER NOT NULL,
@@ -151,10 +146,7 @@ _INSERT_TASK_UNLESS_TAKEN = (
     f"INSERT INTO tasks ({_TASK_COLUMNS}) "
     "VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
 )
-_DUE_COLUMNS = (
-    "shard, bucket, due_ms, task_id, gen, queue, payload, fire_at_ms, attempt, max_attempts, "
-    "headers, lease_ms, traceparent, task_rowid"
-)
+_DUE_COLUMNS = "shard, bucket, due_ms, gen, task_rowid"
 # SQLite's integer division truncates toward zero; buckets are floor(due_ms / BUCKET_MS).
 _BUCKET_SQL = (
     f"CASE WHEN due_ms >= 0 THEN due_ms / {BUCKET_MS} "
@@ -162,9 +154,7 @@ _BUCKET_SQL = (
 )
 _COPY_DUE_ROWS = f"""
 INSERT INTO due ({_DUE_COLUMNS})
-SELECT shard, {_BUCKET_SQL}, due_ms, task_id, gen, queue, payload, fire_at_ms, attempt,
-       max_attempts, headers, lease_ms, traceparent, rowid
-FROM tasks WHERE rowid > ?
+SELECT shard, {_BUCKET_SQL}, due_ms, gen, rowid FROM tasks WHERE rowid > ?
 """
 # A task row with its ended row, if any, laid over it.
 _TASK_WITH_END = (
@@ -182,14 +172,15 @@ _LIVE = (
 )
 # The bucket bounds pick the partitions, due_ms is filtered inside the index, and only the rows
 # in range are fetched, joined and sorted.
+# A live due row's gen is its task's, so its due_ms and attempt are the task row's too.
 _SELECT_DUE = f"""
-SELECT d.task_id, d.shard, d.queue, d.payload, d.fire_at_ms, d.due_ms, t.state, d.attempt,
-       d.max_attempts, d.gen, d.headers, t.idempotency_key, d.lease_ms, d.traceparent,
+SELECT t.task_id, t.shard, t.queue, t.payload, t.fire_at_ms, d.due_ms, t.state, t.attempt,
+       t.max_attempts, d.gen, t.headers, t.idempotency_key, t.lease_ms, t.traceparent,
        t.created_ms, t.updated_ms, t.last_error
 FROM due AS d INDEXED BY due_partition JOIN tasks AS t ON t.rowid = d.task_rowid
 WHERE d.shard = ? AND d.bucket >= ? AND d.bucket <= ? AND d.due_ms >= ? AND d.due_ms < ?
   AND d.gen = t.gen AND {_LIVE}
-ORDER BY d.due_ms, d.task_id
+ORDER BY d.due_ms, t.task_id
 """
 # The same rows as one JSON array, in one statement step (see _Bulk for why steps are counted):
 # the subquery's ORDER BY holds because SQLite never flattens an ordered subquery into an
@@ -604,19 +595,13 @@ class SqliteStore(Store):
                 old_state = cur[1]
                 kind = t.kind
                 if kind in _RESCHEDULING:
-                    task = t.task
-                    assert task is not None
                     gen = cur[0] + 1
                     cur[0], cur[2], cur[3] = gen, t.attempt, t.due_ms
                     if kind == _LEASE:
                         cur[1] = leased
                     else:
                         cur[1], cur[4] = scheduled, t.error
-                    due_rows.append((
-                        t.shard, t.due_ms // BUCKET_MS, t.due_ms, t.task_id, gen, task.queue,
-                        task.payload, task.fire_at_ms, t.attempt, task.max_attempts,
-                        _encode_headers(task.headers), task.lease_ms, task.traceparent, cur[5],
-                    ))
+                    due_rows.append((t.shard, t.due_ms // BUCKET_MS, t.due_ms, gen, cur[5]))
                     # One row per task, its last state: an UPDATE ... FROM uses one match per row.
                     updates[cur[5]] = (cur[0], cur[1], cur[2], cur[3], now_ms, cur[4], cur[5])
                 else:
@@ -807,16 +792,24 @@ class _Bulk:
 
 _BULK_ROWS = (16, 256)
 _insert_tasks = _Bulk(_BULK_INSERT_TASKS, 15)
-_insert_due = _Bulk(_BULK_INSERT_DUE, 14)
+_insert_due = _Bulk(_BULK_INSERT_DUE, 5)
 _update_tasks = _Bulk(_BULK_UPDATE_TASKS, 7)
 _insert_ended = _Bulk(_BULK_INSERT_ENDED, 4)
 
 
 def _upgrade_from_1(conn: sqlite3.Connection) -> None:
-    """Version 1 had no ``ended`` table (the schema above creates it) and joined due rows to
-    their tasks by task_id; version 2 joins by the task's rowid, which each due row now holds."""
-    conn.execute("ALTER TABLE due ADD COLUMN task_rowid INTEGER")
-    conn.execute("UPDATE due SET task_rowid = (SELECT rowid FROM tasks WHERE task_id = due.task_id)")
+    """Version 1 had no ``ended`` table (the schema above creates it), and its due rows carried
+    a copy of their task's fields; version 2's hold the task's rowid instead."""
+    conn.execute("ALTER TABLE due RENAME TO due_v1")
+    conn.execute("DROP INDEX due_partition")
+    for statement in _DUE_SCHEMA.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+    conn.execute(
+        f"INSERT INTO due (seq, {_DUE_COLUMNS}) SELECT d.seq, d.shard, d.bucket, d.due_ms, d.gen, "
+        "t.rowid FROM due_v1 AS d JOIN tasks AS t ON t.task_id = d.task_id"
+    )
+    conn.execute("DROP TABLE due_v1")
     conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION,))
     log.info("upgraded the embedded store's schema from version 1 to %d", SCHEMA_VERSION)
 

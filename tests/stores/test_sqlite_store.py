@@ -69,12 +69,25 @@ async def test_a_version_1_file_is_upgraded_and_keeps_every_task_as_it_was(db):
 
 def _rewrite_as_version_1(path) -> None:
     """The file as version 1 wrote it: ended tasks' states in their task rows, no ``ended``
-    table, due rows without the task's rowid."""
+    table, due rows carrying a copy of their task's fields instead of its rowid."""
     with sqlite3.connect(path) as conn:
         conn.execute("UPDATE tasks SET state = e.state, updated_ms = e.updated_ms, "
                      "last_error = e.last_error FROM ended AS e WHERE e.task_rowid = tasks.rowid")
         conn.execute("DROP TABLE ended")
-        conn.execute("ALTER TABLE due DROP COLUMN task_rowid")
+        conn.execute("ALTER TABLE due RENAME TO due_v2")
+        conn.execute("DROP INDEX due_partition")
+        conn.execute("""CREATE TABLE due (
+            seq INTEGER PRIMARY KEY, shard INTEGER NOT NULL, bucket INTEGER NOT NULL,
+            due_ms INTEGER NOT NULL, task_id TEXT NOT NULL, gen INTEGER NOT NULL,
+            queue TEXT NOT NULL, payload BLOB NOT NULL, fire_at_ms INTEGER NOT NULL,
+            attempt INTEGER NOT NULL, max_attempts INTEGER NOT NULL, headers TEXT NOT NULL,
+            lease_ms INTEGER NOT NULL, traceparent TEXT NOT NULL)""")
+        conn.execute("CREATE INDEX due_partition ON due (shard, bucket, seq, due_ms)")
+        conn.execute("INSERT INTO due SELECT d.seq, d.shard, d.bucket, d.due_ms, t.task_id, d.gen, "
+                     "t.queue, t.payload, t.fire_at_ms, t.attempt, t.max_attempts, t.headers, "
+                     "t.lease_ms, t.traceparent FROM due_v2 AS d JOIN tasks AS t "
+                     "ON t.rowid = d.task_rowid")
+        conn.execute("DROP TABLE due_v2")
         conn.execute("UPDATE meta SET value = 1 WHERE key = 'schema_version'")
 
 
