@@ -2,6 +2,7 @@
 
     .venv/bin/python perf/bench_fire_path.py                  # 3 repetitions of 100,000 tasks
     .venv/bin/python perf/bench_fire_path.py --tasks 50000 --rate 50000 --repeat 1
+    .venv/bin/python perf/bench_fire_path.py --ack-after-ms 80   # every lease written first
 
 One process, everything on one asyncio loop, as in the embedded mode: a real SqliteStore in a
 temporary directory, the TimerService and DispatchService started with their own loops (fire,
@@ -155,9 +156,10 @@ def _worker_reply(data: bytes) -> bytes:
 
 
 async def _consume(dispatch: DispatchService, stream: _RequestStream, max_in_flight: int,
-                   serialize, worker_cpu: list) -> None:
+                   serialize, worker_cpu: list, ack_after_ms: int) -> None:
     """Runs the servicer's Consume generator as grpc.aio would, with the worker's replies."""
     clock = time.thread_time_ns
+    loop = asyncio.get_running_loop()
     stream.sent.put_nowait(dispatch_pb2.ConsumeRequest(subscribe=dispatch_pb2.Subscribe(
         queue=QUEUE, max_in_flight=max_in_flight)).SerializeToString())
     async for msg in dispatch.Consume(stream, _Context()):
@@ -165,7 +167,10 @@ async def _consume(dispatch: DispatchService, stream: _RequestStream, max_in_fli
         started = clock()
         reply = _worker_reply(data)
         worker_cpu[0] += clock() - started
-        stream.sent.put_nowait(reply)
+        if ack_after_ms:
+            loop.call_later(ack_after_ms / 1000, stream.sent.put_nowait, reply)
+        else:
+            stream.sent.put_nowait(reply)
 
 
 def _records(n: int, rate: int, first_due: int, shards: int) -> list[TaskRecord]:
@@ -175,7 +180,8 @@ def _records(n: int, rate: int, first_due: int, shards: int) -> list[TaskRecord]
             for i in range(n)]
 
 
-async def run_once(n: int, rate: int, max_in_flight: int, profiled: bool, data_dir: str) -> dict:
+async def run_once(n: int, rate: int, max_in_flight: int, ack_after_ms: int, profiled: bool,
+                   data_dir: str) -> dict:
     config = Config(data_dir=data_dir, lookahead_ms=10_000, slice_ms=1_000)
     store = SqliteStore(os.path.join(data_dir, "tasks.db"), num_shards=config.shards)
     await store.open()
@@ -203,7 +209,7 @@ async def run_once(n: int, rate: int, max_in_flight: int, profiled: bool, data_d
     stream = _RequestStream(parse)
     worker_cpu = [0]
     consumer = asyncio.get_running_loop().create_task(
-        _consume(dispatch, stream, max_in_flight, serialize, worker_cpu), name="consume stream")
+        _consume(dispatch, stream, max_in_flight, serialize, worker_cpu, ack_after_ms), name="consume stream")
     while len(timer.wheel) < n:
         await asyncio.sleep(0.01)
     late = now_ms() - first_due
@@ -276,19 +282,23 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=100_000)
     parser.add_argument("--rate", type=int, default=30_000, help="tasks due per second")
     parser.add_argument("--max-in-flight", type=int, default=10_000, help="the worker's subscribe")
+    parser.add_argument("--ack-after-ms", type=int, default=0,
+                        help="the worker's delay before acking a message; past the lease write delay "
+                             "(50 ms) every delivery's lease is written first")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--places", action="store_true", help="print every timed place too")
     parser.add_argument("--no-stages", action="store_true", help="only the plain runs")
     args = parser.parse_args()
 
-    print(f"# {args.tasks} tasks at {args.rate}/s, worker max_in_flight {args.max_in_flight}; "
+    print(f"# {args.tasks} tasks at {args.rate}/s, worker max_in_flight {args.max_in_flight}, acks after "
+          f"{args.ack_after_ms} ms; "
           f"python {platform.python_version()}, {os.cpu_count()} cpus, load "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}, taskwheel from "
           f"{os.path.dirname(sys.modules['taskwheel'].__file__)}")
     plain, staged = [], []
     for _ in range(args.repeat):
         with tempfile.TemporaryDirectory(prefix="bench-fire-") as d:
-            plain.append(asyncio.run(run_once(args.tasks, args.rate, args.max_in_flight, False, d)))
+            plain.append(asyncio.run(run_once(args.tasks, args.rate, args.max_in_flight, args.ack_after_ms, False, d)))
         r = plain[-1]
         print(f"total {r['total']:6.2f} us/task  wall {r['wall_s']:.2f} s  coalesced "
               f"{r['coalesced']:.2f}  tracked objects/task: peak {r['objects_peak']:.2f} end "
@@ -296,7 +306,7 @@ def main() -> None:
         if args.no_stages:
             continue
         with tempfile.TemporaryDirectory(prefix="bench-fire-") as d:
-            staged.append(asyncio.run(run_once(args.tasks, args.rate, args.max_in_flight, True, d)))
+            staged.append(asyncio.run(run_once(args.tasks, args.rate, args.max_in_flight, args.ack_after_ms, True, d)))
         r = staged[-1]
         print("  profiled " + "  ".join(f"{k} {v:5.2f}" for k, v in r["stages"].items())
               + f"  (sum {sum(r['stages'].values()):.2f})")

@@ -1,5 +1,6 @@
 """Dispatch in process, on a real embedded store: how it takes what the timer fires."""
 import asyncio
+import dataclasses
 import time
 
 from hypothesis import given
@@ -8,7 +9,7 @@ from hypothesis import strategies as st
 from taskwheel.config import Config
 from taskwheel.core import shard_of
 from taskwheel.dispatch import DispatchService
-from taskwheel.dispatch.servicer import BURST_CHUNK
+from taskwheel.dispatch.servicer import BURST_CHUNK, _successor
 from taskwheel.stores.base import TaskRecord, TaskState
 from taskwheel.stores.sqlite import SqliteStore
 from taskwheel.v1 import dispatch_pb2, task_pb2
@@ -161,3 +162,69 @@ def test_a_push_returns_once_each_task_is_answered_or_leased_durably_the_last_on
     waited, states = asyncio.run(main())
     assert waited >= 0.05  # the unanswered task's lease, written after the delay
     assert states == [TaskState.SUCCEEDED] * 4 + [TaskState.LEASED]
+
+
+def test_a_tasks_next_due_row_copies_every_field_it_does_not_change():
+    rec = TaskRecord(task_id="t", shard=3, queue="q", payload=b"p", fire_at_ms=10, due_ms=20,
+                     state=TaskState.LEASED, attempt=2, max_attempts=5, gen=7, headers={"k": "v"},
+                     idempotency_key="key", lease_ms=4_000, traceparent="00-ab-cd-01", created_ms=1,
+                     updated_ms=2, last_error="boom")
+    assert _successor(rec, 8, 30, 3, TaskState.SCHEDULED, "again") == dataclasses.replace(
+        rec, gen=8, due_ms=30, attempt=3, state=TaskState.SCHEDULED, last_error="again")
+
+
+async def delivered_and_acked(dispatch: DispatchService, records, fired_at):
+    """Pushes records, acks every delivery, returns once the push is confirmed."""
+    stream, deliveries = await subscribed(dispatch)
+    push = asyncio.get_running_loop().create_task(dispatch.push(records, fired_at))
+    msg = await deliveries.__anext__()
+    stream.send(ack=dispatch_pb2.Ack(delivery_ids=[d.delivery_id for d in msg.deliveries]))
+    await asyncio.wait_for(push, 5)
+    return deliveries
+
+
+def test_a_lease_row_that_fires_after_its_ack_is_dropped_not_delivered_again(tmp_path):
+    async def main():
+        store = SqliteStore(tmp_path / "t.db", num_shards=4)
+        await store.open()
+        fired_at = now_ms()
+        rec = task("t1", fired_at - 10)
+        await store.insert([rec])
+        dispatch = DispatchService(Config(), store, QuietTimer())
+        await dispatch.start()
+        deliveries = await delivered_and_acked(dispatch, [rec], fired_at)
+        lease_row = dataclasses.replace(rec, gen=2, attempt=2, due_ms=fired_at + 30_000)
+        await asyncio.wait_for(dispatch.push([lease_row], now_ms()), 5)  # confirmed at once
+        again = asyncio.get_running_loop().create_task(deliveries.__anext__())
+        await asyncio.sleep(0.2)
+        redelivered = again.done()
+        again.cancel()
+        await dispatch.stop()
+        await store.close()
+        return redelivered, dispatch.delivered
+
+    redelivered, delivered = asyncio.run(main())
+    assert not redelivered
+    assert delivered == 1
+
+
+def test_finished_tasks_are_remembered_for_finished_memory_ms_then_forgotten(tmp_path):
+    async def main():
+        store = SqliteStore(tmp_path / "t.db", num_shards=4)
+        await store.open()
+        first = [task(f"a{i}", now_ms() - 10) for i in range(3)]
+        second = [task("b", now_ms() - 10)]
+        await store.insert(first + second)
+        dispatch = DispatchService(Config(finished_memory_ms=300), store, QuietTimer())
+        await dispatch.start()
+        await (await delivered_and_acked(dispatch, first, now_ms())).aclose()
+        remembered = set(dispatch._finished)
+        await asyncio.sleep(0.4)
+        await (await delivered_and_acked(dispatch, second, now_ms())).aclose()
+        await dispatch.stop()
+        await store.close()
+        return remembered, set(dispatch._finished)
+
+    remembered, after = asyncio.run(main())
+    assert remembered == {"a0", "a1", "a2"}
+    assert after == {"b"}
