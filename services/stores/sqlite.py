@@ -5,14 +5,16 @@ Tables (see base.py for the semantics every store shares):
 ``due``          one row per (task, gen): shard, minute bucket, due_ms, gen and the task's
                  rowid; the rest of a delivery is read from the task row, which a due row
                  must match anyway to be live (so a task's payload is written once, not again
-                 per due row as the Cassandra store must). Written once, never updated. The index
-                 ``due_partition (shard, bucket, seq, due_ms)`` is the Cassandra partition
-                 (shard, bucket); within it rows sit in arrival order (``seq``) and ``load_due``
-                 sorts the slice it reads by (due_ms, task_id). Why not cluster by due_ms as
-                 Cassandra does: in a B-tree that makes every insert land on a random page, and
-                 SQLite writes each touched page to the WAL on commit. Appending at the tail of
-                 each active partition instead made inserts 2.5x faster (500,000 tasks due over
-                 10 minutes, batches of 1000), while a read stays one index range per bucket.
+                 per due row as the Cassandra store must). Written once, never updated. Its
+                 primary key ``(shard, bucket, task_rowid, gen)`` clusters it by the Cassandra
+                 partition (shard, bucket), one B-tree with no separate index; within a
+                 partition rows sit in task order, which is arrival order for new tasks, and
+                 ``load_due`` sorts the slice it reads by (due_ms, task_id). Why not cluster by
+                 due_ms as Cassandra does: in a B-tree that makes every insert land on a random
+                 page, and SQLite writes each touched page to the WAL on commit. Appending at
+                 the tail of each active partition instead made inserts 2.5x faster (500,000
+                 tasks due over 10 minutes, batches of 1000), while a read stays one range per
+                 bucket.
 ``tasks``        by task_id (unique index): current gen, state, attempt, due_ms, the spec and
                  the bookkeeping. A due row is live when ``tasks.gen`` equals its gen, the
                  state is SCHEDULED or LEASED and the task has not ended; ``load_due`` joins on
@@ -28,7 +30,8 @@ Tables (see base.py for the semantics every store shares):
 ``state_counts`` state -> number of tasks, changed in the same transaction as the tasks, so
                  ``counts()`` reads 5 rows instead of scanning every task.
 ``meta``         created_ms, num_shards, schema_version (2 added ``ended`` and narrowed
-                 ``due`` to the task's rowid; a version 1 file is upgraded when opened).
+                 ``due`` to the task's rowid, clustered by partition; a version 1 file is
+                 upgraded when opened).
 
 Threading: all writes run on ONE writer thread that owns the write connection, so the event
 loop never blocks on disk and this process never contends with itself for SQLite's write lock.
@@ -85,14 +88,13 @@ _MIN_SQLITE = (3, 38, 0)  # JSON functions built in by default; UPDATE ... FROM 
 
 _DUE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS due (
-    seq INTEGER PRIMARY KEY,
     shard INTEGER NOT NULL,
     bucket INTEGER NOT NULL,
-    due_ms INTEGER NOT NULL,
+    task_rowid INTEGER NOT NULL,
     gen INTEGER NOT NULL,
-    task_rowid INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS due_partition ON due (shard, bucket, seq, due_ms);
+    due_ms INTEGER NOT NULL,
+    PRIMARY KEY (shard, bucket, task_rowid, gen)
+) WITHOUT ROWID;
 """
 _SCHEMA = _DUE_SCHEMA + """
 CREATE TABLE IF NOT EXISTS meta (
@@ -177,7 +179,7 @@ _SELECT_DUE = f"""
 SELECT t.task_id, t.shard, t.queue, t.payload, t.fire_at_ms, d.due_ms, t.state, t.attempt,
        t.max_attempts, d.gen, t.headers, t.idempotency_key, t.lease_ms, t.traceparent,
        t.created_ms, t.updated_ms, t.last_error
-FROM due AS d INDEXED BY due_partition JOIN tasks AS t ON t.rowid = d.task_rowid
+FROM due AS d JOIN tasks AS t ON t.rowid = d.task_rowid
 WHERE d.shard = ? AND d.bucket >= ? AND d.bucket <= ? AND d.due_ms >= ? AND d.due_ms < ?
   AND d.gen = t.gen AND {_LIVE}
 ORDER BY d.due_ms, t.task_id
@@ -220,10 +222,10 @@ _BULK_INSERT_ENDED = (
     "SELECT * FROM (VALUES {values}) WHERE column1 IS NOT NULL"
 )
 _DEAD_DUE_IN_BUCKET = f"""
-SELECT d.seq FROM due AS d INDEXED BY due_partition LEFT JOIN tasks AS t ON t.rowid = d.task_rowid
-WHERE d.shard = ? AND d.bucket = ? AND d.seq > ?
+SELECT d.task_rowid, d.gen FROM due AS d LEFT JOIN tasks AS t ON t.rowid = d.task_rowid
+WHERE d.shard = ? AND d.bucket = ? AND (d.task_rowid, d.gen) > (?, ?)
   AND NOT (t.gen IS NOT NULL AND t.gen = d.gen AND {_LIVE})
-ORDER BY d.seq LIMIT ?
+ORDER BY d.task_rowid, d.gen LIMIT ?
 """
 
 _STATES = {int(s): s for s in TaskState}
@@ -655,15 +657,15 @@ class SqliteStore(Store):
         for shard in range(self.num_shards):
             bucket = await self._read(self._next_bucket, shard, None, end_bucket)
             while bucket is not None:
-                after_seq = -1
+                after = (-1, -1)
                 while True:
-                    seqs = await self._read(self._dead_due_rows, shard, bucket, after_seq)
-                    if seqs:
-                        await self._write(self._delete_due_rows, seqs)
-                        deleted += len(seqs)
-                    if len(seqs) < _PURGE_CHUNK:
+                    dead = await self._read(self._dead_due_rows, shard, bucket, after)
+                    if dead:
+                        await self._write(self._delete_due_rows, shard, bucket, dead)
+                        deleted += len(dead)
+                    if len(dead) < _PURGE_CHUNK:
                         break
-                    after_seq = seqs[-1][0]
+                    after = dead[-1]
                 bucket = await self._read(self._next_bucket, shard, bucket, end_bucket)
         return deleted
 
@@ -698,15 +700,19 @@ class SqliteStore(Store):
         ).fetchone()
         return row[0]
 
-    def _dead_due_rows(self, shard: int, bucket: int, after_seq: int) -> list[tuple[int]]:
+    def _dead_due_rows(self, shard: int, bucket: int, after: tuple[int, int]) -> list[tuple[int, int]]:
+        """(task_rowid, gen) of up to _PURGE_CHUNK dead rows of a partition, after ``after``."""
         return self._conn_r().execute(
-            _DEAD_DUE_IN_BUCKET, (shard, bucket, after_seq, _PURGE_CHUNK)
+            _DEAD_DUE_IN_BUCKET, (shard, bucket, *after, _PURGE_CHUNK)
         ).fetchall()
 
-    def _delete_due_rows(self, seqs: list[tuple[int]]) -> None:
+    def _delete_due_rows(self, shard: int, bucket: int, dead: list[tuple[int, int]]) -> None:
         conn = self._conn_w()
         with _transaction(conn):
-            conn.executemany("DELETE FROM due WHERE seq = ?", seqs)
+            conn.executemany(
+                "DELETE FROM due WHERE shard = ? AND bucket = ? AND task_rowid = ? AND gen = ?",
+                [(shard, bucket, rowid, gen) for rowid, gen in dead],
+            )
 
     # ---- reads -------------------------------------------------------------------------------
 
@@ -802,12 +808,10 @@ def _upgrade_from_1(conn: sqlite3.Connection) -> None:
     a copy of their task's fields; version 2's hold the task's rowid instead."""
     conn.execute("ALTER TABLE due RENAME TO due_v1")
     conn.execute("DROP INDEX due_partition")
-    for statement in _DUE_SCHEMA.split(";"):
-        if statement.strip():
-            conn.execute(statement)
+    conn.execute(_DUE_SCHEMA)
     conn.execute(
-        f"INSERT INTO due (seq, {_DUE_COLUMNS}) SELECT d.seq, d.shard, d.bucket, d.due_ms, d.gen, "
-        "t.rowid FROM due_v1 AS d JOIN tasks AS t ON t.task_id = d.task_id"
+        f"INSERT INTO due ({_DUE_COLUMNS}) SELECT d.shard, d.bucket, d.due_ms, d.gen, t.rowid "
+        "FROM due_v1 AS d JOIN tasks AS t ON t.task_id = d.task_id"
     )
     conn.execute("DROP TABLE due_v1")
     conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION,))

@@ -75,7 +75,6 @@ def _rewrite_as_version_1(path) -> None:
                      "last_error = e.last_error FROM ended AS e WHERE e.task_rowid = tasks.rowid")
         conn.execute("DROP TABLE ended")
         conn.execute("ALTER TABLE due RENAME TO due_v2")
-        conn.execute("DROP INDEX due_partition")
         conn.execute("""CREATE TABLE due (
             seq INTEGER PRIMARY KEY, shard INTEGER NOT NULL, bucket INTEGER NOT NULL,
             due_ms INTEGER NOT NULL, task_id TEXT NOT NULL, gen INTEGER NOT NULL,
@@ -83,7 +82,7 @@ def _rewrite_as_version_1(path) -> None:
             attempt INTEGER NOT NULL, max_attempts INTEGER NOT NULL, headers TEXT NOT NULL,
             lease_ms INTEGER NOT NULL, traceparent TEXT NOT NULL)""")
         conn.execute("CREATE INDEX due_partition ON due (shard, bucket, seq, due_ms)")
-        conn.execute("INSERT INTO due SELECT d.seq, d.shard, d.bucket, d.due_ms, t.task_id, d.gen, "
+        conn.execute("INSERT INTO due SELECT NULL, d.shard, d.bucket, d.due_ms, t.task_id, d.gen, "
                      "t.queue, t.payload, t.fire_at_ms, t.attempt, t.max_attempts, t.headers, "
                      "t.lease_ms, t.traceparent FROM due_v2 AS d JOIN tasks AS t "
                      "ON t.rowid = d.task_rowid")
