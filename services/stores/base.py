@@ -127,6 +127,11 @@ class Store(abc.ABC):
     #: How many independent ``insert`` calls are worth running at once: 1 for a store with one
     #: writer (SQLite), more for a latency-bound networked one (Cassandra).
     insert_concurrency: int = 1
+    #: How many ``apply`` calls a caller may have running at once and still have them applied
+    #: in the order it made them: more than 1 only for a store that runs its writes one at a
+    #: time in arrival order (SQLite's writer thread), so the next batch can wait at the
+    #: writer while one is applied, instead of a round trip of the caller's event loop later.
+    ordered_apply_depth: int = 1
     #: Whether the store's client library leaves reference cycles behind its calls, which only
     #: the cyclic GC frees; the server then keeps automatic collection on (see app.tune_runtime).
     makes_reference_cycles: bool = False

@@ -281,6 +281,8 @@ class SqliteStore(Store):
     Options may arrive as strings (they come from the store URL's query).
     """
 
+    ordered_apply_depth = 2  # writes run one at a time, in order, on the writer thread
+
     def __init__(
         self,
         path: str | os.PathLike[str],

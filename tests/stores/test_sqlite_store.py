@@ -201,6 +201,20 @@ async def test_concurrent_calls_from_one_loop_are_all_stored(db):
         assert (await store.counts())[TaskState.SCHEDULED] == 2_000
 
 
+async def test_applies_running_at_once_are_applied_in_the_order_they_were_called(db):
+    # What ordered_apply_depth promises: a lease and the ack behind it, both in flight.
+    assert SqliteStore.ordered_apply_depth > 1
+    tasks = [new_task(due_ms=T0 + i) for i in range(500)]
+    async with opened(lambda: SqliteStore(db, num_shards=4)) as store:
+        await store.insert(tasks)
+        leased, acked = await asyncio.gather(
+            store.apply([lease(t, T0 + 30_000) for t in tasks], now_ms=T0),
+            store.apply([succeed(t, gen=2) for t in tasks], now_ms=T0),
+        )
+        assert all(leased) and all(acked)
+        assert {(await store.get(t.task_id)).state for t in tasks} == {TaskState.SUCCEEDED}
+
+
 async def test_two_stores_on_one_file_write_side_by_side(db):
     # As ingest and dispatch do when `taskwheel serve` runs them as separate processes.
     first = [new_task(shard=0, due_ms=T0 + i) for i in range(2_000)]
