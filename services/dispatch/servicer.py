@@ -40,7 +40,9 @@ _MS_MASK = (1 << _MS_BITS) - 1
 
 
 class DispatchService(dispatch_pb2_grpc.DispatchServicer):
-    """``timer`` is anything with ``async offer(records)`` and ``async forget(task_ids)``."""
+    """``timer`` is anything with ``async offer(records)`` and ``async forget(task_ids)``; the
+    TimerService of this process, which also has ``offer_now`` and ``forget_now``, is called
+    directly instead, without a task per call."""
 
     # -- servicer ---------------------------------------------------------------------------
 
@@ -148,6 +150,15 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
                 await asyncio.sleep(0)
             self._take_fired(records[start:start + BURST_CHUNK], fired_at_ms, batch)
         await batch.future
+
+    def take(self, records: list[TaskRecord], fired_at_ms: int) -> asyncio.Future:
+        """``push`` for the timer of this process: takes the fired tasks at once (a burst over
+        several turns of the loop, by push) and returns a future that resolves as push returns."""
+        if len(records) > BURST_CHUNK:
+            return asyncio.get_running_loop().create_task(self.push(records, fired_at_ms))
+        batch = _Batch(asyncio.get_running_loop().create_future(), len(records))
+        self._take_fired(records, fired_at_ms, batch)
+        return batch.future
 
     def _take_fired(self, records: list[TaskRecord], fired_at_ms: int, batch: "_Batch") -> None:
         touched = set()
@@ -319,7 +330,21 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         if successors is not None:
             offers = [successor for applied, successor in zip(fut.result(), successors) if applied]
             if offers:
-                asyncio.get_running_loop().create_task(self.timer.offer(offers))
+                self._offer(offers)
+
+    def _offer(self, records: list[TaskRecord]) -> None:
+        offer_now = getattr(self.timer, "offer_now", None)
+        if offer_now is not None:
+            offer_now(records)
+        else:
+            asyncio.get_running_loop().create_task(self.timer.offer(records))
+
+    def _forget(self, task_ids: list[str]) -> None:
+        forget_now = getattr(self.timer, "forget_now", None)
+        if forget_now is not None:
+            forget_now(task_ids)
+        else:
+            asyncio.get_running_loop().create_task(self.timer.forget(task_ids))
 
     async def _apply(self, transitions: list[Transition]) -> list[bool]:
         """The writer's store call."""
@@ -397,7 +422,7 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
             self._finished_count.append(len(forget))
             self._forget_finished(now)
             self._write(transitions, None, confirm)
-            asyncio.get_running_loop().create_task(self.timer.forget(forget))
+            self._forget(forget)
 
     def _nack(self, consumer: "_Consumer", nack) -> None:
         now = now_ms()
@@ -430,7 +455,7 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
                 batches: list) -> None:
         self._remember_finished(rec.task_id, gen + 1, now_ms())
         self._write([Transition(rec.task_id, rec.shard, kind, gen, due_ms, error=error)], None, [batches])
-        asyncio.get_running_loop().create_task(self.timer.forget([rec.task_id]))
+        self._forget([rec.task_id])
 
     def _remember_finished(self, task_id: str, gen: int, now: int) -> None:
         self._finished[task_id] = gen << _MS_BITS | now

@@ -13,6 +13,7 @@ Guarantees, and how:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 from taskwheel import telemetry
@@ -28,7 +29,9 @@ log = logging.getLogger("taskwheel.timer")
 
 class TimerService(timer_pb2_grpc.TimerServicer):
     """``dispatch`` is anything with ``async push(records, fired_at_ms)`` that returns once the
-    records are handed over durably: the DispatchService in one process, RemoteDispatch across."""
+    records are handed over durably: the DispatchService in one process, RemoteDispatch across.
+    One that also has ``take(records, fired_at_ms)``, returning a future of the same, is handed
+    each fired batch with it: a future per batch instead of a task."""
 
     # -- servicer ---------------------------------------------------------------------------
 
@@ -63,7 +66,7 @@ class TimerService(timer_pb2_grpc.TimerServicer):
         self._waiter: asyncio.Future | None = None
         self._waiting_until = 0
         self._tasks: list[asyncio.Task] = []
-        self._push_tasks: set[asyncio.Task] = set()
+        self._push_tasks: set[asyncio.Future] = set()  # pushes in flight
         self.fired = 0
         self.lag_ms = 0
         self.checkpoint_ms = 0
@@ -264,9 +267,31 @@ class TimerService(timer_pb2_grpc.TimerServicer):
         self._next_batch += 1
         self._unconfirmed[batch] = (fired[0].due_ms, len(fired))
         self._unconfirmed_count += len(fired)
+        take = getattr(self._dispatch, "take", None)
+        if take is not None:
+            try:
+                handed = take(fired, fired_at)
+            except Exception as exc:
+                log.warning("handing over %d fired tasks failed, pushing again: %s", len(fired), exc)
+            else:
+                handed.add_done_callback(functools.partial(self._taken, batch, fired, fired_at))
+                self._push_tasks.add(handed)
+                return
+        self._start_push(batch, fired, fired_at)
+
+    def _start_push(self, batch: int, fired: list[TaskRecord], fired_at: int) -> None:
         task = asyncio.get_running_loop().create_task(self._push(batch, fired, fired_at))
         self._push_tasks.add(task)
         task.add_done_callback(self._push_tasks.discard)
+
+    def _taken(self, batch: int, fired: list[TaskRecord], fired_at: int, handed: asyncio.Future) -> None:
+        self._push_tasks.discard(handed)
+        if not handed.cancelled() and handed.exception() is not None:
+            log.warning("handing over %d fired tasks failed, pushing again: %s", len(fired), handed.exception())
+            self._start_push(batch, fired, fired_at)  # the batch stays unconfirmed meanwhile
+            return
+        _, count = self._unconfirmed.pop(batch)
+        self._unconfirmed_count -= count
 
     async def _push(self, batch: int, fired: list[TaskRecord], fired_at: int) -> None:
         backoff = 0.05

@@ -12,6 +12,7 @@ from taskwheel.dispatch import DispatchService
 from taskwheel.dispatch.servicer import BURST_CHUNK, _successor
 from taskwheel.stores.base import TaskRecord, TaskState
 from taskwheel.stores.sqlite import SqliteStore
+from taskwheel.timer import TimerService
 from taskwheel.v1 import dispatch_pb2, task_pb2
 from taskwheel.wire import delivery_times, ms_of, set_ms
 
@@ -228,3 +229,35 @@ def test_finished_tasks_are_remembered_for_finished_memory_ms_then_forgotten(tmp
     remembered, after = asyncio.run(main())
     assert remembered == {"a0", "a1", "a2"}
     assert after == {"b"}
+
+
+def test_an_in_process_timer_holds_a_written_lease_row_until_the_ack_takes_it_out(tmp_path):
+    async def main():
+        store = SqliteStore(tmp_path / "t.db", num_shards=4)
+        await store.open()
+        fired_at = now_ms()
+        rec = task("t1", fired_at - 10, lease_ms=10_000)
+        await store.insert([rec])
+        config = Config(lease_write_delay_ms=0)  # the lease is written as it is sent
+        dispatch = DispatchService(config, store, None)
+        timer = TimerService(config, store, dispatch)
+        timer.loaded_until_ms = fired_at + 60_000  # takes offers; its loops are not running
+        dispatch.timer = timer
+        await dispatch.start()
+        stream, deliveries = await subscribed(dispatch)
+        push = asyncio.get_running_loop().create_task(dispatch.push([rec], fired_at))
+        msg = await deliveries.__anext__()
+        await asyncio.wait_for(push, 5)  # the lease is durable, its row offered
+        held_while_leased = [(r.task_id, r.gen, r.attempt) for r in timer._records.values()]
+        stream.send(ack=dispatch_pb2.Ack(delivery_ids=[msg.deliveries[0].delivery_id]))
+        while dispatch.acked < 1:
+            await asyncio.sleep(0.01)
+        held_after_ack = list(timer._records.values())
+        await deliveries.aclose()
+        await dispatch.stop()
+        await store.close()
+        return held_while_leased, held_after_ack, len(timer.wheel)
+
+    held_while_leased, held_after_ack, pending = asyncio.run(main())
+    assert held_while_leased == [("t1", 2, 2)]
+    assert (held_after_ack, pending) == ([], 0)
