@@ -13,7 +13,6 @@ task unconfirmed, so a crash in that window re-fires it rather than losing it.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import logging
 from collections import deque
@@ -108,8 +107,8 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         self.timer = timer
         self._num_shards = store.num_shards
         self._queues: dict[str, _QueueState] = {}
-        self._waiting: dict[str, _Waiting] = {}  # task_id -> fired, not yet sent to a worker
-        self._leases: dict[str, _Lease] = {}  # task_id -> its outstanding delivery
+        self._waiting: dict[str, _Fired] = {}  # task_id -> fired, not yet sent to a worker
+        self._leases: dict[str, _Fired] = {}  # task_id -> its outstanding delivery
         # task_id -> gen << _MS_BITS | finished at ms. One int, not a tuple: a tuple stays tracked
         # by the cyclic GC (automatic collection is off), and 120 s of finished tasks at 40K/s
         # made collections walk millions of them. A plain dict: an OrderedDict's insert and
@@ -121,13 +120,13 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         self._finished_at: deque[int] = deque()
         self._finished_count: deque[int] = deque()
         # Fired tasks in the order they started waiting, for the hold loop: (since, task ids)
-        # per take, not the _Waiting objects, so a task sent to a worker at once is freed at
+        # per take, not the _Fired objects, so a task sent to a worker at once is freed at
         # once instead of staying alive (and tracked by the GC) for hold_after_ms.
         self._unheld: deque[tuple[int, list[str]]] = deque()
-        self._orphans: deque[tuple[int, _Lease]] = deque()  # (retry at, lease) of gone workers
+        self._orphans: deque[tuple[int, _Fired]] = deque()  # (retry at, lease) of gone workers
         # (sent at, leases) per message sent, their leases not yet written: one entry a message,
         # not one a delivery.
-        self._unwritten: deque[tuple[int, list[_Lease]]] = deque()
+        self._unwritten: deque[tuple[int, list[_Fired]]] = deque()
         self._writer = GroupCommit(self._apply, max_batch=config.write_batch, max_pending=1 << 62)
         self._tasks: list[asyncio.Task] = []
         self.delivered = self.acked = self.nacked = self.redelivered = self.stale_acks = 0
@@ -200,7 +199,7 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
                     waiting.since = now
                     unheld.append(task_id)
                 continue
-            waiting = _Waiting(rec, [batch], now, fired_at_ms)
+            waiting = _Fired(rec, [batch], now, fired_at_ms)
             waiting_by_task[task_id] = waiting
             unheld.append(task_id)
             qs = queues.get(rec.queue) or self._queue(rec.queue)
@@ -245,7 +244,11 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
                 room -= 1
                 gen = rec.gen + 1
                 delivery_id = f"{task_id}.{gen}"
-                lease = _Lease(rec, gen, consumer, delivery_id, now + rec.lease_ms, waiting.batches)
+                lease = waiting  # now sent
+                lease.gen = gen
+                lease.consumer = consumer
+                lease.delivery_id = delivery_id
+                lease.due_ms = now + rec.lease_ms
                 in_flight[delivery_id] = lease
                 leases[task_id] = lease
                 sent.append(lease)
@@ -299,7 +302,7 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         if transitions:
             self._write(transitions, successors, confirm)
 
-    def _settle(self, lease: "_Lease") -> tuple[int, int, list]:
+    def _settle(self, lease: "_Fired") -> tuple[int, int, list]:
         """(gen, due_ms, push batches) of the row a final transition of this delivery
         supersedes: the lease row once written, else the delivered row, whose lease is dropped."""
         if lease.written:
@@ -368,13 +371,13 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
             log.debug("consumer stream ended: %s", exc)
         consumer.out.put_nowait(None)
 
-    def _take_lease(self, consumer: "_Consumer", delivery_id: str) -> "_Lease | None":
+    def _take_lease(self, consumer: "_Consumer", delivery_id: str) -> "_Fired | None":
         lease = consumer.in_flight.pop(delivery_id, None) or self._lease_elsewhere(delivery_id)
         if lease is not None and self._leases.get(lease.record.task_id) is lease:
             del self._leases[lease.record.task_id]
         return lease
 
-    def _lease_elsewhere(self, delivery_id: str) -> "_Lease | None":
+    def _lease_elsewhere(self, delivery_id: str) -> "_Fired | None":
         """The lease of a delivery not in flight on the answering stream: delivered on an earlier
         stream of a worker that reconnected, still good if current."""
         lease = self._leases.get(delivery_id.rpartition(".")[0])
@@ -437,7 +440,7 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
                 _trace_task("dispatch.nack", lease.record, lease.gen, error)
             self._retry_or_fail(lease, error, retry_after, nack.no_retry, now)
 
-    def _retry_or_fail(self, lease: "_Lease", error: str, retry_after: int, no_retry: bool, now: int) -> None:
+    def _retry_or_fail(self, lease: "_Fired", error: str, retry_after: int, no_retry: bool, now: int) -> None:
         rec = lease.record
         gen, due_ms, batches = self._settle(lease)
         if no_retry or rec.attempt >= rec.max_attempts:
@@ -479,7 +482,7 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
                 if fin is not None and fin & _MS_MASK < horizon:
                     del finished[task_id]
 
-    def _drop_lease(self, lease: "_Lease") -> None:
+    def _drop_lease(self, lease: "_Fired") -> None:
         lease.consumer.in_flight.pop(lease.delivery_id, None)
         if self._leases.get(lease.record.task_id) is lease:
             del self._leases[lease.record.task_id]
@@ -620,24 +623,25 @@ def _confirm(confirm: list[list[_Batch]]) -> None:
         last.done(count)
 
 
-@dataclasses.dataclass(slots=True, eq=False)
-class _Waiting:
-    record: TaskRecord
-    batches: list
-    since: int
-    fired_at: int
-    held_gen: int = 0
+class _Fired:
+    """A fired task: waiting for a worker, then, once sent, its delivery's lease. One object
+    for both roles, so that a task sent at once costs one allocation, not two; the lease's
+    fields are set when it is sent."""
 
+    __slots__ = ("record", "batches", "since", "fired_at", "held_gen", "written",
+                 "gen", "consumer", "delivery_id", "due_ms")
 
-@dataclasses.dataclass(slots=True, eq=False)
-class _Lease:
-    record: TaskRecord  # the delivered row (gen = lease.gen - 1)
-    gen: int  # the lease row's gen
-    consumer: "_Consumer"
-    delivery_id: str
-    due_ms: int  # the lease row's due time: the lease's expiry
-    batches: list  # push batches this delivery confirms once its first write is durable
-    written: bool = False  # the LEASE (or a final transition in its place) is queued
+    def __init__(self, record: TaskRecord, batches: list, since: int, fired_at: int) -> None:
+        self.record = record  # waiting: the row to deliver; sent: the delivered row (gen - 1)
+        self.batches = batches  # push batches it confirms once its first write is durable
+        self.since = since  # waiting since (ms)
+        self.fired_at = fired_at
+        self.held_gen = 0  # the gen of its hold row, once written
+        self.written = False  # sent: the LEASE (or a final transition in its place) is queued
+        self.gen: int  # sent: the lease row's gen
+        self.consumer: _Consumer
+        self.delivery_id: str
+        self.due_ms: int  # sent: the lease row's due time, the lease's expiry
 
 
 class _Consumer:
@@ -646,7 +650,7 @@ class _Consumer:
     def __init__(self, queue: str, max_in_flight: int) -> None:
         self.queue = queue
         self.max_in_flight = max_in_flight
-        self.in_flight: dict[str, _Lease] = {}
+        self.in_flight: dict[str, _Fired] = {}
         self.out: asyncio.Queue = asyncio.Queue()
 
 
@@ -654,6 +658,6 @@ class _QueueState:
     __slots__ = ("ready", "consumers", "rr")
 
     def __init__(self) -> None:
-        self.ready: deque[_Waiting] = deque()
+        self.ready: deque[_Fired] = deque()
         self.consumers: list[_Consumer] = []
         self.rr = 0

@@ -251,11 +251,9 @@ class TimerService(timer_pb2_grpc.TimerServicer):
             keys = wheel.advance(now)
             if not keys:
                 continue
-            fired = []
-            for key in keys:
-                rec = held.pop(key)
+            fired = list(map(held.pop, keys))
+            for rec in fired:
                 del keys_by_task[rec.task_id]
-                fired.append(rec)
             self.lag_ms = now - fired[0].due_ms
             self.fired += len(fired)
             if telemetry.enabled:
