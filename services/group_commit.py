@@ -6,9 +6,12 @@ results. While a call runs, the next group accumulates, so the batch size adapts
 with no timer. The queue is bounded: past ``max_pending`` items, ``commit`` raises Backpressure
 at once instead of growing a buffer.
 
-``concurrency`` > 1 lets that many store calls run at once (for a latency-bound store); their
-order is then not kept, so only callers whose writes are independent (ingest's inserts) use it.
-Dispatch's transitions keep 1: a task's ack must not overtake its lease.
+``concurrency`` > 1 lets that many store calls run at once. Calls start in the order their
+groups formed, each reaching the store before the next starts; a latency-bound store (Cassandra)
+may then finish them in any order, so only callers whose writes are independent (ingest's
+inserts) use it there. A store that applies calls one at a time in arrival order (SQLite's
+writer thread: ``Store.ordered_apply_depth``) keeps their order, so dispatch's transitions,
+whose acks must not overtake their leases, use that depth.
 """
 from __future__ import annotations
 

@@ -127,7 +127,10 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         # (sent at, leases) per message sent, their leases not yet written: one entry a message,
         # not one a delivery.
         self._unwritten: deque[tuple[int, list[_Fired]]] = deque()
-        self._writer = GroupCommit(self._apply, max_batch=config.write_batch, max_pending=1 << 62)
+        # In order: a task's ack must not overtake its lease. A store that applies one call at a
+        # time in arrival order (ordered_apply_depth > 1) takes the next batch while one runs.
+        self._writer = GroupCommit(self._apply, max_batch=config.write_batch, max_pending=1 << 62,
+                                   concurrency=store.ordered_apply_depth)
         self._tasks: list[asyncio.Task] = []
         self.delivered = self.acked = self.nacked = self.redelivered = self.stale_acks = 0
         self.coalesced = 0  # deliveries answered before their lease was written

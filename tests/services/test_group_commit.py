@@ -135,3 +135,23 @@ def test_with_concurrency_one_writes_never_overlap():
 
     run(main())
     assert write.peak == 1
+
+
+def test_concurrent_writes_reach_the_store_in_the_order_their_groups_formed():
+    # An in-order store (one writer thread, as SQLite's) then applies them in that order.
+    reached = []
+
+    async def write(items):
+        reached.append(items[0])  # the store call is made before the first suspension
+        await asyncio.sleep(0.01 if items[0] % 2 else 0.002)
+        return list(items)
+
+    async def main():
+        gc = GroupCommit(write, max_batch=1, max_pending=1000, concurrency=2)
+        futs = [gc.commit([i]) for i in range(8)]
+        gc.start()
+        await asyncio.gather(*futs)
+        await gc.stop()
+
+    run(main())
+    assert reached == list(range(8))
