@@ -6,14 +6,16 @@ task ends SUCCEEDED and that row is dead; if not, the timer fires it as the rede
 when this process died meanwhile. Transitions go through one FIFO group-commit writer, so a
 task's ack is never applied before its lease.
 
-The lease write waits ``lease_write_delay_ms`` (50 ms): a worker that answers sooner settles
-the delivery with one write instead of two. Until either write is durable the timer holds the
-task unconfirmed, so a crash in that window re-fires it rather than losing it.
+The lease write waits ``lease_write_delay_ms`` (250 ms), or half the lease when that is
+shorter, so the row is always written before the lease expires: a worker that answers sooner
+settles the delivery with one write instead of two. Until either write is durable the timer
+holds the task unconfirmed, so a crash in that window re-fires it rather than losing it.
 """
 from __future__ import annotations
 
 import asyncio
 import functools
+import heapq
 import logging
 from collections import deque
 
@@ -126,7 +128,10 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         self._orphans: deque[tuple[int, _Fired]] = deque()  # (retry at, lease) of gone workers
         # (sent at, leases) per message sent, their leases not yet written: one entry a message,
         # not one a delivery.
-        self._unwritten: deque[tuple[int, list[_Fired]]] = deque()
+        # (write at, message number, leases) per message sent, their leases not yet written, as a
+        # heap: a message of short leases is due sooner than the delay (half its shortest lease).
+        self._unwritten: list[tuple[int, int, list[_Fired]]] = []
+        self._messages_sent = 0
         # In order: a task's ack must not overtake its lease. A store that applies one call at a
         # time in arrival order (ordered_apply_depth > 1) takes the next batch while one runs.
         self._writer = GroupCommit(self._apply, max_batch=config.write_batch, max_pending=1 << 62,
@@ -237,6 +242,7 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
             response = dispatch_pb2.ConsumeResponse()
             add = response.deliveries.add
             sent = []
+            shortest_lease = self._config.lease_write_delay_ms * 2
             while room > 0 and ready:
                 waiting = ready.popleft()
                 rec = waiting.record
@@ -252,6 +258,8 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
                 lease.consumer = consumer
                 lease.delivery_id = delivery_id
                 lease.due_ms = now + rec.lease_ms
+                if rec.lease_ms < shortest_lease:
+                    shortest_lease = rec.lease_ms
                 in_flight[delivery_id] = lease
                 leases[task_id] = lease
                 sent.append(lease)
@@ -274,7 +282,8 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
                     encoded = times[key] = delivery_times(rec.fire_at_ms, waiting.fired_at, lease.due_ms)
                 d.MergeFromString(encoded)
             if sent:
-                self._unwritten.append((now, sent))
+                self._messages_sent += 1
+                heapq.heappush(self._unwritten, (now + shortest_lease // 2, self._messages_sent, sent))
                 self.delivered += len(sent)
                 consumer.out.put_nowait(response)
                 if telemetry.enabled:
@@ -284,13 +293,12 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
 
     def _write_leases(self, now: int) -> None:
         """Writes the leases of deliveries sent before the delay that are still unanswered."""
-        horizon = now - self._config.lease_write_delay_ms
         unwritten = self._unwritten
         transitions = []
         successors = []
         confirm = []
-        while unwritten and unwritten[0][0] <= horizon:
-            _, sent = unwritten.popleft()
+        while unwritten and unwritten[0][0] <= now:
+            sent = heapq.heappop(unwritten)[2]
             for lease in sent:
                 if lease.written:
                     continue  # answered within the delay: settled with one write
@@ -519,7 +527,7 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         await self._writer.stop()
 
     async def _lease_loop(self) -> None:
-        delay = self._config.lease_write_delay_ms
+        delay = min(self._config.lease_write_delay_ms, self._config.limits.min_lease_ms // 2)
         while True:
             await asyncio.sleep(max(delay, 4) / 4000)
             if self._unwritten:

@@ -37,6 +37,7 @@ def test_a_non_numeric_variable_is_named_in_the_error():
     (["--shards", "0"], "--shards"),
     (["--slice-ms", "3000", "--lookahead-ms", "5000"], "--slice-ms"),
     (["--max-batch", "0"], "--max-batch"),
+    (["--lease-write-delay-ms", "-1"], "--lease-write-delay-ms"),
 ])
 def test_bad_values_are_refused_naming_the_flag(argv, message):
     with pytest.raises(ValueError, match=message):
@@ -48,3 +49,9 @@ def test_every_setting_is_documented_with_flag_env_and_default():
     flags = {flag for flag, _, _ in rows}
     assert {"--listen", "--lookahead-ms", "--max-batch", "--hold-ms"} <= flags
     assert all(env.startswith("TASKWHEEL_") for _, env, _ in rows)
+
+
+def test_a_lease_write_delay_longer_than_the_shortest_lease_is_accepted():
+    # Each delivery's lease is written by half its lease at the latest (see dispatch).
+    config = parse(["--lease-write-delay-ms", "1000", "--min-lease-ms", "100"])
+    assert (config.lease_write_delay_ms, config.limits.min_lease_ms) == (1000, 100)

@@ -165,6 +165,37 @@ def test_a_push_returns_once_each_task_is_answered_or_leased_durably_the_last_on
     assert states == [TaskState.SUCCEEDED] * 4 + [TaskState.LEASED]
 
 
+def test_a_short_lease_is_written_by_half_its_length_whatever_the_delay(tmp_path):
+    # Written later, the lease row would be due before it exists: a late redelivery.
+    async def main():
+        store = SqliteStore(tmp_path / "t.db", num_shards=4)
+        await store.open()
+        fired_at = now_ms()
+        short, long = task("short", fired_at, lease_ms=400), task("long", fired_at, lease_ms=60_000)
+        await store.insert([short, long])
+        dispatch = DispatchService(Config(lease_write_delay_ms=5_000), store, QuietTimer())
+        await dispatch.start()
+        stream, deliveries = await subscribed(dispatch)
+        started = time.monotonic()
+        push = asyncio.get_running_loop().create_task(dispatch.push([short], fired_at))
+        await deliveries.__anext__()
+        await asyncio.wait_for(push, 5)  # returns once the lease is durable
+        waited = time.monotonic() - started
+        lonely = asyncio.get_running_loop().create_task(dispatch.push([long], fired_at))
+        await deliveries.__anext__()
+        await asyncio.sleep(1)
+        long_still_unwritten = not lonely.done()
+        lonely.cancel()
+        await deliveries.aclose()
+        await dispatch.stop()
+        await store.close()
+        return waited, long_still_unwritten
+
+    waited, long_still_unwritten = asyncio.run(main())
+    assert 0.15 <= waited < 0.4
+    assert long_still_unwritten  # a lease of its own length waits for the full delay
+
+
 def test_a_tasks_next_due_row_copies_every_field_it_does_not_change():
     rec = TaskRecord(task_id="t", shard=3, queue="q", payload=b"p", fire_at_ms=10, due_ms=20,
                      state=TaskState.LEASED, attempt=2, max_attempts=5, gen=7, headers={"k": "v"},
