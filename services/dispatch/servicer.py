@@ -126,10 +126,9 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         # once instead of staying alive (and tracked by the GC) for hold_after_ms.
         self._unheld: deque[tuple[int, list[str]]] = deque()
         self._orphans: deque[tuple[int, _Fired]] = deque()  # (retry at, lease) of gone workers
-        # (sent at, leases) per message sent, their leases not yet written: one entry a message,
-        # not one a delivery.
         # (write at, message number, leases) per message sent, their leases not yet written, as a
-        # heap: a message of short leases is due sooner than the delay (half its shortest lease).
+        # heap: one entry a message, not one a delivery; a message of short leases is due sooner
+        # than the delay (half its shortest lease).
         self._unwritten: list[tuple[int, int, list[_Fired]]] = []
         self._messages_sent = 0
         # In order: a task's ack must not overtake its lease. A store that applies one call at a
