@@ -341,7 +341,11 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         if confirm:
             _confirm(confirm)
         if successors is not None:
-            offers = [successor for applied, successor in zip(fut.result(), successors) if applied]
+            # Not the rows of tasks answered while their write was queued: forgotten already,
+            # offered now they would sit in the wheel until they fire (a lease: 30 s).
+            finished = self._finished
+            offers = [successor for applied, successor in zip(fut.result(), successors)
+                      if applied and (finished.get(successor.task_id, 0) >> _MS_BITS) < successor.gen]
             if offers:
                 self._offer(offers)
 

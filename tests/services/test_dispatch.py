@@ -262,6 +262,49 @@ def test_finished_tasks_are_remembered_for_finished_memory_ms_then_forgotten(tmp
     assert after == {"b"}
 
 
+class GatedStore(SqliteStore):
+    """The embedded store, its transitions held back until the test opens the gate."""
+
+    gate: asyncio.Event
+
+    async def apply(self, transitions, now_ms):
+        await self.gate.wait()
+        return await super().apply(transitions, now_ms)
+
+
+def test_a_lease_row_answered_before_its_write_is_durable_is_not_offered_to_the_timer(tmp_path):
+    async def main():
+        store = GatedStore(tmp_path / "t.db", num_shards=4)
+        store.gate = asyncio.Event()
+        await store.open()
+        fired_at = now_ms()
+        rec = task("t1", fired_at - 10, lease_ms=10_000)
+        await store.insert([rec])
+        config = Config(lease_write_delay_ms=0)  # the lease is queued as it is sent
+        dispatch = DispatchService(config, store, None)
+        timer = TimerService(config, store, dispatch)
+        timer.loaded_until_ms = fired_at + 60_000  # takes offers; its loops are not running
+        dispatch.timer = timer
+        await dispatch.start()
+        stream, deliveries = await subscribed(dispatch)
+        push = asyncio.get_running_loop().create_task(dispatch.push([rec], fired_at))
+        msg = await deliveries.__anext__()
+        stream.send(ack=dispatch_pb2.Ack(delivery_ids=[msg.deliveries[0].delivery_id]))
+        while dispatch.acked < 1:
+            await asyncio.sleep(0.01)
+        store.gate.set()  # the lease, then the ack, become durable
+        await asyncio.wait_for(push, 5)
+        while (await store.get("t1")).state != TaskState.SUCCEEDED:
+            await asyncio.sleep(0.01)
+        held = list(timer._records.values())
+        await deliveries.aclose()
+        await dispatch.stop()
+        await store.close()
+        return held
+
+    assert asyncio.run(main()) == []
+
+
 def test_an_in_process_timer_holds_a_written_lease_row_until_the_ack_takes_it_out(tmp_path):
     async def main():
         store = SqliteStore(tmp_path / "t.db", num_shards=4)
