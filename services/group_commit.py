@@ -11,7 +11,10 @@ groups formed, each reaching the store before the next starts; a latency-bound s
 may then finish them in any order, so only callers whose writes are independent (ingest's
 inserts) use it there. A store that applies calls one at a time in arrival order (SQLite's
 writer thread: ``Store.ordered_apply_depth``) keeps their order, so dispatch's transitions,
-whose acks must not overtake their leases, use that depth.
+whose acks must not overtake their leases, use that depth. ``overlap_at`` holds a further call
+back until that many items wait: a second call made for a few items halves the batches and
+doubles the calls (measured: p99 lateness 49 -> 89 ms at a constant 15K tasks/s), while one
+made for a backlog drains it.
 """
 from __future__ import annotations
 
@@ -36,12 +39,15 @@ class GroupCommit:
         max_batch: int,
         max_pending: int,
         concurrency: int = 1,
+        overlap_at: int = 0,
     ) -> None:
         self._write = write
         self._slots = asyncio.Semaphore(concurrency)
         self._running: set[asyncio.Task] = set()
         self._max_batch = max_batch
         self._max_pending = max_pending
+        self._overlap_at = overlap_at
+        self._queued = 0  # items in the queue, not yet in a running call
         self._queue: deque[tuple[Sequence[Any], asyncio.Future]] = deque()
         self._pending = 0
         self._wake = asyncio.Event()
@@ -79,15 +85,17 @@ class GroupCommit:
         fut = asyncio.get_running_loop().create_future()
         self._queue.append((items, fut))
         self._pending += len(items)
+        self._queued += len(items)
         self._wake.set()
         return fut
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self._queue:
+            if not self._queue or (self._running and self._queued < self._overlap_at):
                 self._wake.clear()
-                await self._wake.wait()
+                await self._wake.wait()  # set by commit() and by a finished call
+                continue
             await self._slots.acquire()
             if not self._queue:
                 self._slots.release()
@@ -98,9 +106,14 @@ class GroupCommit:
                 items, fut = self._queue.popleft()
                 group.append((items, fut))
                 batch.extend(items)
+            self._queued -= len(batch)
             task = loop.create_task(self._flush(group, batch))
             self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            task.add_done_callback(self._flushed)
+
+    def _flushed(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        self._wake.set()  # _run may be holding a call back until this one finished
 
     async def _flush(self, group: list[tuple[Sequence[Any], asyncio.Future]], batch: list[Any]) -> None:
         loop = asyncio.get_running_loop()

@@ -155,3 +155,33 @@ def test_concurrent_writes_reach_the_store_in_the_order_their_groups_formed():
 
     run(main())
     assert reached == list(range(8))
+
+
+def test_a_second_write_waits_while_few_items_are_queued_behind_the_first():
+    sizes, overlapped = [], []
+    running = 0
+
+    async def write(items):
+        nonlocal running
+        sizes.append(len(items))
+        overlapped.append(running > 0)
+        running += 1
+        await asyncio.sleep(0.02)
+        running -= 1
+        return list(items)
+
+    async def main():
+        gc = GroupCommit(write, max_batch=100, max_pending=1000, concurrency=2, overlap_at=50)
+        gc.start()
+        first = gc.commit([0])
+        await asyncio.sleep(0.005)  # the first write is running now
+        few = [gc.commit([0]) for _ in range(10)]  # not enough for a second write of their own
+        await asyncio.gather(first, *few)
+        many = [gc.commit([0] * 30)]
+        await asyncio.sleep(0.005)
+        many += [gc.commit([0] * 30), gc.commit([0] * 30)]  # 60 queued: a second write starts
+        await asyncio.gather(*many)
+        await gc.stop()
+
+    run(main())
+    assert list(zip(sizes, overlapped)) == [(1, False), (10, False), (30, False), (60, True)]
