@@ -272,23 +272,29 @@ class GatedStore(SqliteStore):
         return await super().apply(transitions, now_ms)
 
 
+async def delivered_beside_a_timer(store):
+    """A task pushed to dispatch and received, with an in-process timer whose loops are not
+    running (it takes offers); leases are queued for writing as they are sent."""
+    fired_at = now_ms()
+    rec = task("t1", fired_at - 10, lease_ms=10_000)
+    await store.insert([rec])
+    config = Config(lease_write_delay_ms=0)
+    dispatch = DispatchService(config, store, None)
+    timer = TimerService(config, store, dispatch)
+    timer.loaded_until_ms = fired_at + 60_000
+    dispatch.timer = timer
+    await dispatch.start()
+    stream, deliveries = await subscribed(dispatch)
+    push = asyncio.get_running_loop().create_task(dispatch.push([rec], fired_at))
+    return dispatch, timer, stream, deliveries, push, await deliveries.__anext__()
+
+
 def test_a_lease_row_answered_before_its_write_is_durable_is_not_offered_to_the_timer(tmp_path):
     async def main():
         store = GatedStore(tmp_path / "t.db", num_shards=4)
         store.gate = asyncio.Event()
         await store.open()
-        fired_at = now_ms()
-        rec = task("t1", fired_at - 10, lease_ms=10_000)
-        await store.insert([rec])
-        config = Config(lease_write_delay_ms=0)  # the lease is queued as it is sent
-        dispatch = DispatchService(config, store, None)
-        timer = TimerService(config, store, dispatch)
-        timer.loaded_until_ms = fired_at + 60_000  # takes offers; its loops are not running
-        dispatch.timer = timer
-        await dispatch.start()
-        stream, deliveries = await subscribed(dispatch)
-        push = asyncio.get_running_loop().create_task(dispatch.push([rec], fired_at))
-        msg = await deliveries.__anext__()
+        dispatch, timer, stream, deliveries, push, msg = await delivered_beside_a_timer(store)
         stream.send(ack=dispatch_pb2.Ack(delivery_ids=[msg.deliveries[0].delivery_id]))
         while dispatch.acked < 1:
             await asyncio.sleep(0.01)
@@ -309,18 +315,7 @@ def test_an_in_process_timer_holds_a_written_lease_row_until_the_ack_takes_it_ou
     async def main():
         store = SqliteStore(tmp_path / "t.db", num_shards=4)
         await store.open()
-        fired_at = now_ms()
-        rec = task("t1", fired_at - 10, lease_ms=10_000)
-        await store.insert([rec])
-        config = Config(lease_write_delay_ms=0)  # the lease is written as it is sent
-        dispatch = DispatchService(config, store, None)
-        timer = TimerService(config, store, dispatch)
-        timer.loaded_until_ms = fired_at + 60_000  # takes offers; its loops are not running
-        dispatch.timer = timer
-        await dispatch.start()
-        stream, deliveries = await subscribed(dispatch)
-        push = asyncio.get_running_loop().create_task(dispatch.push([rec], fired_at))
-        msg = await deliveries.__anext__()
+        dispatch, timer, stream, deliveries, push, msg = await delivered_beside_a_timer(store)
         await asyncio.wait_for(push, 5)  # the lease is durable, its row offered
         held_while_leased = [(r.task_id, r.gen, r.attempt) for r in timer._records.values()]
         stream.send(ack=dispatch_pb2.Ack(delivery_ids=[msg.deliveries[0].delivery_id]))
