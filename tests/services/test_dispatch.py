@@ -165,6 +165,31 @@ def test_a_push_returns_once_each_task_is_answered_or_leased_durably_the_last_on
     assert states == [TaskState.SUCCEEDED] * 4 + [TaskState.LEASED]
 
 
+def test_messages_queued_for_a_worker_while_one_is_written_go_out_as_one(tmp_path):
+    async def main():
+        store = SqliteStore(tmp_path / "t.db", num_shards=4)
+        await store.open()
+        fired_at = now_ms()
+        first = [task(f"a{i}", fired_at) for i in range(3)]
+        second = [task(f"b{i}", fired_at) for i in range(2)]
+        await store.insert(first + second)
+        dispatch = DispatchService(Config(), store, QuietTimer())
+        await dispatch.start()
+        stream, deliveries = await subscribed(dispatch)
+        receiving = asyncio.get_running_loop().create_task(deliveries.__anext__())
+        while "q" not in dispatch._queues or not dispatch._queues["q"].consumers:
+            await asyncio.sleep(0)
+        dispatch.take(first, fired_at)  # one message each, both queued before the stream runs
+        dispatch.take(second, fired_at)
+        msg = await receiving
+        await deliveries.aclose()
+        await dispatch.stop()
+        await store.close()
+        return sorted(d.task_id for d in msg.deliveries)
+
+    assert asyncio.run(main()) == ["a0", "a1", "a2", "b0", "b1"]
+
+
 def test_a_short_lease_is_written_by_half_its_length_whatever_the_delay(tmp_path):
     # Written later, the lease row would be due before it exists: a late redelivery.
     async def main():
