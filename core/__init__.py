@@ -1,8 +1,10 @@
-"""taskwheel's compiled hot path: the timing wheel, the batcher, and where a task lives.
+"""taskwheel's compiled hot path: the timing wheel, the batcher, where a task lives, and the
+wire form of the deliveries dispatch sends.
 
 Services import these names from here, never from the compiled modules themselves.
 """
 from taskwheel.core.batcher import Batcher, group_by
+from taskwheel.core.deliveries import encode_deliveries
 from taskwheel.core.sharding import BUCKET_MS, bucket_of, shard_of, shards_of
 from taskwheel.core.wheel import DEBUG_BUILD, TimingWheel
 
@@ -12,6 +14,7 @@ __all__ = [
     "DEBUG_BUILD",
     "TimingWheel",
     "bucket_of",
+    "encode_deliveries",
     "group_by",
     "shard_of",
     "shards_of",

@@ -55,6 +55,26 @@ class Batcher:
     def next_flush_ms(self) -> int | None: ...
     def __len__(self) -> int: ...
 
+class _DeliveredTask(Protocol):
+    task_id: str
+    queue: str
+    payload: bytes
+    fire_at_ms: int
+    attempt: int
+    max_attempts: int
+    headers: dict[str, str]
+    traceparent: str
+
+class _Delivery(Protocol):
+    @property
+    def record(self) -> _DeliveredTask: ...
+    delivery_id: str
+    fired_at: int
+    due_ms: int
+
+def encode_deliveries(sent: list[Any], traceparents: list[str] | None = None) -> bytes:
+    """The bytes of one taskwheel.v1.ConsumeResponse, a delivery per item (see _Delivery)."""
+
 def group_by(keys: Iterable[_K], items: Iterable[_T]) -> dict[_K, list[_T]]: ...
 def shard_of(task_id: str, num_shards: SupportsIndex) -> int: ...
 def shards_of(task_ids: Iterable[str], num_shards: SupportsIndex) -> array[int]: ...

@@ -8,8 +8,8 @@ One process, everything on one asyncio loop, as in the embedded mode: a real Sql
 temporary directory, the TimerService and DispatchService started with their own loops (fire,
 load, checkpoint, lease, hold, group commit), and an in-process worker driving the servicer's
 own ``Consume`` stream. No gRPC server: the worker stands in for grpc.aio at the stream's two
-ends, doing on the loop what grpc.aio does there (serializing each ConsumeResponse, parsing each
-ConsumeRequest), and acks every delivery of a message at once, as perf/run_bench.py's worker
+ends, doing on the loop what grpc.aio does there (taking each ConsumeResponse's bytes, parsing
+each ConsumeRequest), and acks every delivery of a message at once, as perf/run_bench.py's worker
 does. What the worker itself does (reading a delivery, building its ack) is another process's
 work in production: it is timed and left out of every figure.
 
@@ -195,7 +195,7 @@ async def run_once(n: int, rate: int, max_in_flight: int, ack_after_ms: int, pro
     timer = TimerService(config, store, dispatch)
     dispatch.timer = timer
     profile = Profile() if profiled else None
-    serialize = dispatch_pb2.ConsumeResponse.SerializeToString
+    serialize = bytes  # the servicer yields wire bytes, which grpc sends as they are
     parse = dispatch_pb2.ConsumeRequest.FromString
     if profile is not None:
         for name in ("_take_fired", "_pump", "_ack", "_write", "_written"):

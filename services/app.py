@@ -24,7 +24,7 @@ from taskwheel.ingest import IngestServicer
 from taskwheel.links import RemoteDispatch, RemoteTimer
 from taskwheel.stores import Store, open_store
 from taskwheel.timer import TimerService
-from taskwheel.v1 import dispatch_pb2, dispatch_pb2_grpc, ingest_pb2, ingest_pb2_grpc, timer_pb2, timer_pb2_grpc
+from taskwheel.v1 import dispatch_pb2, ingest_pb2, ingest_pb2_grpc, timer_pb2, timer_pb2_grpc
 
 log = logging.getLogger("taskwheel")
 
@@ -100,7 +100,7 @@ class App:
             timer_pb2_grpc.add_TimerServicer_to_server(self.timer, self.server)
             names.append(_NAMES["timer"])
         if self.dispatch:
-            dispatch_pb2_grpc.add_DispatchServicer_to_server(self.dispatch, self.server)
+            self.dispatch.add_to_server(self.server)
             names.append(_NAMES["dispatch"])
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)
         reflection.enable_server_reflection(names, self.server)

@@ -11,42 +11,6 @@ def set_ms(ts, ms: int) -> None:
     ts.nanos = rem * 1_000_000
 
 
-def _varint(n: int) -> bytes:
-    if n < 0:
-        n += 1 << 64  # an int64 below zero goes out as its two's complement, in ten bytes
-    out = bytearray()
-    while n >= 0x80:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def timestamp_field(number: int, ms: int) -> bytes:
-    """The wire form of field ``number``, a google.protobuf.Timestamp of unix milliseconds as
-    set_ms fills it. Merged into a message (MergeFromString), several such fields cost one call
-    instead of two attribute sets through a sub-message wrapper each."""
-    seconds, rem = divmod(ms, 1000)
-    body = b""
-    if seconds:
-        body += b"\x08" + _varint(seconds)
-    if rem:
-        body += b"\x10" + _varint(rem * 1_000_000)
-    return _varint(number << 3 | 2) + _varint(len(body)) + body
-
-
-_DELIVERY_FIELDS = task_pb2.Delivery.DESCRIPTOR.fields_by_name
-_FIRE_AT = _DELIVERY_FIELDS["fire_at"].number
-_FIRED_AT = _DELIVERY_FIELDS["fired_at"].number
-_LEASE_EXPIRES_AT = _DELIVERY_FIELDS["lease_expires_at"].number
-
-
-def delivery_times(fire_at_ms: int, fired_at_ms: int, lease_expires_ms: int) -> bytes:
-    """A Delivery's three times, to merge into it: ``delivery.MergeFromString(...)``."""
-    return (timestamp_field(_FIRE_AT, fire_at_ms) + timestamp_field(_FIRED_AT, fired_at_ms)
-            + timestamp_field(_LEASE_EXPIRES_AT, lease_expires_ms))
-
-
 def ms_of(ts) -> int:
     return ts.seconds * 1000 + ts.nanos // 1_000_000
 

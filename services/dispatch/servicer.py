@@ -24,11 +24,11 @@ import grpc
 from taskwheel import telemetry
 from taskwheel.clock import now_ms
 from taskwheel.config import Config
-from taskwheel.core import shard_of
+from taskwheel.core import encode_deliveries, shard_of
 from taskwheel.group_commit import GroupCommit
 from taskwheel.stores.base import Store, TaskRecord, TaskState, Transition, TransitionKind
 from taskwheel.v1 import dispatch_pb2, dispatch_pb2_grpc
-from taskwheel.wire import delivery_times, record_of_due
+from taskwheel.wire import record_of_due
 
 log = logging.getLogger("taskwheel.dispatch")
 
@@ -81,12 +81,17 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, msg)
                 # Messages that queued while the last one was written go out as one: a write
                 # costs a few turns of the loop, so under load they queue faster than they leave.
-                while not out.empty():
-                    more = out.get_nowait()
-                    if more is None or isinstance(more, str):
-                        after = more
-                        break
-                    msg.MergeFrom(more)
+                # A message is its wire bytes (see _pump), and two responses' bytes one after
+                # the other are one response holding both's deliveries.
+                if not out.empty():
+                    parts = [msg]
+                    while not out.empty():
+                        more = out.get_nowait()
+                        if more is None or isinstance(more, str):
+                            after = more
+                            break
+                        parts.append(more)
+                    msg = b"".join(parts)
                 yield msg
         finally:
             reader.cancel()
@@ -111,6 +116,32 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
                 workers=len(qs.consumers),
             )
         return status
+
+    def add_to_server(self, server) -> None:
+        """dispatch_pb2_grpc.add_DispatchServicer_to_server, but Consume's responses are the
+        ConsumeResponse wire bytes _pump encodes, which grpc sends unchanged."""
+        handlers = {
+            "Consume": grpc.stream_stream_rpc_method_handler(
+                self.Consume,
+                request_deserializer=dispatch_pb2.ConsumeRequest.FromString,
+                response_serializer=_response_bytes,
+            ),
+            "Push": grpc.unary_unary_rpc_method_handler(
+                self.Push,
+                request_deserializer=dispatch_pb2.PushRequest.FromString,
+                response_serializer=dispatch_pb2.PushResponse.SerializeToString,
+            ),
+            "Status": grpc.unary_unary_rpc_method_handler(
+                self.Status,
+                request_deserializer=dispatch_pb2.DispatchStatusRequest.FromString,
+                response_serializer=dispatch_pb2.DispatchStatus.SerializeToString,
+            ),
+        }
+        name = dispatch_pb2.DESCRIPTOR.services_by_name["Dispatch"].full_name
+        if set(handlers) != set(dispatch_pb2.DESCRIPTOR.services_by_name["Dispatch"].methods_by_name):
+            raise RuntimeError("Dispatch's methods changed in dispatch.proto: update add_to_server")
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+        server.add_registered_method_handlers(name, handlers)
 
     # -- state ------------------------------------------------------------------------------
 
@@ -238,9 +269,6 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         waiting_by_task = self._waiting
         leases = self._leases
         consumers = qs.consumers
-        # (fire_at, fired_at, lease_ms) -> a delivery's three times, encoded once: a burst's
-        # tasks share them.
-        times: dict[tuple[int, int, int], bytes] = {}
         for _ in range(len(consumers)):
             if not ready:
                 break
@@ -250,8 +278,6 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
             room = consumer.max_in_flight - len(in_flight)
             if room <= 0:
                 continue
-            response = dispatch_pb2.ConsumeResponse()
-            add = response.deliveries.add
             sent = []
             shortest_lease = self._config.lease_write_delay_ms * 2
             while room > 0 and ready:
@@ -274,31 +300,13 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
                 in_flight[delivery_id] = lease
                 leases[task_id] = lease
                 sent.append(lease)
-                d = add(
-                    task_id=task_id,
-                    delivery_id=delivery_id,
-                    queue=rec.queue,
-                    payload=rec.payload,
-                    attempt=rec.attempt,
-                    max_attempts=rec.max_attempts,
-                )
-                # Set only when present: an empty map passed to add() costs 1 us a delivery.
-                if rec.headers:
-                    d.headers.update(rec.headers)
-                if rec.traceparent:
-                    d.traceparent = rec.traceparent
-                key = (rec.fire_at_ms, waiting.fired_at, rec.lease_ms)
-                encoded = times.get(key)
-                if encoded is None:
-                    encoded = times[key] = delivery_times(rec.fire_at_ms, waiting.fired_at, lease.due_ms)
-                d.MergeFromString(encoded)
             if sent:
                 self._messages_sent += 1
                 heapq.heappush(self._unwritten, (now + shortest_lease // 2, self._messages_sent, sent))
                 self.delivered += len(sent)
-                consumer.out.put_nowait(response)
-                if telemetry.enabled:
-                    _trace_deliveries(response)
+                # The message's wire bytes in one call (the servicer's stream sends them as they are).
+                traceparents = _trace_deliveries(sent) if telemetry.enabled else None
+                consumer.out.put_nowait(encode_deliveries(sent, traceparents))
         if self._config.lease_write_delay_ms == 0:
             self._write_leases(now)
 
@@ -581,6 +589,10 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
                 self._write(transitions, successors, confirm)
 
 
+def _response_bytes(msg) -> bytes:
+    return msg if type(msg) is bytes else msg.SerializeToString()
+
+
 def _successor(rec: TaskRecord, gen: int, due_ms: int, attempt: int, state: TaskState,
                last_error: str) -> TaskRecord:
     """``rec`` at its next due row: dataclasses.replace at a fraction of its cost (it looks the
@@ -594,16 +606,19 @@ def _successor(rec: TaskRecord, gen: int, due_ms: int, attempt: int, state: Task
     )
 
 
-def _trace_deliveries(response) -> None:
-    """A span per delivery in the task's trace; the worker continues from it."""
+def _trace_deliveries(sent: list["_Fired"]) -> list[str]:
+    """A span per delivery in the task's trace; returns the traceparents the worker continues from."""
     tracer = telemetry.tracer
-    for d in response.deliveries:
-        ctx = telemetry.context_from_traceparent(d.traceparent) if d.traceparent else None
+    traceparents = []
+    for lease in sent:
+        rec = lease.record
+        ctx = telemetry.context_from_traceparent(rec.traceparent) if rec.traceparent else None
         span = tracer.start_span("dispatch.deliver", context=ctx, attributes={
-            "taskwheel.task_id": d.task_id, "taskwheel.attempt": d.attempt, "taskwheel.queue": d.queue})
+            "taskwheel.task_id": rec.task_id, "taskwheel.attempt": rec.attempt, "taskwheel.queue": rec.queue})
         sc = span.get_span_context()
-        d.traceparent = f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{sc.trace_flags:02x}"
+        traceparents.append(f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{sc.trace_flags:02x}")
         span.end()
+    return traceparents
 
 
 def _trace_task(name: str, rec: TaskRecord, gen: int, error: str = "") -> None:
