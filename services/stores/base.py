@@ -2,10 +2,11 @@
 
 Layout every store follows (so that the embedded and the Cassandra store behave the same):
 
-* **Due rows**, partitioned by ``(shard, minute bucket of due_ms)`` and ordered by
-  ``(due_ms, task_id)``. A due row is written once, when a task gets a new due time (accepted,
-  leased, retried), and never updated; it carries everything a delivery needs, so a timer loads
-  a time slice of a partition without a lookup per task. Old buckets expire (TTL / cleanup).
+* **Due rows**, partitioned by ``(shard, minute bucket of due_ms)`` (Cassandra orders each by
+  ``(due_ms, task_id)``; the embedded store clusters each by second). A due row is written
+  once, when a task gets a new due time (accepted, leased, retried), and never updated; it
+  carries everything a delivery needs, so a timer loads a time slice of a partition without a
+  lookup per task. Old buckets expire (TTL / cleanup).
 * **Task rows** by ``task_id``: the current ``gen``, state, attempt and due time. ``Get``,
   ``Cancel`` and the transitions use them.
 * A due row is *live* when its ``gen`` equals the task's current gen and the task is not in a
@@ -164,7 +165,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def load_due(self, shard: int, from_ms: int, to_ms: int) -> list[TaskRecord]:
-        """Live due rows of ``shard`` with from_ms <= due_ms < to_ms, ordered by (due_ms, task_id).
+        """Live due rows of ``shard`` with from_ms <= due_ms < to_ms, in no particular order
+        (the timer's wheel orders them).
 
         The range may span several buckets. Each returned record carries the due row's gen,
         due_ms and attempt, and the task's current state."""
