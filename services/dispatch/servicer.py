@@ -425,6 +425,11 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         # _take_lease, _remember_finished and _settle, inlined: this runs once per task.
         transitions = []
         confirm = []
+        ended = []
+        # The timer may hold a row of the task only if dispatch wrote one and offered it: the
+        # lease row, or the hold row of a task that waited for a worker. The row that was
+        # delivered has fired, so an ack before its lease was written leaves nothing to forget
+        # (a stale copy the loader read meanwhile fires into the finished check).
         forget = []
         now = now_ms()
         in_flight = consumer.in_flight
@@ -441,25 +446,29 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
             if leases.get(task_id) is lease:
                 del leases[task_id]
             finished[task_id] = lease.gen << _MS_BITS | now
+            ended.append(task_id)
             if lease.written:
                 transitions.append(Transition(task_id, rec.shard, succeed, lease.gen, lease.due_ms))
+                forget.append(task_id)
             else:
                 lease.written = True
                 coalesced += 1
                 transitions.append(Transition(task_id, rec.shard, succeed, rec.gen, rec.due_ms))
                 confirm.append(lease.batches)
-            forget.append(task_id)
+                if lease.held_gen:
+                    forget.append(task_id)
             if telemetry.enabled:
                 _trace_task("dispatch.ack", rec, lease.gen)
         if transitions:
             self.acked += len(transitions)
             self.coalesced = coalesced
-            self._finished_ids.extend(forget)
+            self._finished_ids.extend(ended)
             self._finished_at.append(now)
-            self._finished_count.append(len(forget))
+            self._finished_count.append(len(ended))
             self._forget_finished(now)
             self._write(transitions, None, confirm)
-            self._forget(forget)
+            if forget:
+                self._forget(forget)
 
     def _nack(self, consumer: "_Consumer", nack) -> None:
         now = now_ms()

@@ -348,3 +348,64 @@ def test_an_in_process_timer_holds_a_written_lease_row_until_the_ack_takes_it_ou
     held_while_leased, held_after_ack, pending = asyncio.run(main())
     assert held_while_leased == [("t1", 2, 2)]
     assert (held_after_ack, pending) == ([], 0)
+
+
+def test_a_copy_of_the_delivered_row_that_fires_after_its_ack_is_dropped_not_delivered_again(tmp_path):
+    # A loader's read that raced the ack: nothing was forgotten in the timer for it (the
+    # delivered row had fired), so dispatch must drop it.
+    async def main():
+        store = SqliteStore(tmp_path / "t.db", num_shards=4)
+        await store.open()
+        fired_at = now_ms()
+        rec = task("t1", fired_at - 10)
+        await store.insert([rec])
+        dispatch = DispatchService(Config(), store, QuietTimer())
+        await dispatch.start()
+        deliveries = await delivered_and_acked(dispatch, [rec], fired_at)
+        await asyncio.wait_for(dispatch.push([rec], now_ms()), 5)  # confirmed at once
+        again = asyncio.get_running_loop().create_task(deliveries.__anext__())
+        await asyncio.sleep(0.2)
+        redelivered = again.done()
+        again.cancel()
+        await dispatch.stop()
+        await store.close()
+        return redelivered, dispatch.delivered, dispatch.coalesced
+
+    redelivered, delivered, coalesced = asyncio.run(main())
+    assert not redelivered
+    assert (delivered, coalesced) == (1, 1)
+
+
+def test_a_task_held_until_a_worker_came_leaves_no_hold_row_in_the_timer_once_acked(tmp_path):
+    async def main():
+        store = SqliteStore(tmp_path / "t.db", num_shards=4)
+        await store.open()
+        fired_at = now_ms()
+        rec = task("t1", fired_at - 10)
+        await store.insert([rec])
+        config = Config(hold_after_ms=50, hold_ms=60_000)
+        dispatch = DispatchService(config, store, None)
+        timer = TimerService(config, store, dispatch)
+        timer.loaded_until_ms = fired_at + 120_000  # takes offers; its loops are not running
+        dispatch.timer = timer
+        await dispatch.start()
+        push = asyncio.get_running_loop().create_task(dispatch.push([rec], fired_at))
+        await asyncio.wait_for(push, 5)  # returns once the hold row is durable
+        while not timer._records:
+            await asyncio.sleep(0.01)
+        held = [(r.task_id, r.gen) for r in timer._records.values()]
+        stream, deliveries = await subscribed(dispatch)
+        msg = await deliveries.__anext__()
+        stream.send(ack=dispatch_pb2.Ack(delivery_ids=[d.delivery_id for d in msg.deliveries]))
+        while dispatch.acked < 1:
+            await asyncio.sleep(0.01)
+        left = list(timer._records.values())
+        await deliveries.aclose()
+        await dispatch.stop()
+        await store.close()
+        return held, [d.delivery_id for d in msg.deliveries], left, len(timer.wheel)
+
+    held, delivered, left, pending = asyncio.run(main())
+    assert held == [("t1", 2)]
+    assert delivered == ["t1.3"]
+    assert (left, pending) == ([], 0)
