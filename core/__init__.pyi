@@ -75,6 +75,9 @@ class _Delivery(Protocol):
 def encode_deliveries(sent: list[Any], traceparents: list[str] | None = None) -> bytes:
     """The bytes of one taskwheel.v1.ConsumeResponse, a delivery per item (see _Delivery)."""
 
+def untrack(objects: list[Any], kind: type) -> int:
+    """Takes the objects of exactly type ``kind`` out of the cyclic GC's view (see records.pyx)."""
+
 def group_by(keys: Iterable[_K], items: Iterable[_T]) -> dict[_K, list[_T]]: ...
 def shard_of(task_id: str, num_shards: SupportsIndex) -> int: ...
 def shards_of(task_ids: Iterable[str], num_shards: SupportsIndex) -> array[int]: ...

@@ -26,7 +26,7 @@ from taskwheel.clock import now_ms
 from taskwheel.config import Config
 from taskwheel.core import encode_deliveries, shard_of
 from taskwheel.group_commit import GroupCommit
-from taskwheel.stores.base import Store, TaskRecord, TaskState, Transition, TransitionKind
+from taskwheel.stores.base import Store, TaskRecord, TaskState, Transition, TransitionKind, untracked
 from taskwheel.v1 import dispatch_pb2, dispatch_pb2_grpc
 from taskwheel.wire import record_of_due
 
@@ -103,7 +103,7 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
             self._pump(qs)
 
     async def Push(self, request, context):
-        records = [record_of_due(m, self._shard_of) for m in request.tasks]
+        records = untracked([record_of_due(m, self._shard_of) for m in request.tasks])
         await self.push(records, request.fired_at_ms)
         return dispatch_pb2.PushResponse(accepted=len(records))
 
@@ -351,6 +351,8 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         timer, and every push batch in ``confirm`` (lists of them) counts one task handed over
         per appearance."""
         fut = self._writer.commit(transitions)
+        if successors is not None:
+            untracked(successors)  # offered to the timer once written: held until due
         fut.add_done_callback(functools.partial(self._written, successors, confirm))
 
     def _written(self, successors: list[TaskRecord] | None, confirm: list[list[_Batch]],

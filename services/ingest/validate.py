@@ -7,7 +7,7 @@ from typing import Sequence
 
 from taskwheel.config import Limits
 from taskwheel.core import shards_of
-from taskwheel.stores.base import TaskRecord, TaskState
+from taskwheel.stores.base import TaskRecord, TaskState, untracked
 
 _QUEUE = re.compile(r"[A-Za-z0-9._:\-]+")
 # Queue names that matched _QUEUE, so most tasks skip the regex (the length limit is checked
@@ -64,7 +64,7 @@ def records_of_specs(
             record.traceparent = traceparent
         records.append(record)
         positions.append(i)
-    return records, positions, errors
+    return untracked(records), positions, errors
 
 
 def record_of_spec(spec, task_id: str, shard: int, now: int, limits: Limits) -> TaskRecord:

@@ -80,6 +80,7 @@ from taskwheel.stores.base import (
     Transition,
     TransitionKind,
     bucket_of,
+    untracked,
 )
 
 T = TypeVar("T")
@@ -741,7 +742,7 @@ class SqliteStore(Store):
         rows = _decode_json(found)
         for row in rows:
             row[3] = bytes.fromhex(row[3])
-        return [_record(row) for row in rows]
+        return untracked([_record(row) for row in rows])
 
     async def load_checkpoint(self, shard: int) -> int:
         self._check_shard(shard)

@@ -20,7 +20,7 @@ from taskwheel import telemetry
 from taskwheel.clock import now_ms
 from taskwheel.config import Config
 from taskwheel.core import TimingWheel, shard_of
-from taskwheel.stores.base import Store, TaskRecord
+from taskwheel.stores.base import Store, TaskRecord, untracked
 from taskwheel.v1 import timer_pb2, timer_pb2_grpc
 from taskwheel.wire import record_of_due
 
@@ -40,7 +40,7 @@ class TimerService(timer_pb2_grpc.TimerServicer):
     # -- servicer ---------------------------------------------------------------------------
 
     async def Offer(self, request, context):
-        records = [record_of_due(m, self._shard_of) for m in request.tasks]
+        records = untracked([record_of_due(m, self._shard_of) for m in request.tasks])
         taken = self.offer_now(records)
         return timer_pb2.OfferResponse(taken=taken, loaded_until_ms=self.loaded_until_ms)
 

@@ -1,8 +1,10 @@
 """Ingest's validation: what it accepts, and errors that name the field."""
+import gc
+
 import pytest
 
 from taskwheel.config import Limits
-from taskwheel.ingest.validate import SpecError, TaskIds, record_of_spec
+from taskwheel.ingest.validate import SpecError, TaskIds, record_of_spec, records_of_specs
 from taskwheel.v1 import task_pb2
 
 NOW = 1_800_000_000_000
@@ -79,3 +81,10 @@ def test_task_ids_are_unique_and_ordered_by_time_within_a_process():
 
 def test_two_processes_draw_different_id_prefixes():
     assert TaskIds().next(NOW)[12:20] != TaskIds().next(NOW)[12:20]
+
+
+def test_accepted_records_are_kept_out_of_the_cyclic_gcs_view():
+    specs = [make(payload=b"x") for _ in range(3)]
+    records, positions, errors = records_of_specs(specs, TaskIds(), 4, NOW, LIMITS)
+    assert (len(records), errors) == (3, [])
+    assert not any(gc.is_tracked(r) for r in records)

@@ -1,5 +1,6 @@
 """The embedded store: the store contract, plus what only SQLite has (files, locks, purging)."""
 import asyncio
+import gc
 import os
 import signal
 import sqlite3
@@ -423,3 +424,11 @@ async def test_tasks_are_in_the_database_file_after_close(db):
     assert not os.path.exists(db + "-wal") or os.path.getsize(db + "-wal") == 0
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
         assert conn.execute("SELECT count(*) FROM tasks").fetchone()[0] == 100
+
+
+async def test_loaded_records_are_kept_out_of_the_cyclic_gcs_view(db):
+    # They wait in the timer's wheel for seconds; see taskwheel.core.records.
+    async with opened(lambda: SqliteStore(db, num_shards=4)) as store:
+        await store.insert([new_task(due_ms=T0 + i) for i in range(3)])
+        rows = await load(store)
+    assert len(rows) == 3 and not any(gc.is_tracked(r) for r in rows)

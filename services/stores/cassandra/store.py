@@ -79,6 +79,7 @@ from taskwheel.stores.base import (
     Transition,
     TransitionKind,
     bucket_of,
+    untracked,
 )
 
 log = logging.getLogger(__name__)
@@ -649,7 +650,7 @@ class CassandraStore(Store):
         if suspects:
             current = await self._read_current(suspects, cl)
             records = [r for r in records if r.gen == 1 or _is_current(r, current.get(r.task_id))]
-        return records  # buckets in order, each clustered by (due_ms, task_id, gen)
+        return untracked(records)  # buckets in order, each clustered by (due_ms, task_id, gen)
 
     async def load_checkpoint(self, shard: int) -> int:
         self._check_shard(shard)
