@@ -26,10 +26,6 @@ from taskwheel.wire import record_of_due
 
 log = logging.getLogger("taskwheel.timer")
 
-# Loaded tasks admitted to the wheel per turn of the event loop (about 1.5 ms of it), so that
-# the fire loop runs between the chunks of a slice.
-ADMIT_CHUNK = 1024
-
 
 class TimerService(timer_pb2_grpc.TimerServicer):
     """``dispatch`` is anything with ``async push(records, fired_at_ms)`` that returns once the
@@ -205,27 +201,19 @@ class TimerService(timer_pb2_grpc.TimerServicer):
         # copies of them are then dropped by gen.
         self.loaded_until_ms = end
         span = telemetry.tracer.start_span("timer.load") if telemetry.enabled else None
-        loop = asyncio.get_running_loop()
-        reads = [loop.create_task(self._store.load_due(s, start, end)) for s in self._shards]
         try:
-            # Each shard's rows as they come, ADMIT_CHUNK per turn of the loop: a slice of all
-            # shards admitted at once (15,000 tasks at 15K/s) held the fire loop for 20-30 ms.
-            for read in asyncio.as_completed(reads):
-                records = await read
-                for i in range(0, len(records), ADMIT_CHUNK):
-                    if i:
-                        await asyncio.sleep(0)
-                    self._admit(records[i:i + ADMIT_CHUNK])
-        except BaseException:
-            for read in reads:
-                read.cancel()
-            await asyncio.gather(*reads, return_exceptions=True)
-            # Read again later; what was admitted meanwhile is kept, its copies dropped by gen.
+            results = await asyncio.gather(
+                *(self._store.load_due(s, start, end) for s in self._shards)
+            )
+        except Exception:
             self.loaded_until_ms = min(self.loaded_until_ms, start)
             raise
         finally:
             if span is not None:
                 span.end()
+        for records in results:
+            if records:
+                self._admit(records)
         return True
 
     async def _load_loop(self) -> None:
