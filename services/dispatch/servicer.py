@@ -20,6 +20,7 @@ import logging
 from collections import deque
 
 import grpc
+from google.protobuf import message_factory
 
 from taskwheel import telemetry
 from taskwheel.clock import now_ms
@@ -119,29 +120,21 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
 
     def add_to_server(self, server) -> None:
         """dispatch_pb2_grpc.add_DispatchServicer_to_server, but Consume's responses are the
-        ConsumeResponse wire bytes _pump encodes, which grpc sends unchanged."""
-        handlers = {
-            "Consume": grpc.stream_stream_rpc_method_handler(
-                self.Consume,
-                request_deserializer=dispatch_pb2.ConsumeRequest.FromString,
-                response_serializer=_response_bytes,
-            ),
-            "Push": grpc.unary_unary_rpc_method_handler(
-                self.Push,
-                request_deserializer=dispatch_pb2.PushRequest.FromString,
-                response_serializer=dispatch_pb2.PushResponse.SerializeToString,
-            ),
-            "Status": grpc.unary_unary_rpc_method_handler(
-                self.Status,
-                request_deserializer=dispatch_pb2.DispatchStatusRequest.FromString,
-                response_serializer=dispatch_pb2.DispatchStatus.SerializeToString,
-            ),
-        }
-        name = dispatch_pb2.DESCRIPTOR.services_by_name["Dispatch"].full_name
-        if set(handlers) != set(dispatch_pb2.DESCRIPTOR.services_by_name["Dispatch"].methods_by_name):
-            raise RuntimeError("Dispatch's methods changed in dispatch.proto: update add_to_server")
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
-        server.add_registered_method_handlers(name, handlers)
+        ConsumeResponse wire bytes _pump encodes, which grpc sends unchanged. The handlers
+        come from dispatch.proto's descriptor, so a method added there is served here too."""
+        service = dispatch_pb2.DESCRIPTOR.services_by_name["Dispatch"]
+        handlers = {}
+        for method in service.methods:
+            request = message_factory.GetMessageClass(method.input_type)
+            response = message_factory.GetMessageClass(method.output_type)
+            kind = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+            handlers[method.name] = kind(
+                getattr(self, method.name),
+                request_deserializer=request.FromString,
+                response_serializer=_response_bytes if method.name == "Consume" else response.SerializeToString,
+            )
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+        server.add_registered_method_handlers(service.full_name, handlers)
 
     # -- state ------------------------------------------------------------------------------
 
@@ -602,6 +595,15 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
 
 def _response_bytes(msg) -> bytes:
     return msg if type(msg) is bytes else msg.SerializeToString()
+
+
+# (client streaming, server streaming) -> grpc's handler of that kind.
+_HANDLER_KINDS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
 
 
 def _successor(rec: TaskRecord, gen: int, due_ms: int, attempt: int, state: TaskState,
