@@ -3,10 +3,10 @@
 Layout every store follows (so that the embedded and the Cassandra store behave the same):
 
 * **Due rows**, partitioned by ``(shard, minute bucket of due_ms)`` (Cassandra orders each by
-  ``(due_ms, task_id)``; the embedded store clusters each by second). A due row is written
-  once, when a task gets a new due time (accepted, leased, retried), and never updated; it
-  carries everything a delivery needs, so a timer loads a time slice of a partition without a
-  lookup per task. Old buckets expire (TTL / cleanup).
+  ``(due_ms, task_id)``, the embedded store by arrival). A due row is written once, when a
+  task gets a new due time (accepted, leased, retried), and never updated; it carries
+  everything a delivery needs, so a timer loads a time slice of a partition without a lookup
+  per task. Old buckets expire (TTL / cleanup).
 * **Task rows** by ``task_id``: the current ``gen``, state, attempt and due time. ``Get``,
   ``Cancel`` and the transitions use them.
 * A due row is *live* when its ``gen`` equals the task's current gen and the task is not in a

@@ -52,41 +52,20 @@ async def test_opening_with_another_shard_count_is_refused(db):
             pass
 
 
-@pytest.mark.parametrize("version", [1, 2])
-async def test_a_file_of_an_earlier_version_is_upgraded_and_keeps_every_task_as_it_was(db, version):
+async def test_a_version_1_file_is_upgraded_and_keeps_every_task_as_it_was(db):
     waiting, done, leased = (new_task(due_ms=T0 + i) for i in range(3))
     async with opened(lambda: SqliteStore(db, num_shards=4)) as store:
         await store.insert([waiting, done, leased])
         await store.apply([succeed(done), lease(leased, T0 + 30_000)], now_ms=T0)
-    (_rewrite_as_version_1 if version == 1 else _rewrite_as_version_2)(db)
+    _rewrite_as_version_1(db)
     async with opened(lambda: SqliteStore(db, num_shards=4)) as store:
         assert [(r.task_id, r.gen) for r in await load(store)] == [
             (waiting.task_id, 1), (leased.task_id, 2)]
-        assert [r.task_id for r in await store.load_due(0, T0 + 30_000, T0 + 31_000)] == [leased.task_id]
         assert (await store.get(done.task_id)).state == TaskState.SUCCEEDED
         assert await store.apply([succeed(waiting), succeed(done)], now_ms=T0) == [True, False]
         assert (await store.get(waiting.task_id)).state == TaskState.SUCCEEDED
     with sqlite3.connect(db) as conn:
-        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (3,)
-        assert [c[1] for c in conn.execute("PRAGMA table_info(due)")] == [
-            "shard", "second", "task_rowid", "gen", "due_ms"]
-
-
-_BUCKET_OF_DUE_MS = f"(d.due_ms - (((d.due_ms % {BUCKET_MS}) + {BUCKET_MS}) % {BUCKET_MS})) / {BUCKET_MS}"
-
-
-def _rewrite_as_version_2(path) -> None:
-    """The file as version 2 wrote it: due rows clustered by minute bucket, not by second."""
-    with sqlite3.connect(path) as conn:
-        conn.execute("ALTER TABLE due RENAME TO due_v3")
-        conn.execute("""CREATE TABLE due (
-            shard INTEGER NOT NULL, bucket INTEGER NOT NULL, task_rowid INTEGER NOT NULL,
-            gen INTEGER NOT NULL, due_ms INTEGER NOT NULL,
-            PRIMARY KEY (shard, bucket, task_rowid, gen)) WITHOUT ROWID""")
-        conn.execute(f"INSERT INTO due SELECT d.shard, {_BUCKET_OF_DUE_MS}, d.task_rowid, d.gen, d.due_ms "
-                     "FROM due_v3 AS d")
-        conn.execute("DROP TABLE due_v3")
-        conn.execute("UPDATE meta SET value = 2 WHERE key = 'schema_version'")
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (2,)
 
 
 def _rewrite_as_version_1(path) -> None:
@@ -96,7 +75,7 @@ def _rewrite_as_version_1(path) -> None:
         conn.execute("UPDATE tasks SET state = e.state, updated_ms = e.updated_ms, "
                      "last_error = e.last_error FROM ended AS e WHERE e.task_rowid = tasks.rowid")
         conn.execute("DROP TABLE ended")
-        conn.execute("ALTER TABLE due RENAME TO due_v3")
+        conn.execute("ALTER TABLE due RENAME TO due_v2")
         conn.execute("""CREATE TABLE due (
             seq INTEGER PRIMARY KEY, shard INTEGER NOT NULL, bucket INTEGER NOT NULL,
             due_ms INTEGER NOT NULL, task_id TEXT NOT NULL, gen INTEGER NOT NULL,
@@ -104,11 +83,11 @@ def _rewrite_as_version_1(path) -> None:
             attempt INTEGER NOT NULL, max_attempts INTEGER NOT NULL, headers TEXT NOT NULL,
             lease_ms INTEGER NOT NULL, traceparent TEXT NOT NULL)""")
         conn.execute("CREATE INDEX due_partition ON due (shard, bucket, seq, due_ms)")
-        conn.execute(f"INSERT INTO due SELECT NULL, d.shard, {_BUCKET_OF_DUE_MS}, d.due_ms, t.task_id, "
-                     "d.gen, t.queue, t.payload, t.fire_at_ms, t.attempt, t.max_attempts, t.headers, "
-                     "t.lease_ms, t.traceparent FROM due_v3 AS d JOIN tasks AS t "
+        conn.execute("INSERT INTO due SELECT NULL, d.shard, d.bucket, d.due_ms, t.task_id, d.gen, "
+                     "t.queue, t.payload, t.fire_at_ms, t.attempt, t.max_attempts, t.headers, "
+                     "t.lease_ms, t.traceparent FROM due_v2 AS d JOIN tasks AS t "
                      "ON t.rowid = d.task_rowid")
-        conn.execute("DROP TABLE due_v3")
+        conn.execute("DROP TABLE due_v2")
         conn.execute("UPDATE meta SET value = 1 WHERE key = 'schema_version'")
 
 
