@@ -12,6 +12,10 @@
   against the same algorithm in plain Python.
 * memory: bytes per pending timer with 1M pending, measured by tracemalloc (the timing of
   this group is not meaningful: tracemalloc is on).
+* deliveries: one ConsumeResponse of 1,000 deliveries (32-byte payloads, no headers) to its
+  wire bytes, as dispatch sends a message: encode_deliveries against the protobuf runtime as
+  dispatch used it before (deliveries.add with keywords, the three timestamps merged from
+  pre-encoded bytes shared by the message, SerializeToString).
 
 Setup (building inputs, filling the scheduler a cancel runs on) is outside the timed part.
 Figures are per item; each core result carries its speed-up over its baseline in extra_info,
@@ -34,7 +38,9 @@ import tracemalloc  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from taskwheel.core import Batcher, TimingWheel  # noqa: E402
+from taskwheel.core import Batcher, TimingWheel, encode_deliveries  # noqa: E402
+from taskwheel.stores.base import TaskRecord  # noqa: E402
+from taskwheel.v1 import dispatch_pb2, task_pb2  # noqa: E402
 
 N = 1_000_000
 SPAN_MS = 60_000
@@ -242,6 +248,54 @@ def test_memory_per_pending_timer(benchmark, timers, impl):
     bytes_per_timer = grown[0] / N
     benchmark.extra_info.update(items=N, bytes_per_pending_timer=round(bytes_per_timer, 1))
     RESULTS[(benchmark.group, impl)] = bytes_per_timer
+
+
+class _Sent:
+    """What dispatch hands encode_deliveries: a fired task's record and its delivery's fields."""
+
+    __slots__ = ("record", "delivery_id", "fired_at", "due_ms")
+
+    def __init__(self, record: TaskRecord, fired_at: int) -> None:
+        self.record = record
+        self.delivery_id = f"{record.task_id}.2"
+        self.fired_at = fired_at
+        self.due_ms = fired_at + record.lease_ms
+
+
+def _timestamps_field_bytes(fire_at: int, fired_at: int, expires: int) -> bytes:
+    d = task_pb2.Delivery()
+    for ts, ms in ((d.fire_at, fire_at), (d.fired_at, fired_at), (d.lease_expires_at, expires)):
+        ts.seconds, rem = divmod(ms, 1000)
+        ts.nanos = rem * 1_000_000
+    return d.SerializeToString()
+
+
+def _by_protobuf(sent: list[_Sent]) -> bytes:
+    response = dispatch_pb2.ConsumeResponse()
+    add = response.deliveries.add
+    times: dict[tuple[int, int, int], bytes] = {}
+    for item in sent:
+        rec = item.record
+        d = add(task_id=rec.task_id, delivery_id=item.delivery_id, queue=rec.queue,
+                payload=rec.payload, attempt=rec.attempt, max_attempts=rec.max_attempts)
+        key = (rec.fire_at_ms, item.fired_at, item.due_ms)
+        encoded = times.get(key)
+        if encoded is None:
+            encoded = times[key] = _timestamps_field_bytes(*key)
+        d.MergeFromString(encoded)
+    return response.SerializeToString()
+
+
+@pytest.mark.parametrize("impl", ["baseline", "encoder"])
+def test_encode_1000_deliveries(benchmark, impl):
+    benchmark.group = "ConsumeResponse of 1,000 deliveries to wire bytes"
+    n = 1_000
+    sent = [_Sent(TaskRecord(f"{START_MS:012x}0badcafe{i:08x}", 0, "perf", b"p" * 32,
+                             START_MS + i // 50, START_MS + i // 50), START_MS + 20) for i in range(n)]
+    encode = (lambda: encode_deliveries(sent)) if impl == "encoder" else (lambda: _by_protobuf(sent))
+    data = benchmark.pedantic(encode, rounds=200, warmup_rounds=5)
+    assert dispatch_pb2.ConsumeResponse.FromString(data).deliveries[-1].delivery_id == sent[-1].delivery_id
+    per_item(benchmark, benchmark.group, impl, n)
 
 
 def report(path: str) -> str:
