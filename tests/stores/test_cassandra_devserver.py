@@ -9,7 +9,7 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import pytest
 
@@ -142,12 +142,21 @@ async def until_available(store: CassandraStore, timeout_s: float = 60) -> None:
             await asyncio.sleep(0.2)
 
 
-async def all_there(store: CassandraStore, stored: list[TaskRecord]) -> None:
+async def all_there(store: CassandraStore, stored: list[TaskRecord],
+                    maybe: Sequence[TaskRecord] = ()) -> None:
+    """Every task in stored is there, by id and in its due slice; nothing else is, except tasks
+    in maybe: inserts that answered StoreUnavailable, whose outcome is unknown (Cassandra may
+    have applied them before the client gave up waiting)."""
     got = await asyncio.gather(*(store.get(t.task_id) for t in stored))
     assert [g.task_id if g else None for g in got] == [t.task_id for t in stored]
     start = min(t.due_ms for t in stored)
     loaded = await asyncio.gather(*(store.load_due(s, start, start + BUCKET_MS) for s in range(4)))
-    assert sorted(r.task_id for rows in loaded for r in rows) == sorted(t.task_id for t in stored)
+    ids = [r.task_id for rows in loaded for r in rows]
+    assert len(ids) == len(set(ids)), "a task loaded twice"
+    missing = {t.task_id for t in stored} - set(ids)
+    assert not missing, f"{len(missing)} acknowledged tasks not in their due slice"
+    strays = set(ids) - {t.task_id for t in stored} - {t.task_id for t in maybe}
+    assert not strays, f"{len(strays)} tasks loaded that nobody inserted"
 
 
 def test_store_is_unavailable_while_cassandra_is_stopped_and_recovers_on_restart(node):
@@ -160,6 +169,7 @@ def test_store_is_unavailable_while_cassandra_is_stopped_and_recovers_on_restart
         await store.open()
         committed = tasks(200, due)
         await store.insert(committed)
+        unknown: list[TaskRecord] = []  # inserts that answered StoreUnavailable
         outcomes: list[str] = []
 
         async def writer() -> None:  # keeps inserting while Cassandra goes away
@@ -171,6 +181,7 @@ def test_store_is_unavailable_while_cassandra_is_stopped_and_recovers_on_restart
                     committed.extend(batch)
                     outcomes.append("ok")
                 except StoreUnavailable:
+                    unknown.extend(batch)
                     outcomes.append("unavailable")
                     await asyncio.sleep(0.05)
                 assert time.monotonic() - began < 15, "a store call hung"
@@ -190,7 +201,7 @@ def test_store_is_unavailable_while_cassandra_is_stopped_and_recovers_on_restart
 
         assert (await loop.run_in_executor(None, devserver.start, node)).cql == port
         await until_available(store)
-        await all_there(store, committed)
+        await all_there(store, committed, unknown)
         fresh = tasks(5, due)
         assert [o.duplicate for o in await store.insert(fresh)] == [False] * 5
         await store.close()
