@@ -26,6 +26,10 @@ from taskwheel.wire import record_of_due
 
 log = logging.getLogger("taskwheel.timer")
 
+# Records admitted to the wheel per turn of the loop while a slice loads: ~1 ms of the loop's
+# time each, so a slice of 50K tasks no longer holds the fire loop up for tens of milliseconds.
+ADMIT_CHUNK = 2_048
+
 
 class TimerService(timer_pb2_grpc.TimerServicer):
     """``dispatch`` is anything with ``async push(records, fired_at_ms)`` that returns once the
@@ -57,8 +61,10 @@ class TimerService(timer_pb2_grpc.TimerServicer):
         self._records: dict[int, TaskRecord] = {}  # wheel key -> the task at its due row
         self._keys: dict[str, int] = {}  # task_id -> wheel key
         self._next_key = 1
-        # Everything with due_ms below this is in the wheel, fired, or superseded.
+        # Everything with due_ms below this is in the wheel, fired, or superseded, except while
+        # a slice is being read and admitted: then from loading_from_ms on it may not be yet.
         self.loaded_until_ms = 0
+        self._loading_from_ms: int | None = None
         # Fired batches dispatch has not confirmed: batch id -> (lowest due_ms, count).
         self._unconfirmed: dict[int, tuple[int, int]] = {}
         self._unconfirmed_count = 0
@@ -129,6 +135,8 @@ class TimerService(timer_pb2_grpc.TimerServicer):
     def checkpoint(self, now: int) -> int:
         """Lowest due time that may still need firing after a crash."""
         candidates = [self.loaded_until_ms, now - self._config.checkpoint_margin_ms]
+        if self._loading_from_ms is not None:
+            candidates.append(self._loading_from_ms)
         next_deadline = self.wheel.next_deadline()
         if next_deadline is not None:
             candidates.append(next_deadline)
@@ -198,22 +206,28 @@ class TimerService(timer_pb2_grpc.TimerServicer):
         else:
             end = (start // slice_ms + 1) * slice_ms
         # Raised before reading, so that offers arriving during the read are taken; the read's
-        # copies of them are then dropped by gen.
+        # copies of them are then dropped by gen. Until the slice is all in the wheel, the
+        # checkpoint stays at its start.
         self.loaded_until_ms = end
+        self._loading_from_ms = start
         span = telemetry.tracer.start_span("timer.load") if telemetry.enabled else None
         try:
             results = await asyncio.gather(
                 *(self._store.load_due(s, start, end) for s in self._shards)
             )
-        except Exception:
+            # In chunks, letting the fire loop run between them: the slice is due a lookahead
+            # from now, the tasks firing meanwhile are not.
+            for records in results:
+                for i in range(0, len(records), ADMIT_CHUNK):
+                    self._admit(records[i:i + ADMIT_CHUNK] if len(records) > ADMIT_CHUNK else records)
+                    await asyncio.sleep(0)
+        except BaseException:  # cancelled too: a stop mid-slice must not checkpoint past it
             self.loaded_until_ms = min(self.loaded_until_ms, start)
             raise
         finally:
+            self._loading_from_ms = None
             if span is not None:
                 span.end()
-        for records in results:
-            if records:
-                self._admit(records)
         return True
 
     async def _load_loop(self) -> None:

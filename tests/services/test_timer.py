@@ -182,3 +182,97 @@ def test_the_checkpoint_advances_when_everything_is_confirmed(tmp_path):
     started = now_ms()
     timer = asyncio.run(run_timer(store, RecordingDispatch(), 1.5))
     assert timer.checkpoint_ms >= started
+
+
+class GatedStore(SqliteStore):
+    """Holds every load_due until ``gate`` is set, so a test can look at the timer mid-read."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gate = asyncio.Event()
+        self.reading = asyncio.Event()
+
+    async def load_due(self, shard, from_ms, to_ms):
+        self.reading.set()
+        await self.gate.wait()
+        return await super().load_due(shard, from_ms, to_ms)
+
+
+def test_the_checkpoint_stays_at_a_slice_being_read_even_when_catching_up(tmp_path):
+    # Catching up after downtime, the slice being read lies below now - margin: a checkpoint
+    # taken then must not pass tasks that are read but not yet in the wheel.
+    store = GatedStore(str(tmp_path / "t.db"), num_shards=SHARDS)
+    overdue = now_ms() - 30_000
+
+    async def body():
+        await store.open()
+        await store.insert([task("late".ljust(28, "0"), overdue)])
+        timer = TimerService(config(), store, RecordingDispatch())
+        timer.loaded_until_ms = overdue - 1_000
+        loading = asyncio.ensure_future(timer._load_once())
+        await store.reading.wait()
+        during = timer.checkpoint(now_ms())
+        store.gate.set()
+        await loading
+        after = timer.checkpoint(now_ms())
+        await store.close()
+        return during, after
+
+    during, after = asyncio.run(body())
+    assert during <= overdue - 1_000
+    assert after <= overdue  # the task is in the wheel now: its due time holds the checkpoint
+
+
+def test_a_stop_in_the_middle_of_a_read_leaves_the_slice_to_be_read_again(tmp_path):
+    store = GatedStore(str(tmp_path / "t.db"), num_shards=SHARDS)
+    start = now_ms() - 30_000
+
+    async def body():
+        await store.open()
+        timer = TimerService(config(), store, RecordingDispatch())
+        timer.loaded_until_ms = start
+        loading = asyncio.ensure_future(timer._load_once())
+        await store.reading.wait()
+        loading.cancel()
+        try:
+            await loading
+        except asyncio.CancelledError:
+            pass
+        await store.close()
+        return timer
+
+    timer = asyncio.run(body())
+    assert timer.loaded_until_ms == start
+    assert timer.checkpoint(now_ms()) <= start
+
+
+def test_a_large_slice_enters_the_wheel_in_chunks_letting_the_loop_run_between(tmp_path):
+    from taskwheel.timer.servicer import ADMIT_CHUNK
+
+    store = SqliteStore(str(tmp_path / "t.db"), num_shards=1)
+    due = now_ms() + 200  # inside the lookahead; no fire loop runs here
+    n = 3 * ADMIT_CHUNK + 5
+
+    async def body():
+        await store.open()
+        await store.insert([TaskRecord(task_id=f"{i:028x}", shard=0, queue="q", payload=b"",
+                                       fire_at_ms=due, due_ms=due) for i in range(n)])
+        timer = TimerService(config(), store, RecordingDispatch())
+        timer.loaded_until_ms = due - due % 500
+        sizes = []
+
+        async def watch():  # one look per turn of the loop
+            while True:
+                sizes.append(len(timer.wheel))
+                await asyncio.sleep(0)
+
+        watcher = asyncio.ensure_future(watch())
+        await timer._load_once()
+        watcher.cancel()
+        await store.close()
+        return timer, sizes
+
+    timer, sizes = asyncio.run(body())
+    assert len(timer.wheel) == n
+    partial = sorted({s for s in sizes if 0 < s < n})
+    assert partial[:3] == [ADMIT_CHUNK, 2 * ADMIT_CHUNK, 3 * ADMIT_CHUNK]
