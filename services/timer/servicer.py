@@ -219,7 +219,7 @@ class TimerService(timer_pb2_grpc.TimerServicer):
             # from now, the tasks firing meanwhile are not.
             for records in results:
                 for i in range(0, len(records), ADMIT_CHUNK):
-                    self._admit(records[i:i + ADMIT_CHUNK] if len(records) > ADMIT_CHUNK else records)
+                    self._admit(records[i:i + ADMIT_CHUNK])
                     await asyncio.sleep(0)
         except BaseException:  # cancelled too: a stop mid-slice must not checkpoint past it
             self.loaded_until_ms = min(self.loaded_until_ms, start)

@@ -31,8 +31,7 @@ def test_a_burst_of_fired_tasks_is_taken_over_several_turns_of_the_event_loop(tm
                         fire_at_ms=now, due_ms=now) for i in range(2 * BURST_CHUNK + 1)]
 
     async def main():
-        store = SqliteStore(tmp_path / "t.db", num_shards=4)
-        await store.open()
+        store = await opened_store(tmp_path)
         dispatch = DispatchService(Config(), store, QuietTimer())
         seen = []
 
@@ -86,6 +85,12 @@ class Context:
         raise AssertionError(f"aborted: {code} {details}")
 
 
+async def opened_store(tmp_path) -> SqliteStore:
+    store = SqliteStore(tmp_path / "t.db", num_shards=4)
+    await store.open()
+    return store
+
+
 async def subscribed(dispatch: DispatchService, max_in_flight: int = 100):
     stream = Stream()
     stream.send(subscribe=dispatch_pb2.Subscribe(queue="q", max_in_flight=max_in_flight))
@@ -103,8 +108,7 @@ async def parsed(responses):
 
 def test_a_delivery_carries_its_fire_time_the_time_it_fired_and_its_lease_expiry(tmp_path):
     async def main():
-        store = SqliteStore(tmp_path / "t.db", num_shards=4)
-        await store.open()
+        store = await opened_store(tmp_path)
         fired_at = now_ms()
         early = task("early", fired_at - 1_500, lease_ms=7_000)
         late = task("late", fired_at - 1_499, lease_ms=9_000)
@@ -134,8 +138,7 @@ def test_a_delivery_carries_its_fire_time_the_time_it_fired_and_its_lease_expiry
 
 def test_a_push_returns_once_each_task_is_answered_or_leased_durably_the_last_one_included(tmp_path):
     async def main():
-        store = SqliteStore(tmp_path / "t.db", num_shards=4)
-        await store.open()
+        store = await opened_store(tmp_path)
         fired_at = now_ms()
         tasks = [task(f"t{i}", fired_at - 10) for i in range(5)]
         await store.insert(tasks)
@@ -162,8 +165,7 @@ def test_a_push_returns_once_each_task_is_answered_or_leased_durably_the_last_on
 
 def test_messages_queued_for_a_worker_while_one_is_written_go_out_as_one(tmp_path):
     async def main():
-        store = SqliteStore(tmp_path / "t.db", num_shards=4)
-        await store.open()
+        store = await opened_store(tmp_path)
         fired_at = now_ms()
         first = [task(f"a{i}", fired_at) for i in range(3)]
         second = [task(f"b{i}", fired_at) for i in range(2)]
@@ -188,8 +190,7 @@ def test_messages_queued_for_a_worker_while_one_is_written_go_out_as_one(tmp_pat
 def test_a_short_lease_is_written_by_half_its_length_whatever_the_delay(tmp_path):
     # Written later, the lease row would be due before it exists: a late redelivery.
     async def main():
-        store = SqliteStore(tmp_path / "t.db", num_shards=4)
-        await store.open()
+        store = await opened_store(tmp_path)
         fired_at = now_ms()
         short, long = task("short", fired_at, lease_ms=400), task("long", fired_at, lease_ms=60_000)
         await store.insert([short, long])
@@ -241,8 +242,7 @@ def test_a_row_of_the_task_that_fires_after_its_ack_is_dropped_not_delivered_aga
     # read in the race, for which the ack forgot nothing in the timer (the delivered row had
     # fired).
     async def main():
-        store = SqliteStore(tmp_path / "t.db", num_shards=4)
-        await store.open()
+        store = await opened_store(tmp_path)
         fired_at = now_ms()
         rec = task("t1", fired_at - 10)
         await store.insert([rec])
@@ -267,8 +267,7 @@ def test_a_row_of_the_task_that_fires_after_its_ack_is_dropped_not_delivered_aga
 
 def test_finished_tasks_are_remembered_for_finished_memory_ms_then_forgotten(tmp_path):
     async def main():
-        store = SqliteStore(tmp_path / "t.db", num_shards=4)
-        await store.open()
+        store = await opened_store(tmp_path)
         first = [task(f"a{i}", now_ms() - 10) for i in range(3)]
         second = [task("b", now_ms() - 10)]
         await store.insert(first + second)
@@ -338,8 +337,7 @@ def test_a_lease_row_answered_before_its_write_is_durable_is_not_offered_to_the_
 
 def test_an_in_process_timer_holds_a_written_lease_row_until_the_ack_takes_it_out(tmp_path):
     async def main():
-        store = SqliteStore(tmp_path / "t.db", num_shards=4)
-        await store.open()
+        store = await opened_store(tmp_path)
         dispatch, timer, stream, deliveries, push, msg = await delivered_beside_a_timer(store)
         await asyncio.wait_for(push, 5)  # the lease is durable, its row offered
         held_while_leased = [(r.task_id, r.gen, r.attempt) for r in timer._records.values()]
@@ -359,8 +357,7 @@ def test_an_in_process_timer_holds_a_written_lease_row_until_the_ack_takes_it_ou
 
 def test_a_task_held_until_a_worker_came_leaves_no_hold_row_in_the_timer_once_acked(tmp_path):
     async def main():
-        store = SqliteStore(tmp_path / "t.db", num_shards=4)
-        await store.open()
+        store = await opened_store(tmp_path)
         fired_at = now_ms()
         rec = task("t1", fired_at - 10)
         await store.insert([rec])
