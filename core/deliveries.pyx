@@ -93,6 +93,13 @@ cdef void _put_bytes(_Out *out, const char *data, Py_ssize_t n) noexcept nogil:
     out.size += n
 
 
+cdef inline void _put_tagged(_Out *out, int tag, uint64_t v) noexcept nogil:
+    """A one-byte tag, then a varint: an integer field, or the length of a length-delimited one."""
+    out.data[out.size] = <char>tag
+    out.size += 1
+    _put_varint(out, v)
+
+
 cdef inline void _split_ms(int64_t ms, int64_t *seconds, int64_t *nanos) noexcept nogil:
     cdef int64_t s = ms / 1000
     cdef int64_t rem = ms - s * 1000
@@ -117,17 +124,11 @@ cdef Py_ssize_t _timestamp_body_size(int64_t ms) noexcept nogil:
 cdef void _put_timestamp(_Out *out, int tag, int64_t ms) noexcept nogil:
     cdef int64_t seconds, nanos
     _split_ms(ms, &seconds, &nanos)
-    out.data[out.size] = <char>tag
-    out.size += 1
-    _put_varint(out, <uint64_t>_timestamp_body_size(ms))
+    _put_tagged(out, tag, <uint64_t>_timestamp_body_size(ms))
     if seconds:
-        out.data[out.size] = TAG_SECONDS
-        out.size += 1
-        _put_varint(out, <uint64_t>seconds)
+        _put_tagged(out, TAG_SECONDS, <uint64_t>seconds)
     if nanos:
-        out.data[out.size] = TAG_NANOS
-        out.size += 1
-        _put_varint(out, <uint64_t>nanos)
+        _put_tagged(out, TAG_NANOS, <uint64_t>nanos)
 
 
 cdef inline Py_ssize_t _field_size(Py_ssize_t n) noexcept nogil:
@@ -137,9 +138,7 @@ cdef inline Py_ssize_t _field_size(Py_ssize_t n) noexcept nogil:
 
 cdef inline void _put_field(_Out *out, int tag, const char *data, Py_ssize_t n) noexcept nogil:
     if n:
-        out.data[out.size] = <char>tag
-        out.size += 1
-        _put_varint(out, <uint64_t>n)
+        _put_tagged(out, tag, <uint64_t>n)
         _put_bytes(out, data, n)
 
 
@@ -229,39 +228,27 @@ def encode_deliveries(list sent, list traceparents=None):
                     size += 1 + _varint_size(entry) + entry
             _reserve(&out, 1 + _varint_size(size) + size)
 
-            out.data[out.size] = TAG_DELIVERIES
-            out.size += 1
-            _put_varint(&out, <uint64_t>size)
+            _put_tagged(&out, TAG_DELIVERIES, <uint64_t>size)
             _put_field(&out, TAG_TASK_ID, task_id, task_id_n)
             _put_field(&out, TAG_DELIVERY_ID, delivery_id, delivery_id_n)
             _put_field(&out, TAG_QUEUE, queue, queue_n)
             _put_field(&out, TAG_PAYLOAD, payload, payload_n)
             _put_timestamp(&out, TAG_FIRE_AT, fire_at)
             if attempt:
-                out.data[out.size] = TAG_ATTEMPT
-                out.size += 1
-                _put_varint(&out, attempt)
+                _put_tagged(&out, TAG_ATTEMPT, attempt)
             if headers:
                 pos = 0
                 while PyDict_Next(headers, &pos, &k, &v):
                     key = _utf8(<object>k, &kn, "a header name")
                     val = _utf8(<object>v, &vn, "a header value")
                     entry = 2 + _varint_size(kn) + kn + _varint_size(vn) + vn
-                    out.data[out.size] = TAG_HEADERS
-                    out.size += 1
-                    _put_varint(&out, <uint64_t>entry)
-                    out.data[out.size] = TAG_MAP_KEY
-                    out.size += 1
-                    _put_varint(&out, <uint64_t>kn)
+                    _put_tagged(&out, TAG_HEADERS, <uint64_t>entry)
+                    _put_tagged(&out, TAG_MAP_KEY, <uint64_t>kn)
                     _put_bytes(&out, key, kn)
-                    out.data[out.size] = TAG_MAP_VALUE
-                    out.size += 1
-                    _put_varint(&out, <uint64_t>vn)
+                    _put_tagged(&out, TAG_MAP_VALUE, <uint64_t>vn)
                     _put_bytes(&out, val, vn)
             if max_attempts:
-                out.data[out.size] = TAG_MAX_ATTEMPTS
-                out.size += 1
-                _put_varint(&out, max_attempts)
+                _put_tagged(&out, TAG_MAX_ATTEMPTS, max_attempts)
             _put_timestamp(&out, TAG_FIRED_AT, fired_at)
             _put_timestamp(&out, TAG_LEASE_EXPIRES_AT, expires)
             _put_field(&out, TAG_TRACEPARENT, trace, trace_n)
