@@ -59,6 +59,7 @@ checkpoint. Live rows are never deleted, whatever the checkpoints say.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import itertools
 import json
@@ -205,6 +206,29 @@ _SELECT_CURRENT = (
     "FROM tasks AS t LEFT JOIN ended AS e ON e.task_rowid = t.rowid "
     "WHERE t.task_id IN (SELECT value FROM json_each(?))"
 )
+# The acks of tasks named once in a batch, settled in two statements with no Python per task:
+# ?1 the task ids, ?2 the gens they expect (JSON arrays of the same length). The first finds
+# the live ones whose gen matches: their positions in ?1 and their rowids (in rowid order, so
+# neighbouring ended rows share pages) and how many were SCHEDULED and LEASED; the second
+# writes their ended rows from that rowid array, keeping each task's last error.
+_FIND_SUCCEEDING = f"""
+WITH expected AS MATERIALIZED (SELECT key, value AS gen FROM json_each(?2)),
+live AS (
+    SELECT j.key AS key, t.rowid AS task_rowid, t.state AS state
+    FROM json_each(?1) AS j JOIN tasks AS t ON t.task_id = j.value
+    JOIN expected AS x ON x.key = j.key
+    WHERE t.gen = x.gen AND {_LIVE}
+    ORDER BY t.rowid
+)
+SELECT json_group_array(key), json_group_array(task_rowid),
+       total(state = {int(TaskState.SCHEDULED)}), total(state = {int(TaskState.LEASED)})
+FROM live
+"""
+_INSERT_SUCCEEDED = (
+    f"INSERT INTO ended (task_rowid, state, updated_ms, last_error) "
+    f"SELECT t.rowid, {int(TaskState.SUCCEEDED)}, ?, t.last_error "
+    "FROM json_each(?) AS j JOIN tasks AS t ON t.rowid = j.value"
+)
 # The bulk forms of the writes above, for _Bulk: {values} becomes a VALUES list whose columns are
 # column1, column2, ... (SQLite's names), and NULL padding rows match nothing.
 _BULK_INSERT_TASKS = (
@@ -233,7 +257,7 @@ ORDER BY d.task_rowid, d.gen LIMIT ?
 """
 
 _STATES = {int(s): s for s in TaskState}
-_LEASE, _FAIL = TransitionKind.LEASE, TransitionKind.FAIL
+_LEASE, _SUCCEED, _FAIL = TransitionKind.LEASE, TransitionKind.SUCCEED, TransitionKind.FAIL
 _RESCHEDULING = frozenset({TransitionKind.LEASE, TransitionKind.RETRY})
 _ENDING = {
     TransitionKind.SUCCEED: int(TaskState.SUCCEEDED),
@@ -580,56 +604,99 @@ class SqliteStore(Store):
         return await self._write(self._apply, transitions, now_ms)
 
     def _apply(self, transitions: Sequence[Transition], now_ms: int) -> list[bool]:
+        # Most of a busy batch is acks, each of a task named once in it: those are settled in
+        # SQL (see _FIND_SUCCEEDING), which runs without the GIL the event loop needs; the rest
+        # in order, in Python. The two parts name different tasks, so neither sees the other's
+        # effects, and one transaction holds both.
+        named = collections.Counter(t.task_id for t in transitions)
+        once = [t.kind is _SUCCEED and named[t.task_id] == 1 for t in transitions]
         conn = self._conn_w()
-        leased, scheduled = int(TaskState.LEASED), int(TaskState.SCHEDULED)
         with _transaction(conn):
-            # task_id -> [gen, state, attempt, due_ms, last_error, rowid], advanced as
-            # transitions apply; the rowid spares each UPDATE a second index lookup. One
-            # statement step for all of them (see _Bulk for why steps are counted).
-            found = conn.execute(
-                _SELECT_CURRENT, (_encode_json(list({t.task_id: None for t in transitions})),)
-            ).fetchone()[0]
-            current: dict[str, list] = {row[0]: row[1:] for row in _decode_json(found)}
-            applied = []
-            updates: dict[int, tuple] = {}
-            ended = []
-            due_rows = []
-            count_changes: dict[int, int] = {}
-            for t in transitions:
-                cur = current.get(t.task_id)
-                if cur is None or cur[0] != t.expected_gen or cur[1] in _TERMINAL:
-                    applied.append(False)
-                    continue
-                old_state = cur[1]
-                kind = t.kind
-                if kind in _RESCHEDULING:
-                    gen = cur[0] + 1
-                    cur[0], cur[2], cur[3] = gen, t.attempt, t.due_ms
-                    if kind == _LEASE:
-                        cur[1] = leased
-                    else:
-                        cur[1], cur[4] = scheduled, t.error
-                    due_rows.append((t.shard, t.due_ms // BUCKET_MS, t.due_ms, gen, cur[5]))
-                    # One row per task, its last state: an UPDATE ... FROM uses one match per row.
-                    updates[cur[5]] = (cur[0], cur[1], cur[2], cur[3], now_ms, cur[4], cur[5])
+            if all(once):
+                return self._succeed_once(conn, transitions, now_ms)
+            succeeded = iter(self._succeed_once(
+                conn, list(itertools.compress(transitions, once)), now_ms
+            ))
+            others = iter(self._apply_in_order(
+                conn, [t for t, fast in zip(transitions, once) if not fast], now_ms
+            ))
+            return [next(succeeded) if fast else next(others) for fast in once]
+
+    @staticmethod
+    def _succeed_once(
+        conn: sqlite3.Connection, transitions: Sequence[Transition], now_ms: int
+    ) -> list[bool]:
+        if not transitions:
+            return []
+        keys, rowids, scheduled, leased = conn.execute(_FIND_SUCCEEDING, (
+            _encode_json([t.task_id for t in transitions]),
+            _encode_json([t.expected_gen for t in transitions]),
+        )).fetchone()
+        applied = [False] * len(transitions)
+        for key in _decode_json(keys):
+            applied[key] = True
+        if scheduled or leased:
+            conn.execute(_INSERT_SUCCEEDED, (now_ms, rowids))
+            conn.executemany(_ADD_COUNT, [
+                (-int(scheduled), int(TaskState.SCHEDULED)), (-int(leased), int(TaskState.LEASED)),
+                (int(scheduled + leased), int(TaskState.SUCCEEDED)),
+            ])
+        return applied
+
+    @staticmethod
+    def _apply_in_order(
+        conn: sqlite3.Connection, transitions: Sequence[Transition], now_ms: int
+    ) -> list[bool]:
+        if not transitions:
+            return []
+        leased, scheduled = int(TaskState.LEASED), int(TaskState.SCHEDULED)
+        # task_id -> [gen, state, attempt, due_ms, last_error, rowid], advanced as
+        # transitions apply; the rowid spares each UPDATE a second index lookup. One
+        # statement step for all of them (see _Bulk for why steps are counted).
+        found = conn.execute(
+            _SELECT_CURRENT, (_encode_json(list({t.task_id: None for t in transitions})),)
+        ).fetchone()[0]
+        current: dict[str, list] = {row[0]: row[1:] for row in _decode_json(found)}
+        applied = []
+        updates: dict[int, tuple] = {}
+        ended = []
+        due_rows = []
+        count_changes: dict[int, int] = {}
+        for t in transitions:
+            cur = current.get(t.task_id)
+            if cur is None or cur[0] != t.expected_gen or cur[1] in _TERMINAL:
+                applied.append(False)
+                continue
+            old_state = cur[1]
+            kind = t.kind
+            if kind in _RESCHEDULING:
+                gen = cur[0] + 1
+                cur[0], cur[2], cur[3] = gen, t.attempt, t.due_ms
+                if kind == _LEASE:
+                    cur[1] = leased
                 else:
-                    # Ended: a narrow row of its own, the task row stays as it was (see ended).
-                    cur[1] = _ENDING[kind]
-                    if kind == _FAIL:
-                        cur[4] = t.error
-                    ended.append((cur[5], cur[1], now_ms, cur[4]))
-                if cur[1] != old_state:
-                    count_changes[old_state] = count_changes.get(old_state, 0) - 1
-                    count_changes[cur[1]] = count_changes.get(cur[1], 0) + 1
-                applied.append(True)
-            if updates or ended:
-                # In rowid order: neighbouring rows share pages, so each page is visited once.
-                _update_tasks.run(conn, sorted(updates.values(), key=_last))
-                _insert_due.run(conn, due_rows)
-                _insert_ended.run(conn, sorted(ended))
-                conn.executemany(
-                    _ADD_COUNT, [(n, state) for state, n in count_changes.items() if n]
-                )
+                    cur[1], cur[4] = scheduled, t.error
+                due_rows.append((t.shard, t.due_ms // BUCKET_MS, t.due_ms, gen, cur[5]))
+                # One row per task, its last state: an UPDATE ... FROM uses one match per row.
+                updates[cur[5]] = (cur[0], cur[1], cur[2], cur[3], now_ms, cur[4], cur[5])
+            else:
+                # Ended: a narrow row of its own, the task row stays as it was (see ended).
+                cur[1] = _ENDING[kind]
+                if kind == _FAIL:
+                    cur[4] = t.error
+                ended.append((cur[5], cur[1], now_ms, cur[4]))
+            if cur[1] != old_state:
+                count_changes[old_state] = count_changes.get(old_state, 0) - 1
+                count_changes[cur[1]] = count_changes.get(cur[1], 0) + 1
+            applied.append(True)
+        if updates or ended:
+            # In rowid order: neighbouring rows share pages, so each page is visited once.
+            _update_tasks.run(conn, sorted(updates.values(), key=_last))
+            _insert_due.run(conn, due_rows)
+            _insert_ended.run(conn, sorted(ended))
+            conn.executemany(
+                _ADD_COUNT, [(n, state) for state, n in count_changes.items() if n]
+            )
         return applied
 
     async def save_checkpoints(self, checkpoints: Mapping[int, int]) -> None:

@@ -627,6 +627,14 @@ _operations = st.one_of(
     ),
     st.tuples(st.sampled_from(["lease", "retry", "succeed", "fail", "cancel", "stale_lease"]),
               st.integers(0, 50), st.integers(-3 * BUCKET_MS, 3 * BUCKET_MS)),
+    # Several transitions in one apply call, on the same task or others, as dispatch batches them.
+    st.tuples(
+        st.just("batch"),
+        st.lists(st.tuples(st.sampled_from(["lease", "retry", "succeed", "succeed", "fail",
+                                             "stale_lease"]),
+                           st.integers(0, 50), st.integers(-3 * BUCKET_MS, 3 * BUCKET_MS)),
+                 min_size=2, max_size=12),
+    ),
 )
 
 
@@ -650,39 +658,29 @@ async def _run_against_model(store: Store, name: str, operations) -> None:
                     if task.idempotency_key:
                         key_holder[task.idempotency_key] = task.task_id
             continue
-        kind, index, due = op
         if not order:
             continue
+        if op[0] == "batch":
+            # Each transition is built from the model as the ones before it in the call left it.
+            transitions, expected = [], []
+            for kind, index, due in op[1]:
+                transition, applies = _next_transition(model[order[index % len(order)]], kind, due)
+                transitions.append(transition)
+                expected.append(applies)
+            assert await store.apply(transitions, now_ms=T0 + 7) == expected
+            continue
+        kind, index, due = op
         task = model[order[index % len(order)]]
-        ended = task.state in TERMINAL_STATES
         if kind == "cancel":
-            if ended:
+            if task.state in TERMINAL_STATES:
                 with pytest.raises(AlreadyEnded):
                     await store.cancel(task.task_id, now_ms=T0)
             else:
                 await store.cancel(task.task_id, now_ms=T0)
                 task.state, task.updated_ms = TaskState.CANCELLED, T0
             continue
-        transition = {
-            "lease": lambda: lease(task, due),
-            "stale_lease": lambda: lease(task, due, gen=task.gen - 1),
-            "retry": lambda: retry(task, due, f"error at {due}"),
-            "succeed": lambda: succeed(task),
-            "fail": lambda: fail(task, f"failed at {due}"),
-        }[kind]()
-        [applied] = await store.apply([transition], now_ms=T0 + 7)
-        assert applied == (not ended and kind != "stale_lease")
-        if applied:
-            task.updated_ms = T0 + 7
-            if kind in ("lease", "retry"):
-                task.gen, task.due_ms, task.attempt = task.gen + 1, due, transition.attempt
-                task.state = TaskState.LEASED if kind == "lease" else TaskState.SCHEDULED
-                if kind == "retry":
-                    task.last_error = transition.error
-            elif kind == "succeed":
-                task.state = TaskState.SUCCEEDED
-            else:
-                task.state, task.last_error = TaskState.FAILED, transition.error
+        transition, applies = _next_transition(task, kind, due)
+        assert await store.apply([transition], now_ms=T0 + 7) == [applies]
 
     for task_id in order:
         assert await store.get(task_id) == model[task_id]
@@ -698,3 +696,29 @@ async def _run_against_model(store: Store, name: str, operations) -> None:
     for state in TaskState:
         expected = sum(1 for t in model.values() if t.state == state)
         assert after.get(state, 0) - before.get(state, 0) == expected, state
+
+
+def _next_transition(task: TaskRecord, kind: str, due: int) -> tuple[Transition, bool]:
+    """The transition ``kind`` of the task as the model holds it, whether the store must apply
+    it, and the model advanced as applying it (at T0 + 7) would."""
+    before = dataclasses.replace(task)  # what the transition carries, unchanged by what follows
+    transition = {
+        "lease": lambda: lease(before, due),
+        "stale_lease": lambda: lease(before, due, gen=before.gen - 1),
+        "retry": lambda: retry(before, due, f"error at {due}"),
+        "succeed": lambda: succeed(before),
+        "fail": lambda: fail(before, f"failed at {due}"),
+    }[kind]()
+    applies = task.state not in TERMINAL_STATES and kind != "stale_lease"
+    if applies:
+        task.updated_ms = T0 + 7
+        if kind in ("lease", "retry"):
+            task.gen, task.due_ms, task.attempt = task.gen + 1, due, transition.attempt
+            task.state = TaskState.LEASED if kind == "lease" else TaskState.SCHEDULED
+            if kind == "retry":
+                task.last_error = transition.error
+        elif kind == "succeed":
+            task.state = TaskState.SUCCEEDED
+        else:
+            task.state, task.last_error = TaskState.FAILED, transition.error
+    return transition, applies
