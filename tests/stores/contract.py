@@ -630,10 +630,13 @@ _operations = st.one_of(
     # Several transitions in one apply call, on the same task or others, as dispatch batches them.
     st.tuples(
         st.just("batch"),
-        st.lists(st.tuples(st.sampled_from(["lease", "retry", "succeed", "succeed", "fail",
-                                             "stale_lease"]),
-                           st.integers(0, 50), st.integers(-3 * BUCKET_MS, 3 * BUCKET_MS)),
-                 min_size=2, max_size=12),
+        st.lists(
+            st.tuples(
+                st.sampled_from(["lease", "retry", "succeed", "succeed", "fail", "stale_lease"]),
+                st.integers(0, 50), st.integers(-3 * BUCKET_MS, 3 * BUCKET_MS),
+            ),
+            min_size=2, max_size=12,
+        ),
     ),
 )
 
