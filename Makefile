@@ -18,10 +18,11 @@ $(STAMP):
 	$(BIN)/pip install -q --no-build-isolation -e '.[dev]'
 	rm -f $(VENV)/.installed-*; touch $@
 
-# Java 17 and Maven run the development Cassandra; docker-compose validates docker-compose.yml.
+# Java 17 and Maven run the development Cassandra; docker-compose validates docker-compose.yml;
+# SQLite's header and library build the core's reader of the embedded store.
 system-deps:
-	@command -v java >/dev/null && command -v mvn >/dev/null && command -v gcc >/dev/null && command -v docker-compose >/dev/null || \
-	  { apt-get update -q && apt-get install -y -q openjdk-17-jre-headless maven gcc python3-venv docker-compose; }
+	@command -v java >/dev/null && command -v mvn >/dev/null && command -v gcc >/dev/null && command -v docker-compose >/dev/null && [ -f /usr/include/sqlite3.h ] || \
+	  { apt-get update -q && apt-get install -y -q openjdk-17-jre-headless maven gcc python3-venv docker-compose libsqlite3-dev; }
 
 up: $(STAMP)
 	$(BIN)/taskwheel up --data-dir ./taskwheel-data --listen 127.0.0.1:7070

@@ -48,14 +48,19 @@ def _pxd_include_root():
     return root
 
 
+# sqlite_rows links the system's shared libsqlite3, the one Python's sqlite3 module links
+# (libsqlite3-dev on Debian; see core/sqlite_rows.pyx for why it must be the same).
+libraries = {"sqlite_rows": ["sqlite3"]}
 extensions = [
     Extension(
-        "taskwheel.core." + os.path.splitext(os.path.basename(path))[0],
+        "taskwheel.core." + name,
         [path],
         define_macros=macros,
         extra_compile_args=compile_args,
+        libraries=libraries.get(name, []),
     )
     for path in sorted(glob.glob("core/*.pyx"))
+    for name in [os.path.splitext(os.path.basename(path))[0]]
 ]
 
 setup(

@@ -1,5 +1,6 @@
 """taskwheel's compiled hot path: the timing wheel, the batcher, where a task lives, the wire
-form of the deliveries dispatch sends, and task records kept out of the cyclic GC's view.
+form of the deliveries dispatch sends, task records kept out of the cyclic GC's view, and the
+embedded store's reads stepped without the GIL.
 
 Services import these names from here, never from the compiled modules themselves.
 """
@@ -7,17 +8,21 @@ from taskwheel.core.batcher import Batcher, group_by
 from taskwheel.core.deliveries import encode_deliveries
 from taskwheel.core.records import untrack
 from taskwheel.core.sharding import BUCKET_MS, bucket_of, shard_of, shards_of
+from taskwheel.core.sqlite_rows import SqliteReader, SqliteReadError, same_sqlite_as_python
 from taskwheel.core.wheel import DEBUG_BUILD, TimingWheel
 
 __all__ = [
     "BUCKET_MS",
     "Batcher",
     "DEBUG_BUILD",
+    "SqliteReadError",
+    "SqliteReader",
     "TimingWheel",
     "bucket_of",
     "encode_deliveries",
     "group_by",
     "shard_of",
+    "same_sqlite_as_python",
     "shards_of",
     "untrack",
 ]

@@ -1,3 +1,4 @@
+import os
 from array import array
 from typing import Any, Hashable, Iterable, Protocol, Sequence, SupportsIndex, TypeVar
 
@@ -82,3 +83,21 @@ def group_by(keys: Iterable[_K], items: Iterable[_T]) -> dict[_K, list[_T]]: ...
 def shard_of(task_id: str, num_shards: SupportsIndex) -> int: ...
 def shards_of(task_ids: Iterable[str], num_shards: SupportsIndex) -> array[int]: ...
 def bucket_of(due_ms: SupportsIndex) -> int: ...
+
+class SqliteReadError(Exception):
+    """SQLite refused to open, prepare or run a SqliteReader's statement."""
+
+class SqliteReader:
+    """One prepared statement on a read-only connection; rows are stepped without the GIL."""
+
+    @property
+    def path(self) -> str: ...
+    def __init__(
+        self, path: str | os.PathLike[str], sql: str, busy_timeout_ms: int = 5000,
+        cache_kib: int = 65536,
+    ) -> None: ...
+    def rows(self, params: tuple[int, ...]) -> list[tuple[Any, ...]]: ...
+    def close(self) -> None: ...
+
+def same_sqlite_as_python() -> bool:
+    """Whether Python's sqlite3 module and SqliteReader share one copy of SQLite."""

@@ -2,12 +2,15 @@
 
 They favour being obviously correct over being fast: ReferenceWheel keeps every pending key
 in a dict and a heap of (deadline, schedule number, key); ReferenceBatcher keeps a dict of
-lists. The tests run the same behaviours against these and the compiled classes.
+lists; ReferenceSqliteReader is Python's sqlite3 with fetchall. The tests run the same
+behaviours against these and the compiled classes.
 """
 from __future__ import annotations
 
 import heapq
 import operator
+import os
+import sqlite3
 import time
 from array import array
 from typing import Any, Hashable, Iterable
@@ -160,3 +163,43 @@ class ReferenceBatcher:
 
     def __len__(self) -> int:
         return sum(len(items) for _, _, items in self._groups.values())
+
+
+class ReferenceSqliteReader:
+    """SqliteReader through Python's sqlite3 module: one row stepped at a time, with the GIL."""
+
+    def __init__(self, path: str | os.PathLike[str], sql: str, busy_timeout_ms: int = 5000,
+                 cache_kib: int = 65536):
+        from taskwheel.core import SqliteReadError
+
+        self._error = SqliteReadError
+        self.path = str(path)
+        self._sql = sql
+        try:
+            self._conn: sqlite3.Connection | None = sqlite3.connect(
+                f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
+                check_same_thread=False,
+            )
+            self._conn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
+            self._conn.execute(f"PRAGMA cache_size = -{cache_kib}")
+            self._conn.execute("PRAGMA query_only = ON")
+            self._conn.execute(f"EXPLAIN {sql}", (0,) * sql.count("?")).fetchall()  # it prepares
+        except sqlite3.ProgrammingError:
+            pass  # prepared, but a parameter is not a plain "?": rows() will tell
+        except sqlite3.Error as e:
+            raise SqliteReadError(f"cannot open {self.path}: {e}") from e
+
+    def rows(self, params: tuple[int, ...]) -> list[tuple[Any, ...]]:
+        if self._conn is None:
+            raise self._error(f"{self.path}: the reader is closed")
+        try:
+            return self._conn.execute(self._sql, params).fetchall()
+        except sqlite3.ProgrammingError as e:  # the wrong number of parameters
+            raise ValueError(str(e)) from e
+        except sqlite3.Error as e:
+            raise self._error(f"{self.path}: {e}") from e
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

@@ -71,6 +71,7 @@ import time
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from taskwheel.clock import now_ms
+from taskwheel.core import SqliteReader, SqliteReadError, same_sqlite_as_python
 from taskwheel.stores.base import (
     BUCKET_MS,
     TERMINAL_STATES,
@@ -190,8 +191,9 @@ FROM due AS d JOIN tasks AS t ON t.rowid = d.task_rowid
 WHERE d.shard = ? AND d.bucket >= ? AND d.bucket <= ? AND d.due_ms >= ? AND d.due_ms < ?
   AND d.gen = t.gen AND {_LIVE}
 """
-# The same rows as one JSON array, in one statement step (see _Bulk for why steps are counted).
-# Payloads travel as hex.
+# The same rows as one JSON array, in one statement step (see _Bulk for why steps are counted),
+# for a Python whose sqlite3 module has its own copy of SQLite, where the core's SqliteReader,
+# which reads _SELECT_DUE without the GIL, must not be used. Payloads travel as hex.
 _SELECT_DUE_JSON = f"""
 SELECT json_group_array(json_array(task_id, shard, queue, hex(payload), fire_at_ms, due_ms, state,
        attempt, max_attempts, gen, headers, idempotency_key, lease_ms, traceparent, created_ms,
@@ -265,6 +267,7 @@ _ENDING = {
 }
 _TERMINAL = frozenset(int(s) for s in TERMINAL_STATES)
 _SYNCHRONOUS = ("normal", "full", "extra")
+_CACHE_KIB = 65536  # a connection's page cache, 64 MiB: the random task-id index stays hot
 # Checkpoints (copying the WAL back into the database file) run on their own thread, so a
 # commit returns as soon as it is in the WAL. A checkpoint copies each page once however often
 # it changed since the last one, so one every quarter second writes far less than SQLite's
@@ -348,6 +351,7 @@ class SqliteStore(Store):
         self._reader: concurrent.futures.ThreadPoolExecutor | None = None
         self._wconn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
+        self._due_reader: SqliteReader | None = None  # load_due's, on the reader thread
         self._checkpointer: _Checkpointer | None = None
         self._purge_task: asyncio.Task | None = None
         self._next_purge_at = 0.0
@@ -363,7 +367,12 @@ class SqliteStore(Store):
         try:
             self._wconn, self.created_ms = await loop.run_in_executor(writer, self._open_writer)
             self._rconn = await loop.run_in_executor(reader, self._connect, True)
+            if same_sqlite_as_python():
+                self._due_reader = await loop.run_in_executor(reader, self._open_due_reader)
         except BaseException:
+            if self._rconn is not None:
+                await loop.run_in_executor(reader, self._rconn.close)
+                self._rconn = None
             if self._wconn is not None:
                 await loop.run_in_executor(writer, self._wconn.close)
                 self._wconn = None
@@ -386,6 +395,9 @@ class SqliteStore(Store):
         if self._checkpointer is not None:
             await loop.run_in_executor(writer, self._checkpointer.stop)
             self._checkpointer = None
+        if self._due_reader is not None:
+            await loop.run_in_executor(reader, self._due_reader.close)
+            self._due_reader = None
         if self._rconn is not None:
             await loop.run_in_executor(reader, self._rconn.close)
         if self._wconn is not None:
@@ -403,7 +415,7 @@ class SqliteStore(Store):
                 cached_statements=64,
             )
             conn.execute(f"PRAGMA busy_timeout = {self.busy_timeout_ms}")
-            conn.execute("PRAGMA cache_size = -65536")  # 64 MiB: the random task-id index stays hot
+            conn.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")
             conn.execute("PRAGMA temp_store = MEMORY")
             if read_only:
                 conn.execute("PRAGMA query_only = ON")
@@ -418,6 +430,12 @@ class SqliteStore(Store):
                 conn.execute(f"PRAGMA journal_size_limit = {_WAL_KEEP_BYTES}")
             return conn
         except sqlite3.Error as e:
+            raise StoreUnavailable(f"{self.description}: cannot open: {e}") from e
+
+    def _open_due_reader(self) -> SqliteReader:
+        try:
+            return SqliteReader(self.path, _SELECT_DUE, self.busy_timeout_ms, _CACHE_KIB)
+        except SqliteReadError as e:
             raise StoreUnavailable(f"{self.description}: cannot open: {e}") from e
 
     def _open_writer(self) -> tuple[sqlite3.Connection, int]:
@@ -491,7 +509,7 @@ class SqliteStore(Store):
     def _guard(self, fn: Callable[..., T], args: tuple) -> T:
         try:
             return fn(*args)
-        except (sqlite3.OperationalError, sqlite3.InternalError) as e:
+        except (sqlite3.OperationalError, sqlite3.InternalError, SqliteReadError) as e:
             # Locked, disk full, I/O error: the transaction was rolled back, nothing acknowledged.
             raise StoreUnavailable(f"{self.description}: {e}") from e
         except sqlite3.DatabaseError as e:
@@ -803,10 +821,10 @@ class SqliteStore(Store):
         return await self._read(self._load_due, shard, from_ms, to_ms)
 
     def _load_due(self, shard: int, from_ms: int, to_ms: int) -> list[TaskRecord]:
-        found = self._conn_r().execute(
-            _SELECT_DUE_JSON, (shard, bucket_of(from_ms), bucket_of(to_ms - 1), from_ms, to_ms)
-        ).fetchone()[0]
-        rows = _decode_json(found)
+        params = (shard, bucket_of(from_ms), bucket_of(to_ms - 1), from_ms, to_ms)
+        if self._due_reader is not None:
+            return untracked([_record(row) for row in self._due_reader.rows(params)])
+        rows = _decode_json(self._conn_r().execute(_SELECT_DUE_JSON, params).fetchone()[0])
         for row in rows:
             row[3] = bytes.fromhex(row[3])
         return untracked([_record(row) for row in rows])

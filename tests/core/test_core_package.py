@@ -63,8 +63,9 @@ def test_a_typical_caller_and_the_reference_model_type_check_strictly(stub_root,
     caller.write_text(textwrap.dedent("""
         from array import array
         import numpy as np
-        from taskwheel.core import Batcher, TimingWheel, bucket_of, group_by, shard_of, shards_of
-        from taskwheel.core.reference import ReferenceWheel
+        from taskwheel.core import (Batcher, SqliteReader, TimingWheel, bucket_of, group_by,
+                                    same_sqlite_as_python, shard_of, shards_of)
+        from taskwheel.core.reference import ReferenceSqliteReader, ReferenceWheel
 
         wheel = TimingWheel(tick_ms=1, start_ms=0)
         wheel.schedule(1, 10)
@@ -74,9 +75,13 @@ def test_a_typical_caller_and_the_reference_model_type_check_strictly(stub_root,
         upcoming: int | None = wheel.next_deadline()
         model = ReferenceWheel(tick_ms=1, start_ms=0)
         same: bool = fired.tolist() == model.advance(10).tolist()
+        reference = ReferenceSqliteReader("tasks.db", "SELECT ?")
         batch = Batcher(10, 5).add(("shard", 1), "item", 0)
         groups: dict[int, list[str]] = group_by([1, 2], ["a", "b"])
         where: int = shard_of("task", 16) + bucket_of(5) + shards_of(["a"], 4)[0]
+        reader = SqliteReader("tasks.db", "SELECT ?", busy_timeout_ms=100)
+        rows: list[tuple[object, ...]] = reader.rows((1,)) if same_sqlite_as_python() else []
+        reader.close()
     """))
     done = subprocess.run(
         [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--cache-dir", str(tmp_path / "cache"),

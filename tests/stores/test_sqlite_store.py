@@ -32,6 +32,18 @@ class TestSqliteStoreContract(StoreContract):
         return lambda: SqliteStore(tmp_path / "tasks.db", num_shards=8)
 
 
+class TestSqliteStoreContractReadingJson(StoreContract):
+    """The contract again where Python's sqlite3 has a copy of SQLite of its own, so load_due
+    reads one JSON array instead of using the core's SqliteReader."""
+
+    model_examples = 10
+
+    @pytest.fixture
+    def make_store(self, tmp_path, monkeypatch):
+        monkeypatch.setattr(sqlite_store, "same_sqlite_as_python", lambda: False)
+        return lambda: SqliteStore(tmp_path / "tasks.db", num_shards=8)
+
+
 @pytest.fixture
 def db(tmp_path):
     return str(tmp_path / "data" / "tasks.db")
@@ -411,3 +423,16 @@ async def test_loaded_records_are_kept_out_of_the_cyclic_gcs_view(db):
         await store.insert([new_task(due_ms=T0 + i) for i in range(3)])
         rows = await load(store)
     assert len(rows) == 3 and not any(gc.is_tracked(r) for r in rows)
+
+
+async def test_due_rows_are_read_by_the_core_only_when_it_shares_pythons_sqlite(db, monkeypatch):
+    task = new_task(due_ms=T0)
+    async with opened(lambda: SqliteStore(db, num_shards=4)) as store:
+        await insert_one(store, task)
+        assert store._due_reader is not None
+        [by_core] = await load(store)
+    monkeypatch.setattr(sqlite_store, "same_sqlite_as_python", lambda: False)
+    async with opened(lambda: SqliteStore(db, num_shards=4)) as store:
+        assert store._due_reader is None
+        [by_json] = await load(store)
+    assert by_core == by_json == task

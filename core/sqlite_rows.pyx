@@ -1,0 +1,210 @@
+# cython: language_level=3
+# boundscheck, wraparound and initializedcheck come from setup.py: off, and on under TASKWHEEL_DEBUG=1.
+"""All the rows of a query on a read-only SQLite connection, read without the GIL.
+
+Why: the timer loads each second's due tasks, 50,000 rows at 50K fires/s, on the store's reader
+thread while the event loop fires and delivers on the main thread, and both need the GIL.
+Python's sqlite3 takes the GIL back after every row it steps, and each time it must wait for
+the loop to let go of it (a switch interval when the loop is busy); so the embedded store read
+a slice as one JSON array built by SQLite, then decoded it in Python: 2.6 us of GIL per row
+(JSON decode 1.7, hex payloads 0.4, the record 0.5), and SQLite's work building the JSON
+besides. Here the rows are stepped and copied into C buffers with the GIL released, then
+turned into tuples in one pass that holds it.
+
+One SQLite library: this module links the same shared libsqlite3 as Python's sqlite3 module,
+and must, because two copies of SQLite in one process do not see each other's POSIX locks on
+a file, and closing a file in one copy drops the locks the other holds on it (SQLite's
+"howtocorrupt" page, 2.2.1). ``same_sqlite_as_python()`` says whether this process has one
+copy; the store uses this reader only then.
+
+Threading: a reader is used by one thread at a time (the store's reader thread); SQLite's
+connection is opened with its own mutex off for that reason.
+"""
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.float cimport PyFloat_FromDouble
+from cpython.long cimport PyLong_FromLongLong
+from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
+from cpython.ref cimport Py_INCREF
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.stdint cimport int64_t, uintptr_t
+from libc.stdlib cimport free, realloc
+from libc.string cimport memcpy
+
+cdef extern from *:
+    """
+    #include <sqlite3.h>
+    static uintptr_t taskwheel_sqlite3_address(void) { return (uintptr_t)&sqlite3_open_v2; }
+    """
+    uintptr_t taskwheel_sqlite3_address()
+
+
+def same_sqlite_as_python():
+    """True if Python's sqlite3 module and this one use one copy of SQLite in this process."""
+    import ctypes
+    import os
+    import _sqlite3
+    try:
+        theirs = ctypes.CDLL(_sqlite3.__file__, mode=os.RTLD_NOLOAD | os.RTLD_LOCAL)
+        address = ctypes.cast(theirs.sqlite3_open_v2, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return False  # statically linked, symbols hidden: another copy
+    return address == taskwheel_sqlite3_address()
+
+
+class SqliteReadError(Exception):
+    """SQLite refused to open, prepare or run; the message is SQLite's."""
+
+
+cdef class SqliteReader:
+    """A read-only connection to one database file and one prepared statement on it.
+
+    ``rows(params)`` binds the integer parameters, steps the statement to its end with the GIL
+    released, and returns every row as a tuple (int, float, str, bytes or None per column).
+    """
+    def __cinit__(self, path, str sql, int busy_timeout_ms=5000, int cache_kib=65536):
+        self.path = str(path)
+        cdef bytes encoded_path = self.path.encode()
+        cdef bytes encoded_sql = sql.encode()
+        cdef bytes pragmas = f"PRAGMA cache_size = -{cache_kib}; PRAGMA query_only = ON".encode()
+        cdef int rc
+        rc = sqlite3_open_v2(encoded_path, &self.db, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, NULL)
+        if rc != SQLITE_OK:
+            self._fail("cannot open")
+        sqlite3_busy_timeout(self.db, busy_timeout_ms)
+        if sqlite3_exec(self.db, pragmas, NULL, NULL, NULL) != SQLITE_OK:
+            self._fail("cannot set up")
+        if sqlite3_prepare_v2(self.db, encoded_sql, -1, &self.stmt, NULL) != SQLITE_OK:
+            self._fail("cannot prepare")
+        self.columns = sqlite3_column_count(self.stmt)
+        self.parameters = sqlite3_bind_parameter_count(self.stmt)
+
+    cdef _fail(self, str what):
+        message = sqlite3_errmsg(self.db).decode(errors="replace") if self.db else "out of memory"
+        self._close()
+        raise SqliteReadError(f"{what} {self.path}: {message}")
+
+    def close(self):
+        """Closes the connection; idempotent."""
+        self._close()
+
+    cdef void _close(self) noexcept:
+        if self.stmt:
+            sqlite3_finalize(self.stmt)
+            self.stmt = NULL
+        if self.db:
+            sqlite3_close_v2(self.db)
+            self.db = NULL
+
+    def __dealloc__(self):
+        self._close()
+        free(self.values)
+        free(self.arena)
+
+    def rows(self, tuple params):
+        """Every row of the statement run with ``params`` (ints), as a list of tuples."""
+        if not self.stmt:
+            raise SqliteReadError(f"{self.path}: the reader is closed")
+        if len(params) != self.parameters:
+            raise ValueError(f"the statement takes {self.parameters} parameters, not {len(params)}")
+        cdef int i
+        for i in range(self.parameters):
+            sqlite3_bind_int64(self.stmt, i + 1, params[i])
+        cdef Py_ssize_t count = 0, used = 0
+        cdef int rc
+        with nogil:
+            rc = self._step_all(&count, &used)
+        sqlite3_reset(self.stmt)
+        if rc == -1:
+            raise MemoryError("no memory for the rows of a SQLite read")
+        if rc != SQLITE_DONE:
+            raise SqliteReadError(f"{self.path}: {sqlite3_errmsg(self.db).decode(errors='replace')}")
+        return self._tuples(count)
+
+    cdef int _step_all(self, Py_ssize_t *count, Py_ssize_t *used) noexcept nogil:
+        """Steps to the end, copying each value; SQLITE_DONE, SQLite's error code, or -1."""
+        cdef int rc, col, kind
+        cdef Py_ssize_t n = 0, size
+        cdef Value *v
+        cdef const void *data
+        while True:
+            rc = sqlite3_step(self.stmt)
+            if rc != SQLITE_ROW:
+                count[0] = n // self.columns if self.columns else 0
+                return rc
+            if n + self.columns > self.values_cap:
+                if self._grow_values(n + self.columns) < 0:
+                    return -1
+            for col in range(self.columns):
+                v = &self.values[n]
+                n += 1
+                kind = sqlite3_column_type(self.stmt, col)
+                v.kind = kind
+                if kind == SQLITE_INTEGER:
+                    v.i = sqlite3_column_int64(self.stmt, col)
+                elif kind == SQLITE_FLOAT:
+                    v.f = sqlite3_column_double(self.stmt, col)
+                elif kind == SQLITE_TEXT or kind == SQLITE_BLOB:
+                    # The pointer first, then its size: that order is SQLite's rule.
+                    if kind == SQLITE_TEXT:
+                        data = sqlite3_column_text(self.stmt, col)
+                    else:
+                        data = sqlite3_column_blob(self.stmt, col)
+                    size = sqlite3_column_bytes(self.stmt, col)
+                    if used[0] + size > self.arena_cap:
+                        if self._grow_arena(used[0] + size) < 0:
+                            return -1
+                    if size:
+                        memcpy(self.arena + used[0], data, size)
+                    v.i = used[0]
+                    v.size = size
+                    used[0] += size
+
+    cdef int _grow_values(self, Py_ssize_t need) noexcept nogil:
+        cdef Py_ssize_t cap = max(need, self.values_cap * 2, 1024)
+        cdef Value *grown = <Value *>realloc(self.values, cap * sizeof(Value))
+        if grown == NULL:
+            return -1
+        self.values, self.values_cap = grown, cap
+        return 0
+
+    cdef int _grow_arena(self, Py_ssize_t need) noexcept nogil:
+        cdef Py_ssize_t cap = max(need, self.arena_cap * 2, 65536)
+        cdef char *grown = <char *>realloc(self.arena, cap)
+        if grown == NULL:
+            return -1
+        self.arena, self.arena_cap = grown, cap
+        return 0
+
+    cdef list _tuples(self, Py_ssize_t count):
+        cdef list out = []
+        cdef Py_ssize_t r, n = 0
+        cdef int col
+        cdef Value *v
+        cdef object item
+        cdef tuple row
+        for r in range(count):
+            row = PyTuple_New(self.columns)
+            for col in range(self.columns):
+                v = &self.values[n]
+                n += 1
+                if v.kind == SQLITE_INTEGER:
+                    item = PyLong_FromLongLong(v.i)
+                elif v.kind == SQLITE_TEXT:
+                    item = PyUnicode_DecodeUTF8(self.arena + v.i, v.size, "replace")
+                elif v.kind == SQLITE_BLOB:
+                    item = PyBytes_FromStringAndSize(self.arena + v.i, v.size)
+                elif v.kind == SQLITE_FLOAT:
+                    item = PyFloat_FromDouble(v.f)
+                else:
+                    item = None
+                Py_INCREF(item)  # PyTuple_SET_ITEM steals a reference
+                PyTuple_SET_ITEM(row, col, item)
+            out.append(row)
+        # A slice's worth of buffer is kept for the next read; a burst's is given back.
+        if self.arena_cap > (64 << 20):
+            free(self.arena)
+            self.arena, self.arena_cap = NULL, 0
+        if self.values_cap > (4 << 20):
+            free(self.values)
+            self.values, self.values_cap = NULL, 0
+        return out

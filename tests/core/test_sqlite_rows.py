@@ -1,0 +1,154 @@
+"""SqliteReader: every row of a statement on a read-only connection, as tuples, read without
+the GIL; the same behaviours against ReferenceSqliteReader (Python's sqlite3)."""
+import sqlite3
+import threading
+import time
+
+import pytest
+
+from taskwheel.core import SqliteReader, SqliteReadError, same_sqlite_as_python
+from taskwheel.core.reference import ReferenceSqliteReader
+
+
+@pytest.fixture(params=[SqliteReader, ReferenceSqliteReader], ids=["compiled", "reference"])
+def reader_cls(request):
+    return request.param
+
+
+@pytest.fixture
+def db(tmp_path):
+    path = str(tmp_path / "rows.db")
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("CREATE TABLE t (k INTEGER PRIMARY KEY, i INTEGER, f REAL, s TEXT, b BLOB)")
+    yield path, conn
+    conn.close()
+
+
+SELECT = "SELECT k, i, f, s, b FROM t WHERE k >= ? AND k < ? ORDER BY k"
+
+
+def test_every_kind_of_value_comes_back_as_python_gave_it(db, reader_cls):
+    path, conn = db
+    rows = [
+        (1, -(1 << 63), 0.5, "plain", b"\x00binary\xff"),
+        (2, (1 << 63) - 1, -1e300, "naïve ✓ 日本", b""),
+        (3, None, None, "", None),
+        (4, 0, 0.0, None, b"\x00" * 3),
+    ]
+    conn.executemany("INSERT INTO t VALUES (?, ?, ?, ?, ?)", rows)
+    reader = reader_cls(path, SELECT)
+    try:
+        assert reader.rows((0, 10)) == rows
+        assert reader.rows((2, 4)) == rows[1:3]
+        assert reader.rows((10, 20)) == []
+    finally:
+        reader.close()
+
+
+def test_rows_beyond_the_first_buffers_all_arrive(db, reader_cls):
+    path, conn = db
+    big = bytes(range(256)) * 1024  # 256 KiB: larger than the first arena
+    conn.execute("BEGIN")
+    conn.executemany("INSERT INTO t VALUES (?, ?, 0.0, ?, ?)",
+                     [(k, k * 3, f"task-{k}", big if k % 10_000 == 0 else b"p%d" % k)
+                      for k in range(50_000)])
+    conn.execute("COMMIT")
+    reader = reader_cls(path, SELECT)
+    try:
+        for _ in range(2):  # the buffers of one read are reused by the next
+            got = reader.rows((0, 50_000))
+            assert len(got) == 50_000
+            assert got[12_345] == (12_345, 37_035, 0.0, "task-12345", b"p12345")
+            assert got[20_000][4] == big
+    finally:
+        reader.close()
+
+
+def test_a_read_sees_what_was_committed_after_the_reader_opened(db, reader_cls):
+    path, conn = db
+    reader = reader_cls(path, SELECT)
+    try:
+        assert reader.rows((0, 10)) == []
+        conn.execute("INSERT INTO t VALUES (5, 1, 1.0, 'later', x'01')")
+        assert reader.rows((0, 10)) == [(5, 1, 1.0, "later", b"\x01")]
+    finally:
+        reader.close()
+
+
+def test_the_connection_is_read_only(db, reader_cls):
+    path, _ = db
+    reader = reader_cls(path, "INSERT INTO t (k) VALUES (?)")
+    try:
+        with pytest.raises(SqliteReadError, match="readonly|read-only|attempt to write"):
+            reader.rows((1,))
+    finally:
+        reader.close()
+
+
+def test_a_missing_file_is_refused_by_name(tmp_path, reader_cls):
+    with pytest.raises(SqliteReadError, match="nowhere.db"):
+        reader_cls(str(tmp_path / "nowhere.db"), "SELECT 1")
+
+
+def test_a_statement_sqlite_cannot_prepare_is_refused_with_its_reason(db, reader_cls):
+    path, _ = db
+    with pytest.raises(SqliteReadError, match="no such table: missing"):
+        reader_cls(path, "SELECT * FROM missing WHERE k = ?")
+
+
+def test_the_wrong_number_of_parameters_is_refused(db, reader_cls):
+    path, _ = db
+    reader = reader_cls(path, SELECT)
+    try:
+        with pytest.raises(ValueError):
+            reader.rows((1,))
+    finally:
+        reader.close()
+
+
+def test_a_closed_reader_refuses_to_read(db, reader_cls):
+    path, _ = db
+    reader = reader_cls(path, SELECT)
+    reader.close()
+    reader.close()  # idempotent
+    with pytest.raises(SqliteReadError, match="closed"):
+        reader.rows((0, 1))
+
+
+def test_other_threads_run_while_the_compiled_reader_steps(db):
+    """The point of SqliteReader: the GIL is free while SQLite works. A query that takes SQLite
+    a few hundred ms runs on a thread; the main thread keeps ticking meanwhile. (Python's
+    sqlite3 releases the GIL around each step too; what it cannot do is skip retaking it for
+    every row, which this test does not see.)"""
+    path, _ = db
+    count = "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < ?) " \
+            "SELECT count(*) FROM n WHERE x > ?"
+    reader = SqliteReader(path, count)
+    done = threading.Event()
+    result = []
+
+    def read():
+        result.extend(reader.rows((3_000_000, 0)))
+        done.set()
+
+    thread = threading.Thread(target=read)
+    started = time.perf_counter()
+    last, worst = started, 0.0
+    thread.start()
+    while not done.is_set():
+        time.sleep(0.001)
+        now = time.perf_counter()
+        worst, last = max(worst, now - last), now
+    thread.join()
+    reader.close()
+    took = time.perf_counter() - started
+    assert result == [(3_000_000,)]
+    assert took > 0.1, "the query ended too soon to tell anything"
+    assert worst < took / 2, f"the main thread stalled {worst * 1000:.0f} ms of a {took * 1000:.0f} ms read"
+
+
+def test_this_python_and_the_core_share_one_sqlite():
+    # Python's sqlite3 module here links the system's libsqlite3, as the core does; were it not
+    # so, the embedded store would read through JSON instead (tests/stores checks both).
+    assert same_sqlite_as_python()
