@@ -44,7 +44,12 @@ connection; in WAL mode readers and the writer never wait for each other. Other 
 open the same file (``taskwheel serve`` runs ingest, timer and dispatch apart): SQLite's file
 lock serializes their writes, each waiting up to ``busy_timeout_ms`` before StoreUnavailable.
 A third thread checkpoints the WAL into the database file a few times a second while writes
-come in, so commits never pay for it.
+come in, so commits never pay for it. The three run ``thread_nice`` (5) below the process's
+priority: when the cores are busy the kernel runs the event loop first, and the store's
+threads, whose work has slack (a slice is read a second or more before it is due, acks are
+group commits), take what is left. They hold the GIL only for short stretches, so a
+descheduled one rarely keeps the loop from it. fire_50k alternating 0 and 5 on a slow spell:
+p99 217/354/160 ms against 161/86/136, p50 19-21 against 4-8 ms (10 gave no more).
 
 Durability: every write is one transaction, committed before the coroutine returns. With
 ``synchronous=normal`` (the default) a commit is in the WAL file when it returns, which survives
@@ -66,6 +71,7 @@ import json
 import os
 import logging
 import sqlite3
+import sys
 import threading
 import time
 from typing import Any, Callable, Mapping, Sequence, TypeVar
@@ -282,6 +288,17 @@ _encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encod
 _decode_json = json.JSONDecoder().decode
 
 
+def _lower_priority(nice: int) -> None:
+    """Gives the calling thread (on Linux, where niceness is per thread) ``nice`` more than the
+    process's, so a busy core runs the event loop before the store's threads."""
+    if nice and sys.platform.startswith("linux"):
+        try:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+        except OSError as e:
+            log.warning("store thread keeps its priority: %s", e)
+
+
 def _encode_headers(headers: Mapping[str, str]) -> str:
     return _encode_json(headers) if headers else ""
 
@@ -309,6 +326,8 @@ class SqliteStore(Store):
     ``busy_timeout_ms``: how long a write waits for another process's write before failing.
     ``purge_every_s``: how often saving checkpoints also starts a purge of dead due rows
     (0: never; then call ``purge`` yourself).
+    ``thread_nice``: how much lower than the process the store's threads run (Linux niceness,
+    0-19), so that on busy cores the event loop runs first (see _lower_priority).
     Options may arrive as strings (they come from the store URL's query).
     """
 
@@ -321,12 +340,13 @@ class SqliteStore(Store):
         synchronous: str = "normal",
         busy_timeout_ms: int | str = 5_000,
         purge_every_s: float | str = 60.0,
+        thread_nice: int | str = 5,
         **unknown: str,
     ):
         if unknown:
             raise ValueError(
                 f"unknown SQLite store option(s) {', '.join(sorted(unknown))}: the options are "
-                "shards, synchronous, busy_timeout_ms and purge_every_s"
+                "shards, synchronous, busy_timeout_ms, purge_every_s and thread_nice"
             )
         if sqlite3.sqlite_version_info < _MIN_SQLITE:
             raise RuntimeError(
@@ -345,6 +365,9 @@ class SqliteStore(Store):
             )
         self.busy_timeout_ms = int(busy_timeout_ms)
         self.purge_every_s = float(purge_every_s)
+        self.thread_nice = int(thread_nice)
+        if not 0 <= self.thread_nice <= 19:
+            raise ValueError(f"thread_nice={thread_nice!r}: use 0 (as the event loop) to 19 (lowest)")
         self.description = f"sqlite:{self.path}"
         self.created_ms = 0
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
@@ -361,8 +384,13 @@ class SqliteStore(Store):
     async def open(self) -> None:
         if self._writer is not None:
             return
-        writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="taskwheel-sqlite-w")
-        reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="taskwheel-sqlite-r")
+        nice = (self.thread_nice,)
+        writer = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="taskwheel-sqlite-w", initializer=_lower_priority, initargs=nice
+        )
+        reader = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="taskwheel-sqlite-r", initializer=_lower_priority, initargs=nice
+        )
         loop = asyncio.get_running_loop()
         try:
             self._wconn, self.created_ms = await loop.run_in_executor(writer, self._open_writer)
@@ -380,7 +408,9 @@ class SqliteStore(Store):
             reader.shutdown()
             raise
         self._writer, self._reader = writer, reader
-        self._checkpointer = _Checkpointer(lambda: self._connect(False), self.description)
+        self._checkpointer = _Checkpointer(
+            lambda: self._connect(False), self.description, self.thread_nice
+        )
 
     async def close(self) -> None:
         writer, reader = self._writer, self._reader
@@ -943,9 +973,10 @@ class _Checkpointer:
     """A thread that copies committed WAL pages into the database file, a few times a second
     while writes come in and not at all while none do."""
 
-    def __init__(self, connect: Callable[[], sqlite3.Connection], description: str):
+    def __init__(self, connect: Callable[[], sqlite3.Connection], description: str, nice: int):
         self._connect = connect
         self._description = description
+        self._nice = nice
         self._written = threading.Event()
         self._stopping = threading.Event()
         self.restart_wanted = False
@@ -975,6 +1006,7 @@ class _Checkpointer:
         self._thread.join()
 
     def _run(self) -> None:
+        _lower_priority(self._nice)
         try:
             conn = self._connect()
         except StoreUnavailable as e:

@@ -7,6 +7,8 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 
@@ -436,3 +438,31 @@ async def test_due_rows_are_read_by_the_core_only_when_it_shares_pythons_sqlite(
         assert store._due_reader is None
         [by_json] = await load(store)
     assert by_core == by_json == task
+
+
+def _niceness_of_this_thread() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+@pytest.mark.parametrize("nice", [0, 5, 19])
+async def test_store_threads_run_below_the_event_loop_by_thread_nice(db, nice):
+    loop_nice = _niceness_of_this_thread()
+    async with opened(lambda: SqliteStore(db, num_shards=4, thread_nice=nice)) as store:
+        writer = await store._write(_niceness_of_this_thread)
+        reader = await store._read(_niceness_of_this_thread)
+        stat = f"/proc/self/task/{store._checkpointer._thread.native_id}/stat"
+        deadline = time.monotonic() + 5  # the checkpointer sets its own as it starts
+        while True:
+            with open(stat) as f:
+                checkpointer = int(f.read().rsplit(")", 1)[1].split()[16])
+            if checkpointer == min(19, loop_nice + nice) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.01)
+    assert _niceness_of_this_thread() == loop_nice  # the loop's own thread keeps its priority
+    assert writer == reader == checkpointer == min(19, loop_nice + nice)
+
+
+def test_thread_nice_outside_0_to_19_is_refused(db):
+    with pytest.raises(ValueError, match="thread_nice=-1: use 0"):
+        SqliteStore(db, thread_nice=-1)
