@@ -4,6 +4,8 @@ embedded store's reads stepped without the GIL.
 
 Services import these names from here, never from the compiled modules themselves.
 """
+import sqlite3  # noqa: F401  first, so that sqlite_rows binds to the SQLite Python loaded
+
 from taskwheel.core.batcher import Batcher, group_by
 from taskwheel.core.deliveries import encode_deliveries
 from taskwheel.core.records import untrack

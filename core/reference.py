@@ -12,6 +12,7 @@ import operator
 import os
 import sqlite3
 import time
+import urllib.parse
 from array import array
 from typing import Any, Hashable, Iterable
 
@@ -168,16 +169,16 @@ class ReferenceBatcher:
 class ReferenceSqliteReader:
     """SqliteReader through Python's sqlite3 module: one row stepped at a time, with the GIL."""
 
-    def __init__(self, path: str | os.PathLike[str], sql: str, busy_timeout_ms: int = 5000,
+    def __init__(self, path: str | bytes | os.PathLike[str], sql: str, busy_timeout_ms: int = 5000,
                  cache_kib: int = 65536):
         from taskwheel.core import SqliteReadError
 
         self._error = SqliteReadError
-        self.path = str(path)
+        self.path = os.fsdecode(path)
         self._sql = sql
         try:
             self._conn: sqlite3.Connection | None = sqlite3.connect(
-                f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
+                f"file:{urllib.parse.quote(self.path)}?mode=ro", uri=True, isolation_level=None,
                 check_same_thread=False,
             )
             self._conn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")

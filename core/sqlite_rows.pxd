@@ -8,12 +8,13 @@ cdef extern from "sqlite3.h" nogil:
     ctypedef struct sqlite3_stmt
     int SQLITE_OK, SQLITE_ROW, SQLITE_DONE
     int SQLITE_INTEGER, SQLITE_FLOAT, SQLITE_TEXT, SQLITE_BLOB, SQLITE_NULL
-    int SQLITE_OPEN_READONLY, SQLITE_OPEN_NOMUTEX
+    int SQLITE_OPEN_READONLY, SQLITE_OPEN_NOMUTEX, SQLITE_OPEN_URI, SQLITE_NOMEM
     int sqlite3_open_v2(const char *filename, sqlite3 **db, int flags, const char *vfs)
     int sqlite3_close_v2(sqlite3 *db)
     int sqlite3_busy_timeout(sqlite3 *db, int ms)
     int sqlite3_exec(sqlite3 *db, const char *sql, void *callback, void *arg, char **errmsg)
     const char *sqlite3_errmsg(sqlite3 *db)
+    int sqlite3_errcode(sqlite3 *db)
     int sqlite3_prepare_v2(sqlite3 *db, const char *sql, int nbyte, sqlite3_stmt **stmt,
                            const char **tail)
     int sqlite3_finalize(sqlite3_stmt *stmt)
@@ -48,6 +49,7 @@ cdef class SqliteReader:
     cdef char *arena  # the bytes of every text and blob of a read
     cdef Py_ssize_t arena_cap
     cdef readonly str path
+    cdef bint busy  # stepping with the GIL released: no other call may touch the buffers
 
     cdef _fail(self, str what)
     cdef void _close(self) noexcept

@@ -14,11 +14,15 @@ turned into tuples in one pass that holds it.
 One SQLite library: this module links the same shared libsqlite3 as Python's sqlite3 module,
 and must, because two copies of SQLite in one process do not see each other's POSIX locks on
 a file, and closing a file in one copy drops the locks the other holds on it (SQLite's
-"howtocorrupt" page, 2.2.1). ``same_sqlite_as_python()`` says whether this process has one
-copy; the store uses this reader only then.
+"howtocorrupt" page, 2.2.1). ``same_sqlite_as_python()`` asks SQLite whether this process has
+one copy; the store uses this reader only then. taskwheel.core imports Python's sqlite3 before
+this module, so the dynamic linker finds the library Python loaded (by its soname) and binds
+this module to it rather than loading the system's beside it.
 
 Threading: a reader is used by one thread at a time (the store's reader thread); SQLite's
-connection is opened with its own mutex off for that reason.
+connection is opened with its own mutex off for that reason, and a call made while another is
+stepping is refused. Building the tuples holds the GIL; it lets go of it for a moment every
+1,024 rows, so a waiting event loop is not kept out for a whole slice.
 """
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.float cimport PyFloat_FromDouble
@@ -26,29 +30,40 @@ from cpython.long cimport PyLong_FromLongLong
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from cpython.ref cimport Py_INCREF
 from cpython.unicode cimport PyUnicode_DecodeUTF8
-from libc.stdint cimport int64_t, uintptr_t
+import os
+
+from libc.stdint cimport int64_t
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy
 
-cdef extern from *:
-    """
-    #include <sqlite3.h>
-    static uintptr_t taskwheel_sqlite3_address(void) { return (uintptr_t)&sqlite3_open_v2; }
-    """
-    uintptr_t taskwheel_sqlite3_address()
-
-
 def same_sqlite_as_python():
-    """True if Python's sqlite3 module and this one use one copy of SQLite in this process."""
-    import ctypes
-    import os
-    import _sqlite3
+    """True if Python's sqlite3 module and this one use one copy of SQLite in this process.
+
+    Asked of SQLite itself: an in-memory database in shared-cache mode is visible, by name, to
+    every connection of the same copy of the library and to no other. Python's sqlite3 makes
+    one with a table in it; this module's copy opens it by name and looks for the table.
+    """
+    import sqlite3
+    import uuid
+
+    uri = f"file:taskwheel-probe-{uuid.uuid4().hex}?mode=memory&cache=shared"
+    theirs = sqlite3.connect(uri, uri=True)
     try:
-        theirs = ctypes.CDLL(_sqlite3.__file__, mode=os.RTLD_NOLOAD | os.RTLD_LOCAL)
-        address = ctypes.cast(theirs.sqlite3_open_v2, ctypes.c_void_p).value
-    except (OSError, AttributeError):
-        return False  # statically linked, symbols hidden: another copy
-    return address == taskwheel_sqlite3_address()
+        theirs.execute("CREATE TABLE probe (x)")
+        return _sees_table(uri.encode(), b"SELECT count(*) FROM probe")
+    finally:
+        theirs.close()
+
+
+cdef bint _sees_table(bytes uri, bytes sql):
+    cdef sqlite3 *db = NULL
+    cdef sqlite3_stmt *stmt = NULL
+    cdef bint seen = False
+    if sqlite3_open_v2(uri, &db, SQLITE_OPEN_READONLY | SQLITE_OPEN_URI, NULL) == SQLITE_OK:
+        seen = sqlite3_prepare_v2(db, sql, -1, &stmt, NULL) == SQLITE_OK
+        sqlite3_finalize(stmt)
+    sqlite3_close_v2(db)
+    return seen
 
 
 class SqliteReadError(Exception):
@@ -62,8 +77,8 @@ cdef class SqliteReader:
     released, and returns every row as a tuple (int, float, str, bytes or None per column).
     """
     def __cinit__(self, path, str sql, int busy_timeout_ms=5000, int cache_kib=65536):
-        self.path = str(path)
-        cdef bytes encoded_path = self.path.encode()
+        self.path = os.fsdecode(path)
+        cdef bytes encoded_path = os.fsencode(path)
         cdef bytes encoded_sql = sql.encode()
         cdef bytes pragmas = f"PRAGMA cache_size = -{cache_kib}; PRAGMA query_only = ON".encode()
         cdef int rc
@@ -84,7 +99,9 @@ cdef class SqliteReader:
         raise SqliteReadError(f"{what} {self.path}: {message}")
 
     def close(self):
-        """Closes the connection; idempotent."""
+        """Closes the connection; idempotent. Refused while another thread reads."""
+        if self.busy:
+            raise RuntimeError(f"{self.path}: cannot close a reader that is reading")
         self._close()
 
     cdef void _close(self) noexcept:
@@ -104,6 +121,8 @@ cdef class SqliteReader:
         """Every row of the statement run with ``params`` (ints), as a list of tuples."""
         if not self.stmt:
             raise SqliteReadError(f"{self.path}: the reader is closed")
+        if self.busy:
+            raise RuntimeError(f"{self.path}: the reader is already reading on another thread")
         if len(params) != self.parameters:
             raise ValueError(f"the statement takes {self.parameters} parameters, not {len(params)}")
         cdef int i
@@ -111,14 +130,23 @@ cdef class SqliteReader:
             sqlite3_bind_int64(self.stmt, i + 1, params[i])
         cdef Py_ssize_t count = 0, used = 0
         cdef int rc
-        with nogil:
-            rc = self._step_all(&count, &used)
-        sqlite3_reset(self.stmt)
-        if rc == -1:
-            raise MemoryError("no memory for the rows of a SQLite read")
-        if rc != SQLITE_DONE:
-            raise SqliteReadError(f"{self.path}: {sqlite3_errmsg(self.db).decode(errors='replace')}")
-        return self._tuples(count)
+        self.busy = True
+        try:
+            with nogil:
+                rc = self._step_all(&count, &used)
+            sqlite3_reset(self.stmt)
+            if rc == -1:
+                raise MemoryError("no memory for the rows of a SQLite read")
+            if rc != SQLITE_DONE:
+                raise SqliteReadError(
+                    f"{self.path}: {sqlite3_errmsg(self.db).decode(errors='replace')}"
+                )
+            try:
+                return self._tuples(count)
+            except UnicodeDecodeError as e:
+                raise SqliteReadError(f"{self.path}: a text value is not UTF-8: {e}") from e
+        finally:
+            self.busy = False
 
     cdef int _step_all(self, Py_ssize_t *count, Py_ssize_t *used) noexcept nogil:
         """Steps to the end, copying each value; SQLITE_DONE, SQLite's error code, or -1."""
@@ -149,6 +177,8 @@ cdef class SqliteReader:
                         data = sqlite3_column_text(self.stmt, col)
                     else:
                         data = sqlite3_column_blob(self.stmt, col)
+                    if data == NULL and sqlite3_errcode(self.db) == SQLITE_NOMEM:
+                        return -1
                     size = sqlite3_column_bytes(self.stmt, col)
                     if used[0] + size > self.arena_cap:
                         if self._grow_arena(used[0] + size) < 0:
@@ -183,6 +213,9 @@ cdef class SqliteReader:
         cdef object item
         cdef tuple row
         for r in range(count):
+            if r and r % 1024 == 0:
+                with nogil:
+                    pass  # a thread waiting for the GIL gets it here
             row = PyTuple_New(self.columns)
             for col in range(self.columns):
                 v = &self.values[n]
@@ -190,7 +223,7 @@ cdef class SqliteReader:
                 if v.kind == SQLITE_INTEGER:
                     item = PyLong_FromLongLong(v.i)
                 elif v.kind == SQLITE_TEXT:
-                    item = PyUnicode_DecodeUTF8(self.arena + v.i, v.size, "replace")
+                    item = PyUnicode_DecodeUTF8(self.arena + v.i, v.size, "strict")
                 elif v.kind == SQLITE_BLOB:
                     item = PyBytes_FromStringAndSize(self.arena + v.i, v.size)
                 elif v.kind == SQLITE_FLOAT:

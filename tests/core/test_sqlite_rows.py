@@ -1,5 +1,7 @@
 """SqliteReader: every row of a statement on a read-only connection, as tuples, read without
 the GIL; the same behaviours against ReferenceSqliteReader (Python's sqlite3)."""
+import os
+import pathlib
 import sqlite3
 import threading
 import time
@@ -116,15 +118,61 @@ def test_a_closed_reader_refuses_to_read(db, reader_cls):
         reader.rows((0, 1))
 
 
+def test_text_that_is_not_utf8_is_refused_not_altered(db, reader_cls):
+    path, conn = db
+    conn.execute("INSERT INTO t (k, s) VALUES (1, CAST(x'66ff6f' AS TEXT))")
+    reader = reader_cls(path, SELECT)
+    try:
+        with pytest.raises(SqliteReadError, match="UTF-8"):
+            reader.rows((0, 10))
+    finally:
+        reader.close()
+
+
+def test_a_path_may_be_bytes_or_a_path_object(db, reader_cls):
+    path, conn = db
+    conn.execute("INSERT INTO t (k) VALUES (1)")
+    for given in (os.fsencode(path), pathlib.Path(path)):
+        reader = reader_cls(given, SELECT)
+        try:
+            assert [row[0] for row in reader.rows((0, 10))] == [1]
+        finally:
+            reader.close()
+
+
+SLOW_COUNT = ("WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < ?) "
+              "SELECT count(*) FROM n WHERE x > ?")
+
+
+def test_a_second_call_while_one_reads_is_refused_not_run_on_the_same_buffers(db):
+    path, _ = db
+    reader = SqliteReader(path, SLOW_COUNT)
+    started, result = threading.Event(), []
+
+    def read():
+        started.set()
+        result.extend(reader.rows((3_000_000, 0)))
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    started.wait()
+    time.sleep(0.05)  # the thread is stepping, the GIL released
+    with pytest.raises(RuntimeError, match="already reading"):
+        reader.rows((10, 0))
+    with pytest.raises(RuntimeError, match="cannot close"):
+        reader.close()
+    thread.join()
+    assert result == [(3_000_000,)]
+    reader.close()
+
+
 def test_other_threads_run_while_the_compiled_reader_steps(db):
     """The point of SqliteReader: the GIL is free while SQLite works. A query that takes SQLite
     a few hundred ms runs on a thread; the main thread keeps ticking meanwhile. (Python's
     sqlite3 releases the GIL around each step too; what it cannot do is skip retaking it for
     every row, which this test does not see.)"""
     path, _ = db
-    count = "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < ?) " \
-            "SELECT count(*) FROM n WHERE x > ?"
-    reader = SqliteReader(path, count)
+    reader = SqliteReader(path, SLOW_COUNT)
     done = threading.Event()
     result = []
 
@@ -150,5 +198,6 @@ def test_other_threads_run_while_the_compiled_reader_steps(db):
 
 def test_this_python_and_the_core_share_one_sqlite():
     # Python's sqlite3 module here links the system's libsqlite3, as the core does; were it not
-    # so, the embedded store would read through JSON instead (tests/stores checks both).
+    # so, the embedded store would read through JSON instead (tests/stores checks both), and
+    # the performance figures would not be those of the compiled reader.
     assert same_sqlite_as_python()
