@@ -31,7 +31,6 @@ cdef extern from "sqlite3.h" nogil:
     int sqlite3_column_bytes(sqlite3_stmt *stmt, int col)
 
 
-
 cdef struct Value:
     int kind  # SQLITE_INTEGER, SQLITE_FLOAT, SQLITE_TEXT, SQLITE_BLOB or SQLITE_NULL
     int64_t i  # the integer, or the offset of a text's or blob's bytes in the arena

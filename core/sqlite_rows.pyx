@@ -36,23 +36,30 @@ from libc.stdint cimport int64_t
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy
 
+cdef object _same_sqlite = None  # the answer, once asked: the libraries cannot change
+
+
 def same_sqlite_as_python():
     """True if Python's sqlite3 module and this one use one copy of SQLite in this process.
 
-    Asked of SQLite itself: an in-memory database in shared-cache mode is visible, by name, to
-    every connection of the same copy of the library and to no other. Python's sqlite3 makes
-    one with a table in it; this module's copy opens it by name and looks for the table.
+    Asked of SQLite itself, once a process: an in-memory database in shared-cache mode is
+    visible, by name, to every connection of the same copy of the library and to no other.
+    Python's sqlite3 makes one with a table in it; this module's copy opens it by name and
+    looks for the table.
     """
-    import sqlite3
-    import uuid
+    global _same_sqlite
+    if _same_sqlite is None:
+        import sqlite3
+        import uuid
 
-    uri = f"file:taskwheel-probe-{uuid.uuid4().hex}?mode=memory&cache=shared"
-    theirs = sqlite3.connect(uri, uri=True)
-    try:
-        theirs.execute("CREATE TABLE probe (x)")
-        return _sees_table(uri.encode(), b"SELECT count(*) FROM probe")
-    finally:
-        theirs.close()
+        uri = f"file:taskwheel-probe-{uuid.uuid4().hex}?mode=memory&cache=shared"
+        theirs = sqlite3.connect(uri, uri=True)
+        try:
+            theirs.execute("CREATE TABLE probe (x)")
+            _same_sqlite = _sees_table(uri.encode(), b"SELECT count(*) FROM probe")
+        finally:
+            theirs.close()
+    return _same_sqlite
 
 
 cdef bint _sees_table(bytes uri, bytes sql):
