@@ -288,12 +288,21 @@ _encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encod
 _decode_json = json.JSONDecoder().decode
 
 
-def _lower_priority(nice: int) -> None:
-    """Gives the calling thread (on Linux, where niceness is per thread) ``nice`` more than the
-    process's, so a busy core runs the event loop before the store's threads."""
-    if nice and sys.platform.startswith("linux"):
+def _start_store_thread(label: str, nice: int) -> None:
+    """Run first on each of the store's threads. On Linux it names the thread ``label`` (at
+    most 15 characters) where top -H, ps -L and perf show it, instead of the process's name
+    on every thread, and gives it ``nice`` more than the process's niceness (per thread on
+    Linux), so a busy core runs the event loop before the store's threads."""
+    if not sys.platform.startswith("linux"):
+        return
+    tid = threading.get_native_id()
+    try:
+        with open(f"/proc/self/task/{tid}/comm", "w") as comm:
+            comm.write(label)
+    except OSError as e:
+        log.debug("store thread keeps its name: %s", e)
+    if nice:
         try:
-            tid = threading.get_native_id()
             os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
         except OSError as e:
             log.warning("store thread keeps its priority: %s", e)
@@ -384,12 +393,14 @@ class SqliteStore(Store):
     async def open(self) -> None:
         if self._writer is not None:
             return
-        nice = (self.thread_nice,)
+        nice = self.thread_nice
         writer = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="taskwheel-sqlite-w", initializer=_lower_priority, initargs=nice
+            1, thread_name_prefix="taskwheel-sqlite-w", initializer=_start_store_thread,
+            initargs=("tw-sqlite-write", nice),
         )
         reader = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="taskwheel-sqlite-r", initializer=_lower_priority, initargs=nice
+            1, thread_name_prefix="taskwheel-sqlite-r", initializer=_start_store_thread,
+            initargs=("tw-sqlite-read", nice),
         )
         loop = asyncio.get_running_loop()
         try:
@@ -1006,7 +1017,7 @@ class _Checkpointer:
         self._thread.join()
 
     def _run(self) -> None:
-        _lower_priority(self._nice)
+        _start_store_thread("tw-sqlite-ckpt", self._nice)
         try:
             conn = self._connect()
         except StoreUnavailable as e:

@@ -463,6 +463,27 @@ async def test_store_threads_run_below_the_event_loop_by_thread_nice(db, nice):
     assert writer == reader == checkpointer == min(19, loop_nice + nice)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread names in /proc are Linux's")
+async def test_store_threads_are_named_where_top_and_ps_show_them(db):
+    def own_name():
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
+            return f.read().strip()
+
+    loop_name = own_name()
+    async with opened(lambda: SqliteStore(db, num_shards=4)) as store:
+        names = {await store._write(own_name), await store._read(own_name)}
+        comm = f"/proc/self/task/{store._checkpointer._thread.native_id}/comm"
+        deadline = time.monotonic() + 5  # the checkpointer names itself as it starts
+        while True:
+            with open(comm) as f:
+                checkpointer = f.read().strip()
+            if checkpointer == "tw-sqlite-ckpt" or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.01)
+    assert names | {checkpointer} == {"tw-sqlite-write", "tw-sqlite-read", "tw-sqlite-ckpt"}
+    assert own_name() == loop_name
+
+
 def test_thread_nice_outside_0_to_19_is_refused(db):
     with pytest.raises(ValueError, match="thread_nice=-1: use 0"):
         SqliteStore(db, thread_nice=-1)
