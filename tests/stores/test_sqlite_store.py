@@ -18,6 +18,7 @@ from taskwheel.stores import sqlite as sqlite_store
 from taskwheel.stores.sqlite import SqliteStore
 from tests.stores.contract import (
     T0,
+    fail,
     StoreContract,
     insert_one,
     lease,
@@ -78,8 +79,43 @@ async def test_a_version_1_file_is_upgraded_and_keeps_every_task_as_it_was(db):
         assert (await store.get(done.task_id)).state == TaskState.SUCCEEDED
         assert await store.apply([succeed(waiting), succeed(done)], now_ms=T0) == [True, False]
         assert (await store.get(waiting.task_id)).state == TaskState.SUCCEEDED
-    with sqlite3.connect(db) as conn:
-        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (2,)
+    assert _schema_version(db) == sqlite_store.SCHEMA_VERSION
+
+
+async def test_a_version_2_file_is_upgraded_and_keeps_every_task_as_it_was(db):
+    waiting, done, failed, leased = (new_task(due_ms=T0 + i) for i in range(4))
+    async with opened(lambda: SqliteStore(db, num_shards=4)) as store:
+        await store.insert([waiting, done, failed, leased])
+        await store.apply([lease(failed, T0 + 20_000), lease(leased, T0 + 30_000)], now_ms=T0)
+        await store.apply([succeed(done), fail(failed, "boom", gen=2)], now_ms=T0 + 5)
+    _rewrite_as_version_2(db)
+    async with opened(lambda: SqliteStore(db, num_shards=4)) as store:
+        assert [(r.task_id, r.gen) for r in await load(store)] == [
+            (waiting.task_id, 1), (leased.task_id, 2)]
+        got_done, got_failed = await store.get(done.task_id), await store.get(failed.task_id)
+        assert (got_done.state, got_done.updated_ms) == (TaskState.SUCCEEDED, T0 + 5)
+        assert (got_failed.state, got_failed.last_error) == (TaskState.FAILED, "boom")
+        assert await store.apply([succeed(done), fail(failed, "again", gen=2),
+                                  succeed(leased, gen=2)], now_ms=T0) == [False, False, True]
+        assert (await store.get(leased.task_id)).state == TaskState.SUCCEEDED
+        assert await load(store) == [await store.get(waiting.task_id)]
+    assert _schema_version(db) == sqlite_store.SCHEMA_VERSION
+
+
+def _schema_version(path) -> int:
+    with sqlite3.connect(path) as conn:
+        return conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+
+
+def _rewrite_as_version_2(path) -> None:
+    """The file as version 2 wrote it: ``ended`` keyed by the task's rowid alone."""
+    with sqlite3.connect(path) as conn:
+        conn.execute("ALTER TABLE ended RENAME TO ended_v3")
+        conn.execute("CREATE TABLE ended (task_rowid INTEGER PRIMARY KEY, state INTEGER NOT NULL, "
+                     "updated_ms INTEGER NOT NULL, last_error TEXT NOT NULL)")
+        conn.execute("INSERT INTO ended SELECT task_rowid, state, updated_ms, last_error FROM ended_v3")
+        conn.execute("DROP TABLE ended_v3")
+        conn.execute("UPDATE meta SET value = 2 WHERE key = 'schema_version'")
 
 
 def _rewrite_as_version_1(path) -> None:
