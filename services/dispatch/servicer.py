@@ -146,16 +146,8 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         self._queues: dict[str, _QueueState] = {}
         self._waiting: dict[str, _Fired] = {}  # task_id -> fired, not yet sent to a worker
         self._leases: dict[str, _Fired] = {}  # task_id -> its outstanding delivery
-        # task_id -> gen << _MS_BITS | finished at ms. One int, not a tuple: a tuple stays tracked
-        # by the cyclic GC (automatic collection is off), and 120 s of finished tasks at 40K/s
-        # made collections walk millions of them. A plain dict: an OrderedDict's insert and
-        # eviction cost ~1.1 us a task at a million entries, a dict's insert half that.
-        self._finished: dict[str, int] = {}
-        # The ids in the order they finished, with (finished at, how many) per ack message, to
-        # forget them after finished_memory_ms: deques of strs and ints hold no GC-tracked object.
-        self._finished_ids: deque[str] = deque()
-        self._finished_at: deque[int] = deque()
-        self._finished_count: deque[int] = deque()
+        # Tasks acked or failed in the last finished_memory_ms (see _FinishedMemory).
+        self._finished = _FinishedMemory(config.finished_memory_ms)
         # Fired tasks in the order they started waiting, for the hold loop: (since, task ids)
         # per take, not the _Fired objects, so a task sent to a worker at once is freed at
         # once instead of staying alive (and tracked by the GC) for hold_after_ms.
@@ -205,14 +197,18 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
     def _take_fired(self, records: list[TaskRecord], fired_at_ms: int, batch: "_Batch") -> None:
         touched = set()
         now = now_ms()
-        finished = self._finished
+        finished = self._finished.newest_first()
         leases = self._leases
         waiting_by_task = self._waiting
         queues = self._queues
         unheld: list[str] = []
         for rec in records:
             task_id = rec.task_id
-            fin = finished.get(task_id)
+            fin = None
+            for entries in finished:  # _FinishedMemory.get, inlined: this runs once per task
+                fin = entries.get(task_id)
+                if fin is not None:
+                    break
             if fin is not None and fin >> _MS_BITS >= rec.gen:
                 batch.done_one()  # the lease row of a task acked in the race with its firing
                 continue
@@ -360,7 +356,7 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
             # offered now they would sit in the wheel until they fire (a lease: 30 s).
             finished = self._finished
             offers = [successor for applied, successor in zip(fut.result(), successors)
-                      if applied and (finished.get(successor.task_id, 0) >> _MS_BITS) < successor.gen]
+                      if applied and (finished.get(successor.task_id) >> _MS_BITS) < successor.gen]
             if offers:
                 self._offer(offers)
 
@@ -420,7 +416,6 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         # _take_lease, _remember_finished and _settle, inlined: this runs once per task.
         transitions = []
         confirm = []
-        ended = []
         # The timer may hold a row of the task only if dispatch wrote one and offered it: the
         # lease row, or the hold row of a task that waited for a worker. The row that was
         # delivered has fired, so an ack before its lease was written leaves nothing to forget
@@ -429,7 +424,7 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         now = now_ms()
         in_flight = consumer.in_flight
         leases = self._leases
-        finished = self._finished
+        finished = self._finished.adding(now)
         succeed = TransitionKind.SUCCEED
         coalesced = self.coalesced
         for delivery_id in delivery_ids:
@@ -441,7 +436,6 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
             if leases.get(task_id) is lease:
                 del leases[task_id]
             finished[task_id] = lease.gen << _MS_BITS | now
-            ended.append(task_id)
             if lease.written:
                 transitions.append(Transition(task_id, rec.shard, succeed, lease.gen, lease.due_ms))
                 forget.append(task_id)
@@ -457,10 +451,7 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         if transitions:
             self.acked += len(transitions)
             self.coalesced = coalesced
-            self._finished_ids.extend(ended)
-            self._finished_at.append(now)
-            self._finished_count.append(len(ended))
-            self._forget_finished(now)
+            self._finished.forget_before(now - self._config.finished_memory_ms)
             self._write(transitions, None, confirm)
             if forget:
                 self._forget(forget)
@@ -499,26 +490,8 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         self._forget([rec.task_id])
 
     def _remember_finished(self, task_id: str, gen: int, now: int) -> None:
-        self._finished[task_id] = gen << _MS_BITS | now
-        self._finished_ids.append(task_id)
-        self._finished_at.append(now)
-        self._finished_count.append(1)
-        self._forget_finished(now)
-
-    def _forget_finished(self, now: int) -> None:
-        """Forgets the tasks finished before finished_memory_ms ago, unless one finished again."""
-        horizon = now - self._config.finished_memory_ms
-        finished_at = self._finished_at
-        if not finished_at or finished_at[0] >= horizon:
-            return
-        finished, ids, counts = self._finished, self._finished_ids, self._finished_count
-        while finished_at and finished_at[0] < horizon:
-            finished_at.popleft()
-            for _ in range(counts.popleft()):
-                task_id = ids.popleft()
-                fin = finished.get(task_id)
-                if fin is not None and fin & _MS_MASK < horizon:
-                    del finished[task_id]
+        self._finished.adding(now)[task_id] = gen << _MS_BITS | now
+        self._finished.forget_before(now - self._config.finished_memory_ms)
 
     def _drop_lease(self, lease: "_Fired") -> None:
         lease.consumer.in_flight.pop(lease.delivery_id, None)
@@ -675,6 +648,77 @@ def _confirm(confirm: list[list[_Batch]]) -> None:
             last, count = batch, 1
     if last is not None:
         last.done(count)
+
+
+class _FinishedMemory:
+    """task_id -> gen << _MS_BITS | finished at ms, for the tasks finished in the last
+    ``memory_ms`` (at most ``memory_ms / GENERATIONS`` more): one int, not a tuple, since a
+    tuple stays tracked by the cyclic GC (automatic collection is off) and 120 s of finished
+    tasks at 40K/s made collections walk millions of them.
+
+    In GENERATIONS dicts by time, not one: a dict that grows past its table, or whose deletes
+    fill it with dummies, is rebuilt whole in one call, which stalls the event loop 12 ms at
+    350K entries and 24 ms at 700K; one dict of 120 s of acks (1.2M entries at 10K/s) was
+    rebuilt every ~1M acks for ~50 ms. A generation is only added to, so it grows to
+    rate x memory_ms / GENERATIONS entries at most and is never rebuilt by deletes; one past
+    the memory is dropped whole and emptied a chunk per call, instead of a delete per task.
+    The price: a task not found is looked up in every generation (GENERATIONS + 1 dicts)."""
+
+    GENERATIONS = 8
+    _EMPTIED_PER_CALL = 4096  # entries of dropped generations freed per forget_before
+
+    __slots__ = ("_span", "_gens", "_newest_first", "_dropped")
+
+    def __init__(self, memory_ms: int) -> None:
+        self._span = max(1, memory_ms // self.GENERATIONS)
+        self._gens: deque[tuple[int, dict[str, int]]] = deque()  # (started at ms, entries), oldest first
+        self._newest_first: list[dict[str, int]] = []
+        self._dropped: list[dict[str, int]] = []
+
+    def adding(self, now: int) -> dict[str, int]:
+        """The generation to add the tasks finished at ``now`` to."""
+        gens = self._gens
+        if not gens or now >= gens[-1][0] + self._span:
+            gens.append((now, {}))
+            self._newest_first = [entries for _, entries in reversed(gens)]
+        return gens[-1][1]
+
+    def newest_first(self) -> list[dict[str, int]]:
+        """The generations to look a task up in, in this order (the first hit is its latest
+        finish); the hot path loops over them itself instead of calling get per task."""
+        return self._newest_first
+
+    def get(self, task_id: str) -> int:
+        """The task's latest entry, or 0."""
+        for entries in self._newest_first:
+            fin = entries.get(task_id)
+            if fin is not None:
+                return fin
+        return 0
+
+    def forget_before(self, horizon: int) -> None:
+        """Drops the generations whose every entry finished before ``horizon``, and frees a
+        chunk of the entries of those dropped before."""
+        gens = self._gens
+        if gens and gens[0][0] + self._span <= horizon:
+            while gens and gens[0][0] + self._span <= horizon:
+                self._dropped.append(gens.popleft()[1])
+            self._newest_first = [entries for _, entries in reversed(gens)]
+        dropped = self._dropped
+        left = self._EMPTIED_PER_CALL
+        while dropped and left:
+            entries = dropped[-1]
+            n = min(left, len(entries))
+            for _ in range(n):
+                entries.popitem()
+            left -= n
+            if not entries:
+                dropped.pop()
+
+    def __iter__(self):
+        """The task ids remembered (a task finished twice appears twice)."""
+        for _, entries in self._gens:
+            yield from entries
 
 
 class _Fired:

@@ -8,7 +8,7 @@ import pytest
 from taskwheel.config import Config
 from taskwheel.core import shard_of
 from taskwheel.dispatch import DispatchService
-from taskwheel.dispatch.servicer import BURST_CHUNK, _successor
+from taskwheel.dispatch.servicer import BURST_CHUNK, _FinishedMemory, _successor
 from taskwheel.stores.base import TaskRecord, TaskState
 from taskwheel.stores.sqlite import SqliteStore
 from taskwheel.timer import TimerService
@@ -265,6 +265,27 @@ def test_a_row_of_the_task_that_fires_after_its_ack_is_dropped_not_delivered_aga
     assert delivered == 1
 
 
+def test_a_fresh_task_fired_beside_a_late_row_of_a_finished_one_is_delivered(tmp_path):
+    # One fired batch: the late copy of an acked task first, a task never delivered after it.
+    # Only the first is dropped; what the finished check found for one says nothing of the next.
+    async def main():
+        store = await opened_store(tmp_path)
+        fired_at = now_ms()
+        done, fresh = task("done", fired_at - 10), task("fresh", fired_at - 10)
+        await store.insert([done, fresh])
+        dispatch = DispatchService(Config(), store, QuietTimer())
+        await dispatch.start()
+        deliveries = await delivered_and_acked(dispatch, [done], fired_at)
+        push = asyncio.get_running_loop().create_task(dispatch.push([done, fresh], now_ms()))
+        msg = await asyncio.wait_for(deliveries.__anext__(), 5)
+        push.cancel()
+        await dispatch.stop()
+        await store.close()
+        return [d.task_id for d in msg.deliveries]
+
+    assert asyncio.run(main()) == ["fresh"]
+
+
 def test_finished_tasks_are_remembered_for_finished_memory_ms_then_forgotten(tmp_path):
     async def main():
         store = await opened_store(tmp_path)
@@ -284,6 +305,50 @@ def test_finished_tasks_are_remembered_for_finished_memory_ms_then_forgotten(tmp
     remembered, after = asyncio.run(main())
     assert remembered == {"a0", "a1", "a2"}
     assert after == {"b"}
+
+
+def test_finished_memory_answers_a_task_s_latest_finish_across_generations():
+    memory = _FinishedMemory(800)  # generations of 100 ms
+    memory.adding(1_000)["t"] = 1
+    memory.adding(1_050)["u"] = 5
+    memory.adding(1_250)["t"] = 2  # finished again, two generations later
+    assert (memory.get("t"), memory.get("u"), memory.get("never")) == (2, 5, 0)
+    assert sorted(memory) == ["t", "t", "u"]
+
+
+def test_finished_memory_keeps_a_task_at_least_memory_ms_and_at_most_one_generation_more():
+    memory = _FinishedMemory(800)
+    memory.adding(1_000)["early"] = 1
+    memory.adding(1_099)["late"] = 2  # the same generation, [1000, 1100)
+    memory.forget_before(1_899 - 800)  # at 1,899 "late" finished 800 ms ago, "early" 899: kept
+    assert (memory.get("early"), memory.get("late")) == (1, 2)
+    memory.forget_before(1_900 - 800)  # at 1,900 the generation's every entry is over 800 ms old
+    assert (memory.get("early"), memory.get("late")) == (0, 0)
+
+
+def test_finished_memory_frees_a_dropped_generation_a_chunk_per_call():
+    memory = _FinishedMemory(800)
+    chunk = _FinishedMemory._EMPTIED_PER_CALL
+    old = memory.adding(1_000)
+    old.update((f"t{i}", 1) for i in range(2 * chunk + 1))
+    memory.adding(5_000)["new"] = 1
+    memory.forget_before(5_000 - 800)
+    assert memory.get("t0") == 0 and memory.get("new") == 1
+    assert len(old) == chunk + 1  # dropped at once, freed over several calls, not one long one
+    memory.forget_before(5_000 - 800)
+    memory.forget_before(5_000 - 800)
+    assert len(old) == 0 and list(memory) == ["new"]
+
+
+def test_a_generation_of_finished_tasks_holds_only_its_span_of_finishes():
+    """The point of the generations: no dict holds more than memory_ms / GENERATIONS of acks,
+    so none is ever rebuilt with the whole memory in it."""
+    memory = _FinishedMemory(8_000)
+    for ms in range(0, 40_000, 10):
+        memory.adding(ms)[f"t{ms}"] = 1
+        memory.forget_before(ms - 8_000)
+    sizes = [len(entries) for entries in memory.newest_first()]
+    assert max(sizes) == 1_000 / 10 and len(sizes) <= _FinishedMemory.GENERATIONS + 1
 
 
 class GatedStore(SqliteStore):
