@@ -680,12 +680,13 @@ class _FinishedMemory:
         gens = self._gens
         if not gens or now >= gens[-1][0] + self._span:
             gens.append((now, {}))
-            self._newest_first = [entries for _, entries in reversed(gens)]
+            self._newest_first.insert(0, gens[-1][1])
         return gens[-1][1]
 
     def newest_first(self) -> list[dict[str, int]]:
         """The generations to look a task up in, in this order (the first hit is its latest
-        finish); the hot path loops over them itself instead of calling get per task."""
+        finish); the hot path loops over them itself instead of calling get per task. One list,
+        changed in place, so a caller holding it sees a task finished while it loops."""
         return self._newest_first
 
     def get(self, task_id: str) -> int:
@@ -703,7 +704,7 @@ class _FinishedMemory:
         if gens and gens[0][0] + self._span <= horizon:
             while gens and gens[0][0] + self._span <= horizon:
                 self._dropped.append(gens.popleft()[1])
-            self._newest_first = [entries for _, entries in reversed(gens)]
+            self._newest_first[:] = [entries for _, entries in reversed(gens)]
         dropped = self._dropped
         left = self._EMPTIED_PER_CALL
         while dropped and left:

@@ -316,6 +316,17 @@ def test_finished_memory_answers_a_task_s_latest_finish_across_generations():
     assert sorted(memory) == ["t", "t", "u"]
 
 
+def test_finished_memory_s_lookup_list_shows_a_generation_added_after_it_was_taken():
+    # _take_fired takes the list once per batch and may finish a task of the batch (a lease
+    # that expired on the last attempt) before it looks up the next record.
+    memory = _FinishedMemory(800)
+    memory.adding(1_000)["a"] = 1
+    generations = memory.newest_first()
+    memory.adding(1_500)["b"] = 2
+    memory.forget_before(1_500 - 800)
+    assert [entries.get("b") for entries in generations][:1] == [2]
+
+
 def test_finished_memory_keeps_a_task_at_least_memory_ms_and_at_most_one_generation_more():
     memory = _FinishedMemory(800)
     memory.adding(1_000)["early"] = 1
