@@ -451,7 +451,7 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         if transitions:
             self.acked += len(transitions)
             self.coalesced = coalesced
-            self._finished.forget_before(now - self._config.finished_memory_ms)
+            self._finished.forget_before(now - self._config.finished_memory_ms, len(transitions))
             self._write(transitions, None, confirm)
             if forget:
                 self._forget(forget)
@@ -491,7 +491,7 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
 
     def _remember_finished(self, task_id: str, gen: int, now: int) -> None:
         self._finished.adding(now)[task_id] = gen << _MS_BITS | now
-        self._finished.forget_before(now - self._config.finished_memory_ms)
+        self._finished.forget_before(now - self._config.finished_memory_ms, 1)
 
     def _drop_lease(self, lease: "_Fired") -> None:
         lease.consumer.in_flight.pop(lease.delivery_id, None)
@@ -665,7 +665,7 @@ class _FinishedMemory:
     The price: a task not found is looked up in every generation (GENERATIONS + 1 dicts)."""
 
     GENERATIONS = 8
-    _EMPTIED_PER_CALL = 4096  # entries of dropped generations freed per forget_before
+    _EMPTIED_PER_CALL = 4096  # entries of dropped generations freed per forget_before, at least
 
     __slots__ = ("_span", "_gens", "_newest_first", "_dropped")
 
@@ -697,16 +697,17 @@ class _FinishedMemory:
                 return fin
         return 0
 
-    def forget_before(self, horizon: int) -> None:
+    def forget_before(self, horizon: int, added: int) -> None:
         """Drops the generations whose every entry finished before ``horizon``, and frees a
-        chunk of the entries of those dropped before."""
+        chunk of the entries of those dropped before: at least twice the ``added`` since the
+        last call, so freeing keeps up with acks however many an ack message carries."""
         gens = self._gens
         if gens and gens[0][0] + self._span <= horizon:
             while gens and gens[0][0] + self._span <= horizon:
                 self._dropped.append(gens.popleft()[1])
             self._newest_first[:] = [entries for _, entries in reversed(gens)]
         dropped = self._dropped
-        left = self._EMPTIED_PER_CALL
+        left = max(self._EMPTIED_PER_CALL, 2 * added)
         while dropped and left:
             entries = dropped[-1]
             n = min(left, len(entries))

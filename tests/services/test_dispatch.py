@@ -267,7 +267,7 @@ def test_a_row_of_the_task_that_fires_after_its_ack_is_dropped_not_delivered_aga
 
 def test_a_fresh_task_fired_beside_a_late_row_of_a_finished_one_is_delivered(tmp_path):
     # One fired batch: the late copy of an acked task first, a task never delivered after it.
-    # Only the first is dropped; what the finished check found for one says nothing of the next.
+    # The finished check, inlined in the batch's loop, drops the first and only the first.
     async def main():
         store = await opened_store(tmp_path)
         fired_at = now_ms()
@@ -316,24 +316,26 @@ def test_finished_memory_answers_a_task_s_latest_finish_across_generations():
     assert sorted(memory) == ["t", "t", "u"]
 
 
-def test_finished_memory_s_lookup_list_shows_a_generation_added_after_it_was_taken():
+def test_finished_memory_s_lookup_list_follows_generations_added_and_dropped_after_it_was_taken():
     # _take_fired takes the list once per batch and may finish a task of the batch (a lease
     # that expired on the last attempt) before it looks up the next record.
-    memory = _FinishedMemory(800)
+    memory = _FinishedMemory(800)  # generations of 100 ms
     memory.adding(1_000)["a"] = 1
     generations = memory.newest_first()
-    memory.adding(1_500)["b"] = 2
-    memory.forget_before(1_500 - 800)
-    assert [entries.get("b") for entries in generations][:1] == [2]
+    memory.adding(2_000)["b"] = 2  # a generation begun
+    memory.forget_before(2_000 - 800, 1)  # the one of 1,000 dropped
+    assert [entries.get("b") for entries in generations] == [2]
+    memory.adding(2_100)["c"] = 3
+    assert [entries.get("c") for entries in generations] == [3, None]
 
 
 def test_finished_memory_keeps_a_task_at_least_memory_ms_and_at_most_one_generation_more():
     memory = _FinishedMemory(800)
     memory.adding(1_000)["early"] = 1
     memory.adding(1_099)["late"] = 2  # the same generation, [1000, 1100)
-    memory.forget_before(1_899 - 800)  # at 1,899 "late" finished 800 ms ago, "early" 899: kept
+    memory.forget_before(1_899 - 800, 1)  # at 1,899 "late" finished 800 ms ago, "early" 899: kept
     assert (memory.get("early"), memory.get("late")) == (1, 2)
-    memory.forget_before(1_900 - 800)  # at 1,900 the generation's every entry is over 800 ms old
+    memory.forget_before(1_900 - 800, 1)  # at 1,900 the generation's every entry is over 800 ms old
     assert (memory.get("early"), memory.get("late")) == (0, 0)
 
 
@@ -343,12 +345,24 @@ def test_finished_memory_frees_a_dropped_generation_a_chunk_per_call():
     old = memory.adding(1_000)
     old.update((f"t{i}", 1) for i in range(2 * chunk + 1))
     memory.adding(5_000)["new"] = 1
-    memory.forget_before(5_000 - 800)
+    memory.forget_before(5_000 - 800, 1)
     assert memory.get("t0") == 0 and memory.get("new") == 1
     assert len(old) == chunk + 1  # dropped at once, freed over several calls, not one long one
-    memory.forget_before(5_000 - 800)
-    memory.forget_before(5_000 - 800)
+    memory.forget_before(5_000 - 800, 1)
+    memory.forget_before(5_000 - 800, 1)
     assert len(old) == 0 and list(memory) == ["new"]
+
+
+def test_finished_memory_frees_as_fast_as_acks_come_however_many_a_message_carries():
+    memory = _FinishedMemory(800)  # generations of 100 ms
+    per_message = 3 * _FinishedMemory._EMPTIED_PER_CALL
+    most_dropped = 0
+    for ms in range(0, 20_000, 50):  # two ack messages a generation
+        entries = memory.adding(ms)
+        entries.update((f"t{ms}.{i}", 1) for i in range(per_message))
+        memory.forget_before(ms - 800, per_message)
+        most_dropped = max(most_dropped, sum(len(d) for d in memory._dropped))
+    assert most_dropped <= 2 * per_message  # one generation at most, never growing
 
 
 def test_a_generation_of_finished_tasks_holds_only_its_span_of_finishes():
@@ -357,7 +371,7 @@ def test_a_generation_of_finished_tasks_holds_only_its_span_of_finishes():
     memory = _FinishedMemory(8_000)
     for ms in range(0, 40_000, 10):
         memory.adding(ms)[f"t{ms}"] = 1
-        memory.forget_before(ms - 8_000)
+        memory.forget_before(ms - 8_000, 1)
     sizes = [len(entries) for entries in memory.newest_first()]
     assert max(sizes) == 1_000 / 10 and len(sizes) <= _FinishedMemory.GENERATIONS + 1
 
