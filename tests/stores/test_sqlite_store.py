@@ -102,6 +102,16 @@ async def test_a_version_2_file_is_upgraded_and_keeps_every_task_as_it_was(db):
     assert _schema_version(db) == sqlite_store.SCHEMA_VERSION
 
 
+async def test_a_version_3_file_a_layout_tried_and_reverted_is_refused_by_name(db):
+    async with opened(lambda: SqliteStore(db, num_shards=4)):
+        pass
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE meta SET value = 3 WHERE key = 'schema_version'")
+    with pytest.raises(ValueError, match="has schema version 3; this taskwheel reads version 4"):
+        async with opened(lambda: SqliteStore(db, num_shards=4)):
+            pass
+
+
 def _schema_version(path) -> int:
     with sqlite3.connect(path) as conn:
         return conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
