@@ -667,21 +667,21 @@ class _FinishedMemory:
     GENERATIONS = 8
     _EMPTIED_PER_CALL = 4096  # entries of dropped generations freed per forget_before, at least
 
-    __slots__ = ("_span", "_gens", "_newest_first", "_dropped")
+    __slots__ = ("_span", "_starts", "_newest_first", "_dropped")
 
     def __init__(self, memory_ms: int) -> None:
         self._span = max(1, memory_ms // self.GENERATIONS)
-        self._gens: deque[tuple[int, dict[str, int]]] = deque()  # (started at ms, entries), oldest first
+        # The generations newest first, and when each began, in the same order.
         self._newest_first: list[dict[str, int]] = []
+        self._starts: list[int] = []
         self._dropped: list[dict[str, int]] = []
 
     def adding(self, now: int) -> dict[str, int]:
         """The generation to add the tasks finished at ``now`` to."""
-        gens = self._gens
-        if not gens or now >= gens[-1][0] + self._span:
-            gens.append((now, {}))
-            self._newest_first.insert(0, gens[-1][1])
-        return gens[-1][1]
+        if not self._starts or now >= self._starts[0] + self._span:
+            self._starts.insert(0, now)
+            self._newest_first.insert(0, {})
+        return self._newest_first[0]
 
     def newest_first(self) -> list[dict[str, int]]:
         """The generations to look a task up in, in this order (the first hit is its latest
@@ -701,11 +701,10 @@ class _FinishedMemory:
         """Drops the generations whose every entry finished before ``horizon``, and frees a
         chunk of the entries of those dropped before: at least twice the ``added`` since the
         last call, so freeing keeps up with acks however many an ack message carries."""
-        gens = self._gens
-        if gens and gens[0][0] + self._span <= horizon:
-            while gens and gens[0][0] + self._span <= horizon:
-                self._dropped.append(gens.popleft()[1])
-            self._newest_first[:] = [entries for _, entries in reversed(gens)]
+        starts = self._starts
+        while starts and starts[-1] + self._span <= horizon:
+            starts.pop()
+            self._dropped.append(self._newest_first.pop())
         dropped = self._dropped
         left = max(self._EMPTIED_PER_CALL, 2 * added)
         while dropped and left:
@@ -719,7 +718,7 @@ class _FinishedMemory:
 
     def __iter__(self):
         """The task ids remembered (a task finished twice appears twice)."""
-        for _, entries in self._gens:
+        for entries in self._newest_first:
             yield from entries
 
 
