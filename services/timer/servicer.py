@@ -65,6 +65,9 @@ class TimerService(timer_pb2_grpc.TimerServicer):
         # a slice is being read and admitted: then from loading_from_ms on it may not be yet.
         self.loaded_until_ms = 0
         self._loading_from_ms: int | None = None
+        # Tasks forgotten while a slice is read: the read may have found them before their end
+        # was written, and its copies must not come back into the wheel after the forget.
+        self._forgotten_while_loading: set[str] = set()
         # Fired batches dispatch has not confirmed: batch id -> (lowest due_ms, count).
         self._unconfirmed: dict[int, tuple[int, int]] = {}
         self._unconfirmed_count = 0
@@ -95,6 +98,8 @@ class TimerService(timer_pb2_grpc.TimerServicer):
         return len(taken)
 
     def forget_now(self, task_ids) -> int:
+        if self._loading_from_ms is not None:
+            self._forgotten_while_loading.update(task_ids)
         keys_by_task = self._keys
         held = self._records
         keys = []
@@ -107,13 +112,16 @@ class TimerService(timer_pb2_grpc.TimerServicer):
             self.wheel.cancel_many(keys)
         return len(keys)
 
-    def _admit(self, records) -> None:
-        """Schedules records; a task already held moves only for a newer gen."""
+    def _admit(self, records, skip: set[str] | None = None) -> None:
+        """Schedules records, except those in ``skip``; a task already held moves only for a
+        newer gen."""
         keys_by_task = self._keys
         held = self._records
         new_keys = []
         deadlines = []
         for rec in records:
+            if skip and rec.task_id in skip:
+                continue
             key = keys_by_task.get(rec.task_id)
             if key is not None:
                 if held[key].gen >= rec.gen:
@@ -206,8 +214,9 @@ class TimerService(timer_pb2_grpc.TimerServicer):
         else:
             end = (start // slice_ms + 1) * slice_ms
         # Raised before reading, so that offers arriving during the read are taken; the read's
-        # copies of them are then dropped by gen. Until the slice is all in the wheel, the
-        # checkpoint stays at its start.
+        # copies of them are then dropped by gen, and its copies of tasks forgotten meanwhile
+        # (cancelled or ended: a forget is always final) are dropped by name. Until the slice is
+        # all in the wheel, the checkpoint stays at its start.
         self.loaded_until_ms = end
         self._loading_from_ms = start
         span = telemetry.tracer.start_span("timer.load") if telemetry.enabled else None
@@ -217,15 +226,17 @@ class TimerService(timer_pb2_grpc.TimerServicer):
             )
             # In chunks, letting the fire loop run between them: the slice is due a lookahead
             # from now, the tasks firing meanwhile are not.
+            forgotten = self._forgotten_while_loading
             for records in results:
                 for i in range(0, len(records), ADMIT_CHUNK):
-                    self._admit(records[i:i + ADMIT_CHUNK])
+                    self._admit(records[i:i + ADMIT_CHUNK], forgotten)
                     await asyncio.sleep(0)
         except BaseException:  # cancelled too: a stop mid-slice must not checkpoint past it
             self.loaded_until_ms = min(self.loaded_until_ms, start)
             raise
         finally:
             self._loading_from_ms = None
+            self._forgotten_while_loading.clear()
             if span is not None:
                 span.end()
         return True

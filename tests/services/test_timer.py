@@ -132,6 +132,52 @@ def test_a_forgotten_task_does_not_fire(tmp_path):
     assert [t for t, _, _ in dispatch.fired] == ["a".ljust(28, "0")]
 
 
+class HeldReadStore(SqliteStore):
+    """Once ``hold`` is set, a read of ``hold_shard`` finds its rows, then waits to return them."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hold: asyncio.Event | None = None
+        self.hold_shard = -1
+        self.read_found: asyncio.Event | None = None
+
+    async def load_due(self, shard, from_ms, to_ms):
+        rows = await super().load_due(shard, from_ms, to_ms)
+        if self.hold is not None and shard == self.hold_shard and rows:
+            self.read_found.set()
+            await self.hold.wait()
+        return rows
+
+
+def test_a_task_cancelled_while_its_slice_is_read_does_not_come_back_from_the_read(tmp_path):
+    store = HeldReadStore(str(tmp_path / "t.db"), num_shards=SHARDS)
+    dispatch = RecordingDispatch()
+    keep_id, drop_id = "a".ljust(28, "0"), "b".ljust(28, "0")
+
+    async def main():
+        await store.open()
+        timer = TimerService(config(), store, dispatch)
+        await timer.start()
+        await until_loaded(timer, now_ms() + 1_400)  # the window is full: slices now come one by one
+        # Due two slices past the loaded window: the loader reads it (not an offer), and not
+        # before the insert below is written.
+        due = timer.loaded_until_ms + 600
+        keep, drop = task(keep_id, due), task(drop_id, due)
+        store.hold, store.read_found, store.hold_shard = asyncio.Event(), asyncio.Event(), drop.shard
+        await store.insert([keep, drop])
+        await asyncio.wait_for(store.read_found.wait(), 5)  # the read has found both rows
+        await store.cancel(drop_id, now_ms())  # as ingest's Cancel does: store, then timer
+        assert timer.forget_now([drop_id]) == 0  # not in the wheel yet: the read still holds it
+        store.hold.set()
+        while now_ms() < due + 300:
+            await asyncio.sleep(0.05)
+        await timer.stop()
+        await store.close()
+
+    asyncio.run(main())
+    assert [t for t, _, _ in dispatch.fired] == [keep_id]
+
+
 def test_forget_counts_the_tasks_it_took_out_of_the_wheel_and_leaves_the_rest(tmp_path):
     store = SqliteStore(str(tmp_path / "t.db"), num_shards=SHARDS)
 
