@@ -8,7 +8,7 @@ import sqlite3  # noqa: F401  first, so that sqlite_rows binds to the SQLite Pyt
 
 from taskwheel.core.batcher import Batcher, group_by
 from taskwheel.core.deliveries import encode_deliveries
-from taskwheel.core.records import untrack
+from taskwheel.core.records import RecordShape, untrack
 from taskwheel.core.sharding import BUCKET_MS, bucket_of, shard_of, shards_of
 from taskwheel.core.sqlite_rows import SqliteReader, SqliteReadError, same_sqlite_as_python
 from taskwheel.core.wheel import DEBUG_BUILD, TimingWheel
@@ -17,6 +17,7 @@ __all__ = [
     "BUCKET_MS",
     "Batcher",
     "DEBUG_BUILD",
+    "RecordShape",
     "SqliteReadError",
     "SqliteReader",
     "TimingWheel",

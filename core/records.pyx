@@ -15,10 +15,23 @@ it could no longer be found. Only objects of the types given are untracked, so a
 take a container that may hold cycles out of the collector's view by mistake.
 """
 from cpython.object cimport PyObject, PyTypeObject
+from cpython.ref cimport Py_INCREF, Py_XDECREF
+from libc.stdlib cimport free, malloc
 
 cdef extern from "Python.h":
     void PyObject_GC_UnTrack(void *op)
     int PyObject_GC_IsTracked(object op)
+    object PyType_GenericAlloc(PyTypeObject *kind, Py_ssize_t items)
+    ctypedef struct PyMemberDef:
+        const char *name
+        int type
+        Py_ssize_t offset
+        int flags
+    ctypedef struct PyMemberDescrObject:
+        PyMemberDef *d_member
+
+cdef int _T_OBJECT_EX = 16  # structmember.h: a slot holding any object, AttributeError when unset
+cdef int _READONLY = 1
 
 
 def untrack(list objects, type kind):
@@ -32,3 +45,82 @@ def untrack(list objects, type kind):
             PyObject_GC_UnTrack(<PyObject *>o)
             untracked += 1
     return untracked
+
+
+cdef class RecordShape:
+    """How to build instances of a class with ``__slots__`` from values in column order, without
+    calling its ``__init__``, already out of the cyclic GC's view (see ``untrack`` for why that
+    is safe for records).
+
+    A dataclass's generated ``__init__`` is Python: building a TaskRecord through it, with
+    the state and headers converted on the way, cost 2.2 us of the store's reader thread per
+    row, holding the GIL the event loop needs; filling the slots from C costs a fraction.
+
+    ``fields`` names every slot of ``kind``, in the order values come. ``converters``, one per
+    field (None: the value as it is), is a dict (the value becomes ``converter[value]``) or a
+    callable (``converter(value)``). Refused: a class with its own ``__new__`` or
+    ``__post_init__``, a field that is not a writable object slot, or a slot left out, since
+    a slot never set would raise AttributeError when read.
+    """
+
+    def __cinit__(self, type kind, fields, converters=None):
+        names = tuple(fields)
+        self.count = len(names)
+        self.offsets = <Py_ssize_t *>malloc(max(self.count, 1) * sizeof(Py_ssize_t))
+        if self.offsets == NULL:
+            raise MemoryError()
+        if kind.__new__ is not object.__new__ or hasattr(kind, "__post_init__"):
+            raise TypeError(f"{kind.__name__} has its own __new__ or __post_init__: call it instead")
+        slots = set()
+        for klass in kind.__mro__:
+            declared = klass.__dict__.get("__slots__", ())
+            slots.update((declared,) if isinstance(declared, str) else declared)
+        if set(names) != slots or len(set(names)) != self.count:
+            raise TypeError(f"fields must name each slot of {kind.__name__} once: {sorted(slots)}")
+        cdef PyMemberDef *member
+        for i, name in enumerate(names):
+            descriptor = getattr(kind, name)
+            if type(descriptor).__name__ != "member_descriptor":
+                raise TypeError(f"{kind.__name__}.{name} is not a slot")
+            member = (<PyMemberDescrObject *><PyObject *>descriptor).d_member
+            if member.type != _T_OBJECT_EX or member.flags & _READONLY:
+                raise TypeError(f"{kind.__name__}.{name} is not a writable object slot")
+            self.offsets[i] = member.offset
+        converters = [None] * self.count if converters is None else list(converters)
+        if len(converters) != self.count:
+            raise ValueError(f"{len(converters)} converters for {self.count} fields")
+        for name, converter in zip(names, converters):
+            if converter is not None and not isinstance(converter, dict) and not callable(converter):
+                raise TypeError(f"the converter of {name} is neither a dict nor callable")
+        self.kind = kind
+        self.fields = names
+        self.converters = converters
+
+    def __dealloc__(self):
+        free(self.offsets)
+
+    cdef object new_instance(self):
+        obj = PyType_GenericAlloc(<PyTypeObject *>self.kind, 0)
+        PyObject_GC_UnTrack(<PyObject *>obj)
+        return obj
+
+    cdef int put(self, object obj, Py_ssize_t i, object value) except -1:
+        converter = self.converters[i]
+        if converter is not None:
+            value = (<dict>converter)[value] if type(converter) is dict else converter(value)
+        cdef PyObject **slot = <PyObject **>((<char *><PyObject *>obj) + self.offsets[i])
+        cdef PyObject *old = slot[0]
+        Py_INCREF(value)
+        slot[0] = <PyObject *>value
+        Py_XDECREF(old)
+        return 0
+
+    def build(self, values):
+        """One instance from a sequence of ``count`` values (the compiled reader fills them
+        from its buffers instead; this is for tests and Python callers)."""
+        if len(values) != self.count:
+            raise ValueError(f"{len(values)} values for {self.count} fields")
+        obj = self.new_instance()
+        for i, value in enumerate(values):
+            self.put(obj, i, value)
+        return obj

@@ -2,7 +2,9 @@
 
 They favour being obviously correct over being fast: ReferenceWheel keeps every pending key
 in a dict and a heap of (deadline, schedule number, key); ReferenceBatcher keeps a dict of
-lists; ReferenceSqliteReader is Python's sqlite3 with fetchall. The tests run the same
+lists; ReferenceSqliteReader is Python's sqlite3 with fetchall; ReferenceRecordShape builds an
+instance with object.__new__ and setattr (it cannot take it out of the GC's view, which the
+compiled one does). The tests run the same
 behaviours against these and the compiled classes.
 """
 from __future__ import annotations
@@ -166,6 +168,41 @@ class ReferenceBatcher:
         return sum(len(items) for _, _, items in self._groups.values())
 
 
+class ReferenceRecordShape:
+    """RecordShape in Python: the same checks, slots set with setattr."""
+
+    def __init__(self, kind: type, fields: Iterable[str], converters: Any = None) -> None:
+        names = tuple(fields)
+        if getattr(kind, "__new__") is not object.__new__ or hasattr(kind, "__post_init__"):
+            raise TypeError(f"{kind.__name__} has its own __new__ or __post_init__: call it instead")
+        slots: set[str] = set()
+        for klass in kind.__mro__:
+            declared = klass.__dict__.get("__slots__", ())
+            slots.update((declared,) if isinstance(declared, str) else declared)
+        if set(names) != slots or len(set(names)) != len(names):
+            raise TypeError(f"fields must name each slot of {kind.__name__} once: {sorted(slots)}")
+        for name in names:
+            if type(getattr(kind, name)).__name__ != "member_descriptor":
+                raise TypeError(f"{kind.__name__}.{name} is not a slot")
+        converters = [None] * len(names) if converters is None else list(converters)
+        if len(converters) != len(names):
+            raise ValueError(f"{len(converters)} converters for {len(names)} fields")
+        for name, converter in zip(names, converters):
+            if converter is not None and not isinstance(converter, dict) and not callable(converter):
+                raise TypeError(f"the converter of {name} is neither a dict nor callable")
+        self.kind, self.fields, self.count, self._converters = kind, names, len(names), converters
+
+    def build(self, values: Any) -> Any:
+        if len(values) != self.count:
+            raise ValueError(f"{len(values)} values for {self.count} fields")
+        obj: Any = object.__new__(self.kind)
+        for name, converter, value in zip(self.fields, self._converters, values):
+            if converter is not None:
+                value = converter[value] if type(converter) is dict else converter(value)
+            setattr(obj, name, value)
+        return obj
+
+
 class ReferenceSqliteReader:
     """SqliteReader through Python's sqlite3 module: one row stepped at a time, with the GIL."""
 
@@ -191,10 +228,21 @@ class ReferenceSqliteReader:
             raise SqliteReadError(f"cannot open {self.path}: {e}") from e
 
     def rows(self, params: tuple[int, ...]) -> list[tuple[Any, ...]]:
+        return self._run(params)[1]
+
+    def records(self, params: tuple[int, ...], shape: Any) -> list[Any]:
+        columns, rows = self._run(params)
+        if columns != shape.count:
+            raise ValueError(
+                f"the statement has {columns} columns, {shape.kind.__name__} {shape.count} fields")
+        return [shape.build(row) for row in rows]
+
+    def _run(self, params: tuple[int, ...]) -> tuple[int, list[tuple[Any, ...]]]:
         if self._conn is None:
             raise self._error(f"{self.path}: the reader is closed")
         try:
-            return self._conn.execute(self._sql, params).fetchall()
+            cursor = self._conn.execute(self._sql, params)
+            return len(cursor.description or ()), cursor.fetchall()
         except sqlite3.ProgrammingError as e:  # the wrong number of parameters
             raise ValueError(str(e)) from e
         except sqlite3.Error as e:

@@ -3,6 +3,8 @@
 read's values are copied into, and the reader's fields."""
 from libc.stdint cimport int64_t
 
+from taskwheel.core.records cimport RecordShape
+
 cdef extern from "sqlite3.h" nogil:
     ctypedef struct sqlite3
     ctypedef struct sqlite3_stmt
@@ -55,4 +57,8 @@ cdef class SqliteReader:
     cdef int _step_all(self, Py_ssize_t *count, Py_ssize_t *used) noexcept nogil
     cdef int _grow_values(self, Py_ssize_t need) noexcept nogil
     cdef int _grow_arena(self, Py_ssize_t need) noexcept nogil
+    cdef list _read(self, tuple params, RecordShape shape)
+    cdef object _item(self, Value *v)
     cdef list _tuples(self, Py_ssize_t count)
+    cdef list _records(self, Py_ssize_t count, RecordShape shape)
+    cdef void _trim(self) noexcept

@@ -21,8 +21,9 @@ this module to it rather than loading the system's beside it.
 
 Threading: a reader is used by one thread at a time (the store's reader thread); SQLite's
 connection is opened with its own mutex off for that reason, and a call made while another is
-stepping is refused. Building the tuples holds the GIL; it lets go of it for a moment every
-1,024 rows, so a waiting event loop is not kept out for a whole slice.
+stepping is refused. Building the tuples (or, with ``records``, the instances of a
+RecordShape, with no tuple between) holds the GIL; it lets go of it for a moment every 1,024
+rows, so a waiting event loop is not kept out for a whole slice.
 """
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.float cimport PyFloat_FromDouble
@@ -34,7 +35,9 @@ import os
 
 from libc.stdint cimport int64_t
 from libc.stdlib cimport free, realloc
-from libc.string cimport memcpy
+from libc.string cimport memcmp, memcpy
+
+from taskwheel.core.records cimport RecordShape
 
 cdef object _same_sqlite = None  # the answer, once asked: the libraries cannot change
 
@@ -126,6 +129,20 @@ cdef class SqliteReader:
 
     def rows(self, tuple params):
         """Every row of the statement run with ``params`` (ints), as a list of tuples."""
+        return self._read(params, None)
+
+    def records(self, tuple params, RecordShape shape not None):
+        """Every row of the statement run with ``params`` (ints), each as an instance of
+        ``shape.kind`` whose fields are the row's columns in order (see RecordShape), built
+        without its ``__init__`` and out of the cyclic GC's view. A text equal to the same
+        column's in the row before is that row's object, not a copy (a queue name, an empty
+        error)."""
+        if shape.count != self.columns:
+            raise ValueError(
+                f"the statement has {self.columns} columns, {shape.kind.__name__} {shape.count} fields")
+        return self._read(params, shape)
+
+    cdef list _read(self, tuple params, RecordShape shape):
         if not self.stmt:
             raise SqliteReadError(f"{self.path}: the reader is closed")
         if self.busy:
@@ -149,9 +166,11 @@ cdef class SqliteReader:
                     f"{self.path}: {sqlite3_errmsg(self.db).decode(errors='replace')}"
                 )
             try:
-                return self._tuples(count)
+                return self._tuples(count) if shape is None else self._records(count, shape)
             except UnicodeDecodeError as e:
                 raise SqliteReadError(f"{self.path}: a text value is not UTF-8: {e}") from e
+            finally:
+                self._trim()
         finally:
             self.busy = False
 
@@ -212,11 +231,21 @@ cdef class SqliteReader:
         self.arena, self.arena_cap = grown, cap
         return 0
 
+    cdef object _item(self, Value *v):
+        if v.kind == SQLITE_INTEGER:
+            return PyLong_FromLongLong(v.i)
+        if v.kind == SQLITE_TEXT:
+            return PyUnicode_DecodeUTF8(self.arena + v.i, v.size, "strict")
+        if v.kind == SQLITE_BLOB:
+            return PyBytes_FromStringAndSize(self.arena + v.i, v.size)
+        if v.kind == SQLITE_FLOAT:
+            return PyFloat_FromDouble(v.f)
+        return None
+
     cdef list _tuples(self, Py_ssize_t count):
         cdef list out = []
         cdef Py_ssize_t r, n = 0
         cdef int col
-        cdef Value *v
         cdef object item
         cdef tuple row
         for r in range(count):
@@ -225,21 +254,41 @@ cdef class SqliteReader:
                     pass  # a thread waiting for the GIL gets it here
             row = PyTuple_New(self.columns)
             for col in range(self.columns):
-                v = &self.values[n]
+                item = self._item(&self.values[n])
                 n += 1
-                if v.kind == SQLITE_INTEGER:
-                    item = PyLong_FromLongLong(v.i)
-                elif v.kind == SQLITE_TEXT:
-                    item = PyUnicode_DecodeUTF8(self.arena + v.i, v.size, "strict")
-                elif v.kind == SQLITE_BLOB:
-                    item = PyBytes_FromStringAndSize(self.arena + v.i, v.size)
-                elif v.kind == SQLITE_FLOAT:
-                    item = PyFloat_FromDouble(v.f)
-                else:
-                    item = None
                 Py_INCREF(item)  # PyTuple_SET_ITEM steals a reference
                 PyTuple_SET_ITEM(row, col, item)
             out.append(row)
+        return out
+
+    cdef list _records(self, Py_ssize_t count, RecordShape shape):
+        cdef list out = []
+        cdef list previous = [None] * self.columns  # each column's object in the row before
+        cdef Py_ssize_t r, n = 0
+        cdef int col
+        cdef Value *v
+        cdef Value *above
+        cdef object item, record
+        for r in range(count):
+            if r and r % 1024 == 0:
+                with nogil:
+                    pass  # a thread waiting for the GIL gets it here
+            record = shape.new_instance()
+            out.append(record)  # owned by the list at once: freed with it if a put fails
+            for col in range(self.columns):
+                v = &self.values[n]
+                above = v - self.columns
+                if (r and v.kind == SQLITE_TEXT and above.kind == SQLITE_TEXT and above.size == v.size
+                        and memcmp(self.arena + above.i, self.arena + v.i, v.size) == 0):
+                    item = previous[col]
+                else:
+                    item = self._item(v)
+                    previous[col] = item
+                n += 1
+                shape.put(record, col, item)
+        return out
+
+    cdef void _trim(self) noexcept:
         # A slice's worth of buffer is kept for the next read; a burst's is given back.
         if self.arena_cap > (64 << 20):
             free(self.arena)
@@ -247,4 +296,3 @@ cdef class SqliteReader:
         if self.values_cap > (4 << 20):
             free(self.values)
             self.values, self.values_cap = NULL, 0
-        return out

@@ -84,7 +84,7 @@ import time
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from taskwheel.clock import now_ms
-from taskwheel.core import SqliteReader, SqliteReadError, same_sqlite_as_python
+from taskwheel.core import RecordShape, SqliteReader, SqliteReadError, same_sqlite_as_python
 from taskwheel.stores.base import (
     BUCKET_MS,
     TERMINAL_STATES,
@@ -339,6 +339,15 @@ def _record(row: tuple) -> TaskRecord:
         row[0], row[1], row[2], row[3], row[4], row[5], _STATES[row[6]], row[7], row[8], row[9],
         _decode_headers(row[10]), row[11], row[12], row[13], row[14], row[15], row[16],
     )
+
+
+# load_due's records, built by the compiled reader from _SELECT_DUE's columns (TaskRecord's
+# fields in order) without TaskRecord's Python __init__.
+_DUE_RECORD = RecordShape(
+    TaskRecord, _TASK_COLUMNS.split(", "),
+    [_STATES if name == "state" else _decode_headers if name == "headers" else None
+     for name in _TASK_COLUMNS.split(", ")],
+)
 
 
 class SqliteStore(Store):
@@ -878,7 +887,7 @@ class SqliteStore(Store):
     def _load_due(self, shard: int, from_ms: int, to_ms: int) -> list[TaskRecord]:
         params = (shard, bucket_of(from_ms), bucket_of(to_ms - 1), from_ms, to_ms)
         if self._due_reader is not None:
-            return untracked([_record(row) for row in self._due_reader.rows(params)])
+            return self._due_reader.records(params, _DUE_RECORD)
         rows = _decode_json(self._conn_r().execute(_SELECT_DUE_JSON, params).fetchone()[0])
         for row in rows:
             row[3] = bytes.fromhex(row[3])

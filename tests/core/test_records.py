@@ -1,9 +1,15 @@
-"""untrack takes objects of one exact type out of the cyclic GC's view, and nothing else."""
+"""untrack takes objects of one exact type out of the cyclic GC's view, and nothing else;
+RecordShape builds records from column values as their constructor would, untracked."""
+import dataclasses
 import gc
+import json
 import sys
 
-from taskwheel.core import untrack
-from taskwheel.stores.base import TaskRecord
+import pytest
+
+from taskwheel.core import RecordShape, untrack
+from taskwheel.core.reference import ReferenceRecordShape
+from taskwheel.stores.base import TaskRecord, TaskState
 
 
 def record(i: int = 0) -> TaskRecord:
@@ -35,3 +41,77 @@ def test_an_untracked_record_keeps_its_fields_and_is_freed_by_reference_counting
     assert sys.getrefcount(headers) == 3  # headers, rec.headers, the call's argument
     del rec
     assert sys.getrefcount(headers) == 2  # the record is gone, with its reference
+
+
+# -- RecordShape: records built from column values without __init__ ----------------------------
+
+FIELDS = [f.name for f in dataclasses.fields(TaskRecord)]
+VALUES = ["t1", 3, "q", b"p", 10, 11, 1, 2, 5, 4, '{"k": "v"}', "idem", 30_000, "tp", 7, 8, "err"]
+
+
+@pytest.fixture(params=[RecordShape, ReferenceRecordShape], ids=["compiled", "reference"])
+def shape_cls(request):
+    return request.param
+
+
+def test_a_shape_builds_the_record_its_constructor_would(shape_cls):
+    converters = [{1: TaskState.SCHEDULED} if f == "state" else json.loads if f == "headers" else None
+                  for f in FIELDS]
+    built = shape_cls(TaskRecord, FIELDS, converters).build(VALUES)
+    assert built == TaskRecord("t1", 3, "q", b"p", 10, 11, TaskState.SCHEDULED, 2, 5, 4, {"k": "v"},
+                               "idem", 30_000, "tp", 7, 8, "err")
+    assert type(built) is TaskRecord
+
+
+def test_a_built_record_is_untracked_and_freed_by_reference_counting():
+    shape = RecordShape(TaskRecord, FIELDS)
+    payload = b"a payload no other object shares" * 2
+    values = list(VALUES)
+    values[3] = payload
+    before = sys.getrefcount(payload)
+    built = shape.build(values)
+    assert not gc.is_tracked(built)
+    assert sys.getrefcount(payload) == before + 1
+    del built
+    assert sys.getrefcount(payload) == before
+
+
+def test_an_unknown_value_for_a_dict_converter_raises_key_error(shape_cls):
+    converters = [{1: TaskState.SCHEDULED} if f == "state" else None for f in FIELDS]
+    values = list(VALUES)
+    values[FIELDS.index("state")] = 99
+    with pytest.raises(KeyError):
+        shape_cls(TaskRecord, FIELDS, converters).build(values)
+
+
+def test_a_shape_must_name_every_slot_once(shape_cls):
+    with pytest.raises(TypeError, match="each slot"):
+        shape_cls(TaskRecord, FIELDS[:-1])
+    with pytest.raises(TypeError, match="each slot"):
+        shape_cls(TaskRecord, FIELDS + ["task_id"])
+
+
+def test_a_class_that_builds_itself_is_refused(shape_cls):
+    @dataclasses.dataclass(slots=True)
+    class Checked:
+        a: int
+
+        def __post_init__(self):
+            assert self.a >= 0
+
+    class Plain:  # no slots: its attributes live in a dict
+        pass
+
+    with pytest.raises(TypeError, match="__post_init__"):
+        shape_cls(Checked, ["a"])
+    with pytest.raises(TypeError, match="each slot"):
+        shape_cls(Plain, ["a"])
+
+
+def test_converters_must_be_dicts_or_callables_one_per_field(shape_cls):
+    with pytest.raises(TypeError, match="converter of task_id"):
+        shape_cls(TaskRecord, FIELDS, [5] + [None] * (len(FIELDS) - 1))
+    with pytest.raises(ValueError, match="converters"):
+        shape_cls(TaskRecord, FIELDS, [None])
+    with pytest.raises(ValueError, match="values"):
+        shape_cls(TaskRecord, FIELDS).build(VALUES[:3])

@@ -1,5 +1,7 @@
 """SqliteReader: every row of a statement on a read-only connection, as tuples, read without
 the GIL; the same behaviours against ReferenceSqliteReader (Python's sqlite3)."""
+import dataclasses
+import gc
 import os
 import pathlib
 import sqlite3
@@ -8,8 +10,8 @@ import time
 
 import pytest
 
-from taskwheel.core import SqliteReader, SqliteReadError, same_sqlite_as_python
-from taskwheel.core.reference import ReferenceSqliteReader
+from taskwheel.core import RecordShape, SqliteReader, SqliteReadError, same_sqlite_as_python
+from taskwheel.core.reference import ReferenceRecordShape, ReferenceSqliteReader
 
 
 @pytest.fixture(params=[SqliteReader, ReferenceSqliteReader], ids=["compiled", "reference"])
@@ -63,6 +65,82 @@ def test_rows_beyond_the_first_buffers_all_arrive(db, reader_cls):
             assert len(got) == 50_000
             assert got[12_345] == (12_345, 37_035, 0.0, "task-12345", b"p12345")
             assert got[20_000][4] == big
+    finally:
+        reader.close()
+
+
+@dataclasses.dataclass(slots=True)
+class Row:
+    k: int
+    i: int | None
+    f: float | None
+    s: str | None
+    b: bytes | None
+
+
+@pytest.fixture(params=[(SqliteReader, RecordShape), (ReferenceSqliteReader, ReferenceRecordShape)],
+                ids=["compiled", "reference"])
+def reader_and_shape(request):
+    return request.param
+
+
+def test_records_are_the_rows_as_instances_converted_per_column(db, reader_and_shape):
+    reader_cls, shape_cls = reader_and_shape
+    path, conn = db
+    rows = [(k, k % 3, k / 2, "same" if k < 3 else f"s{k}", b"x%d" % k) for k in range(6)]
+    conn.executemany("INSERT INTO t VALUES (?, ?, ?, ?, ?)", rows)
+    names = {0: "zero", 1: "one", 2: "two"}
+    shape = shape_cls(Row, ["k", "i", "f", "s", "b"], [None, names, None, str.upper, None])
+    reader = reader_cls(path, SELECT)
+    try:
+        got = reader.records((0, 10), shape)
+        assert got == [Row(k, ("zero", "one", "two")[i], f, s.upper(), b) for k, i, f, s, b in rows]
+        assert reader.records((10, 20), shape) == []
+    finally:
+        reader.close()
+
+
+def test_compiled_records_share_a_text_equal_to_the_row_above_and_are_untracked(db):
+    path, conn = db
+    conn.executemany("INSERT INTO t VALUES (?, 0, 0.0, ?, NULL)",
+                     [(1, "queue-a"), (2, "queue-a"), (3, "queue-b"), (4, "queue-a"), (5, "queue-a")])
+    reader = SqliteReader(path, SELECT)
+    try:
+        got = reader.records((0, 10), RecordShape(Row, ["k", "i", "f", "s", "b"]))
+    finally:
+        reader.close()
+    assert [r.s for r in got] == ["queue-a", "queue-a", "queue-b", "queue-a", "queue-a"]
+    assert got[0].s is got[1].s and got[3].s is got[4].s and got[1].s is not got[3].s
+    assert not any(gc.is_tracked(r) for r in got)
+
+
+def test_records_of_a_shape_with_other_columns_are_refused(db, reader_and_shape):
+    reader_cls, shape_cls = reader_and_shape
+    path, _ = db
+
+    @dataclasses.dataclass(slots=True)
+    class Pair:
+        k: int
+        i: int
+
+    reader = reader_cls(path, SELECT)
+    try:
+        with pytest.raises(ValueError, match="5 columns"):
+            reader.records((0, 10), shape_cls(Pair, ["k", "i"]))
+    finally:
+        reader.close()
+
+
+def test_a_failing_converter_raises_and_the_reader_reads_on(db, reader_and_shape):
+    reader_cls, shape_cls = reader_and_shape
+    path, conn = db
+    conn.executemany("INSERT INTO t VALUES (?, ?, 0.0, 's', NULL)", [(1, 0), (2, 7)])
+    shape = shape_cls(Row, ["k", "i", "f", "s", "b"], [None, {0: "zero"}, None, None, None])
+    reader = reader_cls(path, SELECT)
+    try:
+        with pytest.raises(KeyError):
+            reader.records((0, 10), shape)
+        assert [r.i for r in reader.records((0, 2), shape)] == ["zero"]
     finally:
         reader.close()
 
