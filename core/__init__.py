@@ -1,6 +1,7 @@
-"""taskwheel's compiled hot path: the timing wheel, the batcher, where a task lives, the wire
-form of the deliveries dispatch sends, task records kept out of the cyclic GC's view, and the
-embedded store's reads stepped without the GIL.
+"""taskwheel's compiled hot path: the timing wheel and the timer's pending tasks in it, the
+batcher, where a task lives, the wire form of the deliveries dispatch sends, task records kept
+out of the cyclic GC's view and built from C, and the embedded store's reads stepped without
+the GIL.
 
 Services import these names from here, never from the compiled modules themselves.
 """
@@ -8,6 +9,7 @@ import sqlite3  # noqa: F401  first, so that sqlite_rows binds to the SQLite Pyt
 
 from taskwheel.core.batcher import Batcher, group_by
 from taskwheel.core.deliveries import encode_deliveries
+from taskwheel.core.pending import PendingTasks
 from taskwheel.core.records import RecordShape, untrack
 from taskwheel.core.sharding import BUCKET_MS, bucket_of, shard_of, shards_of
 from taskwheel.core.sqlite_rows import SqliteReader, SqliteReadError, same_sqlite_as_python
@@ -17,6 +19,7 @@ __all__ = [
     "BUCKET_MS",
     "Batcher",
     "DEBUG_BUILD",
+    "PendingTasks",
     "RecordShape",
     "SqliteReadError",
     "SqliteReader",

@@ -19,7 +19,7 @@ import logging
 from taskwheel import telemetry
 from taskwheel.clock import now_ms
 from taskwheel.config import Config
-from taskwheel.core import TimingWheel, shard_of
+from taskwheel.core import PendingTasks, TimingWheel, shard_of
 from taskwheel.stores.base import Store, TaskRecord, untracked
 from taskwheel.v1 import timer_pb2, timer_pb2_grpc
 from taskwheel.wire import record_of_due
@@ -57,10 +57,9 @@ class TimerService(timer_pb2_grpc.TimerServicer):
         self._store = store
         self._dispatch = dispatch
         self._shards = list(range(store.num_shards))
-        self.wheel = TimingWheel(tick_ms=config.tick_ms, start_ms=now_ms())
-        self._records: dict[int, TaskRecord] = {}  # wheel key -> the task at its due row
-        self._keys: dict[str, int] = {}  # task_id -> wheel key
-        self._next_key = 1
+        # The tasks in the wheel, each at its due row, by wheel key and by task id.
+        self.pending = PendingTasks(TimingWheel(tick_ms=config.tick_ms, start_ms=now_ms()))
+        self.wheel = self.pending.wheel
         # Everything with due_ms below this is in the wheel, fired, or superseded, except while
         # a slice is being read and admitted: then from loading_from_ms on it may not be yet.
         self.loaded_until_ms = 0
@@ -100,43 +99,14 @@ class TimerService(timer_pb2_grpc.TimerServicer):
     def forget_now(self, task_ids) -> int:
         if self._loading_from_ms is not None:
             self._forgotten_while_loading.update(task_ids)
-        keys_by_task = self._keys
-        held = self._records
-        keys = []
-        for task_id in task_ids:
-            key = keys_by_task.pop(task_id, None)
-            if key is not None:
-                del held[key]
-                keys.append(key)
-        if keys:
-            self.wheel.cancel_many(keys)
-        return len(keys)
+        return self.pending.forget(task_ids)
 
     def _admit(self, records, skip: set[str] | None = None) -> None:
         """Schedules records, except those in ``skip``; a task already held moves only for a
         newer gen."""
-        keys_by_task = self._keys
-        held = self._records
-        new_keys = []
-        deadlines = []
-        for rec in records:
-            if skip and rec.task_id in skip:
-                continue
-            key = keys_by_task.get(rec.task_id)
-            if key is not None:
-                if held[key].gen >= rec.gen:
-                    continue
-            else:
-                key = self._next_key
-                self._next_key += 1
-                keys_by_task[rec.task_id] = key
-            held[key] = rec
-            new_keys.append(key)
-            deadlines.append(rec.due_ms)
-        if not new_keys:
+        earliest = self.pending.admit(records, skip)
+        if earliest is None:
             return
-        self.wheel.schedule_many(new_keys, deadlines)
-        earliest = min(deadlines)
         if self._waiter is not None and earliest < self._waiting_until and not self._waiter.done():
             self._waiter.set_result(None)
 
@@ -258,8 +228,7 @@ class TimerService(timer_pb2_grpc.TimerServicer):
     async def _fire_loop(self) -> None:
         loop = asyncio.get_running_loop()
         wheel = self.wheel
-        held = self._records
-        keys_by_task = self._keys
+        pending = self.pending
         while True:
             now = now_ms()
             nd = wheel.next_deadline()
@@ -273,12 +242,9 @@ class TimerService(timer_pb2_grpc.TimerServicer):
                 handle.cancel()
                 self._waiter = None
                 continue
-            keys = wheel.advance(now)
-            if not keys:
+            fired = pending.fire(now)
+            if not fired:
                 continue
-            fired = list(map(held.pop, keys))
-            for rec in fired:
-                del keys_by_task[rec.task_id]
             self.lag_ms = now - fired[0].due_ms
             self.fired += len(fired)
             if telemetry.enabled:

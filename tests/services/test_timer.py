@@ -188,7 +188,7 @@ def test_forget_counts_the_tasks_it_took_out_of_the_wheel_and_leaves_the_rest(tm
         due = now_ms() + 30_000
         timer.offer_now([task(f"{i:028x}", due + i) for i in range(4)])
         forgotten = timer.forget_now([f"{1:028x}", f"{3:028x}", "never-offered", f"{3:028x}"])
-        left = sorted(rec.task_id for rec in timer._records.values())
+        left = sorted(rec.task_id for rec in timer.pending.records())
         await store.close()
         return forgotten, len(timer.wheel), left
 
