@@ -416,7 +416,7 @@ def test_a_lease_row_answered_before_its_write_is_durable_is_not_offered_to_the_
         await asyncio.wait_for(push, 5)
         while (await store.get("t1")).state != TaskState.SUCCEEDED:
             await asyncio.sleep(0.01)
-        held = list(timer._records.values())
+        held = list(timer.pending.records())
         await deliveries.aclose()
         await dispatch.stop()
         await store.close()
@@ -430,11 +430,11 @@ def test_an_in_process_timer_holds_a_written_lease_row_until_the_ack_takes_it_ou
         store = await opened_store(tmp_path)
         dispatch, timer, stream, deliveries, push, msg = await delivered_beside_a_timer(store)
         await asyncio.wait_for(push, 5)  # the lease is durable, its row offered
-        held_while_leased = [(r.task_id, r.gen, r.attempt) for r in timer._records.values()]
+        held_while_leased = [(r.task_id, r.gen, r.attempt) for r in timer.pending.records()]
         stream.send(ack=dispatch_pb2.Ack(delivery_ids=[msg.deliveries[0].delivery_id]))
         while dispatch.acked < 1:
             await asyncio.sleep(0.01)
-        held_after_ack = list(timer._records.values())
+        held_after_ack = list(timer.pending.records())
         await deliveries.aclose()
         await dispatch.stop()
         await store.close()
@@ -459,15 +459,15 @@ def test_a_task_held_until_a_worker_came_leaves_no_hold_row_in_the_timer_once_ac
         await dispatch.start()
         push = asyncio.get_running_loop().create_task(dispatch.push([rec], fired_at))
         await asyncio.wait_for(push, 5)  # returns once the hold row is durable
-        while not timer._records:
+        while not len(timer.pending):
             await asyncio.sleep(0.01)
-        held = [(r.task_id, r.gen) for r in timer._records.values()]
+        held = [(r.task_id, r.gen) for r in timer.pending.records()]
         stream, deliveries = await subscribed(dispatch)
         msg = await deliveries.__anext__()
         stream.send(ack=dispatch_pb2.Ack(delivery_ids=[d.delivery_id for d in msg.deliveries]))
         while dispatch.acked < 1:
             await asyncio.sleep(0.01)
-        left = list(timer._records.values())
+        left = list(timer.pending.records())
         await deliveries.aclose()
         await dispatch.stop()
         await store.close()
