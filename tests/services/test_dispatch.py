@@ -1,6 +1,7 @@
 """Dispatch in process, on a real embedded store: how it takes what the timer fires."""
 import asyncio
 import dataclasses
+import gc
 import time
 
 import pytest
@@ -477,3 +478,81 @@ def test_a_task_held_until_a_worker_came_leaves_no_hold_row_in_the_timer_once_ac
     assert held == [("t1", 2)]
     assert delivered == ["t1.3"]
     assert (left, pending) == ([], 0)
+
+
+class ApplyRecordingStore(SqliteStore):
+    """Records, for every transition it is asked to apply, whether the cyclic GC tracks it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tracked = []
+
+    async def apply(self, transitions, now_ms):
+        self.tracked.extend(gc.is_tracked(t) for t in transitions)
+        return await super().apply(transitions, now_ms)
+
+
+def test_writes_waiting_for_the_store_are_out_of_the_cyclic_gcs_view(tmp_path):
+    # A writer that falls behind holds a second of acks; young collections walked them all.
+    async def main():
+        store = ApplyRecordingStore(tmp_path / "t.db", num_shards=4)
+        await store.open()
+        fired_at = now_ms()
+        tasks = [task(f"t{i}", fired_at - 10) for i in range(6)]
+        await store.insert(tasks)
+        dispatch = DispatchService(Config(lease_write_delay_ms=20), store, QuietTimer())
+        await dispatch.start()
+        stream, deliveries = await subscribed(dispatch)
+        push = asyncio.get_running_loop().create_task(dispatch.push(tasks, fired_at))
+        ids = sorted(d.delivery_id for d in (await deliveries.__anext__()).deliveries)
+        stream.send(ack=dispatch_pb2.Ack(delivery_ids=ids[:3]))  # the rest: leases written
+        await asyncio.wait_for(push, 5)
+        stream.send(ack=dispatch_pb2.Ack(delivery_ids=ids[3:]))
+        while dispatch.acked < 6:
+            await asyncio.sleep(0.01)
+        states = [(await store.get(t.task_id)).state for t in tasks]
+        await deliveries.aclose()
+        await dispatch.stop()
+        await store.close()
+        return store.tracked, states
+
+    tracked, states = asyncio.run(main())
+    assert len(tracked) == 9 and not any(tracked)  # 6 acks and 3 leases, none tracked
+    assert states == [TaskState.SUCCEEDED] * 6
+
+
+def test_no_worker_or_delivery_outlives_its_stream_with_fired_tasks_out_of_the_gcs_view(tmp_path):
+    # Fired tasks are untracked: a cycle through one (its consumer's in_flight holds it) would
+    # never be collected, keeping the worker's whole state alive.
+    from taskwheel.dispatch.servicer import _Consumer
+
+    def consumers_alive() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if type(o) is _Consumer)
+
+    async def main():
+        store = await opened_store(tmp_path)
+        fired_at = now_ms()
+        tasks = [task(f"t{i}", fired_at - 10) for i in range(8)]
+        await store.insert(tasks)
+        config = Config(lease_write_delay_ms=20, orphan_grace_ms=50, retry_base_ms=10)
+        dispatch = DispatchService(config, store, QuietTimer())
+        await dispatch.start()
+        stream, deliveries = await subscribed(dispatch)
+        push = asyncio.get_running_loop().create_task(dispatch.push(tasks, fired_at))
+        ids = sorted(d.delivery_id for d in (await deliveries.__anext__()).deliveries)
+        stream.send(ack=dispatch_pb2.Ack(delivery_ids=ids[:4]))  # the rest left in flight
+        await asyncio.wait_for(push, 5)
+        while dispatch.acked < 4:
+            await asyncio.sleep(0.01)
+        during = consumers_alive()
+        await deliveries.aclose()  # the worker goes with four deliveries in flight
+        await asyncio.sleep(0.3)  # past the orphan grace: they are retried
+        after = consumers_alive()
+        await dispatch.stop()
+        await store.close()
+        return during, after, dispatch
+
+    during, after, dispatch = asyncio.run(main())
+    assert (during, after) == (1, 0)
+    assert dispatch.acked == 4 and not dispatch._leases
