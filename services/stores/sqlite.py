@@ -97,7 +97,6 @@ from taskwheel.stores.base import (
     Transition,
     TransitionKind,
     bucket_of,
-    untracked,
 )
 
 T = TypeVar("T")
@@ -334,20 +333,15 @@ def _last(row: tuple) -> Any:
     return row[-1]
 
 
-def _record(row: tuple) -> TaskRecord:
-    return TaskRecord(
-        row[0], row[1], row[2], row[3], row[4], row[5], _STATES[row[6]], row[7], row[8], row[9],
-        _decode_headers(row[10]), row[11], row[12], row[13], row[14], row[15], row[16],
-    )
-
-
-# load_due's records, built by the compiled reader from _SELECT_DUE's columns (TaskRecord's
-# fields in order) without TaskRecord's Python __init__.
-_DUE_RECORD = RecordShape(
+# A task's row, in _TASK_COLUMNS order (TaskRecord's fields), as its record: built without
+# TaskRecord's Python __init__ and out of the cyclic GC's view (core.RecordShape), by the
+# compiled reader for load_due and by _record for the other reads.
+_TASK_RECORD = RecordShape(
     TaskRecord, _TASK_COLUMNS.split(", "),
     [_STATES if name == "state" else _decode_headers if name == "headers" else None
      for name in _TASK_COLUMNS.split(", ")],
 )
+_record: Callable[[Sequence[Any]], TaskRecord] = _TASK_RECORD.build
 
 
 class SqliteStore(Store):
@@ -887,11 +881,11 @@ class SqliteStore(Store):
     def _load_due(self, shard: int, from_ms: int, to_ms: int) -> list[TaskRecord]:
         params = (shard, bucket_of(from_ms), bucket_of(to_ms - 1), from_ms, to_ms)
         if self._due_reader is not None:
-            return self._due_reader.records(params, _DUE_RECORD)
+            return self._due_reader.records(params, _TASK_RECORD)
         rows = _decode_json(self._conn_r().execute(_SELECT_DUE_JSON, params).fetchone()[0])
         for row in rows:
             row[3] = bytes.fromhex(row[3])
-        return untracked([_record(row) for row in rows])
+        return [_record(row) for row in rows]
 
     async def load_checkpoint(self, shard: int) -> int:
         self._check_shard(shard)
