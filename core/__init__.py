@@ -1,7 +1,7 @@
 """taskwheel's compiled hot path: the timing wheel and the timer's pending tasks in it, the
-batcher, where a task lives, the wire form of the deliveries dispatch sends, task records kept
-out of the cyclic GC's view and built from C, and the embedded store's reads stepped without
-the GIL.
+batcher, where a task lives, dispatch's fired tasks and their leases, the wire form of the
+deliveries dispatch sends, task records kept out of the cyclic GC's view and built from C, and
+the embedded store's reads stepped without the GIL.
 
 Services import these names from here, never from the compiled modules themselves.
 """
@@ -9,6 +9,7 @@ import sqlite3  # noqa: F401  first, so that sqlite_rows binds to the SQLite Pyt
 
 from taskwheel.core.batcher import Batcher, group_by
 from taskwheel.core.deliveries import encode_deliveries
+from taskwheel.core.leases import Fired, fill, settle_acks, take_fired
 from taskwheel.core.pending import PendingTasks
 from taskwheel.core.records import RecordShape, untrack
 from taskwheel.core.sharding import BUCKET_MS, bucket_of, shard_of, shards_of
@@ -19,6 +20,7 @@ __all__ = [
     "BUCKET_MS",
     "Batcher",
     "DEBUG_BUILD",
+    "Fired",
     "PendingTasks",
     "RecordShape",
     "SqliteReadError",
@@ -26,9 +28,12 @@ __all__ = [
     "TimingWheel",
     "bucket_of",
     "encode_deliveries",
+    "fill",
     "group_by",
     "shard_of",
     "same_sqlite_as_python",
+    "settle_acks",
     "shards_of",
+    "take_fired",
     "untrack",
 ]

@@ -108,6 +108,38 @@ class RecordShape:
     ) -> None: ...
     def build(self, values: Sequence[Any]) -> Any: ...
 
+class Fired:
+    """A fired task in dispatch: waiting for a worker, then its delivery's lease (see leases.pyx)."""
+
+    record: Any
+    batches: list[Any]
+    since: int
+    fired_at: int
+    held_gen: int
+    written: bool
+    gen: int
+    due_ms: int
+    consumer: Any
+    delivery_id: str | None
+    def __init__(
+        self, record: Any, batches: list[Any], since: SupportsIndex, fired_at: SupportsIndex
+    ) -> None: ...
+
+def take_fired(
+    records: list[Any], now: SupportsIndex, fired_at: SupportsIndex, batch: Any,
+    finished: list[dict[str, int]], leases: dict[str, Fired], waiting: dict[str, Fired],
+    queues: dict[str, Any], unheld: list[str], touched: set[Any], slow: Any,
+) -> int: ...
+def fill(
+    ready: Any, waiting: dict[str, Fired], leases: dict[str, Fired], consumer: Any,
+    in_flight: dict[str, Fired], room: SupportsIndex, now: SupportsIndex, shortest_lease_ms: SupportsIndex,
+) -> tuple[list[Fired], int]: ...
+def settle_acks(
+    delivery_ids: Iterable[str], in_flight: dict[str, Fired], leases: dict[str, Fired],
+    finished: dict[str, int], now: SupportsIndex, transition: RecordShape, succeed: Any,
+    elsewhere: Any, traced: list[Fired] | None = None,
+) -> tuple[list[Any], list[list[Any]], list[str], int]: ...
+
 def group_by(keys: Iterable[_K], items: Iterable[_T]) -> dict[_K, list[_T]]: ...
 def shard_of(task_id: str, num_shards: SupportsIndex) -> int: ...
 def shards_of(task_ids: Iterable[str], num_shards: SupportsIndex) -> array[int]: ...

@@ -14,6 +14,7 @@ holds the task unconfirmed, so a crash in that window re-fires it rather than lo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import heapq
 import logging
@@ -25,7 +26,8 @@ from google.protobuf import message_factory
 from taskwheel import telemetry
 from taskwheel.clock import now_ms
 from taskwheel.config import Config
-from taskwheel.core import encode_deliveries, shard_of, untrack
+from taskwheel.core import (Fired, RecordShape, encode_deliveries, fill, settle_acks, shard_of, take_fired,
+                            untrack)
 from taskwheel.group_commit import GroupCommit
 from taskwheel.stores.base import Store, TaskRecord, TaskState, Transition, TransitionKind, untracked
 from taskwheel.v1 import dispatch_pb2, dispatch_pb2_grpc
@@ -39,6 +41,8 @@ log = logging.getLogger("taskwheel.dispatch")
 BURST_CHUNK = 4096
 _MS_BITS = 44  # wall-clock milliseconds fit until the year 2527
 _MS_MASK = (1 << _MS_BITS) - 1
+# The acks' SUCCEED transitions, built from C by settle_acks.
+_TRANSITION = RecordShape(Transition, [field.name for field in dataclasses.fields(Transition)])
 
 
 class DispatchService(dispatch_pb2_grpc.DispatchServicer):
@@ -144,19 +148,19 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         self.timer = timer
         self._num_shards = store.num_shards
         self._queues: dict[str, _QueueState] = {}
-        self._waiting: dict[str, _Fired] = {}  # task_id -> fired, not yet sent to a worker
-        self._leases: dict[str, _Fired] = {}  # task_id -> its outstanding delivery
+        self._waiting: dict[str, Fired] = {}  # task_id -> fired, not yet sent to a worker
+        self._leases: dict[str, Fired] = {}  # task_id -> its outstanding delivery
         # Tasks acked or failed in the last finished_memory_ms (see _FinishedMemory).
         self._finished = _FinishedMemory(config.finished_memory_ms)
         # Fired tasks in the order they started waiting, for the hold loop: (since, task ids)
-        # per take, not the _Fired objects, so a task sent to a worker at once is freed at
+        # per take, not the Fired objects, so a task sent to a worker at once is freed at
         # once instead of staying alive (and tracked by the GC) for hold_after_ms.
         self._unheld: deque[tuple[int, list[str]]] = deque()
-        self._orphans: deque[tuple[int, _Fired]] = deque()  # (retry at, lease) of gone workers
+        self._orphans: deque[tuple[int, Fired]] = deque()  # (retry at, lease) of gone workers
         # (write at, message number, leases) per message sent, their leases not yet written, as a
         # heap: one entry a message, not one a delivery; a message of short leases is due sooner
         # than the delay (half its shortest lease).
-        self._unwritten: list[tuple[int, int, list[_Fired]]] = []
+        self._unwritten: list[tuple[int, int, list[Fired]]] = []
         self._messages_sent = 0
         # In order: a task's ack must not overtake its lease. A store that applies one call at a
         # time in arrival order (ordered_apply_depth > 1) takes the next batch while one runs.
@@ -195,66 +199,54 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         return batch.future
 
     def _take_fired(self, records: list[TaskRecord], fired_at_ms: int, batch: "_Batch") -> None:
-        touched = set()
+        touched: set[_QueueState] = set()
         now = now_ms()
-        finished = self._finished.newest_first()
-        leases = self._leases
-        waiting_by_task = self._waiting
-        queues = self._queues
         unheld: list[str] = []
-        born: list[_Fired] = []
-        for rec in records:
-            task_id = rec.task_id
-            fin = None
-            for entries in finished:  # _FinishedMemory.get, inlined: this runs once per task
-                fin = entries.get(task_id)
-                if fin is not None:
-                    break
-            if fin is not None and fin >> _MS_BITS >= rec.gen:
-                batch.done_one()  # the lease row of a task acked in the race with its firing
-                continue
-            lease = leases.get(task_id)
-            if lease is not None:
-                if rec.gen < lease.gen:
-                    batch.done_one()  # a stale copy of a row already delivered
-                    continue
-                # The lease row fired: that delivery's lease expired.
-                self._drop_lease(lease)
-                self.redelivered += 1
-                if rec.attempt > rec.max_attempts:
-                    self._finish(rec, TransitionKind.FAIL, rec.gen, rec.due_ms,
-                                 "lease expired on the last attempt", [batch])
-                    continue
-            waiting = waiting_by_task.get(task_id)
-            if waiting is not None:
-                if rec.gen < waiting.record.gen:
-                    batch.done_one()
-                elif rec.gen == waiting.record.gen and waiting.held_gen == 0:
-                    waiting.batches.append(batch)  # a reloaded copy: confirm with the first
-                else:
-                    # Its hold row fired while it still waits: hold it again.
-                    waiting.record = rec
-                    waiting.batches.append(batch)
-                    waiting.held_gen = 0
-                    waiting.since = now
-                    unheld.append(task_id)
-                continue
-            waiting = _Fired(rec, [batch], now, fired_at_ms)
-            born.append(waiting)
-            waiting_by_task[task_id] = waiting
-            unheld.append(task_id)
-            qs = queues.get(rec.queue) or self._queue(rec.queue)
-            qs.ready.append(waiting)
-            touched.add(qs)
-        # A fired task lives until its delivery is answered: the 10,000s in flight were most of
-        # what each young collection walked once transitions were untracked (15-30 ms a pause
-        # at 50K fires/s). Its one cycle, lease -> consumer -> in_flight -> lease, is broken
-        # when the lease is answered or the worker goes (_release empties in_flight).
-        untrack(born, _Fired)
+        # The common case, a task new to dispatch, in C; the rest (see _take_one) in its place.
+        take_fired(records, now, fired_at_ms, batch, self._finished.newest_first(), self._leases,
+                   self._waiting, self._queues, unheld, touched,
+                   functools.partial(self._take_one, batch, now, fired_at_ms, unheld, touched))
         if unheld:
             self._unheld.append((now, unheld))
         for qs in touched:
             self._pump(qs)
+
+    def _take_one(self, batch: "_Batch", now: int, fired_at_ms: int, unheld: list[str],
+                  touched: set["_QueueState"], rec: TaskRecord) -> None:
+        """A fired task that take_fired passes back: leased or waiting already, or of a queue
+        not seen before (a task acked in the race with its firing never comes here)."""
+        task_id = rec.task_id
+        lease = self._leases.get(task_id)
+        if lease is not None:
+            if rec.gen < lease.gen:
+                batch.done_one()  # a stale copy of a row already delivered
+                return
+            # The lease row fired: that delivery's lease expired.
+            self._drop_lease(lease)
+            self.redelivered += 1
+            if rec.attempt > rec.max_attempts:
+                self._finish(rec, TransitionKind.FAIL, rec.gen, rec.due_ms,
+                             "lease expired on the last attempt", [batch])
+                return
+        waiting = self._waiting.get(task_id)
+        if waiting is not None:
+            if rec.gen < waiting.record.gen:
+                batch.done_one()
+            elif rec.gen == waiting.record.gen and waiting.held_gen == 0:
+                waiting.batches.append(batch)  # a reloaded copy: confirm with the first
+            else:
+                # Its hold row fired while it still waits: hold it again.
+                waiting.record = rec
+                waiting.batches.append(batch)
+                waiting.held_gen = 0
+                waiting.since = now
+                unheld.append(task_id)
+            return
+        waiting = self._waiting[task_id] = Fired(rec, [batch], now, fired_at_ms)
+        unheld.append(task_id)
+        qs = self._queue(rec.queue)
+        qs.ready.append(waiting)
+        touched.add(qs)
 
     def _pump(self, qs: "_QueueState") -> None:
         """Sends ready tasks to consumers with room, round robin, one message per consumer."""
@@ -274,28 +266,8 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
             room = consumer.max_in_flight - len(in_flight)
             if room <= 0:
                 continue
-            sent = []
-            shortest_lease = self._config.lease_write_delay_ms * 2
-            while room > 0 and ready:
-                waiting = ready.popleft()
-                rec = waiting.record
-                task_id = rec.task_id
-                if waiting_by_task.get(task_id) is not waiting:
-                    continue  # cancelled or superseded while waiting
-                del waiting_by_task[task_id]
-                room -= 1
-                gen = rec.gen + 1
-                delivery_id = f"{task_id}.{gen}"
-                lease = waiting  # now sent
-                lease.gen = gen
-                lease.consumer = consumer
-                lease.delivery_id = delivery_id
-                lease.due_ms = now + rec.lease_ms
-                if rec.lease_ms < shortest_lease:
-                    shortest_lease = rec.lease_ms
-                in_flight[delivery_id] = lease
-                leases[task_id] = lease
-                sent.append(lease)
+            sent, shortest_lease = fill(ready, waiting_by_task, leases, consumer, in_flight, room, now,
+                                        self._config.lease_write_delay_ms * 2)
             if sent:
                 self._messages_sent += 1
                 heapq.heappush(self._unwritten, (now + shortest_lease // 2, self._messages_sent, sent))
@@ -328,7 +300,7 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         if transitions:
             self._write(transitions, successors, confirm)
 
-    def _settle(self, lease: "_Fired") -> tuple[int, int, list]:
+    def _settle(self, lease: Fired) -> tuple[int, int, list]:
         """(gen, due_ms, push batches) of the row a final transition of this delivery
         supersedes: the lease row once written, else the delivered row, whose lease is dropped."""
         if lease.written:
@@ -411,13 +383,13 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
             log.debug("consumer stream ended: %s", exc)
         consumer.out.put_nowait(None)
 
-    def _take_lease(self, consumer: "_Consumer", delivery_id: str) -> "_Fired | None":
+    def _take_lease(self, consumer: "_Consumer", delivery_id: str) -> Fired | None:
         lease = consumer.in_flight.pop(delivery_id, None) or self._lease_elsewhere(delivery_id)
         if lease is not None and self._leases.get(lease.record.task_id) is lease:
             del self._leases[lease.record.task_id]
         return lease
 
-    def _lease_elsewhere(self, delivery_id: str) -> "_Fired | None":
+    def _lease_elsewhere(self, delivery_id: str) -> Fired | None:
         """The lease of a delivery not in flight on the answering stream: delivered on an earlier
         stream of a worker that reconnected, still good if current."""
         lease = self._leases.get(delivery_id.rpartition(".")[0])
@@ -428,44 +400,21 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         return lease
 
     def _ack(self, consumer: "_Consumer", delivery_ids) -> None:
-        # _take_lease, _remember_finished and _settle, inlined: this runs once per task.
-        transitions = []
-        confirm = []
         # The timer may hold a row of the task only if dispatch wrote one and offered it: the
         # lease row, or the hold row of a task that waited for a worker. The row that was
         # delivered has fired, so an ack before its lease was written leaves nothing to forget
         # (a stale copy the loader read meanwhile fires into the finished check).
-        forget = []
         now = now_ms()
-        in_flight = consumer.in_flight
-        leases = self._leases
-        finished = self._finished.adding(now)
-        succeed = TransitionKind.SUCCEED
-        coalesced = self.coalesced
-        for delivery_id in delivery_ids:
-            lease = in_flight.pop(delivery_id, None) or self._lease_elsewhere(delivery_id)
-            if lease is None:
-                continue
-            rec = lease.record
-            task_id = rec.task_id
-            if leases.get(task_id) is lease:
-                del leases[task_id]
-            finished[task_id] = lease.gen << _MS_BITS | now
-            if lease.written:
-                transitions.append(Transition(task_id, rec.shard, succeed, lease.gen, lease.due_ms))
-                forget.append(task_id)
-            else:
-                lease.written = True
-                coalesced += 1
-                transitions.append(Transition(task_id, rec.shard, succeed, rec.gen, rec.due_ms))
-                confirm.append(lease.batches)
-                if lease.held_gen:
-                    forget.append(task_id)
-            if telemetry.enabled:
-                _trace_task("dispatch.ack", rec, lease.gen)
+        traced: list[Fired] | None = [] if telemetry.enabled else None
+        transitions, confirm, forget, coalesced = settle_acks(
+            delivery_ids, consumer.in_flight, self._leases, self._finished.adding(now), now, _TRANSITION,
+            TransitionKind.SUCCEED, self._lease_elsewhere, traced)
+        if traced:
+            for lease in traced:
+                _trace_task("dispatch.ack", lease.record, lease.gen)
         if transitions:
             self.acked += len(transitions)
-            self.coalesced = coalesced
+            self.coalesced += coalesced
             self._finished.forget_before(now - self._config.finished_memory_ms, len(transitions))
             self._write(transitions, None, confirm)
             if forget:
@@ -484,7 +433,7 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
                 _trace_task("dispatch.nack", lease.record, lease.gen, error)
             self._retry_or_fail(lease, error, retry_after, nack.no_retry, now)
 
-    def _retry_or_fail(self, lease: "_Fired", error: str, retry_after: int, no_retry: bool, now: int) -> None:
+    def _retry_or_fail(self, lease: Fired, error: str, retry_after: int, no_retry: bool, now: int) -> None:
         rec = lease.record
         gen, due_ms, batches = self._settle(lease)
         if no_retry or rec.attempt >= rec.max_attempts:
@@ -508,7 +457,7 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         self._finished.adding(now)[task_id] = gen << _MS_BITS | now
         self._finished.forget_before(now - self._config.finished_memory_ms, 1)
 
-    def _drop_lease(self, lease: "_Fired") -> None:
+    def _drop_lease(self, lease: Fired) -> None:
         lease.consumer.in_flight.pop(lease.delivery_id, None)
         if self._leases.get(lease.record.task_id) is lease:
             del self._leases[lease.record.task_id]
@@ -607,7 +556,7 @@ def _successor(rec: TaskRecord, gen: int, due_ms: int, attempt: int, state: Task
     )
 
 
-def _trace_deliveries(sent: list["_Fired"]) -> list[str]:
+def _trace_deliveries(sent: list[Fired]) -> list[str]:
     """A span per delivery in the task's trace; returns the traceparents the worker continues from."""
     tracer = telemetry.tracer
     traceparents = []
@@ -737,34 +686,13 @@ class _FinishedMemory:
             yield from entries
 
 
-class _Fired:
-    """A fired task: waiting for a worker, then, once sent, its delivery's lease. One object
-    for both roles, so that a task sent at once costs one allocation, not two; the lease's
-    fields are set when it is sent."""
-
-    __slots__ = ("record", "batches", "since", "fired_at", "held_gen", "written",
-                 "gen", "consumer", "delivery_id", "due_ms")
-
-    def __init__(self, record: TaskRecord, batches: list, since: int, fired_at: int) -> None:
-        self.record = record  # waiting: the row to deliver; sent: the delivered row (gen - 1)
-        self.batches = batches  # push batches it confirms once its first write is durable
-        self.since = since  # waiting since (ms)
-        self.fired_at = fired_at
-        self.held_gen = 0  # the gen of its hold row, once written
-        self.written = False  # sent: the LEASE (or a final transition in its place) is queued
-        self.gen: int  # sent: the lease row's gen
-        self.consumer: _Consumer
-        self.delivery_id: str
-        self.due_ms: int  # sent: the lease row's due time, the lease's expiry
-
-
 class _Consumer:
     __slots__ = ("queue", "max_in_flight", "in_flight", "out")
 
     def __init__(self, queue: str, max_in_flight: int) -> None:
         self.queue = queue
         self.max_in_flight = max_in_flight
-        self.in_flight: dict[str, _Fired] = {}
+        self.in_flight: dict[str, Fired] = {}
         self.out: asyncio.Queue = asyncio.Queue()
 
 
@@ -772,6 +700,6 @@ class _QueueState:
     __slots__ = ("ready", "consumers", "rr")
 
     def __init__(self) -> None:
-        self.ready: deque[_Fired] = deque()
+        self.ready: deque[Fired] = deque()
         self.consumers: list[_Consumer] = []
         self.rr = 0

@@ -63,7 +63,8 @@ def test_a_typical_caller_and_the_reference_model_type_check_strictly(stub_root,
     caller.write_text(textwrap.dedent("""
         from array import array
         import numpy as np
-        from taskwheel.core import (Batcher, SqliteReader, TimingWheel, bucket_of, group_by,
+        from collections import deque
+        from taskwheel.core import (Batcher, Fired, SqliteReader, TimingWheel, bucket_of, fill, group_by,
                                     same_sqlite_as_python, shard_of, shards_of)
         from taskwheel.core.reference import ReferenceSqliteReader, ReferenceWheel
 
@@ -82,6 +83,9 @@ def test_a_typical_caller_and_the_reference_model_type_check_strictly(stub_root,
         reader = SqliteReader("tasks.db", "SELECT ?", busy_timeout_ms=100)
         rows: list[tuple[object, ...]] = reader.rows((1,)) if same_sqlite_as_python() else []
         reader.close()
+        waiting: dict[str, Fired] = {}
+        sent, shortest = fill(deque([Fired("rec", [], 0, 0)]), waiting, {}, None, {}, 10, 0, 60_000)
+        lease_row_gen: int = sent[0].gen if sent else shortest
     """))
     done = subprocess.run(
         [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--cache-dir", str(tmp_path / "cache"),
