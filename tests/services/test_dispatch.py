@@ -556,3 +556,95 @@ def test_no_worker_or_delivery_outlives_its_stream_with_fired_tasks_out_of_the_g
     during, after, dispatch = asyncio.run(main())
     assert (during, after) == (1, 0)
     assert dispatch.acked == 4 and not dispatch._leases
+
+
+# -- the fired tasks take_fired passes back to the servicer (redeliveries, copies, new queues) --
+
+async def leased(tmp_path, max_attempts: int = 3):
+    """A store, a dispatch writing leases at once, a worker, and task t delivered to it and
+    not answered, its lease row durable: (store, dispatch, stream, deliveries, lease row)."""
+    store = await opened_store(tmp_path)
+    rec = task("t", now_ms() - 10, max_attempts=max_attempts, lease_ms=60_000)
+    await store.insert([rec])
+    dispatch = DispatchService(Config(lease_write_delay_ms=0), store, QuietTimer())
+    await dispatch.start()
+    stream, deliveries = await subscribed(dispatch)
+    push = asyncio.get_running_loop().create_task(dispatch.push([rec], now_ms()))
+    first = await asyncio.wait_for(deliveries.__anext__(), 5)
+    await asyncio.wait_for(push, 5)  # the lease row is durable
+    assert [d.delivery_id for d in first.deliveries] == ["t.2"]
+    return store, dispatch, stream, deliveries, await store.get("t")
+
+
+async def closed(store, dispatch, deliveries):
+    await deliveries.aclose()
+    await dispatch.stop()
+    await store.close()
+
+
+def test_a_lease_row_that_fires_redelivers_the_task_with_its_next_attempt(tmp_path):
+    async def main():
+        store, dispatch, stream, deliveries, lease_row = await leased(tmp_path)
+        dispatch.take([lease_row], now_ms())
+        again = await asyncio.wait_for(deliveries.__anext__(), 5)
+        leases = dict(dispatch._leases)
+        await closed(store, dispatch, deliveries)
+        return lease_row, again, dispatch.redelivered, leases
+
+    lease_row, again, redelivered, leases = asyncio.run(main())
+    assert (lease_row.gen, lease_row.attempt, lease_row.state) == (2, 2, TaskState.LEASED)
+    assert [(d.delivery_id, d.attempt) for d in again.deliveries] == [("t.3", 2)]
+    assert redelivered == 1 and [lease.delivery_id for lease in leases.values()] == ["t.3"]
+
+
+def test_a_stale_copy_of_a_delivered_row_is_confirmed_and_not_delivered_again(tmp_path):
+    async def main():
+        store, dispatch, stream, deliveries, lease_row = await leased(tmp_path)
+        stale = dataclasses.replace(lease_row, gen=1, attempt=1)
+        await asyncio.wait_for(dispatch.take([stale], now_ms()), 5)  # confirmed at once
+        again = asyncio.get_running_loop().create_task(deliveries.__anext__())
+        await asyncio.sleep(0.1)
+        redelivered = again.done()
+        again.cancel()
+        await asyncio.gather(again, return_exceptions=True)
+        await closed(store, dispatch, deliveries)
+        return redelivered, dispatch.delivered, dispatch.redelivered
+
+    assert asyncio.run(main()) == (False, 1, 0)
+
+
+def test_a_lease_that_expires_on_the_last_attempt_fails_the_task(tmp_path):
+    async def main():
+        store, dispatch, stream, deliveries, lease_row = await leased(tmp_path, max_attempts=1)
+        await asyncio.wait_for(dispatch.take([lease_row], now_ms()), 5)
+        ended = await store.get("t")
+        await closed(store, dispatch, deliveries)
+        return ended, dispatch.delivered, dispatch._leases
+
+    ended, delivered, leases = asyncio.run(main())
+    assert (ended.state, ended.last_error) == (TaskState.FAILED, "lease expired on the last attempt")
+    assert delivered == 1 and leases == {}
+
+
+def test_a_reloaded_copy_of_a_task_waiting_for_its_queues_first_worker_is_delivered_once(tmp_path):
+    async def main():
+        store = await opened_store(tmp_path)
+        rec = task("w", now_ms() - 10)
+        await store.insert([rec])
+        dispatch = DispatchService(Config(lease_write_delay_ms=0), store, QuietTimer())
+        await dispatch.start()
+        first = dispatch.take([rec], now_ms())  # queue q not seen yet: no worker has come
+        copy = dispatch.take([dataclasses.replace(rec)], now_ms())
+        ready = len(dispatch._queues["q"].ready)
+        stream, deliveries = await subscribed(dispatch)
+        msg = await asyncio.wait_for(deliveries.__anext__(), 5)
+        await asyncio.wait_for(asyncio.gather(first, copy), 5)  # both confirmed by the lease
+        again = asyncio.get_running_loop().create_task(deliveries.__anext__())
+        await asyncio.sleep(0.1)
+        twice = again.done()
+        again.cancel()
+        await asyncio.gather(again, return_exceptions=True)
+        await closed(store, dispatch, deliveries)
+        return ready, [d.delivery_id for d in msg.deliveries], twice
+
+    assert asyncio.run(main()) == (1, ["w.2"], False)
