@@ -9,7 +9,7 @@ import sqlite3  # noqa: F401  first, so that sqlite_rows binds to the SQLite Pyt
 
 from taskwheel.core.batcher import Batcher, group_by
 from taskwheel.core.deliveries import encode_deliveries
-from taskwheel.core.leases import Fired, fill, settle_acks, take_fired
+from taskwheel.core.leases import FinishedGeneration, Fired, fill, settle_acks, take_fired
 from taskwheel.core.pending import PendingTasks
 from taskwheel.core.records import RecordShape, untrack
 from taskwheel.core.sharding import BUCKET_MS, bucket_of, shard_of, shards_of
@@ -20,6 +20,7 @@ __all__ = [
     "BUCKET_MS",
     "Batcher",
     "DEBUG_BUILD",
+    "FinishedGeneration",
     "Fired",
     "PendingTasks",
     "RecordShape",

@@ -1,6 +1,6 @@
 # cython: language_level=3
 """C-level declarations of leases.pyx: a fired task's fields."""
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint64_t
 
 
 cdef class Fired:
@@ -14,3 +14,14 @@ cdef class Fired:
     cdef public int64_t due_ms  # sent: the lease row's due time, the lease's expiry
     cdef public object consumer  # sent: the consumer it went to
     cdef public object delivery_id  # sent: "{task_id}.{gen}"
+
+
+cdef class FinishedGeneration:
+    cdef readonly dict entries  # task_id -> gen << 44 | finished at (ms)
+    cdef uint64_t *_bits  # a blocked Bloom filter of the entries' hashes: three bits in one word
+    cdef Py_ssize_t _mask  # words - 1 (a power of two)
+
+    cdef inline bint _may_contain(self, Py_hash_t h) noexcept
+    cdef inline void _mark(self, Py_hash_t h) noexcept
+    cdef int put(self, object task_id, object value) except -1
+    cdef object lookup(self, object task_id)

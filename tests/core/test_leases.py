@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from taskwheel import core
-from taskwheel.core import reference
+from taskwheel.core import FinishedGeneration, reference
 from taskwheel.stores.base import Transition, TransitionKind
 
 NOW = 1_700_000_000_000
@@ -237,6 +237,52 @@ def test_fired_tasks_and_transitions_are_out_of_the_gcs_view():
     assert not gc.is_tracked(lease) and not gc.is_tracked(transitions[0])
 
 
+def test_a_task_finished_in_a_filtered_generation_is_counted_done_and_not_taken():
+    s = State(COMPILED)
+    generation = FinishedGeneration(1_000)
+    generation.update((f"other{i}", 9 << 44) for i in range(5_000))  # past its capacity
+    generation["same"] = 2 << 44 | NOW
+    s.finished = [FinishedGeneration(), generation]
+    taken, batch = s.take([Rec("same", gen=2), Rec("fresh")])
+    assert (taken, batch.done, list(s.waiting)) == (1, 1, ["fresh"])
+
+
+def test_an_ack_into_a_filtered_generation_is_remembered_there():
+    s = State(COMPILED)
+    (lease,) = _sent(s, Rec("t", gen=3))
+    generation = FinishedGeneration()
+    s.ack(["t.4"], finished=generation)
+    assert generation.get("t") == 4 << 44 | NOW + 10
+    assert "t" in generation and generation.may_hold("t")
+
+
+@settings(max_examples=100, deadline=None)
+@given(put=st.dictionaries(st.text(max_size=12), st.integers(1, 1 << 62), max_size=300),
+       asked=st.lists(st.text(max_size=12), max_size=100), capacity=st.integers(0, 400))
+def test_a_finished_generation_answers_as_its_dict_does(put, asked, capacity):
+    generation = FinishedGeneration(capacity)
+    generation.update(put.items())
+    assert generation.entries == put and len(generation) == len(put) and sorted(generation) == sorted(put)
+    for task_id in list(put) + asked:
+        assert generation.get(task_id) == put.get(task_id)
+        assert (task_id in generation) == (task_id in put)
+        assert generation.may_hold(task_id) or task_id not in put  # no false negatives
+
+
+def test_a_finished_generation_s_filter_turns_away_most_tasks_never_put():
+    generation = FinishedGeneration(100_000)
+    generation.update((f"done-{i}", 1) for i in range(100_000))
+    held = sum(generation.may_hold(f"fresh-{i}") for i in range(100_000))
+    assert held < 10_000  # ~5 % at capacity; each one only costs a dict lookup
+    assert generation.bytes <= 128 * 1024
+
+
+def test_a_popped_task_of_a_finished_generation_is_no_longer_found():
+    generation = FinishedGeneration()
+    generation["t"] = 1
+    assert generation.popitem() == ("t", 1) and generation.get("t") is None and len(generation) == 0
+
+
 # -- the two alike ----------------------------------------------------------------------------
 
 _records = st.lists(st.builds(Rec, task_id=st.sampled_from("abcdefgh"), gen=st.integers(1, 4),
@@ -252,7 +298,8 @@ def _view(s):
             sorted((k, fired(f)) for k, f in s.waiting.items()),
             sorted((k, fired(f)) for k, f in s.in_flight.items()),
             {name: [fired(f) for f in q.ready] for name, q in s.queues.items()},
-            s.finished, s.unheld, sorted(name for name, q in s.queues.items() if q in s.touched),
+            [dict(getattr(g, "entries", g)) for g in s.finished if len(g)], s.unheld,
+            sorted(name for name, q in s.queues.items() if q in s.touched),
             [r.task_id for r in s.slow], s.stale)
 
 
@@ -266,6 +313,10 @@ def test_compiled_and_reference_loops_agree(first, second, finished, room, acks,
     for impl in (COMPILED, REFERENCE):
         s = State(impl, queues=("q", "r"))
         s.finished = [{k: g << 44 | NOW for k, g in finished.items()}]
+        if impl is COMPILED:
+            generation = FinishedGeneration(len(finished))
+            generation.update(s.finished[0].items())
+            s.finished = [FinishedGeneration(), generation]
         taken = [s.take([dataclasses.replace(r) for r in first])[0]]
         sent = s.fill(room)
         for f in sent[0]:
