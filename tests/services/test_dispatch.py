@@ -576,6 +576,16 @@ async def leased(tmp_path, max_attempts: int = 3):
     return store, dispatch, stream, deliveries, await store.get("t")
 
 
+async def delivers_more(deliveries, within_s: float = 0.1) -> bool:
+    """Whether another message arrives on the stream within ``within_s``."""
+    again = asyncio.get_running_loop().create_task(deliveries.__anext__())
+    await asyncio.sleep(within_s)
+    arrived = again.done()
+    again.cancel()
+    await asyncio.gather(again, return_exceptions=True)
+    return arrived
+
+
 async def closed(store, dispatch, deliveries):
     await deliveries.aclose()
     await dispatch.stop()
@@ -602,11 +612,7 @@ def test_a_stale_copy_of_a_delivered_row_is_confirmed_and_not_delivered_again(tm
         store, dispatch, stream, deliveries, lease_row = await leased(tmp_path)
         stale = dataclasses.replace(lease_row, gen=1, attempt=1)
         await asyncio.wait_for(dispatch.take([stale], now_ms()), 5)  # confirmed at once
-        again = asyncio.get_running_loop().create_task(deliveries.__anext__())
-        await asyncio.sleep(0.1)
-        redelivered = again.done()
-        again.cancel()
-        await asyncio.gather(again, return_exceptions=True)
+        redelivered = await delivers_more(deliveries)
         await closed(store, dispatch, deliveries)
         return redelivered, dispatch.delivered, dispatch.redelivered
 
@@ -639,11 +645,7 @@ def test_a_reloaded_copy_of_a_task_waiting_for_its_queues_first_worker_is_delive
         stream, deliveries = await subscribed(dispatch)
         msg = await asyncio.wait_for(deliveries.__anext__(), 5)
         await asyncio.wait_for(asyncio.gather(first, copy), 5)  # both confirmed by the lease
-        again = asyncio.get_running_loop().create_task(deliveries.__anext__())
-        await asyncio.sleep(0.1)
-        twice = again.done()
-        again.cancel()
-        await asyncio.gather(again, return_exceptions=True)
+        twice = await delivers_more(deliveries)
         await closed(store, dispatch, deliveries)
         return ready, [d.delivery_id for d in msg.deliveries], twice
 
