@@ -145,8 +145,7 @@ class FinishedGeneration:
 
 def take_fired(
     records: list[Any], now: SupportsIndex, fired_at: SupportsIndex, batch: Any,
-    finished: list[FinishedGeneration] | list[dict[str, int]], leases: dict[str, Fired],
-    waiting: dict[str, Fired],
+    finished: list[FinishedGeneration], leases: dict[str, Fired], waiting: dict[str, Fired],
     queues: dict[str, Any], unheld: list[str], touched: set[Any], slow: Any,
 ) -> int: ...
 def fill(
@@ -155,7 +154,7 @@ def fill(
 ) -> tuple[list[Fired], int]: ...
 def settle_acks(
     delivery_ids: Iterable[str], in_flight: dict[str, Fired], leases: dict[str, Fired],
-    finished: FinishedGeneration | dict[str, int], now: SupportsIndex, transition: RecordShape,
+    finished: FinishedGeneration, now: SupportsIndex, transition: RecordShape,
     succeed: Any, elsewhere: Any, traced: list[Fired] | None = None,
 ) -> tuple[list[Any], list[list[Any]], list[str], int]: ...
 

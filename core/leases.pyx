@@ -167,19 +167,12 @@ cdef class FinishedGeneration:
 
 
 cdef inline object _finished_entry(list finished, object task_id):
-    """The newest generation's entry of ``task_id`` in the finished memory (generations or
-    plain dicts), or None."""
-    cdef PyObject *hit
+    """The newest generation's entry of ``task_id`` in the finished memory, or None."""
     cdef object value
-    for entries in finished:
-        if type(entries) is FinishedGeneration:
-            value = (<FinishedGeneration>entries).lookup(task_id)
-            if value is not None:
-                return value
-        else:
-            hit = PyDict_GetItem(<dict>entries, task_id)
-            if hit != NULL:
-                return <object>hit
+    for generation in finished:
+        value = (<FinishedGeneration?>generation).lookup(task_id)
+        if value is not None:
+            return value
     return None
 
 
@@ -187,9 +180,8 @@ def take_fired(list records, int64_t now, int64_t fired_at, object batch, list f
                dict leases, dict waiting, dict queues, list unheld, set touched, object slow):
     """Takes fired ``records`` (each with task_id, gen, queue) for push ``batch``.
 
-    ``finished`` is the finished memory's generations, newest first (FinishedGeneration or
-    dicts of task_id -> gen << 44 | ms): a record whose task finished at its gen or later is counted done
-    (``batch.done_one()``). A task in neither ``leases`` nor ``waiting`` whose queue is in
+    ``finished`` is the finished memory's generations (FinishedGeneration), newest first: a
+    record whose task finished at its gen or later is counted done (``batch.done_one()``). A task in neither ``leases`` nor ``waiting`` whose queue is in
     ``queues`` becomes a Fired(record, [batch], now, fired_at) in ``waiting`` and at the end
     of its queue state's ``ready``; its task_id goes to ``unheld``, the queue state to
     ``touched``. Any other record is passed to ``slow(record)``. Returns how many were new."""
@@ -276,12 +268,12 @@ cdef inline object _finished_value(int64_t gen, int64_t now):
     return (<object>gen << _MS_BITS) | now
 
 
-def settle_acks(delivery_ids, dict in_flight, dict leases, object finished, int64_t now,
+def settle_acks(delivery_ids, dict in_flight, dict leases, FinishedGeneration finished, int64_t now,
                 RecordShape transition, object succeed, object elsewhere, list traced=None):
     """Answers the acked ``delivery_ids``: each one's lease is taken from ``in_flight`` or, not
     there, from ``elsewhere(delivery_id)`` (None: a stale ack, skipped), and leaves ``leases``.
 
-    For each, ``finished[task_id] = gen << 44 | now`` (a FinishedGeneration or a dict) and a ``succeed`` transition is built
+    For each, ``finished[task_id] = gen << 44 | now`` (the finished memory's newest generation) and a ``succeed`` transition is built
     with ``transition`` (a RecordShape of taskwheel.stores.base.Transition): of the lease row
     (gen, due_ms) once written, else of the delivered row, the lease then marked written so it
     never is. ``traced``, when given, gets each lease answered. Returns (transitions, push
@@ -294,9 +286,6 @@ def settle_acks(delivery_ids, dict in_flight, dict leases, object finished, int6
     cdef Fired f
     cdef object lease, rec, task_id, t
     cdef PyObject *hit
-    cdef FinishedGeneration generation = finished if type(finished) is FinishedGeneration else None
-    if generation is None and type(finished) is not dict:
-        raise TypeError("finished must be a FinishedGeneration or a dict")
     for delivery_id in delivery_ids:
         hit = PyDict_GetItem(in_flight, delivery_id)
         if hit != NULL:
@@ -311,10 +300,7 @@ def settle_acks(delivery_ids, dict in_flight, dict leases, object finished, int6
         task_id = rec.task_id
         if PyDict_GetItem(leases, task_id) == <PyObject *>f:
             PyDict_DelItem(leases, task_id)
-        if generation is not None:
-            generation.put(task_id, _finished_value(f.gen, now))
-        else:
-            PyDict_SetItem(<dict>finished, task_id, _finished_value(f.gen, now))
+        finished.put(task_id, _finished_value(f.gen, now))
         t = transition.new_instance()
         transition.put(t, 0, task_id)
         transition.put(t, 1, rec.shard)

@@ -199,7 +199,7 @@ class ReferenceFired:
         self.delivery_id: str | None = None
 
 
-def take_fired(records: list[Any], now: int, fired_at: int, batch: Any, finished: list[dict[str, int]],
+def take_fired(records: list[Any], now: int, fired_at: int, batch: Any, finished: list[Any],
                leases: dict[str, Any], waiting: dict[str, Any], queues: dict[str, Any], unheld: list[str],
                touched: set[Any], slow: Any) -> int:
     taken = 0
@@ -243,7 +243,7 @@ def fill(ready: deque[Any], waiting: dict[str, Any], leases: dict[str, Any], con
 
 
 def settle_acks(delivery_ids: Iterable[str], in_flight: dict[str, Any], leases: dict[str, Any],
-                finished: dict[str, int], now: int, transition: Any, succeed: Any, elsewhere: Any,
+                finished: Any, now: int, transition: Any, succeed: Any, elsewhere: Any,
                 traced: list[Any] | None = None) -> tuple[list[Any], list[Any], list[str], int]:
     if tuple(transition.fields) != TRANSITION_FIELDS:
         raise TypeError(f"transition must be a RecordShape of the fields {TRANSITION_FIELDS}")

@@ -40,7 +40,6 @@ log = logging.getLogger("taskwheel.dispatch")
 # on the first while the rest are taken. Ordinary fires are far smaller and go in one turn.
 BURST_CHUNK = 4096
 _MS_BITS = 44  # wall-clock milliseconds fit until the year 2527
-_MS_MASK = (1 << _MS_BITS) - 1
 # The acks' SUCCEED transitions, built from C by settle_acks.
 _TRANSITION = RecordShape(Transition, [field.name for field in dataclasses.fields(Transition)])
 

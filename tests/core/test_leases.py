@@ -51,6 +51,13 @@ class Queue:
         self.ready = deque()
 
 
+def remembered(entries=()):
+    """A generation of the finished memory holding ``entries`` (task_id -> gen << 44 | ms)."""
+    finished = FinishedGeneration()
+    finished.update(dict(entries).items())
+    return finished
+
+
 class State:
     """The servicer's dicts, as the loops see them."""
 
@@ -58,7 +65,7 @@ class State:
         self.impl = impl
         self.leases, self.waiting, self.in_flight = {}, {}, {}
         self.queues = {name: Queue() for name in queues}
-        self.finished = [{}]
+        self.finished = [remembered()]
         self.unheld, self.touched, self.slow = [], set(), []
         self.shape = impl.Shape(Transition, [f.name for f in dataclasses.fields(Transition)])
         self.stale = []
@@ -97,14 +104,15 @@ def test_a_new_task_waits_at_the_end_of_its_queue_and_is_due_a_hold(impl):
 
 def test_a_task_finished_at_its_gen_or_later_is_counted_done_and_not_taken(impl):
     s = State(impl)
-    s.finished = [{"new": 3 << 44 | NOW}, {"same": 2 << 44 | NOW, "new": 1 << 44 | NOW}]
+    s.finished = [remembered({"new": 3 << 44 | NOW}),
+                  remembered({"same": 2 << 44 | NOW, "new": 1 << 44 | NOW})]
     taken, batch = s.take([Rec("same", gen=2), Rec("new", gen=2)])
     assert (taken, batch.done, s.waiting, s.slow) == (0, 2, {}, [])
 
 
 def test_a_task_finished_at_an_older_gen_is_taken(impl):
     s = State(impl)
-    s.finished = [{"t": 1 << 44 | NOW}]
+    s.finished = [remembered({"t": 1 << 44 | NOW})]
     assert s.take([Rec("t", gen=2)])[0] == 1 and "t" in s.waiting
 
 
@@ -166,7 +174,7 @@ def test_an_ack_before_the_lease_is_written_ends_the_delivered_row_and_confirms_
     transitions, confirm, forget, coalesced = s.ack(["t.4"])
     assert transitions == [Transition("t", 5, SUCCEED, 3, NOW - 2)]
     assert (confirm, forget, coalesced, lease.written) == ([lease.batches], [], 1, True)
-    assert s.in_flight == {} and s.leases == {} and s.finished[0] == {"t": 4 << 44 | NOW + 10}
+    assert s.in_flight == {} and s.leases == {} and s.finished[0].entries == {"t": 4 << 44 | NOW + 10}
 
 
 def test_an_ack_after_the_lease_is_written_ends_the_lease_row_and_forgets_it_in_the_timer(impl):
@@ -239,10 +247,10 @@ def test_fired_tasks_and_transitions_are_out_of_the_gcs_view():
 
 def test_a_task_finished_in_a_filtered_generation_is_counted_done_and_not_taken():
     s = State(COMPILED)
-    generation = FinishedGeneration(1_000)
-    generation.update((f"other{i}", 9 << 44) for i in range(5_000))  # past its capacity
-    generation["same"] = 2 << 44 | NOW
-    s.finished = [FinishedGeneration(), generation]
+    crowded = FinishedGeneration(1_000)
+    crowded.update((f"other{i}", 9 << 44) for i in range(5_000))  # past its capacity
+    crowded["same"] = 2 << 44 | NOW
+    s.finished = [FinishedGeneration(), crowded]
     taken, batch = s.take([Rec("same", gen=2), Rec("fresh")])
     assert (taken, batch.done, list(s.waiting)) == (1, 1, ["fresh"])
 
@@ -250,10 +258,10 @@ def test_a_task_finished_in_a_filtered_generation_is_counted_done_and_not_taken(
 def test_an_ack_into_a_filtered_generation_is_remembered_there():
     s = State(COMPILED)
     (lease,) = _sent(s, Rec("t", gen=3))
-    generation = FinishedGeneration()
-    s.ack(["t.4"], finished=generation)
-    assert generation.get("t") == 4 << 44 | NOW + 10
-    assert "t" in generation and generation.may_hold("t")
+    newest = FinishedGeneration()
+    s.ack(["t.4"], finished=newest)
+    assert newest.get("t") == 4 << 44 | NOW + 10
+    assert "t" in newest and newest.may_hold("t")
 
 
 @settings(max_examples=100, deadline=None)
@@ -298,7 +306,7 @@ def _view(s):
             sorted((k, fired(f)) for k, f in s.waiting.items()),
             sorted((k, fired(f)) for k, f in s.in_flight.items()),
             {name: [fired(f) for f in q.ready] for name, q in s.queues.items()},
-            [dict(getattr(g, "entries", g)) for g in s.finished if len(g)], s.unheld,
+            [g.entries for g in s.finished], s.unheld,
             sorted(name for name, q in s.queues.items() if q in s.touched),
             [r.task_id for r in s.slow], s.stale)
 
@@ -312,18 +320,14 @@ def test_compiled_and_reference_loops_agree(first, second, finished, room, acks,
     results = []
     for impl in (COMPILED, REFERENCE):
         s = State(impl, queues=("q", "r"))
-        s.finished = [{k: g << 44 | NOW for k, g in finished.items()}]
-        if impl is COMPILED:
-            generation = FinishedGeneration(len(finished))
-            generation.update(s.finished[0].items())
-            s.finished = [FinishedGeneration(), generation]
+        s.finished = [remembered(), remembered({k: g << 44 | NOW for k, g in finished.items()})]
         taken = [s.take([dataclasses.replace(r) for r in first])[0]]
         sent = s.fill(room)
         for f in sent[0]:
             f.written = f.record.task_id in written
         taken.append(s.take([dataclasses.replace(r) for r in second])[0])
         sent2 = s.fill(room, queue="r")
-        transitions, confirm, forget, coalesced = s.ack(acks, finished={})
+        transitions, confirm, forget, coalesced = s.ack(acks, finished=remembered())
         results.append((taken, [f.delivery_id for f in sent[0] + sent2[0]], sent[1], sent2[1], transitions,
                         len(confirm), forget, coalesced, _view(s)))
     assert results[0] == results[1]
