@@ -15,6 +15,13 @@ whose acks must not overtake their leases, use that depth. ``overlap_at`` holds 
 back until that many items wait: a second call made for a few items halves the batches and
 doubles the calls (measured: p99 lateness 49 -> 89 ms at a constant 15K tasks/s), while one
 made for a backlog drains it.
+
+``linger_s`` spaces calls out under load: a call starts at least that long after the previous
+one started, unless ``max_batch`` items wait. A call costs the event loop a fixed ~100 us on
+top of its items (a task, the executor's futures, the wake-ups between threads), and a fast
+store finishes it before the next group has grown, so without a linger a busy stream of small
+commits (dispatch's acks, one message at a time) makes as many calls as there are messages.
+An idle caller is not held back: its call starts at once when the last started a linger ago.
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ class GroupCommit:
         max_pending: int,
         concurrency: int = 1,
         overlap_at: int = 0,
+        linger_s: float = 0.0,
     ) -> None:
         self._write = write
         self._slots = asyncio.Semaphore(concurrency)
@@ -47,6 +55,8 @@ class GroupCommit:
         self._max_batch = max_batch
         self._max_pending = max_pending
         self._overlap_at = overlap_at
+        self._linger_s = linger_s
+        self._last_start = float("-inf")
         self._queued = 0  # items in the queue, not yet in a running call
         self._queue: deque[tuple[Sequence[Any], asyncio.Future]] = deque()
         self._pending = 0
@@ -96,6 +106,11 @@ class GroupCommit:
                 self._wake.clear()
                 await self._wake.wait()  # set by commit() and by a finished call
                 continue
+            if self._linger_s and self._queued < self._max_batch:
+                wait = self._last_start + self._linger_s - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                    continue
             await self._slots.acquire()
             if not self._queue:
                 self._slots.release()
@@ -107,6 +122,7 @@ class GroupCommit:
                 group.append((items, fut))
                 batch.extend(items)
             self._queued -= len(batch)
+            self._last_start = loop.time()
             task = loop.create_task(self._flush(group, batch))
             self._running.add(task)
             task.add_done_callback(self._flushed)

@@ -165,7 +165,8 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         # time in arrival order (ordered_apply_depth > 1) takes the next batch while one runs.
         self._writer = GroupCommit(self._apply, max_batch=config.write_batch, max_pending=1 << 62,
                                    concurrency=store.ordered_apply_depth,
-                                   overlap_at=config.write_batch // 2)
+                                   overlap_at=config.write_batch // 2,
+                                   linger_s=config.transition_linger_ms / 1000)
         self._tasks: list[asyncio.Task] = []
         self.delivered = self.acked = self.nacked = self.redelivered = self.stale_acks = 0
         self.coalesced = 0  # deliveries answered before their lease was written

@@ -38,6 +38,7 @@ def test_a_non_numeric_variable_is_named_in_the_error():
     (["--slice-ms", "3000", "--lookahead-ms", "5000"], "--slice-ms"),
     (["--max-batch", "0"], "--max-batch"),
     (["--lease-write-delay-ms", "-1"], "--lease-write-delay-ms"),
+    (["--transition-linger-ms", "-5"], "--transition-linger-ms"),
 ])
 def test_bad_values_are_refused_naming_the_flag(argv, message):
     with pytest.raises(ValueError, match=message):

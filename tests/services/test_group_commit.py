@@ -185,3 +185,55 @@ def test_a_second_write_waits_while_few_items_are_queued_behind_the_first():
 
     run(main())
     assert list(zip(sizes, overlapped)) == [(1, False), (10, False), (30, False), (60, True)]
+
+
+def test_a_linger_spaces_calls_out_and_never_delays_an_idle_caller():
+    starts = []
+
+    async def write(items):
+        starts.append((asyncio.get_running_loop().time(), len(items)))
+        return list(items)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        gc = GroupCommit(write, max_batch=100, max_pending=1000, linger_s=0.3)
+        gc.start()
+        began = loop.time()
+        await gc.commit([0])  # idle: written at once, not a linger later
+        first_wait = loop.time() - began
+        # A stream of small commits while the last call is recent: one call for all of them.
+        stream = []
+        for _ in range(10):
+            stream.append(gc.commit([0, 0]))
+            await asyncio.sleep(0.005)
+        await asyncio.gather(*stream)
+        # A full batch waits for nothing but a call started just now.
+        full = gc.commit([0] * 100)
+        await full
+        await gc.stop()
+        return first_wait
+
+    first_wait = run(main())
+    assert first_wait < 0.15
+    assert [n for _, n in starts] == [1, 20, 100]
+    assert starts[1][0] - starts[0][0] >= 0.29  # the stream waited out the linger ...
+    assert starts[2][0] - starts[1][0] < 0.15  # ... a full batch did not
+
+
+def test_stop_writes_what_lingers():
+    written = []
+
+    async def write(items):
+        written.extend(items)
+        return list(items)
+
+    async def main():
+        gc = GroupCommit(write, max_batch=100, max_pending=1000, linger_s=0.2)
+        gc.start()
+        await gc.commit([1])
+        lingering = gc.commit([2, 3])
+        await gc.stop()
+        return await lingering
+
+    assert run(main()) == [2, 3]
+    assert written == [1, 2, 3]
