@@ -558,6 +558,41 @@ def test_no_worker_or_delivery_outlives_its_stream_with_fired_tasks_out_of_the_g
     assert dispatch.acked == 4 and not dispatch._leases
 
 
+def test_an_orphan_acked_on_the_workers_next_stream_is_done_and_only_the_other_is_retried(tmp_path):
+    async def main():
+        store = await opened_store(tmp_path)
+        fired_at = now_ms()
+        tasks = [task(f"t{i}", fired_at - 10) for i in range(2)]
+        await store.insert(tasks)
+        dispatch = DispatchService(Config(orphan_grace_ms=100, retry_base_ms=10), store, QuietTimer())
+        await dispatch.start()
+        stream, deliveries = await subscribed(dispatch)
+        push = asyncio.get_running_loop().create_task(dispatch.push(tasks, fired_at))
+        ids = sorted(d.delivery_id for d in (await deliveries.__anext__()).deliveries)
+        await deliveries.aclose()  # the worker's stream breaks with both in flight ...
+        again, second = await subscribed(dispatch)
+        reading = asyncio.get_running_loop().create_task(second.__anext__())  # the stream runs
+        again.send(ack=dispatch_pb2.Ack(delivery_ids=ids[:1]))  # ... it comes back and acks one
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            rows = [await store.get(t.task_id) for t in tasks]
+            if rows[1].attempt > 1:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.wait_for(push, 5)
+        reading.cancel()
+        await asyncio.gather(reading, return_exceptions=True)
+        await second.aclose()
+        await dispatch.stop()
+        await store.close()
+        return ids, rows, dispatch
+
+    ids, (acked, orphan), dispatch = asyncio.run(main())
+    assert ids == ["t0.2", "t1.2"]
+    assert acked.state is TaskState.SUCCEEDED and dispatch.acked == 1
+    assert (orphan.state, orphan.attempt, orphan.last_error) == (TaskState.SCHEDULED, 2, "worker disconnected")
+
+
 # -- the fired tasks take_fired passes back to the servicer (redeliveries, copies, new queues) --
 
 async def leased(tmp_path, max_attempts: int = 3):
