@@ -201,6 +201,46 @@ def memory_summary(samples: Mapping[str, Sequence[tuple[float, int]]],
     return out
 
 
+# /proc/stat's first line: the machine's CPU time in clock ticks, by kind, in this order.
+PROC_STAT_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def parse_proc_stat(text: str) -> dict[str, int]:
+    """The machine's CPU ticks by kind, from the text of /proc/stat."""
+    first = text.split("\n", 1)[0].split()
+    if not first or first[0] != "cpu":
+        raise ValueError("/proc/stat does not begin with the machine's cpu line")
+    return dict(zip(PROC_STAT_FIELDS, map(int, first[1:1 + len(PROC_STAT_FIELDS)])))
+
+
+def machine_cpu(before: Mapping[str, int], after: Mapping[str, int], seconds: float,
+                ticks_per_s: int) -> dict[str, float | None]:
+    """What the whole machine's cores did between two /proc/stat readings, in cores (2.0 = two
+    cores the whole time): busy (this run's processes and everyone else's), idle, and stolen
+    (a VM's vCPU ready to run while the host ran something else: no process sees it, and a
+    spell of it slows every figure of the run)."""
+    if seconds <= 0:
+        return {"busy_cores": None, "idle_cores": None, "steal_cores": None}
+    cores = {k: (after[k] - before[k]) / ticks_per_s / seconds for k in PROC_STAT_FIELDS}
+    busy = cores["user"] + cores["nice"] + cores["system"] + cores["irq"] + cores["softirq"]
+    return {"busy_cores": round(busy, 3), "idle_cores": round(cores["idle"] + cores["iowait"], 3),
+            "steal_cores": round(cores["steal"], 3)}
+
+
+def machine_cpu_between(samples: Sequence[tuple[float, Mapping[str, int]]], start_ms: float,
+                        end_ms: float, ticks_per_s: int) -> dict[str, float | None]:
+    """machine_cpu over [start_ms, end_ms], from timed /proc/stat samples: between the last
+    sample at or before the start and the first at or after the end (the nearest ones inside,
+    when the samples do not reach that far)."""
+    if not samples:
+        return machine_cpu({}, {}, 0.0, ticks_per_s)
+    before = [s for s in samples if s[0] <= start_ms]
+    after = [s for s in samples if s[0] >= end_ms]
+    first = before[-1] if before else samples[0]
+    last = after[0] if after else samples[-1]
+    return machine_cpu(first[1], last[1], (last[0] - first[0]) / 1000.0, ticks_per_s)
+
+
 def cpu_summary(samples: Mapping[str, Sequence[tuple[float, float]]],
                 tasks: int = 0) -> dict[str, dict]:
     """Per server label: CPU seconds used between its first and last sample, the share of one

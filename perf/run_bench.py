@@ -228,11 +228,13 @@ class Sampler(threading.Thread):
         # label -> [(t_ms, cpu_s) first seen, (t_ms, cpu_s) last seen]
         self.cpu: dict[str, list[tuple[float, float]]] = {}
         self.pending: list[tuple[float, int | None]] = []
+        self.machine: list[tuple[float, dict[str, int]]] = []  # (t_ms, /proc/stat's cpu ticks)
         self.errors: list[str] = []
         self._stop_event = threading.Event()
 
     def sample_memory(self) -> None:
         now_ms = time.time() * 1000.0
+        self.machine.append((now_ms, _proc_stat()))
         for label, pid in self.driver.server_pids().items():
             mem = read_proc_memory(pid)
             if mem is None:
@@ -285,6 +287,10 @@ def machine_context() -> dict[str, Any]:
         "numpy": np.__version__,
         "git_commit": commit,
     }
+
+
+def _proc_stat() -> dict[str, int]:
+    return report_mod.parse_proc_stat(Path("/proc/stat").read_text())
 
 
 def run_driver(name: str, scenario: Scenario, args: argparse.Namespace,
@@ -394,6 +400,14 @@ def run_driver(name: str, scenario: Scenario, args: argparse.Namespace,
             refresh("done")
         end_ms = time.time() * 1000.0
         sampler.stop()
+        # The whole machine's cores, over the run and while its tasks fell due: a spell of the
+        # host's (steal) or of other tenants' load shows here, not in any process's CPU.
+        ticks = os.sysconf("SC_CLK_TCK")
+        first_due_ms = float(stream["fire_at_ms"].min()) if stream.size else t0_ms.value
+        machine["cpu_during_run"] = report_mod.machine_cpu_between(
+            sampler.machine, t0_ms.value, end_ms, ticks)
+        machine["cpu_while_due"] = report_mod.machine_cpu_between(
+            sampler.machine, first_due_ms, horizon_ms, ticks)
         memory, hwm, cpu = sampler.memory, sampler.hwm, sampler.cpu
         pending = sampler.pending
         sampler_errors = sampler.errors
@@ -463,7 +477,17 @@ def summary_line(r: dict[str, Any]) -> str:
             f"lateness p50 {_ms(late['p50'])} p99 {_ms(late['p99'])} max {_ms(late['max'])}; "
             f"delivered {d['delivered']:,}/{d['expected']:,} lost {d['lost']} "
             f"dup {d['duplicates']} early {d['early']}; peak pending "
-            f"{r['pending']['peak_held']:,}; {mem}")
+            f"{r['pending']['peak_held']:,}; {mem}{_machine_note(r)}")
+
+
+def _machine_note(r: dict[str, Any]) -> str:
+    """The machine's cores during the run: what else was busy, and what the host took."""
+    machine = r.get("context", {}).get("machine", {})
+    use = machine.get("cpu_while_due") or {}
+    if use.get("busy_cores") is None:
+        return ""
+    return (f"; while due: machine {use['busy_cores']:.2f} of {machine.get('cores', '?')} cores "
+            f"busy, {use['steal_cores']:.2f} stolen by the host")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

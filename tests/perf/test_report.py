@@ -183,3 +183,33 @@ def test_cpu_share_is_cpu_seconds_over_the_sampled_wall_time():
 def test_cpu_per_task_is_cpu_seconds_over_tasks_submitted():
     out = report.cpu_summary({"timer": [(0.0, 10.0), (4000.0, 13.0)]}, tasks=30_000)
     assert out["timer"]["cpu_us_per_task"] == pytest.approx(100.0)
+
+
+def test_the_machines_cpu_is_read_from_proc_stats_first_line():
+    text = "cpu  100 5 50 800 10 1 2 30 0 0\ncpu0 50 2 25 400 5 0 1 15 0 0\nintr 1\n"
+    assert report.parse_proc_stat(text) == {
+        "user": 100, "nice": 5, "system": 50, "idle": 800, "iowait": 10, "irq": 1, "softirq": 2,
+        "steal": 30}
+    with pytest.raises(ValueError, match="cpu line"):
+        report.parse_proc_stat("intr 1\n")
+
+
+def test_the_machines_cpu_over_a_run_is_in_cores_busy_idle_and_stolen():
+    before = report.parse_proc_stat("cpu  0 0 0 0 0 0 0 0\n")
+    after = report.parse_proc_stat("cpu  900 100 300 500 100 50 50 200\n")
+    # 10 s at 100 ticks a second: 2 cores' worth of ticks, 20 % of it stolen
+    assert report.machine_cpu(before, after, 10.0, 100) == {
+        "busy_cores": 1.4, "idle_cores": 0.6, "steal_cores": 0.2}
+    assert report.machine_cpu(before, after, 0.0, 100)["busy_cores"] is None
+
+
+def test_the_machines_cpu_while_tasks_fall_due_is_taken_from_the_samples_around_that_window():
+    def at(t_ms, busy_ticks, steal_ticks):
+        return (t_ms, {**dict.fromkeys(report.PROC_STAT_FIELDS, 0), "user": busy_ticks,
+                       "steal": steal_ticks})
+    samples = [at(0, 0, 0), at(1000, 100, 0), at(2000, 250, 40), at(3000, 300, 40)]
+    window = report.machine_cpu_between(samples, 1200, 1900, 100)  # 1000-2000 ms brackets it
+    assert (window["busy_cores"], window["steal_cores"]) == (1.5, 0.4)
+    whole = report.machine_cpu_between(samples, -500, 9000, 100)  # past the ends: all of them
+    assert whole["busy_cores"] == 1.0
+    assert report.machine_cpu_between([], 0, 1, 100)["busy_cores"] is None
