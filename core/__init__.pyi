@@ -73,8 +73,10 @@ class _Delivery(Protocol):
     fired_at: int
     due_ms: int
 
-def encode_deliveries(sent: list[Any], traceparents: list[str] | None = None) -> bytes:
-    """The bytes of one taskwheel.v1.ConsumeResponse, a delivery per item (see _Delivery)."""
+def encode_deliveries(sent: list[Any], traceparents: list[str] | None = None,
+                      record: "RecordShape | None" = None) -> bytes:
+    """The bytes of one taskwheel.v1.ConsumeResponse, a delivery per item (see _Delivery);
+    ``record``, a RecordShape of the records' type, has their fields read from their slots."""
 
 def untrack(objects: list[Any], kind: type) -> int:
     """Takes the objects of exactly type ``kind`` out of the cyclic GC's view (see records.pyx)."""
@@ -84,7 +86,7 @@ class PendingTasks:
 
     @property
     def wheel(self) -> TimingWheel: ...
-    def __init__(self, wheel: TimingWheel) -> None: ...
+    def __init__(self, wheel: TimingWheel, record: "RecordShape | None" = None) -> None: ...
     def admit(self, records: Iterable[Any], skip: set[str] | None = None) -> int | None: ...
     def fire(self, now_ms: SupportsIndex) -> list[Any]: ...
     def forget(self, task_ids: Iterable[str]) -> int: ...
@@ -147,15 +149,17 @@ def take_fired(
     records: list[Any], now: SupportsIndex, fired_at: SupportsIndex, batch: Any,
     finished: list[FinishedGeneration], leases: dict[str, Fired], waiting: dict[str, Fired],
     queues: dict[str, Any], unheld: list[str], touched: set[Any], slow: Any,
+    record: RecordShape | None = None,
 ) -> int: ...
 def fill(
     ready: Any, waiting: dict[str, Fired], leases: dict[str, Fired], consumer: Any,
     in_flight: dict[str, Fired], room: SupportsIndex, now: SupportsIndex, shortest_lease_ms: SupportsIndex,
+    record: RecordShape | None = None,
 ) -> tuple[list[Fired], int]: ...
 def settle_acks(
     delivery_ids: Iterable[str], in_flight: dict[str, Fired], leases: dict[str, Fired],
     finished: FinishedGeneration, now: SupportsIndex, transition: RecordShape,
-    succeed: Any, elsewhere: Any, traced: list[Fired] | None = None,
+    succeed: Any, elsewhere: Any, traced: list[Fired] | None = None, record: RecordShape | None = None,
 ) -> tuple[list[Any], list[list[Any]], list[str], int]: ...
 
 def group_by(keys: Iterable[_K], items: Iterable[_T]) -> dict[_K, list[_T]]: ...

@@ -30,6 +30,8 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
 from taskwheel.core.int64 cimport _int64
+from taskwheel.core.leases cimport Fired
+from taskwheel.core.records cimport RecordShape, read_field
 
 cdef extern from "Python.h":
     const char *PyUnicode_AsUTF8AndSize(object s, Py_ssize_t *size) except NULL
@@ -52,6 +54,10 @@ cdef enum:
     TAG_MAP_VALUE = 0x12        # and value = 2
     TAG_SECONDS = 0x08          # google.protobuf.Timestamp.seconds = 1
     TAG_NANOS = 0x10            # and nanos = 2
+
+
+_RECORD_FIELDS = ("task_id", "queue", "traceparent", "payload", "fire_at_ms", "attempt", "max_attempts",
+                  "headers")
 
 
 cdef int _reserve(_Out *out, Py_ssize_t more) except -1:
@@ -155,13 +161,15 @@ cdef inline uint32_t _uint32(object value, str name) except? 0xFFFFFFFF:
     return <uint32_t>v
 
 
-def encode_deliveries(list sent, list traceparents=None):
+def encode_deliveries(list sent, list traceparents=None, RecordShape record=None):
     """The bytes of one taskwheel.v1.ConsumeResponse holding a delivery per item of ``sent``.
 
     Each item has ``record`` (with ``task_id``, ``queue``, ``payload``, ``fire_at_ms``,
     ``attempt``, ``max_attempts``, ``headers`` (a dict of str) and ``traceparent``, as a
     TaskRecord has), ``delivery_id``, ``fired_at`` (ms) and ``due_ms`` (the lease's expiry, ms).
     ``traceparents``, when given, holds one str per item that replaces the record's.
+    ``record``, a RecordShape of the records' type, has their fields read from their slots, and
+    an item that is a core.Fired has its own read from C.
     """
     cdef Py_ssize_t i, n = len(sent), pos
     cdef _Out out
@@ -180,6 +188,16 @@ def encode_deliveries(list sent, list traceparents=None):
     cdef Py_ssize_t task_id_n, delivery_id_n, queue_n, payload_n, trace_n, kn, vn, entry, size
     cdef int64_t fire_at, fired_at, expires
     cdef uint32_t attempt, max_attempts
+    cdef Fired fired
+    # The slots of record's fields, in order: task_id, queue, traceparent, payload, fire_at_ms,
+    # attempt, max_attempts, headers; kind NULL: every field by getattr.
+    cdef PyObject *kind = NULL
+    cdef Py_ssize_t at[8]
+    at[:] = [0, 0, 0, 0, 0, 0, 0, 0]
+    if record is not None:
+        for i, name in enumerate(_RECORD_FIELDS):
+            at[i] = record.offset_of(name)
+        kind = <PyObject *>record.kind
     if traceparents is not None and len(traceparents) != n:
         raise ValueError(f"{len(traceparents)} traceparents for {n} deliveries")
     out.data = NULL
@@ -188,26 +206,33 @@ def encode_deliveries(list sent, list traceparents=None):
         _reserve(&out, 160 * n + 64)
         for i in range(n):
             item = sent[i]
-            rec = item.record
-            task_id_s = rec.task_id
-            delivery_id_s = item.delivery_id
-            queue_s = rec.queue
-            trace_s = rec.traceparent if traceparents is None else traceparents[i]
+            if type(item) is Fired:
+                fired = <Fired>item
+                rec = fired.record
+                delivery_id_s = fired.delivery_id
+                fired_at = fired.fired_at
+                expires = fired.due_ms
+            else:
+                rec = item.record
+                delivery_id_s = item.delivery_id
+                fired_at = _int64(item.fired_at, "fired_at")
+                expires = _int64(item.due_ms, "due_ms")
+            task_id_s = read_field(rec, kind, at[0], "task_id")
+            queue_s = read_field(rec, kind, at[1], "queue")
+            trace_s = read_field(rec, kind, at[2], "traceparent") if traceparents is None else traceparents[i]
             task_id = _utf8(task_id_s, &task_id_n, "task_id")
             delivery_id = _utf8(delivery_id_s, &delivery_id_n, "delivery_id")
             queue = _utf8(queue_s, &queue_n, "queue")
             trace = _utf8(trace_s, &trace_n, "traceparent")
-            value = rec.payload
+            value = read_field(rec, kind, at[3], "payload")
             if not PyBytes_Check(value):
                 raise TypeError(f"payload must be bytes, not {type(value).__name__}")
             payload = PyBytes_AS_STRING(value)
             payload_n = PyBytes_GET_SIZE(value)
-            fire_at = _int64(rec.fire_at_ms, "fire_at_ms")
-            fired_at = _int64(item.fired_at, "fired_at")
-            expires = _int64(item.due_ms, "due_ms")
-            attempt = _uint32(rec.attempt, "attempt")
-            max_attempts = _uint32(rec.max_attempts, "max_attempts")
-            headers = rec.headers
+            fire_at = _int64(read_field(rec, kind, at[4], "fire_at_ms"), "fire_at_ms")
+            attempt = _uint32(read_field(rec, kind, at[5], "attempt"), "attempt")
+            max_attempts = _uint32(read_field(rec, kind, at[6], "max_attempts"), "max_attempts")
+            headers = read_field(rec, kind, at[7], "headers")
             if headers is not None and type(headers) is not dict:
                 raise TypeError(f"headers must be a dict, not {type(headers).__name__}")
 

@@ -47,7 +47,7 @@ from cpython.object cimport PyObject, PyObject_Hash
 from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport calloc, free
 
-from taskwheel.core.records cimport RecordShape
+from taskwheel.core.records cimport RecordShape, read_field
 
 # Where the finished memory keeps the gen in its ints: gen << 44 | finished at (ms); wall-clock
 # milliseconds fit in 44 bits until the year 2527. A gen below 2 ** 19 makes the int in C.
@@ -60,6 +60,28 @@ _TRANSITION_FIELDS = ("task_id", "shard", "kind", "expected_gen", "old_due_ms", 
                       "error", "task")
 cdef object _ZERO = 0
 cdef object _NO_ERROR = ""
+
+
+# Where the loops below find a record's fields: read from their slots when a record is of the
+# type of the ``record`` shape a caller passes (TaskRecord), else by getattr (kind NULL: always).
+cdef struct _Layout:
+    PyObject *kind
+    Py_ssize_t task_id, gen, queue, lease_ms, shard, due_ms
+
+
+cdef int _layout_of(RecordShape record, _Layout *layout) except -1:
+    layout.kind = NULL
+    layout.task_id = layout.gen = layout.queue = layout.lease_ms = layout.shard = layout.due_ms = 0
+    if record is None:
+        return 0
+    layout.task_id = record.offset_of("task_id")
+    layout.gen = record.offset_of("gen")
+    layout.queue = record.offset_of("queue")
+    layout.lease_ms = record.offset_of("lease_ms")
+    layout.shard = record.offset_of("shard")
+    layout.due_ms = record.offset_of("due_ms")
+    layout.kind = <PyObject *>record.kind
+    return 0
 
 
 @cython.final
@@ -177,30 +199,34 @@ cdef inline object _finished_entry(list finished, object task_id):
 
 
 def take_fired(list records, int64_t now, int64_t fired_at, object batch, list finished,
-               dict leases, dict waiting, dict queues, list unheld, set touched, object slow):
+               dict leases, dict waiting, dict queues, list unheld, set touched, object slow,
+               RecordShape record=None):
     """Takes fired ``records`` (each with task_id, gen, queue) for push ``batch``.
 
     ``finished`` is the finished memory's generations (FinishedGeneration), newest first: a
     record whose task finished at its gen or later is counted done (``batch.done_one()``). A task in neither ``leases`` nor ``waiting`` whose queue is in
     ``queues`` becomes a Fired(record, [batch], now, fired_at) in ``waiting`` and at the end
     of its queue state's ``ready``; its task_id goes to ``unheld``, the queue state to
-    ``touched``. Any other record is passed to ``slow(record)``. Returns how many were new."""
+    ``touched``. Any other record is passed to ``slow(record)``. ``record``, a RecordShape of
+    the records' type, has their fields read from their slots. Returns how many were new."""
     cdef Py_ssize_t i, n = PyList_GET_SIZE(records), taken = 0
     cdef object rec, task_id, fin, queue, last_queue = None, qs = None, ready = None
     cdef PyObject *hit
     cdef Fired f
+    cdef _Layout at
+    _layout_of(record, &at)
     for i in range(n):
         rec = records[i]
-        task_id = rec.task_id
+        task_id = read_field(rec, at.kind, at.task_id, "task_id")
         if finished:
             fin = _finished_entry(finished, task_id)
-            if fin is not None and fin >> _MS_BITS >= rec.gen:
+            if fin is not None and fin >> _MS_BITS >= read_field(rec, at.kind, at.gen, "gen"):
                 batch.done_one()  # the lease row of a task acked in the race with its firing
                 continue
         if PyDict_GetItem(leases, task_id) != NULL or PyDict_GetItem(waiting, task_id) != NULL:
             slow(rec)
             continue
-        queue = rec.queue
+        queue = read_field(rec, at.kind, at.queue, "queue")
         if ready is None or (queue is not last_queue and queue != last_queue):
             hit = PyDict_GetItem(queues, queue)
             if hit == NULL:
@@ -224,7 +250,7 @@ def take_fired(list records, int64_t now, int64_t fired_at, object batch, list f
 
 
 def fill(object ready, dict waiting, dict leases, object consumer, dict in_flight, Py_ssize_t room,
-         int64_t now, int64_t shortest_lease_ms):
+         int64_t now, int64_t shortest_lease_ms, RecordShape record=None):
     """Sends ``consumer`` up to ``room`` tasks from the front of ``ready`` (a deque of Fired).
 
     A Fired no longer the one ``waiting`` holds for its task (cancelled or superseded while it
@@ -232,24 +258,26 @@ def fill(object ready, dict waiting, dict leases, object consumer, dict in_fligh
     record's gen + 1, delivery_id ``"{task_id}.{gen}"``, due_ms = ``now`` + the record's
     lease_ms, in ``in_flight`` under its delivery id and in ``leases`` under its task id.
     Returns (the sent Fired in order, the shortest of their lease_ms and
-    ``shortest_lease_ms``)."""
+    ``shortest_lease_ms``). ``record``: as for take_fired."""
     cdef list sent = []
     cdef Fired f
     cdef object rec, task_id, delivery_id
     cdef PyObject *hit
     cdef int64_t gen, lease_ms
+    cdef _Layout at
+    _layout_of(record, &at)
     while room > 0 and ready:
         f = <Fired?>ready.popleft()
         rec = f.record
-        task_id = rec.task_id
+        task_id = read_field(rec, at.kind, at.task_id, "task_id")
         hit = PyDict_GetItem(waiting, task_id)
         if hit != <PyObject *>f:
             continue
         PyDict_DelItem(waiting, task_id)
         room -= 1
-        gen = rec.gen + 1
+        gen = read_field(rec, at.kind, at.gen, "gen") + 1
         delivery_id = f"{task_id}.{gen}"
-        lease_ms = rec.lease_ms
+        lease_ms = read_field(rec, at.kind, at.lease_ms, "lease_ms")
         f.gen = gen
         f.consumer = consumer
         f.delivery_id = delivery_id
@@ -269,7 +297,8 @@ cdef inline object _finished_value(int64_t gen, int64_t now):
 
 
 def settle_acks(delivery_ids, dict in_flight, dict leases, FinishedGeneration finished, int64_t now,
-                RecordShape transition, object succeed, object elsewhere, list traced=None):
+                RecordShape transition, object succeed, object elsewhere, list traced=None,
+                RecordShape record=None):
     """Answers the acked ``delivery_ids``: each one's lease is taken from ``in_flight`` or, not
     there, from ``elsewhere(delivery_id)`` (None: a stale ack, skipped), and leaves ``leases``.
 
@@ -278,7 +307,8 @@ def settle_acks(delivery_ids, dict in_flight, dict leases, FinishedGeneration fi
     (gen, due_ms) once written, else of the delivered row, the lease then marked written so it
     never is. ``traced``, when given, gets each lease answered. Returns (transitions, push
     batch lists to confirm once they are durable, task ids the timer may hold a row of (the
-    lease row, or a hold row), how many were settled before their lease was written)."""
+    lease row, or a hold row), how many were settled before their lease was written).
+    ``record``: as for take_fired."""
     if transition.count != len(_TRANSITION_FIELDS) or transition.fields != _TRANSITION_FIELDS:
         raise TypeError(f"transition must be a RecordShape of the fields {_TRANSITION_FIELDS}")
     cdef list transitions = [], confirm = [], forget = []
@@ -286,6 +316,8 @@ def settle_acks(delivery_ids, dict in_flight, dict leases, FinishedGeneration fi
     cdef Fired f
     cdef object lease, rec, task_id, t
     cdef PyObject *hit
+    cdef _Layout at
+    _layout_of(record, &at)
     for delivery_id in delivery_ids:
         hit = PyDict_GetItem(in_flight, delivery_id)
         if hit != NULL:
@@ -297,13 +329,13 @@ def settle_acks(delivery_ids, dict in_flight, dict leases, FinishedGeneration fi
                 continue
         f = <Fired?>lease
         rec = f.record
-        task_id = rec.task_id
+        task_id = read_field(rec, at.kind, at.task_id, "task_id")
         if PyDict_GetItem(leases, task_id) == <PyObject *>f:
             PyDict_DelItem(leases, task_id)
         finished.put(task_id, _finished_value(f.gen, now))
         t = transition.new_instance()
         transition.put(t, 0, task_id)
-        transition.put(t, 1, rec.shard)
+        transition.put(t, 1, read_field(rec, at.kind, at.shard, "shard"))
         transition.put(t, 2, succeed)
         if f.written:
             transition.put(t, 3, f.gen)
@@ -313,8 +345,8 @@ def settle_acks(delivery_ids, dict in_flight, dict leases, FinishedGeneration fi
             # Answered before its lease was written: the delivered row ends, with one write.
             f.written = True
             coalesced += 1
-            transition.put(t, 3, rec.gen)
-            transition.put(t, 4, rec.due_ms)
+            transition.put(t, 3, read_field(rec, at.kind, at.gen, "gen"))
+            transition.put(t, 4, read_field(rec, at.kind, at.due_ms, "due_ms"))
             confirm.append(f.batches)
             if f.held_gen:
                 forget.append(task_id)

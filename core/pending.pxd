@@ -15,6 +15,11 @@ cdef class PendingTasks:
     cdef int64_t *_free  # keys of emptied cells, reused first (capacity: _cells_cap)
     cdef Py_ssize_t _free_count
     cdef Py_ssize_t _count  # records held
+    # Records of this type have task_id, gen and due_ms read from their slots (at these
+    # offsets) instead of by getattr; NULL: always by getattr.
+    cdef PyObject *_kind
+    cdef object _kind_ref  # holds _kind alive
+    cdef Py_ssize_t _task_id_at, _gen_at, _due_ms_at
 
     cdef int64_t _take_cell(self, object rec) except -1
     cdef inline void _release_cell(self, int64_t key) noexcept

@@ -28,6 +28,9 @@ Python, and the same tests run against both):
   wheel's ``advance``), and forgets them.
 * ``forget(task_ids)`` takes the named tasks out; unknown names are ignored; returns how many.
 
+``record``, a core.RecordShape of the records' type (TaskRecord), has their fields read from
+their slots instead of by getattr (see records.pxd's read_field).
+
 The wheel is shared for reading (``len``, ``next_deadline``); a key scheduled or cancelled in
 it directly would break the correspondence. Threading: one thread (the event loop's), like
 the wheel.
@@ -40,6 +43,7 @@ from cpython.ref cimport Py_INCREF, Py_XDECREF
 from libc.stdint cimport int64_t
 from libc.stdlib cimport free, malloc, realloc
 
+from taskwheel.core.records cimport RecordShape, read_field
 from taskwheel.core.wheel cimport TimingWheel
 
 cdef extern from *:
@@ -58,11 +62,18 @@ cdef array.array _INT64S = array.array("q")
 cdef class PendingTasks:
     """Task records in a TimingWheel, by key and by task id (see the module's docstring)."""
 
-    def __cinit__(self, TimingWheel wheel not None):
+    def __cinit__(self, TimingWheel wheel not None, RecordShape record=None):
         if len(wheel):
             raise ValueError("the wheel must be empty: keys already in it would have no record")
         self.wheel = wheel
         self._keys = {}
+        self._kind = NULL
+        if record is not None:
+            self._task_id_at = record.offset_of("task_id")
+            self._gen_at = record.offset_of("gen")
+            self._due_ms_at = record.offset_of("due_ms")
+            self._kind_ref = record.kind
+            self._kind = <PyObject *>record.kind
 
     def __dealloc__(self):
         cdef Py_ssize_t i
@@ -119,14 +130,15 @@ cdef class PendingTasks:
         cdef dict by_task = self._keys
         cdef object held
         for rec in records:
-            task_id = rec.task_id
+            task_id = read_field(rec, self._kind, self._task_id_at, "task_id")
             if skipping and task_id in skip:
                 continue
             found = PyDict_GetItem(by_task, task_id)
             if found != NULL:
                 key = <object>found
                 held = <object>self._cells[key]
-                if held.gen >= rec.gen:
+                if (read_field(held, self._kind, self._gen_at, "gen")
+                        >= read_field(rec, self._kind, self._gen_at, "gen")):
                     continue
                 Py_INCREF(rec)
                 self._cells[key] = <PyObject *>rec
@@ -134,7 +146,7 @@ cdef class PendingTasks:
             else:
                 key = self._take_cell(rec)
                 by_task[task_id] = key
-            due = rec.due_ms
+            due = read_field(rec, self._kind, self._due_ms_at, "due_ms")
             if count == 0 or due < earliest:
                 earliest = due
             keys.data.as_longlongs[count] = key
@@ -164,7 +176,7 @@ cdef class PendingTasks:
             rec = self._cells[k[i]]
             Py_INCREF(<object>rec)
             PyList_SET_ITEM(fired, i, <object>rec)  # steals the reference just taken
-            task_id = (<object>rec).task_id
+            task_id = read_field(<object>rec, self._kind, self._task_id_at, "task_id")
             PT_PREFETCH(<PyObject *>task_id)
             Py_INCREF(task_id)
             PyList_SET_ITEM(ids, i, task_id)

@@ -115,6 +115,13 @@ cdef class RecordShape:
         Py_XDECREF(old)
         return 0
 
+    cdef Py_ssize_t offset_of(self, str name) except -1:
+        """Where the slot of field ``name`` lies in an instance (for ``read_field``)."""
+        try:
+            return self.offsets[self.fields.index(name)]
+        except ValueError:
+            raise ValueError(f"{self.kind.__name__} has no field {name!r}") from None
+
     def build(self, values):
         """One instance from a sequence of ``count`` values (the compiled reader fills them
         from its buffers instead; this is for tests and Python callers)."""

@@ -29,7 +29,8 @@ from taskwheel.config import Config
 from taskwheel.core import (FinishedGeneration, Fired, RecordShape, encode_deliveries, fill, settle_acks, shard_of,
                             take_fired, untrack)
 from taskwheel.group_commit import GroupCommit
-from taskwheel.stores.base import Store, TaskRecord, TaskState, Transition, TransitionKind, untracked
+from taskwheel.stores.base import (TASK_RECORD_SLOTS, Store, TaskRecord, TaskState, Transition, TransitionKind,
+                                   untracked)
 from taskwheel.v1 import dispatch_pb2, dispatch_pb2_grpc
 from taskwheel.wire import record_of_due
 
@@ -205,7 +206,7 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         # The common case, a task new to dispatch, in C; the rest (see _take_one) in its place.
         take_fired(records, now, fired_at_ms, batch, self._finished.newest_first(), self._leases,
                    self._waiting, self._queues, unheld, touched,
-                   functools.partial(self._take_one, batch, now, fired_at_ms, unheld, touched))
+                   functools.partial(self._take_one, batch, now, fired_at_ms, unheld, touched), TASK_RECORD_SLOTS)
         if unheld:
             self._unheld.append((now, unheld))
         for qs in touched:
@@ -267,14 +268,14 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
             if room <= 0:
                 continue
             sent, shortest_lease = fill(ready, waiting_by_task, leases, consumer, in_flight, room, now,
-                                        self._config.lease_write_delay_ms * 2)
+                                        self._config.lease_write_delay_ms * 2, TASK_RECORD_SLOTS)
             if sent:
                 self._messages_sent += 1
                 heapq.heappush(self._unwritten, (now + shortest_lease // 2, self._messages_sent, sent))
                 self.delivered += len(sent)
                 # The message's wire bytes in one call (the servicer's stream sends them as they are).
                 traceparents = _trace_deliveries(sent) if telemetry.enabled else None
-                consumer.out.put_nowait(encode_deliveries(sent, traceparents))
+                consumer.out.put_nowait(encode_deliveries(sent, traceparents, TASK_RECORD_SLOTS))
         if self._config.lease_write_delay_ms == 0:
             self._write_leases(now)
 
@@ -408,7 +409,7 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         traced: list[Fired] | None = [] if telemetry.enabled else None
         transitions, confirm, forget, coalesced = settle_acks(
             delivery_ids, consumer.in_flight, self._leases, self._finished.adding(now), now, _TRANSITION,
-            TransitionKind.SUCCEED, self._lease_elsewhere, traced)
+            TransitionKind.SUCCEED, self._lease_elsewhere, traced, TASK_RECORD_SLOTS)
         if traced:
             for lease in traced:
                 _trace_task("dispatch.ack", lease.record, lease.gen)

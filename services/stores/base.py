@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import abc
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Mapping, Sequence
 
 # One definition of where a due time lives, compiled in the core: BUCKET_MS (a minute) and
 # bucket_of(due_ms) = floor(due_ms / BUCKET_MS), negative times included.
 from taskwheel.core import BUCKET_MS, bucket_of  # noqa: F401 (re-exported)
-from taskwheel.core import untrack
+from taskwheel.core import RecordShape, untrack
 
 
 class TaskState(enum.IntEnum):
@@ -69,6 +69,11 @@ class TaskRecord:
     created_ms: int = 0
     updated_ms: int = 0
     last_error: str = ""
+
+
+# For the compiled loops that read records' fields: a TaskRecord's are read from their slots
+# (one load each) instead of by getattr from C (a generic lookup each).
+TASK_RECORD_SLOTS = RecordShape(TaskRecord, [f.name for f in fields(TaskRecord)])
 
 
 def untracked(records: list[TaskRecord]) -> list[TaskRecord]:

@@ -20,7 +20,7 @@ from taskwheel import telemetry
 from taskwheel.clock import now_ms
 from taskwheel.config import Config
 from taskwheel.core import PendingTasks, TimingWheel, shard_of
-from taskwheel.stores.base import Store, TaskRecord, untracked
+from taskwheel.stores.base import TASK_RECORD_SLOTS, Store, TaskRecord, untracked
 from taskwheel.v1 import timer_pb2, timer_pb2_grpc
 from taskwheel.wire import record_of_due
 
@@ -58,7 +58,7 @@ class TimerService(timer_pb2_grpc.TimerServicer):
         self._dispatch = dispatch
         self._shards = list(range(store.num_shards))
         # The tasks in the wheel, each at its due row, by wheel key and by task id.
-        self.pending = PendingTasks(TimingWheel(tick_ms=config.tick_ms, start_ms=now_ms()))
+        self.pending = PendingTasks(TimingWheel(tick_ms=config.tick_ms, start_ms=now_ms()), TASK_RECORD_SLOTS)
         self.wheel = self.pending.wheel
         # Everything with due_ms below this is in the wheel, fired, or superseded, except while
         # a slice is being read and admitted: then from loading_from_ms on it may not be yet.

@@ -1,11 +1,12 @@
 """encode_deliveries writes what the protobuf runtime would: the oracle is taskwheel.v1 itself."""
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from taskwheel.core import encode_deliveries
+from taskwheel.core import Fired, RecordShape, encode_deliveries
 from taskwheel.stores.base import TaskRecord
 from taskwheel.v1 import dispatch_pb2
 from taskwheel.wire import set_ms
@@ -16,6 +17,16 @@ TEXT = st.text(max_size=40)
 
 def sent(record: TaskRecord, delivery_id: str, fired_at: int, expires: int) -> SimpleNamespace:
     return SimpleNamespace(record=record, delivery_id=delivery_id, fired_at=fired_at, due_ms=expires)
+
+
+# The servicer's call: its items are Fired and their records' fields are read from their slots.
+RECORD = RecordShape(TaskRecord, [f.name for f in dataclasses.fields(TaskRecord)])
+
+
+def as_fired(item: SimpleNamespace) -> Fired:
+    fired = Fired(item.record, [], 0, item.fired_at)
+    fired.delivery_id, fired.due_ms = item.delivery_id, item.due_ms
+    return fired
 
 
 def by_protobuf(items, traceparents=None) -> dispatch_pb2.ConsumeResponse:
@@ -43,6 +54,11 @@ deliveries = st.builds(
 @given(st.lists(deliveries, max_size=20))
 def test_the_bytes_parse_as_the_message_the_protobuf_runtime_builds(items):
     assert dispatch_pb2.ConsumeResponse.FromString(encode_deliveries(items)) == by_protobuf(items)
+
+
+@given(st.lists(deliveries, max_size=20))
+def test_fired_items_read_from_their_slots_give_the_same_bytes(items):
+    assert encode_deliveries([as_fired(i) for i in items], None, RECORD) == encode_deliveries(items)
 
 
 @given(st.lists(deliveries.filter(lambda d: len(d.record.headers) <= 1), max_size=10))
@@ -83,8 +99,13 @@ def test_a_traceparent_list_of_another_length_is_refused():
     ("headers", [("k", "v")], "headers must be a dict, not list"),
     ("headers", {"k": 1}, "a header value must be a str, not int"),
 ])
-def test_a_field_of_the_wrong_type_is_a_clear_error(field, value, message):
+@pytest.mark.parametrize("slots", [False, True], ids=["getattr", "slots"])
+def test_a_field_of_the_wrong_type_is_a_clear_error(field, value, message, slots):
     record = TaskRecord("a", 0, "q", b"", 1, 1)
     setattr(record, field, value)
+    item = sent(record, "a.2", 2, 3)
     with pytest.raises((TypeError, OverflowError), match=message):
-        encode_deliveries([sent(record, "a.2", 2, 3)])
+        if slots:
+            encode_deliveries([as_fired(item)], None, RECORD)
+        else:
+            encode_deliveries([item])

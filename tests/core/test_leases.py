@@ -16,14 +16,17 @@ from taskwheel.stores.base import Transition, TransitionKind
 NOW = 1_700_000_000_000
 SUCCEED = TransitionKind.SUCCEED
 
+# The compiled loops twice: reading the records' fields by getattr, and from their slots
+# (given a RecordShape of the records' type, as the servicer passes).
 COMPILED = types.SimpleNamespace(Fired=core.Fired, take_fired=core.take_fired, fill=core.fill,
-                                 settle_acks=core.settle_acks, Shape=core.RecordShape)
+                                 settle_acks=core.settle_acks, Shape=core.RecordShape, reads_slots=False)
+COMPILED_SLOTS = types.SimpleNamespace(**{**vars(COMPILED), "reads_slots": True})
 REFERENCE = types.SimpleNamespace(Fired=reference.ReferenceFired, take_fired=reference.take_fired,
                                   fill=reference.fill, settle_acks=reference.settle_acks,
-                                  Shape=reference.ReferenceRecordShape)
+                                  Shape=reference.ReferenceRecordShape, reads_slots=False)
 
 
-@pytest.fixture(params=[COMPILED, REFERENCE], ids=["compiled", "reference"])
+@pytest.fixture(params=[COMPILED, COMPILED_SLOTS, REFERENCE], ids=["compiled", "compiled-slots", "reference"])
 def impl(request):
     return request.param
 
@@ -68,17 +71,19 @@ class State:
         self.finished = [remembered()]
         self.unheld, self.touched, self.slow = [], set(), []
         self.shape = impl.Shape(Transition, [f.name for f in dataclasses.fields(Transition)])
+        self.record = impl.Shape(Rec, [f.name for f in dataclasses.fields(Rec)]) if impl.reads_slots else None
         self.stale = []
 
     def take(self, records, batch=None, fired_at=NOW - 1):
         batch = batch or Batch()
         taken = self.impl.take_fired(records, NOW, fired_at, batch, self.finished, self.leases,
-                                     self.waiting, self.queues, self.unheld, self.touched, self.slow.append)
+                                     self.waiting, self.queues, self.unheld, self.touched, self.slow.append,
+                                     self.record)
         return taken, batch
 
     def fill(self, room, queue="q", shortest=60_000):
         return self.impl.fill(self.queues[queue].ready, self.waiting, self.leases, "consumer", self.in_flight,
-                              room, NOW, shortest)
+                              room, NOW, shortest, self.record)
 
     def elsewhere(self, delivery_id):
         self.stale.append(delivery_id)
@@ -87,7 +92,7 @@ class State:
     def ack(self, delivery_ids, traced=None, finished=None):
         finished = self.finished[0] if finished is None else finished
         return self.impl.settle_acks(delivery_ids, self.in_flight, self.leases, finished, NOW + 10,
-                                     self.shape, SUCCEED, self.elsewhere, traced)
+                                     self.shape, SUCCEED, self.elsewhere, traced, self.record)
 
 
 def test_a_new_task_waits_at_the_end_of_its_queue_and_is_due_a_hold(impl):
@@ -238,6 +243,32 @@ def test_settle_acks_refuses_a_shape_of_other_fields(impl):
         s.ack([])
 
 
+@dataclasses.dataclass(slots=True)
+class OtherRec:
+    task_id: str
+    gen: int = 1
+    queue: str = "q"
+    shard: int = 0
+    due_ms: int = NOW - 5
+    lease_ms: int = 30_000
+
+
+def test_a_record_not_of_the_shape_s_type_is_read_by_getattr():
+    s = State(COMPILED_SLOTS)
+    taken, _ = s.take([OtherRec("a", gen=2, lease_ms=7), Rec("b")])
+    sent, shortest = s.fill(2)
+    assert taken == 2 and [f.delivery_id for f in sent] == ["a.3", "b.2"] and shortest == 7
+    transitions, *_ = s.ack(["a.3"])
+    assert [(t.task_id, t.shard, t.expected_gen) for t in transitions] == [("a", 0, 2)]
+
+
+def test_a_record_with_a_field_never_set_raises_attribute_error():
+    s = State(COMPILED_SLOTS)
+    rec = Rec.__new__(Rec)  # no __init__: every slot empty
+    with pytest.raises(AttributeError, match="task_id"):
+        s.take([rec])
+
+
 def test_fired_tasks_and_transitions_are_out_of_the_gcs_view():
     s = State(COMPILED)
     (lease,) = _sent(s, Rec("t"))
@@ -318,7 +349,7 @@ def _view(s):
        written=st.sets(st.sampled_from("abcdefgh")))
 def test_compiled_and_reference_loops_agree(first, second, finished, room, acks, written):
     results = []
-    for impl in (COMPILED, REFERENCE):
+    for impl in (COMPILED, COMPILED_SLOTS, REFERENCE):
         s = State(impl, queues=("q", "r"))
         s.finished = [remembered(), remembered({k: g << 44 | NOW for k, g in finished.items()})]
         taken = [s.take([dataclasses.replace(r) for r in first])[0]]
@@ -330,4 +361,4 @@ def test_compiled_and_reference_loops_agree(first, second, finished, room, acks,
         transitions, confirm, forget, coalesced = s.ack(acks, finished=remembered())
         results.append((taken, [f.delivery_id for f in sent[0] + sent2[0]], sent[1], sent2[1], transitions,
                         len(confirm), forget, coalesced, _view(s)))
-    assert results[0] == results[1]
+    assert results[0] == results[1] == results[2]

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from taskwheel.core import PendingTasks, TimingWheel
+from taskwheel.core import PendingTasks, RecordShape, TimingWheel
 from taskwheel.core.reference import ReferencePendingTasks, ReferenceWheel
 
 
@@ -18,11 +18,38 @@ class Rec:
     gen: int = 1
 
 
-@pytest.fixture(params=[(PendingTasks, TimingWheel), (ReferencePendingTasks, ReferenceWheel)],
-                ids=["compiled", "reference"])
+def slots_read(wheel):
+    """The compiled table reading Rec's fields from their slots, as the timer has it read TaskRecord's."""
+    return PendingTasks(wheel, RecordShape(Rec, [f.name for f in dataclasses.fields(Rec)]))
+
+
+@pytest.fixture(params=[(PendingTasks, TimingWheel), (slots_read, TimingWheel),
+                        (ReferencePendingTasks, ReferenceWheel)],
+                ids=["compiled", "compiled-slots", "reference"])
 def pending(request):
     pending_cls, wheel_cls = request.param
     return pending_cls(wheel_cls(1, 0))
+
+
+@dataclasses.dataclass(slots=True)
+class OtherRec:
+    task_id: str
+    due_ms: int
+    gen: int = 1
+
+
+def test_records_of_another_type_than_the_shape_s_are_read_by_getattr():
+    pending = slots_read(TimingWheel(1, 0))
+    held = OtherRec("t", 100)
+    assert pending.admit([held, Rec("u", 50)]) == 50
+    newer = Rec("t", 80, gen=2)
+    assert pending.admit([newer]) == 80  # the held OtherRec's gen read by getattr
+    assert [r.task_id for r in pending.fire(100)] == ["u", "t"]
+
+
+def test_a_record_with_a_field_never_set_raises_attribute_error():
+    with pytest.raises(AttributeError, match="task_id"):
+        slots_read(TimingWheel(1, 0)).admit([Rec.__new__(Rec)])
 
 
 def test_records_fire_in_deadline_order_and_are_no_longer_held(pending):
@@ -86,17 +113,19 @@ operations = st.lists(st.one_of(
 @given(operations)
 def test_compiled_and_reference_agree_under_random_operations(ops):
     compiled, reference = PendingTasks(TimingWheel(1, 0)), ReferencePendingTasks(ReferenceWheel(1, 0))
+    slots = slots_read(TimingWheel(1, 0))
     now = 0
     for op in ops:
         if op[0] == "admit":
             records = [Rec(task_id, now + due, gen) for task_id, due, gen in op[1]]
-            assert compiled.admit(records, op[2]) == reference.admit(records, op[2])
+            admitted = compiled.admit(records, op[2])
+            assert admitted == reference.admit(records, op[2]) == slots.admit(records, op[2])
         elif op[0] == "fire":
             now += op[1]
-            assert compiled.fire(now) == reference.fire(now)
+            assert compiled.fire(now) == reference.fire(now) == slots.fire(now)
         else:
-            assert compiled.forget(op[1]) == reference.forget(op[1])
-        assert len(compiled) == len(reference) == len(compiled.wheel)
+            assert compiled.forget(op[1]) == reference.forget(op[1]) == slots.forget(op[1])
+        assert len(compiled) == len(reference) == len(compiled.wheel) == len(slots)
         assert sorted(r.task_id for r in compiled.records()) == sorted(r.task_id for r in reference.records())
 
 
