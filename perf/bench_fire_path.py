@@ -72,6 +72,7 @@ STAGES = {
                        "task TimerService.offer", "task GroupCommit._run", "task GroupCommit._flush"),
 }
 SKIPPED = ("worker", "bench")
+STALL_S = 30.0  # a timed part that changes nothing for this long has failed
 
 
 class Profile:
@@ -214,7 +215,8 @@ async def run_once(n: int, rate: int, max_in_flight: int, ack_after_ms: int, pro
     worker_cpu = [0]
     consumer = asyncio.get_running_loop().create_task(
         _consume(dispatch, stream, max_in_flight, serialize, worker_cpu, ack_after_ms), name="consume stream")
-    while len(timer.wheel) < n:
+    # Loaded, or some already fired: a slow setup must not wait for a wheel that never fills.
+    while len(timer.wheel) + timer.fired < n:
         await asyncio.sleep(0.01)
     late = now_ms() - first_due
     if late > -20:
@@ -239,10 +241,21 @@ async def run_once(n: int, rate: int, max_in_flight: int, ack_after_ms: int, pro
     cpu_started = time.thread_time_ns()
     process_started = time.process_time_ns()
     wall_started = time.perf_counter()
+    progress, stalled_since = None, time.monotonic()
     while not (dispatch.acked >= n and not dispatch._writer.pending and not timer._unconfirmed
                and not len(timer.wheel)):
         await asyncio.sleep(0.005)
         peak = max(peak, gc.get_count()[0])
+        state = (dispatch.acked, dispatch.delivered, dispatch._writer.pending, len(timer._unconfirmed),
+                 len(timer.wheel), timer.fired)
+        if state != progress:
+            progress, stalled_since = state, time.monotonic()
+        elif time.monotonic() - stalled_since > STALL_S:
+            # Something never finished (a lost task, a write never confirmed): say what, not hang.
+            raise RuntimeError(
+                f"no progress for {STALL_S:.0f} s: acked {state[0]} and delivered {state[1]} of {n}, "
+                f"{state[2]} transitions waiting for the writer, {state[3]} pushes unconfirmed, "
+                f"{state[4]} tasks in the wheel, {state[5]} fired")
     cpu = time.thread_time_ns() - cpu_started
     process_cpu = time.process_time_ns() - process_started
     wall = time.perf_counter() - wall_started

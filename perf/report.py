@@ -114,6 +114,33 @@ def lateness_ms(receipts: np.ndarray, horizon_ms: float | None = None) -> np.nda
     return firsts["received_ms"] - firsts["fire_at_ms"].astype(np.float64)
 
 
+def lateness_series(receipts: np.ndarray, start_ms: float, end_ms: float, horizon_ms: float | None = None,
+                    bin_s: float = BIN_S) -> dict[str, list[float | None]]:
+    """Nearest-rank p50, p99 and the max of lateness per ``bin_s`` bin of the tasks' fire_at,
+    from ``start_ms`` to ``end_ms`` (None where no task was due): whether the tail is spread
+    over the run or comes from a few bad seconds."""
+    firsts = first_deliveries(receipts)
+    if horizon_ms is not None:
+        firsts = firsts[firsts["fire_at_ms"] <= horizon_ms]
+    n_bins = max(1, math.ceil((end_ms - start_ms) / (bin_s * 1000.0)))
+    late = firsts["received_ms"] - firsts["fire_at_ms"].astype(np.float64)
+    bins = np.floor((firsts["fire_at_ms"] - start_ms) / (bin_s * 1000.0)).astype(np.int64)
+    out: dict[str, list[float | None]] = {"p50": [], "p99": [], "max": []}
+    order = np.argsort(bins, kind="stable")
+    bins, late = bins[order], late[order]
+    edges = np.searchsorted(bins, np.arange(n_bins + 1))
+    for b in range(n_bins):
+        values = np.sort(late[edges[b]:edges[b + 1]])
+        if values.size == 0:
+            for key in out:
+                out[key].append(None)
+            continue
+        out["p50"].append(float(values[nearest_rank(0.5, values.size) - 1]))
+        out["p99"].append(float(values[nearest_rank(0.99, values.size) - 1]))
+        out["max"].append(float(values[-1]))
+    return out
+
+
 def rate_series(times_ms: np.ndarray, start_ms: float, end_ms: float,
                 bin_s: float = BIN_S) -> np.ndarray:
     """Events per second in consecutive ``bin_s`` bins from ``start_ms`` to ``end_ms``."""
@@ -307,6 +334,8 @@ def build_report(*, driver: str, scenario: Mapping[str, Any], submits: np.ndarra
             "due_rate": due_rate.tolist(),
             "fire_rate": fire_rate.tolist(),
             "pending": pending.tolist(),
+            # By the second the tasks were due, not received: a bad second shows where it began.
+            "lateness_ms_by_due_second": lateness_series(receipts, t0_ms, end_ms, horizon_ms),
             "memory_rss_bytes": {
                 label: [[round((t - t0_ms) / 1000.0, 2), r] for t, r in series]
                 for label, series in memory_samples.items()
@@ -361,12 +390,13 @@ def plot_lateness_cdf(reports: Iterable[Mapping[str, Any]], path: Path, title: s
 
 
 def plot_rates(report: Mapping[str, Any], path: Path) -> Path:
-    """Submit, due and fire rates per second, pending held and server RSS over the run."""
+    """Submit, due and fire rates per second, lateness by due second, pending held and server RSS
+    over the run."""
     plt = _pyplot()
     tl = report["timeline"]
     t = np.arange(len(tl["fire_rate"])) * tl["bin_s"]
-    fig, (ax, ax_mem) = plt.subplots(2, 1, figsize=(9, 6.4), dpi=110, sharex=True,
-                                     gridspec_kw={"height_ratios": [3, 2]})
+    fig, (ax, ax_late, ax_mem) = plt.subplots(3, 1, figsize=(9, 8.6), dpi=110, sharex=True,
+                                              gridspec_kw={"height_ratios": [3, 2, 2]})
     ax.step(t, tl["submit_rate"], where="post", label="submitted (accepted) /s")
     ax.step(t, tl["due_rate"], where="post", label="due (fire_at) /s", alpha=0.6, linestyle="--")
     ax.step(t, tl["fire_rate"], where="post", label="fired (received by a worker) /s")
@@ -380,6 +410,15 @@ def plot_rates(report: Mapping[str, Any], path: Path) -> Path:
     ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper right", fontsize=8)
     ax.set_title(f"{report['driver']} / {report['scenario']['name']} "
                  f"(scale {report['scenario']['scale']:g})")
+    by_due = tl.get("lateness_ms_by_due_second")  # absent from reports written before it
+    if by_due:
+        for key, style in (("max", ":"), ("p99", "-"), ("p50", "--")):
+            values = [np.nan if v is None else max(v, 0.01) for v in by_due[key]]
+            ax_late.step(t[:len(values)], values, where="post", linestyle=style, label=f"lateness {key}")
+        ax_late.set_yscale("log")
+        ax_late.set_ylabel("lateness (ms), by due second")
+        ax_late.grid(True, alpha=0.3, which="both")
+        ax_late.legend(loc="upper right", fontsize=8)
     for label, series in tl["memory_rss_bytes"].items():
         if series:
             ax_mem.plot([s[0] for s in series], [s[1] / 2**20 for s in series], label=label)

@@ -131,6 +131,19 @@ def test_rate_series_counts_events_per_second_bin():
     assert report.rate_series(times, 0.0, 3000.0).tolist() == [3.0, 1.0, 1.0]
 
 
+def test_lateness_by_due_second_gives_each_seconds_p50_p99_and_max():
+    # Second 0: 100 tasks 1..100 ms late; second 1: none due; second 2: one task 7 ms late.
+    rows = [(i, 500, 500 + i) for i in range(1, 101)] + [(200, 2100, 2107)]
+    series = report.lateness_series(receipts(rows), 0.0, 3000.0)
+    assert series == {"p50": [50.0, None, 7.0], "p99": [99.0, None, 7.0], "max": [100.0, None, 7.0]}
+
+
+def test_lateness_by_due_second_counts_first_deliveries_due_by_the_horizon():
+    rows = [(1, 100, 140), (1, 100, 110), (2, 2500, 9000)]
+    series = report.lateness_series(receipts(rows), 0.0, 3000.0, horizon_ms=2000.0)
+    assert series["max"] == [10.0, None, None]
+
+
 def test_receipt_log_records_are_read_back_whole(tmp_path):
     log = ReceiptLog(tmp_path)
     log.record(5, 1000, 1002.5)
