@@ -191,13 +191,8 @@ def encode_deliveries(list sent, list traceparents=None, RecordShape record=None
     cdef Fired fired
     # The slots of record's fields, in order: task_id, queue, traceparent, payload, fire_at_ms,
     # attempt, max_attempts, headers; kind NULL: every field by getattr.
-    cdef PyObject *kind = NULL
     cdef Py_ssize_t at[8]
-    at[:] = [0, 0, 0, 0, 0, 0, 0, 0]
-    if record is not None:
-        for i, name in enumerate(_RECORD_FIELDS):
-            at[i] = record.offset_of(name)
-        kind = <PyObject *>record.kind
+    cdef PyObject *kind = NULL if record is None else record.offsets_of(_RECORD_FIELDS, at)
     if traceparents is not None and len(traceparents) != n:
         raise ValueError(f"{len(traceparents)} traceparents for {n} deliveries")
     out.data = NULL

@@ -62,26 +62,16 @@ cdef object _ZERO = 0
 cdef object _NO_ERROR = ""
 
 
-# Where the loops below find a record's fields: read from their slots when a record is of the
-# type of the ``record`` shape a caller passes (TaskRecord), else by getattr (kind NULL: always).
-cdef struct _Layout:
-    PyObject *kind
-    Py_ssize_t task_id, gen, queue, lease_ms, shard, due_ms
+# The record fields the loops below read: from their slots (at these indices of the offsets
+# the ``record`` shape a caller passes gives) when a record is of its type, else by getattr.
+cdef enum:
+    _TASK_ID, _GEN, _QUEUE, _LEASE_MS, _SHARD, _DUE_MS
+_RECORD_FIELDS = ("task_id", "gen", "queue", "lease_ms", "shard", "due_ms")
 
 
-cdef int _layout_of(RecordShape record, _Layout *layout) except -1:
-    layout.kind = NULL
-    layout.task_id = layout.gen = layout.queue = layout.lease_ms = layout.shard = layout.due_ms = 0
-    if record is None:
-        return 0
-    layout.task_id = record.offset_of("task_id")
-    layout.gen = record.offset_of("gen")
-    layout.queue = record.offset_of("queue")
-    layout.lease_ms = record.offset_of("lease_ms")
-    layout.shard = record.offset_of("shard")
-    layout.due_ms = record.offset_of("due_ms")
-    layout.kind = <PyObject *>record.kind
-    return 0
+cdef inline PyObject *_slots(RecordShape record, Py_ssize_t *at) except? NULL:
+    """``record``'s type, with the offsets of _RECORD_FIELDS in ``at``; NULL for no shape."""
+    return NULL if record is None else record.offsets_of(_RECORD_FIELDS, at)
 
 
 @cython.final
@@ -213,20 +203,20 @@ def take_fired(list records, int64_t now, int64_t fired_at, object batch, list f
     cdef object rec, task_id, fin, queue, last_queue = None, qs = None, ready = None
     cdef PyObject *hit
     cdef Fired f
-    cdef _Layout at
-    _layout_of(record, &at)
+    cdef Py_ssize_t at[6]
+    cdef PyObject *kind = _slots(record, at)
     for i in range(n):
         rec = records[i]
-        task_id = read_field(rec, at.kind, at.task_id, "task_id")
+        task_id = read_field(rec, kind, at[_TASK_ID], "task_id")
         if finished:
             fin = _finished_entry(finished, task_id)
-            if fin is not None and fin >> _MS_BITS >= read_field(rec, at.kind, at.gen, "gen"):
+            if fin is not None and fin >> _MS_BITS >= read_field(rec, kind, at[_GEN], "gen"):
                 batch.done_one()  # the lease row of a task acked in the race with its firing
                 continue
         if PyDict_GetItem(leases, task_id) != NULL or PyDict_GetItem(waiting, task_id) != NULL:
             slow(rec)
             continue
-        queue = read_field(rec, at.kind, at.queue, "queue")
+        queue = read_field(rec, kind, at[_QUEUE], "queue")
         if ready is None or (queue is not last_queue and queue != last_queue):
             hit = PyDict_GetItem(queues, queue)
             if hit == NULL:
@@ -264,20 +254,20 @@ def fill(object ready, dict waiting, dict leases, object consumer, dict in_fligh
     cdef object rec, task_id, delivery_id
     cdef PyObject *hit
     cdef int64_t gen, lease_ms
-    cdef _Layout at
-    _layout_of(record, &at)
+    cdef Py_ssize_t at[6]
+    cdef PyObject *kind = _slots(record, at)
     while room > 0 and ready:
         f = <Fired?>ready.popleft()
         rec = f.record
-        task_id = read_field(rec, at.kind, at.task_id, "task_id")
+        task_id = read_field(rec, kind, at[_TASK_ID], "task_id")
         hit = PyDict_GetItem(waiting, task_id)
         if hit != <PyObject *>f:
             continue
         PyDict_DelItem(waiting, task_id)
         room -= 1
-        gen = read_field(rec, at.kind, at.gen, "gen") + 1
+        gen = read_field(rec, kind, at[_GEN], "gen") + 1
         delivery_id = f"{task_id}.{gen}"
-        lease_ms = read_field(rec, at.kind, at.lease_ms, "lease_ms")
+        lease_ms = read_field(rec, kind, at[_LEASE_MS], "lease_ms")
         f.gen = gen
         f.consumer = consumer
         f.delivery_id = delivery_id
@@ -316,8 +306,8 @@ def settle_acks(delivery_ids, dict in_flight, dict leases, FinishedGeneration fi
     cdef Fired f
     cdef object lease, rec, task_id, t
     cdef PyObject *hit
-    cdef _Layout at
-    _layout_of(record, &at)
+    cdef Py_ssize_t at[6]
+    cdef PyObject *kind = _slots(record, at)
     for delivery_id in delivery_ids:
         hit = PyDict_GetItem(in_flight, delivery_id)
         if hit != NULL:
@@ -329,13 +319,13 @@ def settle_acks(delivery_ids, dict in_flight, dict leases, FinishedGeneration fi
                 continue
         f = <Fired?>lease
         rec = f.record
-        task_id = read_field(rec, at.kind, at.task_id, "task_id")
+        task_id = read_field(rec, kind, at[_TASK_ID], "task_id")
         if PyDict_GetItem(leases, task_id) == <PyObject *>f:
             PyDict_DelItem(leases, task_id)
         finished.put(task_id, _finished_value(f.gen, now))
         t = transition.new_instance()
         transition.put(t, 0, task_id)
-        transition.put(t, 1, read_field(rec, at.kind, at.shard, "shard"))
+        transition.put(t, 1, read_field(rec, kind, at[_SHARD], "shard"))
         transition.put(t, 2, succeed)
         if f.written:
             transition.put(t, 3, f.gen)
@@ -345,8 +335,8 @@ def settle_acks(delivery_ids, dict in_flight, dict leases, FinishedGeneration fi
             # Answered before its lease was written: the delivered row ends, with one write.
             f.written = True
             coalesced += 1
-            transition.put(t, 3, read_field(rec, at.kind, at.gen, "gen"))
-            transition.put(t, 4, read_field(rec, at.kind, at.due_ms, "due_ms"))
+            transition.put(t, 3, read_field(rec, kind, at[_GEN], "gen"))
+            transition.put(t, 4, read_field(rec, kind, at[_DUE_MS], "due_ms"))
             confirm.append(f.batches)
             if f.held_gen:
                 forget.append(task_id)

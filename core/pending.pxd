@@ -18,8 +18,8 @@ cdef class PendingTasks:
     # Records of this type have task_id, gen and due_ms read from their slots (at these
     # offsets) instead of by getattr; NULL: always by getattr.
     cdef PyObject *_kind
-    cdef object _kind_ref  # holds _kind alive
-    cdef Py_ssize_t _task_id_at, _gen_at, _due_ms_at
+    cdef object _record  # the RecordShape, which holds _kind alive
+    cdef Py_ssize_t _at[3]  # task_id, gen, due_ms
 
     cdef int64_t _take_cell(self, object rec) except -1
     cdef inline void _release_cell(self, int64_t key) noexcept

@@ -67,13 +67,8 @@ cdef class PendingTasks:
             raise ValueError("the wheel must be empty: keys already in it would have no record")
         self.wheel = wheel
         self._keys = {}
-        self._kind = NULL
-        if record is not None:
-            self._task_id_at = record.offset_of("task_id")
-            self._gen_at = record.offset_of("gen")
-            self._due_ms_at = record.offset_of("due_ms")
-            self._kind_ref = record.kind
-            self._kind = <PyObject *>record.kind
+        self._record = record
+        self._kind = NULL if record is None else record.offsets_of(("task_id", "gen", "due_ms"), self._at)
 
     def __dealloc__(self):
         cdef Py_ssize_t i
@@ -130,15 +125,15 @@ cdef class PendingTasks:
         cdef dict by_task = self._keys
         cdef object held
         for rec in records:
-            task_id = read_field(rec, self._kind, self._task_id_at, "task_id")
+            task_id = read_field(rec, self._kind, self._at[0], "task_id")
             if skipping and task_id in skip:
                 continue
             found = PyDict_GetItem(by_task, task_id)
             if found != NULL:
                 key = <object>found
                 held = <object>self._cells[key]
-                if (read_field(held, self._kind, self._gen_at, "gen")
-                        >= read_field(rec, self._kind, self._gen_at, "gen")):
+                if (read_field(held, self._kind, self._at[1], "gen")
+                        >= read_field(rec, self._kind, self._at[1], "gen")):
                     continue
                 Py_INCREF(rec)
                 self._cells[key] = <PyObject *>rec
@@ -146,7 +141,7 @@ cdef class PendingTasks:
             else:
                 key = self._take_cell(rec)
                 by_task[task_id] = key
-            due = read_field(rec, self._kind, self._due_ms_at, "due_ms")
+            due = read_field(rec, self._kind, self._at[2], "due_ms")
             if count == 0 or due < earliest:
                 earliest = due
             keys.data.as_longlongs[count] = key
@@ -176,7 +171,7 @@ cdef class PendingTasks:
             rec = self._cells[k[i]]
             Py_INCREF(<object>rec)
             PyList_SET_ITEM(fired, i, <object>rec)  # steals the reference just taken
-            task_id = read_field(<object>rec, self._kind, self._task_id_at, "task_id")
+            task_id = read_field(<object>rec, self._kind, self._at[0], "task_id")
             PT_PREFETCH(<PyObject *>task_id)
             Py_INCREF(task_id)
             PyList_SET_ITEM(ids, i, task_id)

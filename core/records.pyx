@@ -115,12 +115,15 @@ cdef class RecordShape:
         Py_XDECREF(old)
         return 0
 
-    cdef Py_ssize_t offset_of(self, str name) except -1:
-        """Where the slot of field ``name`` lies in an instance (for ``read_field``)."""
-        try:
-            return self.offsets[self.fields.index(name)]
-        except ValueError:
-            raise ValueError(f"{self.kind.__name__} has no field {name!r}") from None
+    cdef PyObject *offsets_of(self, tuple names, Py_ssize_t *offsets) except NULL:
+        """Where the slots of the fields ``names`` lie in an instance, into ``offsets``; returns
+        the type whose instances have them there (``read_field``'s ``kind``, held by self)."""
+        for i, name in enumerate(names):
+            try:
+                offsets[i] = self.offsets[self.fields.index(name)]
+            except ValueError:
+                raise ValueError(f"{self.kind.__name__} has no field {name!r}") from None
+        return <PyObject *>self.kind
 
     def build(self, values):
         """One instance from a sequence of ``count`` values (the compiled reader fills them

@@ -130,14 +130,9 @@ def lateness_series(receipts: np.ndarray, start_ms: float, end_ms: float, horizo
     bins, late = bins[order], late[order]
     edges = np.searchsorted(bins, np.arange(n_bins + 1))
     for b in range(n_bins):
-        values = np.sort(late[edges[b]:edges[b + 1]])
-        if values.size == 0:
-            for key in out:
-                out[key].append(None)
-            continue
-        out["p50"].append(float(values[nearest_rank(0.5, values.size) - 1]))
-        out["p99"].append(float(values[nearest_rank(0.99, values.size) - 1]))
-        out["max"].append(float(values[-1]))
+        summary = percentile_summary(late[edges[b]:edges[b + 1]])  # all None for an empty bin
+        for key in out:
+            out[key].append(summary[key])
     return out
 
 
