@@ -22,7 +22,8 @@
    Each task must carry its ``task_seq`` and ``fire_at_ms`` to the worker (``encode_payload``).
 5. Workers, in whatever process the system delivers to, call
    ``ReceiptLog.for_current_process(receipts_dir(run_dir)).record(task_seq, fire_at_ms)`` the
-   moment a task is handed to them (before acking). The log stamps the wall clock and the pid
+   moment a task is handed to them (before acking), with the time the system fired it when
+   the delivery says (``fired_ms``). The log stamps the wall clock and the pid
    and appends to a per-process file that the harness reads while the run goes (progress) and
    after it (the report). Record every delivery, redeliveries included: that is how duplicates
    are counted.
@@ -47,9 +48,12 @@ import numpy as np
 # ``phase`` indexes Scenario.phases; ``submitted_ms`` is when submit() returned for its batch.
 SUBMIT_DTYPE = np.dtype([("seq", "<i8"), ("fire_at_ms", "<i8"), ("submitted_ms", "<f8"),
                          ("phase", "<i4")])
-# One record per delivery, written by the system's workers.
+# One record per delivery, written by the system's workers. ``fired_ms`` is when the system
+# says it fired the task (taskwheel's Delivery.fired_at), NaN when it does not say: it splits
+# the lateness into the scheduler's share and the delivery's.
 RECEIPT_DTYPE = np.dtype([("seq", "<i8"), ("fire_at_ms", "<i8"), ("received_ms", "<f8"),
-                          ("pid", "<i4")])
+                          ("pid", "<i4"), ("fired_ms", "<f8")])
+_UNKNOWN = float("nan")
 
 _PAYLOAD = struct.Struct("<qq")
 
@@ -140,7 +144,7 @@ class ReceiptLog:
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / f"{self.pid}.bin"
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        self._buffer: list[tuple[int, int, float, int]] = []
+        self._buffer: list[tuple[int, int, float, int, float]] = []
         self._lock = threading.Lock()
         self._last_flush = time.monotonic()
         self._flusher = threading.Thread(target=self._flush_periodically, daemon=True,
@@ -158,20 +162,28 @@ class ReceiptLog:
                     log = cls._current = cls(directory)
         return log
 
-    def record(self, task_seq: int, fire_at_ms: int, received_ms: float | None = None) -> None:
+    def record(self, task_seq: int, fire_at_ms: int, received_ms: float | None = None,
+               fired_ms: float = _UNKNOWN) -> None:
         if received_ms is None:
             received_ms = time.time() * 1000.0
         with self._lock:
-            self._buffer.append((task_seq, fire_at_ms, received_ms, self.pid))
+            self._buffer.append((task_seq, fire_at_ms, received_ms, self.pid, fired_ms))
             if (len(self._buffer) >= self.FLUSH_RECORDS
                     or time.monotonic() - self._last_flush >= self.FLUSH_SECONDS):
                 self._flush_locked()
 
-    def record_many(self, records: Sequence[tuple[int, int]]) -> None:
-        """Record a batch delivered at one instant (a gRPC message of several deliveries)."""
+    def record_many(self, records: Sequence[tuple[int, int]],
+                    fired_ms: Sequence[float] | None = None) -> None:
+        """Record a batch delivered at one instant (a gRPC message of several deliveries);
+        ``fired_ms``, when given, lines up with ``records``."""
         now = time.time() * 1000.0
+        pid = self.pid
         with self._lock:
-            self._buffer.extend((seq, fire_at, now, self.pid) for seq, fire_at in records)
+            if fired_ms is None:
+                self._buffer.extend((seq, fire_at, now, pid, _UNKNOWN) for seq, fire_at in records)
+            else:
+                self._buffer.extend((seq, fire_at, now, pid, fired)
+                                    for (seq, fire_at), fired in zip(records, fired_ms, strict=True))
             if (len(self._buffer) >= self.FLUSH_RECORDS
                     or time.monotonic() - self._last_flush >= self.FLUSH_SECONDS):
                 self._flush_locked()

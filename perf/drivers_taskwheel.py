@@ -4,7 +4,8 @@ Servers: ``taskwheel up`` (one process, the embedded default) or, with ``--opt m
 ``taskwheel serve ingest|timer|dispatch`` as three processes. Submitters call Ingest.Submit
 with one TaskSpec per task (fire_at = the scenario's time, payload = seq and fire time);
 workers are separate processes holding one Dispatch.Consume stream each, recording every
-delivery the moment its message arrives and acking the whole message in one Ack.
+delivery (and its fired_at) the moment its message arrives and acking the whole message in
+one Ack.
 
 Options (``--opt key=value``):
   store          a --store URL (default: the embedded store in the run dir)
@@ -102,7 +103,8 @@ async def _consume(target: str, run_dir: str, max_in_flight: int, ready) -> None
                 ready.set()
                 async for response in call:
                     deliveries = response.deliveries
-                    log.record_many([decode_payload(d.payload) for d in deliveries])
+                    log.record_many([decode_payload(d.payload) for d in deliveries],
+                                    [d.fired_at.seconds * 1000 + d.fired_at.nanos / 1e6 for d in deliveries])
                     outbox.put_nowait(dispatch_pb2.ConsumeRequest(
                         ack=dispatch_pb2.Ack(delivery_ids=[d.delivery_id for d in deliveries])))
         except grpc.aio.AioRpcError:

@@ -3,7 +3,8 @@
 Inputs (see perf/drivers.py for the record layouts):
 
 * submit records, one per task: ``seq, fire_at_ms, submitted_ms, phase``;
-* receipt records, one per delivery seen by a worker: ``seq, fire_at_ms, received_ms, pid``;
+* receipt records, one per delivery seen by a worker: ``seq, fire_at_ms, received_ms, pid,
+  fired_ms`` (NaN when the system does not say when it fired the task);
 * memory samples of each server process (VmRSS every 0.5 s, VmHWM at the end);
 * the run's horizon: tasks due at or before it were expected to be delivered before the run
   stopped waiting (the horizon is the last wait's start minus the grace period).
@@ -11,7 +12,10 @@ Inputs (see perf/drivers.py for the record layouts):
 Definitions:
 
 * **lateness** = the first delivery's ``received_ms - fire_at_ms``, measured at the worker;
-  percentiles are nearest-rank (an observed value, never an interpolation).
+  percentiles are nearest-rank (an observed value, never an interpolation). Where the system
+  says when it fired a task, the lateness is also split (``fire.lateness_split_ms``): fired -
+  fire_at, the scheduler's share, and received - fired, the delivery's. One clock measures
+  all three on one machine; across machines the split carries their clocks' offset.
 * **delivered** = distinct tasks received at least once; **duplicates** = deliveries beyond
   the first of a task; **lost** = tasks due by the horizon never received; **early** = first
   deliveries before ``fire_at``; **unknown** = deliveries of a seq nobody submitted.
@@ -112,6 +116,25 @@ def lateness_ms(receipts: np.ndarray, horizon_ms: float | None = None) -> np.nda
     if horizon_ms is not None:
         firsts = firsts[firsts["fire_at_ms"] <= horizon_ms]
     return firsts["received_ms"] - firsts["fire_at_ms"].astype(np.float64)
+
+
+def lateness_split(receipts: np.ndarray, horizon_ms: float | None = None) -> dict[str, Any] | None:
+    """Each first delivery's lateness in two parts, where the system says when it fired the
+    task: ``timer`` (fired - fire_at: the wheel, and the event loop's turn it fired in) and
+    ``delivery`` (received - fired: dispatch, gRPC, the worker's process getting a core).
+    None when no delivery says (a peer, or receipts written before ``fired_ms`` existed)."""
+    firsts = first_deliveries(receipts)
+    if horizon_ms is not None:
+        firsts = firsts[firsts["fire_at_ms"] <= horizon_ms]
+    if "fired_ms" not in (firsts.dtype.names or ()):
+        return None
+    known = firsts[np.isfinite(firsts["fired_ms"])]
+    if known.size == 0:
+        return None
+    return {
+        "timer": percentile_summary(known["fired_ms"] - known["fire_at_ms"].astype(np.float64)),
+        "delivery": percentile_summary(known["received_ms"] - known["fired_ms"]),
+    }
 
 
 def lateness_series(receipts: np.ndarray, start_ms: float, end_ms: float, horizon_ms: float | None = None,
@@ -318,6 +341,7 @@ def build_report(*, driver: str, scenario: Mapping[str, Any], submits: np.ndarra
             "lateness_ms": percentile_summary(late),
             "peak_rate_1s": float(fire_rate.max()) if fire_rate.size else 0.0,
             "lateness_quantiles": lateness_quantiles(late),
+            "lateness_split_ms": lateness_split(receipts, horizon_ms),
         },
         "delivery": delivery_summary(submits, receipts, horizon_ms),
         "pending": {"peak_held": held, "reported_max": max(reported) if reported else None},

@@ -477,7 +477,16 @@ def summary_line(r: dict[str, Any]) -> str:
             f"lateness p50 {_ms(late['p50'])} p99 {_ms(late['p99'])} max {_ms(late['max'])}; "
             f"delivered {d['delivered']:,}/{d['expected']:,} lost {d['lost']} "
             f"dup {d['duplicates']} early {d['early']}; peak pending "
-            f"{r['pending']['peak_held']:,}; {mem}{_machine_note(r)}")
+            f"{r['pending']['peak_held']:,}; {mem}{_split_note(r)}{_machine_note(r)}")
+
+
+def _split_note(r: dict[str, Any]) -> str:
+    """Where the p99 sits: fired late by the timer, or late from firing to the worker."""
+    split = r["fire"].get("lateness_split_ms")
+    if not split:
+        return ""
+    return (f"; p99 fired - due {_ms(split['timer']['p99'])}, "
+            f"received - fired {_ms(split['delivery']['p99'])}")
 
 
 def _machine_note(r: dict[str, Any]) -> str:

@@ -28,10 +28,11 @@ def submits(rows):
 
 
 def receipts(rows):
-    """rows of (seq, fire_at_ms, received_ms)."""
+    """rows of (seq, fire_at_ms, received_ms) or (seq, fire_at_ms, received_ms, fired_ms)."""
     out = np.zeros(len(rows), dtype=RECEIPT_DTYPE)
-    for i, (seq, fire_at, received) in enumerate(rows):
-        out[i] = (seq, fire_at, received, 1)
+    for i, row in enumerate(rows):
+        seq, fire_at, received = row[:3]
+        out[i] = (seq, fire_at, received, 1, row[3] if len(row) > 3 else np.nan)
     return out
 
 
@@ -144,15 +145,30 @@ def test_lateness_by_due_second_counts_first_deliveries_due_by_the_horizon():
     assert series["max"] == [10.0, None, None]
 
 
+def test_lateness_split_puts_each_first_delivery_in_the_timers_part_and_the_deliverys():
+    # Task 1: fired 2 ms after due, received 10 ms after that; its redelivery does not count.
+    # Task 2: fired on time, received 3 ms later.
+    rows = [(1, 100, 112, 102), (1, 100, 500, 480), (2, 200, 203, 200)]
+    split = report.lateness_split(receipts(rows))
+    assert (split["timer"]["max"], split["timer"]["min"]) == (2.0, 0.0)
+    assert (split["delivery"]["max"], split["delivery"]["min"]) == (10.0, 3.0)
+
+
+def test_lateness_split_is_absent_when_no_delivery_says_when_it_fired():
+    assert report.lateness_split(receipts([(1, 100, 112), (2, 200, 250)])) is None
+
+
 def test_receipt_log_records_are_read_back_whole(tmp_path):
     log = ReceiptLog(tmp_path)
     log.record(5, 1000, 1002.5)
     log.record_many([(6, 2000), (7, 3000)])
+    log.record_many([(8, 4000)], [3999.5])
     log.flush()
     got = read_records(tmp_path, RECEIPT_DTYPE)
-    assert got["seq"].tolist() == [5, 6, 7]
+    assert got["seq"].tolist() == [5, 6, 7, 8]
     assert got["received_ms"][0] == 1002.5
-    assert count_records(tmp_path, RECEIPT_DTYPE) == 3
+    assert np.isnan(got["fired_ms"][:3]).all() and got["fired_ms"][3] == 3999.5
+    assert count_records(tmp_path, RECEIPT_DTYPE) == 4
 
 
 def test_a_torn_last_record_is_not_read(tmp_path):
