@@ -196,11 +196,13 @@ def take_fired(list records, int64_t now, int64_t fired_at, object batch, list f
     ``finished`` is the finished memory's generations (FinishedGeneration), newest first: a
     record whose task finished at its gen or later is counted done (``batch.done_one()``). A task in neither ``leases`` nor ``waiting`` whose queue is in
     ``queues`` becomes a Fired(record, [batch], now, fired_at) in ``waiting`` and at the end
-    of its queue state's ``ready``; its task_id goes to ``unheld``, the queue state to
+    of its queue state's ``ready``; the Fired of one call share one list ``[batch]``, which
+    is never changed in place (a task given another batch gets a new list); its task_id goes to ``unheld``, the queue state to
     ``touched``. Any other record is passed to ``slow(record)``. ``record``, a RecordShape of
     the records' type, has their fields read from their slots. Returns how many were new."""
     cdef Py_ssize_t i, n = PyList_GET_SIZE(records), taken = 0
     cdef object rec, task_id, fin, queue, last_queue = None, qs = None, ready = None
+    cdef list batches = None
     cdef PyObject *hit
     cdef Fired f
     cdef Py_ssize_t at[6]
@@ -227,9 +229,11 @@ def take_fired(list records, int64_t now, int64_t fired_at, object batch, list f
             ready = qs.ready
             last_queue = queue
             touched.add(qs)
+        if batches is None:
+            batches = [batch]
         f = Fired.__new__(Fired)
         f.record = rec
-        f.batches = [batch]
+        f.batches = batches
         f.since = now
         f.fired_at = fired_at
         PyDict_SetItem(waiting, task_id, f)
@@ -304,7 +308,8 @@ def settle_acks(delivery_ids, dict in_flight, dict leases, FinishedGeneration fi
     cdef list transitions = [], confirm = [], forget = []
     cdef Py_ssize_t coalesced = 0
     cdef Fired f
-    cdef object lease, rec, task_id, t
+    cdef object lease, rec, task_id, t, done = None
+    cdef int64_t done_gen = -1
     cdef PyObject *hit
     cdef Py_ssize_t at[6]
     cdef PyObject *kind = _slots(record, at)
@@ -322,7 +327,10 @@ def settle_acks(delivery_ids, dict in_flight, dict leases, FinishedGeneration fi
         task_id = read_field(rec, kind, at[_TASK_ID], "task_id")
         if PyDict_GetItem(leases, task_id) == <PyObject *>f:
             PyDict_DelItem(leases, task_id)
-        finished.put(task_id, _finished_value(f.gen, now))
+        if f.gen != done_gen:  # one int for the many acks of one gen: fewer objects to free
+            done_gen = f.gen
+            done = _finished_value(done_gen, now)
+        finished.put(task_id, done)
         t = transition.new_instance()
         transition.put(t, 0, task_id)
         transition.put(t, 1, read_field(rec, kind, at[_SHARD], "shard"))

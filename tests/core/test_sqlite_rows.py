@@ -114,6 +114,22 @@ def test_compiled_records_share_a_text_equal_to_the_row_above_and_are_untracked(
     assert not any(gc.is_tracked(r) for r in got)
 
 
+def test_compiled_records_share_an_integer_equal_to_the_row_above_or_to_the_column_before(db):
+    path, conn = db
+    big = 1_764_000_000_000  # a millisecond time: an int object of its own, not a cached small one
+    conn.executemany("INSERT INTO t VALUES (?, ?, 0.0, 's', NULL)",
+                     [(big, big), (big + 1, big), (big + 2, big + 3), (big + 4, big + 4)])
+    reader = SqliteReader(path, SELECT)
+    try:
+        got = reader.records((0, 2 * big), RecordShape(Row, ["k", "i", "f", "s", "b"]))
+    finally:
+        reader.close()
+    assert [(r.k, r.i) for r in got] == [(big, big), (big + 1, big), (big + 2, big + 3), (big + 4, big + 4)]
+    assert got[0].i is got[0].k  # the column before, in its row
+    assert got[1].i is got[0].i  # the row above
+    assert got[3].i is got[3].k and got[2].i is not got[1].i
+
+
 def test_records_of_a_shape_with_other_columns_are_refused(db, reader_and_shape):
     reader_cls, shape_cls = reader_and_shape
     path, _ = db
