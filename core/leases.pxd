@@ -5,7 +5,7 @@ from libc.stdint cimport int64_t, uint64_t
 
 cdef class Fired:
     cdef public object record  # waiting: the row to deliver; sent: the delivered row (gen - 1)
-    cdef public list batches  # push batches it confirms once its first write is durable
+    cdef public list batches  # push batches it confirms once its first write is durable; shared, never changed in place
     cdef public int64_t since  # waiting since (ms)
     cdef public int64_t fired_at  # when the timer fired it (ms)
     cdef public int64_t held_gen  # the gen of its hold row, once written; 0: none

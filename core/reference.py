@@ -204,6 +204,7 @@ def take_fired(records: list[Any], now: int, fired_at: int, batch: Any, finished
                touched: set[Any], slow: Any, record: Any = None) -> int:
     # ``record`` (a RecordShape of the records' type) only makes the compiled loops faster.
     taken = 0
+    batches = [batch]  # shared by this call's Fired, never changed in place
     for rec in records:
         fin = next((entries[rec.task_id] for entries in finished if rec.task_id in entries), None)
         if fin is not None and fin >> _MS_BITS >= rec.gen:
@@ -213,7 +214,7 @@ def take_fired(records: list[Any], now: int, fired_at: int, batch: Any, finished
         if rec.task_id in leases or rec.task_id in waiting or qs is None:
             slow(rec)
             continue
-        fired = ReferenceFired(rec, [batch], now, fired_at)
+        fired = ReferenceFired(rec, batches, now, fired_at)
         waiting[rec.task_id] = fired
         unheld.append(rec.task_id)
         qs.ready.append(fired)

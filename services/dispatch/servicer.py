@@ -233,12 +233,13 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         if waiting is not None:
             if rec.gen < waiting.record.gen:
                 batch.done_one()
+            # A Fired's list of batches is shared with the others of its take: extended by copy.
             elif rec.gen == waiting.record.gen and waiting.held_gen == 0:
-                waiting.batches.append(batch)  # a reloaded copy: confirm with the first
+                waiting.batches = waiting.batches + [batch]  # a reloaded copy: confirm with the first
             else:
                 # Its hold row fired while it still waits: hold it again.
                 waiting.record = rec
-                waiting.batches.append(batch)
+                waiting.batches = waiting.batches + [batch]
                 waiting.held_gen = 0
                 waiting.since = now
                 unheld.append(task_id)

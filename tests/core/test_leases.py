@@ -103,6 +103,7 @@ def test_a_new_task_waits_at_the_end_of_its_queue_and_is_due_a_hold(impl):
     ready = list(s.queues["q"].ready)
     assert [f.record for f in ready] == recs and s.waiting == {"a": ready[0], "b": ready[1]}
     assert (ready[0].batches, ready[0].since, ready[0].fired_at) == ([batch], NOW, NOW - 1)
+    assert ready[1].batches is ready[0].batches  # one list for the take, never changed in place
     assert (ready[0].gen, ready[0].held_gen, ready[0].written, ready[0].delivery_id) == (0, 0, False, None)
     assert s.unheld == ["a", "b"] and s.touched == {s.queues["q"]}
 

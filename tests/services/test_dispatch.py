@@ -667,6 +667,25 @@ def test_a_lease_that_expires_on_the_last_attempt_fails_the_task(tmp_path):
     assert delivered == 1 and leases == {}
 
 
+def test_a_reloaded_copy_adds_its_batch_to_its_own_task_not_to_the_others_of_its_first_take(tmp_path):
+    async def main():
+        store = await opened_store(tmp_path)
+        recs = [task("w", now_ms() - 10), task("v", now_ms() - 10)]
+        await store.insert(recs)
+        dispatch = DispatchService(Config(lease_write_delay_ms=0), store, QuietTimer())
+        await dispatch.start()
+        first = dispatch.take(recs, now_ms())  # no worker yet: both wait
+        copy = dispatch.take([dataclasses.replace(recs[0])], now_ms())
+        counts = [len(dispatch._waiting[t].batches) for t in ("w", "v")]
+        stream, deliveries = await subscribed(dispatch)
+        msg = await asyncio.wait_for(deliveries.__anext__(), 5)
+        await asyncio.wait_for(asyncio.gather(first, copy), 5)
+        await closed(store, dispatch, deliveries)
+        return counts, sorted(d.task_id for d in msg.deliveries)
+
+    assert asyncio.run(main()) == ([2, 1], ["v", "w"])
+
+
 def test_a_reloaded_copy_of_a_task_waiting_for_its_queues_first_worker_is_delivered_once(tmp_path):
     async def main():
         store = await opened_store(tmp_path)
