@@ -11,7 +11,7 @@ from taskwheel.core.batcher import Batcher, group_by
 from taskwheel.core.deliveries import encode_deliveries
 from taskwheel.core.leases import FinishedGeneration, Fired, fill, settle_acks, take_fired
 from taskwheel.core.pending import PendingTasks
-from taskwheel.core.records import RecordShape, untrack
+from taskwheel.core.records import RecordShape, untrack, untrack_list
 from taskwheel.core.sharding import BUCKET_MS, bucket_of, shard_of, shards_of
 from taskwheel.core.sqlite_rows import SqliteReader, SqliteReadError, same_sqlite_as_python
 from taskwheel.core.wheel import DEBUG_BUILD, TimingWheel
@@ -37,4 +37,5 @@ __all__ = [
     "shards_of",
     "take_fired",
     "untrack",
+    "untrack_list",
 ]

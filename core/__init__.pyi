@@ -78,6 +78,7 @@ def encode_deliveries(sent: list[Any], traceparents: list[str] | None = None,
     """The bytes of one taskwheel.v1.ConsumeResponse, a delivery per item (see _Delivery);
     ``record``, a RecordShape of the records' type, has their fields read from their slots."""
 
+def untrack_list(objects: list[Any]) -> bool: ...
 def untrack(objects: list[Any], kind: type) -> int:
     """Takes the objects of exactly type ``kind`` out of the cyclic GC's view (see records.pyx)."""
 

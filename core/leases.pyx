@@ -47,7 +47,7 @@ from cpython.object cimport PyObject, PyObject_Hash
 from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport calloc, free
 
-from taskwheel.core.records cimport RecordShape, read_field
+from taskwheel.core.records cimport RecordShape, read_field, untrack_container
 
 # Where the finished memory keeps the gen in its ints: gen << 44 | finished at (ms); wall-clock
 # milliseconds fit in 44 bits until the year 2527. A gen below 2 ** 19 makes the int in C.
@@ -254,6 +254,7 @@ def fill(object ready, dict waiting, dict leases, object consumer, dict in_fligh
     Returns (the sent Fired in order, the shortest of their lease_ms and
     ``shortest_lease_ms``). ``record``: as for take_fired."""
     cdef list sent = []
+    untrack_container(sent)  # of Fired only, which the GC does not track (untrack_list)
     cdef Fired f
     cdef object rec, task_id, delivery_id
     cdef PyObject *hit
@@ -306,6 +307,8 @@ def settle_acks(delivery_ids, dict in_flight, dict leases, FinishedGeneration fi
     if transition.count != len(_TRANSITION_FIELDS) or transition.fields != _TRANSITION_FIELDS:
         raise TypeError(f"transition must be a RecordShape of the fields {_TRANSITION_FIELDS}")
     cdef list transitions = [], confirm = [], forget = []
+    untrack_container(transitions)  # RecordShape instances (see untrack_list)
+    untrack_container(forget)  # task ids
     cdef Py_ssize_t coalesced = 0
     cdef Fired f
     cdef object lease, rec, task_id, t, done = None

@@ -43,7 +43,7 @@ from cpython.ref cimport Py_INCREF, Py_XDECREF
 from libc.stdint cimport int64_t
 from libc.stdlib cimport free, malloc, realloc
 
-from taskwheel.core.records cimport RecordShape, read_field
+from taskwheel.core.records cimport PyObject_GC_IsTracked, RecordShape, read_field, untrack_container
 from taskwheel.core.wheel cimport TimingWheel
 
 cdef extern from *:
@@ -163,6 +163,7 @@ cdef class PendingTasks:
         cdef list ids = PyList_New(n)
         cdef dict by_task = self._keys
         cdef PyObject *rec
+        cdef bint tracked = False
         # Pass 1, the records: in cells, fetched ahead of the pass that reads them.
         for i in range(n):
             PT_PREFETCH(self._cells[k[i]])
@@ -171,6 +172,7 @@ cdef class PendingTasks:
             rec = self._cells[k[i]]
             Py_INCREF(<object>rec)
             PyList_SET_ITEM(fired, i, <object>rec)  # steals the reference just taken
+            tracked = tracked or PyObject_GC_IsTracked(<object>rec)
             task_id = read_field(<object>rec, self._kind, self._at[0], "task_id")
             PT_PREFETCH(<PyObject *>task_id)
             Py_INCREF(task_id)
@@ -179,6 +181,8 @@ cdef class PendingTasks:
         for i in range(n):
             del by_task[ids[i]]
             self._release_cell(k[i])
+        if not tracked:
+            untrack_container(fired)  # held until dispatch confirms the batch (untrack_list)
         return fired
 
     def forget(self, task_ids):

@@ -4,6 +4,10 @@ fills records from its buffers (sqlite_rows.pyx), and a slot read for the loops 
 (leases.pyx, deliveries.pyx)."""
 from cpython.object cimport PyObject, Py_TYPE
 
+cdef extern from "Python.h":
+    void PyObject_GC_UnTrack(void *op)
+    int PyObject_GC_IsTracked(object op)
+
 
 cdef class RecordShape:
     cdef readonly type kind
@@ -28,3 +32,11 @@ cdef inline object read_field(object obj, PyObject *kind, Py_ssize_t offset, str
             raise AttributeError(f"{type(obj).__name__!r} object has no attribute {name!r}")
         return <object>value
     return getattr(obj, name)
+
+
+cdef inline void untrack_container(object container) noexcept:
+    """Out of the cyclic GC's view, for a list the caller fills with untracked objects only
+    (see untrack_list)."""
+    if PyObject_GC_IsTracked(container):
+        PyObject_GC_UnTrack(<PyObject *>container)
+

@@ -19,8 +19,6 @@ from cpython.ref cimport Py_INCREF, Py_XDECREF
 from libc.stdlib cimport free, malloc
 
 cdef extern from "Python.h":
-    void PyObject_GC_UnTrack(void *op)
-    int PyObject_GC_IsTracked(object op)
     object PyType_GenericAlloc(PyTypeObject *kind, Py_ssize_t items)
     ctypedef struct PyMemberDef:
         const char *name
@@ -45,6 +43,23 @@ def untrack(list objects, type kind):
             PyObject_GC_UnTrack(<PyObject *>o)
             untracked += 1
     return untracked
+
+
+def untrack_list(list objects):
+    """Takes the list itself out of the cyclic GC's view when none of its objects is tracked;
+    returns whether it is untracked now. A cycle the collector can find is made of tracked
+    objects only, and a list's references are its items: when none of them is tracked, no
+    such cycle passes through the list, and tracking it finds nothing. It only costs: a young
+    collection visits every item of every young list, a cache miss per item for the lists of
+    records, task ids, transitions and leases the fire path holds for milliseconds to seconds
+    (150-280K items at 50K fires/s, 10-20 ms a collection). Put only untracked objects in it
+    afterwards (records built by a RecordShape, strings, numbers, Fired)."""
+    cdef Py_ssize_t i, n = len(objects)
+    for i in range(n):
+        if PyObject_GC_IsTracked(objects[i]):
+            return False
+    untrack_container(objects)
+    return True
 
 
 cdef class RecordShape:

@@ -37,7 +37,7 @@ from libc.stdint cimport int64_t
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcmp, memcpy
 
-from taskwheel.core.records cimport RecordShape
+from taskwheel.core.records cimport RecordShape, untrack_container
 
 cdef object _same_sqlite = None  # the answer, once asked: the libraries cannot change
 
@@ -134,7 +134,7 @@ cdef class SqliteReader:
     def records(self, tuple params, RecordShape shape not None):
         """Every row of the statement run with ``params`` (ints), each as an instance of
         ``shape.kind`` whose fields are the row's columns in order (see RecordShape), built
-        without its ``__init__`` and out of the cyclic GC's view. A text or an integer equal
+        without its ``__init__`` and out of the cyclic GC's view, as is the list. A text or an integer equal
         to the same column's in the row before is that row's object, not a copy (a queue name,
         an empty error, a lease), and so is an integer equal to the column before it in its row
         (a first attempt's due time, its fire time): at 50K fires/s each object of a record
@@ -266,6 +266,7 @@ cdef class SqliteReader:
 
     cdef list _records(self, Py_ssize_t count, RecordShape shape):
         cdef list out = []
+        untrack_container(out)  # of untracked records only (records.untrack_list)
         cdef list previous = [None] * self.columns  # each column's object in the row before
         cdef Py_ssize_t r, n = 0
         cdef int col

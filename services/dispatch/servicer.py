@@ -27,7 +27,7 @@ from taskwheel import telemetry
 from taskwheel.clock import now_ms
 from taskwheel.config import Config
 from taskwheel.core import (FinishedGeneration, Fired, RecordShape, encode_deliveries, fill, settle_acks, shard_of,
-                            take_fired, untrack)
+                            take_fired, untrack, untrack_list)
 from taskwheel.group_commit import GroupCommit
 from taskwheel.stores.base import (TASK_RECORD_SLOTS, Store, TaskRecord, TaskState, Transition, TransitionKind,
                                    untracked)
@@ -203,6 +203,7 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         touched: set[_QueueState] = set()
         now = now_ms()
         unheld: list[str] = []
+        untrack_list(unheld)  # task ids only, held for hold_after_ms (see core.untrack_list)
         # The common case, a task new to dispatch, in C; the rest (see _take_one) in its place.
         take_fired(records, now, fired_at_ms, batch, self._finished.newest_first(), self._leases,
                    self._waiting, self._queues, unheld, touched,
@@ -326,6 +327,8 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         # cycle, so reference counting frees them.
         untrack(transitions, Transition)
         untrack(confirm, list)
+        untrack_list(transitions)
+        untrack_list(confirm)
         if successors is not None:
             untracked(successors)  # offered to the timer once written: held until due
         fut.add_done_callback(functools.partial(self._written, successors, confirm))

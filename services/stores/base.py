@@ -32,7 +32,7 @@ from typing import Mapping, Sequence
 # One definition of where a due time lives, compiled in the core: BUCKET_MS (a minute) and
 # bucket_of(due_ms) = floor(due_ms / BUCKET_MS), negative times included.
 from taskwheel.core import BUCKET_MS, bucket_of  # noqa: F401 (re-exported)
-from taskwheel.core import RecordShape, untrack
+from taskwheel.core import RecordShape, untrack, untrack_list
 
 
 class TaskState(enum.IntEnum):
@@ -77,10 +77,12 @@ TASK_RECORD_SLOTS = RecordShape(TaskRecord, [f.name for f in fields(TaskRecord)]
 
 
 def untracked(records: list[TaskRecord]) -> list[TaskRecord]:
-    """``records``, taken out of the cyclic GC's view: a record cannot be part of a reference
-    cycle, and the records held for seconds ahead of their due time made up most of what each
-    young collection scanned (taskwheel.core.records). For lists of records the hot path keeps."""
+    """``records``, taken out of the cyclic GC's view, and the list too when it holds nothing
+    else: a record cannot be part of a reference cycle, and the records held for seconds ahead
+    of their due time made up most of what each young collection scanned
+    (taskwheel.core.records). For lists of records the hot path keeps."""
     untrack(records, TaskRecord)
+    untrack_list(records)
     return records
 
 

@@ -174,6 +174,16 @@ def _sent(s, *recs):
     return s.fill(len(recs))[0]
 
 
+def test_the_compiled_loops_lists_of_leases_transitions_and_task_ids_are_out_of_the_gcs_view():
+    s = State(COMPILED_SLOTS)
+    s.take([Rec("t", gen=3), Rec("u", gen=1)])
+    sent, _ = s.fill(2)
+    transitions, confirm, forget, _ = s.ack(["t.4", "u.2"])
+    assert len(sent) == 2 and len(transitions) == 2
+    assert not gc.is_tracked(sent) and not gc.is_tracked(transitions) and not gc.is_tracked(forget)
+    assert not any(gc.is_tracked(t) for t in transitions)
+
+
 def test_an_ack_before_the_lease_is_written_ends_the_delivered_row_and_confirms_the_push(impl):
     s = State(impl)
     (lease,) = _sent(s, Rec("t", gen=3, shard=5, due_ms=NOW - 2))

@@ -93,6 +93,21 @@ def test_a_task_fired_and_admitted_again_fires_again(pending):
     assert pending.fire(20) == [again]
 
 
+def test_the_compiled_fire_returns_a_list_out_of_the_gcs_view_unless_a_record_in_it_is_tracked():
+    import gc
+
+    from taskwheel.core import untrack
+
+    pending = slots_read(TimingWheel(1, 0))
+    untracked = [Rec("a", 5), Rec("b", 6)]
+    untrack(untracked, Rec)
+    pending.admit(untracked + [Rec("c", 9)])
+    first = pending.fire(6)
+    assert [r.task_id for r in first] == ["a", "b"] and not gc.is_tracked(first)
+    second = pending.fire(9)  # "c" is an ordinary, tracked instance
+    assert [r.task_id for r in second] == ["c"] and gc.is_tracked(second)
+
+
 def test_a_wheel_with_keys_in_it_is_refused():
     wheel = TimingWheel(1, 0)
     wheel.schedule(1, 5)

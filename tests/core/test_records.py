@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from taskwheel.core import RecordShape, untrack
+from taskwheel.core import RecordShape, untrack, untrack_list
 from taskwheel.core.reference import ReferenceRecordShape
 from taskwheel.stores.base import TaskRecord, TaskState
 
@@ -31,6 +31,16 @@ def test_objects_of_other_types_stay_tracked():
     others = [[1], {"a": []}, Subclass("t", 0, "q", b"", 1, 1)]
     assert untrack(others, TaskRecord) == 0
     assert all(gc.is_tracked(o) for o in others)
+
+
+def test_a_list_of_untracked_objects_and_atoms_is_untracked_and_one_holding_a_tracked_object_is_not():
+    records = [record(i) for i in range(3)]
+    untrack(records, TaskRecord)
+    held = records + ["task-id", 7]
+    assert untrack_list(held) and not gc.is_tracked(held)
+    mixed = [records[0], [1]]
+    assert not untrack_list(mixed) and gc.is_tracked(mixed)
+    assert untrack_list([]) is True
 
 
 def test_an_untracked_record_keeps_its_fields_and_is_freed_by_reference_counting():

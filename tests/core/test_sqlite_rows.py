@@ -111,7 +111,7 @@ def test_compiled_records_share_a_text_equal_to_the_row_above_and_are_untracked(
         reader.close()
     assert [r.s for r in got] == ["queue-a", "queue-a", "queue-b", "queue-a", "queue-a"]
     assert got[0].s is got[1].s and got[3].s is got[4].s and got[1].s is not got[3].s
-    assert not any(gc.is_tracked(r) for r in got)
+    assert not any(gc.is_tracked(r) for r in got) and not gc.is_tracked(got)
 
 
 def test_compiled_records_share_an_integer_equal_to_the_row_above_or_to_the_column_before(db):
