@@ -11,8 +11,10 @@ their due time, paused the event loop for 36-74 ms (at 10K tasks/s, with collect
 50,000 net new objects). Untracked, a record costs the collector nothing.
 
 Untracking is safe for any object: it is still freed by reference counting, only a cycle through
-it could no longer be found. Only objects of the types given are untracked, so a caller cannot
-take a container that may hold cycles out of the collector's view by mistake.
+it could no longer be found. ``untrack`` takes only objects of the types given, so a caller
+cannot take a container that may hold cycles out of the collector's view by mistake;
+``untrack_list`` takes a list only when nothing in it can lead to such a cycle, and the
+compiled loops untrack the lists they fill with untracked objects only.
 """
 from cpython.object cimport PyObject, PyTypeObject
 from cpython.ref cimport Py_INCREF, Py_XDECREF
@@ -46,8 +48,9 @@ def untrack(list objects, type kind):
 
 
 def untrack_list(list objects):
-    """Takes the list itself out of the cyclic GC's view when none of its objects is tracked;
-    returns whether it is untracked now. A cycle the collector can find is made of tracked
+    """Takes the list itself out of the cyclic GC's view when none of its objects is tracked
+    and none is a dict (an untracked dict is tracked again once given a tracked value); returns
+    whether it did (False leaves the list as it was: a list untracked before stays so). A cycle the collector can find is made of tracked
     objects only, and a list's references are its items: when none of them is tracked, no
     such cycle passes through the list, and tracking it finds nothing. It only costs: a young
     collection visits every item of every young list, a cache miss per item for the lists of
@@ -56,7 +59,7 @@ def untrack_list(list objects):
     afterwards (records built by a RecordShape, strings, numbers, Fired)."""
     cdef Py_ssize_t i, n = len(objects)
     for i in range(n):
-        if PyObject_GC_IsTracked(objects[i]):
+        if PyObject_GC_IsTracked(objects[i]) or isinstance(objects[i], dict):
             return False
     untrack_container(objects)
     return True

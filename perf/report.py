@@ -122,7 +122,9 @@ def lateness_split(receipts: np.ndarray, horizon_ms: float | None = None) -> dic
     """Each first delivery's lateness in two parts, where the system says when it fired the
     task: ``timer`` (fired - fire_at: the wheel, and the event loop's turn it fired in) and
     ``delivery`` (received - fired: dispatch, gRPC, the worker's process getting a core).
-    None when no delivery says (a peer, or receipts written before ``fired_ms`` existed)."""
+    None when no delivery says (a peer). taskwheel's fired_at is a whole millisecond rounded
+    down, so the timer's part reads up to 1 ms low and the delivery's up to 1 ms high; each
+    part's percentiles are over all tasks, so the two p99s need not add up to the p99."""
     firsts = first_deliveries(receipts)
     if horizon_ms is not None:
         firsts = firsts[firsts["fire_at_ms"] <= horizon_ms]

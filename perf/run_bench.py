@@ -481,7 +481,8 @@ def summary_line(r: dict[str, Any]) -> str:
 
 
 def _split_note(r: dict[str, Any]) -> str:
-    """Where the p99 sits: fired late by the timer, or late from firing to the worker."""
+    """Each part's own p99 (over all tasks, so they need not add up to the lateness p99): fired
+    late by the timer, or late from firing to the worker."""
     split = r["fire"].get("lateness_split_ms")
     if not split:
         return ""

@@ -326,6 +326,8 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         # whose futures lead only to the long-lived services: neither can be in a garbage
         # cycle, so reference counting frees them.
         untrack(transitions, Transition)
+        # The lists of batches are shared by a take's Fired (core.take_fired) and never changed
+        # in place: that, not untrack_list's check, is what keeps them safe out of view.
         untrack(confirm, list)
         untrack_list(transitions)
         untrack_list(confirm)

@@ -40,6 +40,8 @@ def test_a_list_of_untracked_objects_and_atoms_is_untracked_and_one_holding_a_tr
     assert untrack_list(held) and not gc.is_tracked(held)
     mixed = [records[0], [1]]
     assert not untrack_list(mixed) and gc.is_tracked(mixed)
+    with_dict = [{}]  # untracked while empty, tracked again once it holds a tracked value
+    assert not untrack_list(with_dict) and gc.is_tracked(with_dict)
     assert untrack_list([]) is True
 
 

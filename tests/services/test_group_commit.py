@@ -51,6 +51,9 @@ def test_the_batch_of_callers_lists_out_of_the_gcs_view_is_out_of_it_too():
         untrack_list(ids)
         await asyncio.gather(commit.commit(ids), commit.commit(untrack_list_of(["c"])))
         await commit.commit(["d", [1]])  # a list the GC still watches: the batch stays watched
+        sloppy = untrack_list_of(["e"])
+        sloppy.append([2])  # an untracked list given a tracked object after all: still checked
+        await commit.commit(sloppy)
         await commit.stop()
 
     def untrack_list_of(items):
@@ -58,7 +61,7 @@ def test_the_batch_of_callers_lists_out_of_the_gcs_view_is_out_of_it_too():
         return items
 
     run(main())
-    assert tracked == [False, True]
+    assert tracked == [False, True, True]
 
 
 def test_a_write_never_exceeds_max_batch_unless_one_caller_alone_does():
