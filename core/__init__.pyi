@@ -78,7 +78,9 @@ def encode_deliveries(sent: list[Any], traceparents: list[str] | None = None,
     """The bytes of one taskwheel.v1.ConsumeResponse, a delivery per item (see _Delivery);
     ``record``, a RecordShape of the records' type, has their fields read from their slots."""
 
-def untrack_list(objects: list[Any]) -> bool: ...
+def untrack_list(objects: list[Any]) -> bool:
+    """Takes the list itself out of the cyclic GC's view when it holds no tracked object and no
+    dict; returns whether it did (see records.pyx)."""
 def untrack(objects: list[Any], kind: type) -> int:
     """Takes the objects of exactly type ``kind`` out of the cyclic GC's view (see records.pyx)."""
 

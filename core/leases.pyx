@@ -194,11 +194,12 @@ def take_fired(list records, int64_t now, int64_t fired_at, object batch, list f
     """Takes fired ``records`` (each with task_id, gen, queue) for push ``batch``.
 
     ``finished`` is the finished memory's generations (FinishedGeneration), newest first: a
-    record whose task finished at its gen or later is counted done (``batch.done_one()``). A task in neither ``leases`` nor ``waiting`` whose queue is in
-    ``queues`` becomes a Fired(record, [batch], now, fired_at) in ``waiting`` and at the end
-    of its queue state's ``ready``; the Fired of one call share one list ``[batch]``, which
-    is never changed in place (a task given another batch gets a new list); its task_id goes to ``unheld``, the queue state to
-    ``touched``. Any other record is passed to ``slow(record)``. ``record``, a RecordShape of
+    record whose task finished at its gen or later is counted done (``batch.done_one()``). A
+    task in neither ``leases`` nor ``waiting`` whose queue is in ``queues`` becomes a
+    Fired(record, [batch], now, fired_at) in ``waiting`` and at the end of its queue state's
+    ``ready``; its task_id goes to ``unheld``, the queue state to ``touched``. The Fired of
+    one call share one list ``[batch]``, never changed in place (a task given another batch
+    gets a new list). Any other record is passed to ``slow(record)``. ``record``, a RecordShape of
     the records' type, has their fields read from their slots. Returns how many were new."""
     cdef Py_ssize_t i, n = PyList_GET_SIZE(records), taken = 0
     cdef object rec, task_id, fin, queue, last_queue = None, qs = None, ready = None

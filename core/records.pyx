@@ -50,9 +50,11 @@ def untrack(list objects, type kind):
 def untrack_list(list objects):
     """Takes the list itself out of the cyclic GC's view when none of its objects is tracked
     and none is a dict (an untracked dict is tracked again once given a tracked value); returns
-    whether it did (False leaves the list as it was: a list untracked before stays so). A cycle the collector can find is made of tracked
-    objects only, and a list's references are its items: when none of them is tracked, no
-    such cycle passes through the list, and tracking it finds nothing. It only costs: a young
+    whether it did (False leaves the list as it was: a list untracked before stays so).
+
+    A cycle the collector can find is made of tracked objects only, and a list's references
+    are its items: when none of them is tracked, no such cycle passes through the list, and
+    tracking it finds nothing. It only costs: a young
     collection visits every item of every young list, a cache miss per item for the lists of
     records, task ids, transitions and leases the fire path holds for milliseconds to seconds
     (150-280K items at 50K fires/s, 10-20 ms a collection). Put only untracked objects in it

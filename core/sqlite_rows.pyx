@@ -134,12 +134,12 @@ cdef class SqliteReader:
     def records(self, tuple params, RecordShape shape not None):
         """Every row of the statement run with ``params`` (ints), each as an instance of
         ``shape.kind`` whose fields are the row's columns in order (see RecordShape), built
-        without its ``__init__`` and out of the cyclic GC's view, as is the list. A text or an integer equal
-        to the same column's in the row before is that row's object, not a copy (a queue name,
-        an empty error, a lease), and so is an integer equal to the column before it in its row
-        (a first attempt's due time, its fire time): at 50K fires/s each object of a record
-        is a cache miss when the record fires, seconds after it was read, and another when
-        it is freed."""
+        without its ``__init__`` and out of the cyclic GC's view, as is the list. A text or an
+        integer equal to the same column's in the row before is that row's object, not a copy
+        (a queue name, an empty error, a lease), and so is an integer equal to the column
+        before it in its row (a first attempt's due time, its fire time): at 50K fires/s each
+        object of a record is a cache miss when the record fires, seconds after it was read,
+        and another when it is freed."""
         if shape.count != self.columns:
             raise ValueError(
                 f"the statement has {self.columns} columns, {shape.kind.__name__} {shape.count} fields")

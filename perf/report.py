@@ -110,11 +110,15 @@ def delivery_summary(submits: np.ndarray, receipts: np.ndarray,
     }
 
 
+def first_deliveries_due(receipts: np.ndarray, horizon_ms: float | None) -> np.ndarray:
+    """first_deliveries of the tasks due by the horizon (all of them without one)."""
+    firsts = first_deliveries(receipts)
+    return firsts if horizon_ms is None else firsts[firsts["fire_at_ms"] <= horizon_ms]
+
+
 def lateness_ms(receipts: np.ndarray, horizon_ms: float | None = None) -> np.ndarray:
     """Lateness of each task's first delivery (tasks due by the horizon, when one is given)."""
-    firsts = first_deliveries(receipts)
-    if horizon_ms is not None:
-        firsts = firsts[firsts["fire_at_ms"] <= horizon_ms]
+    firsts = first_deliveries_due(receipts, horizon_ms)
     return firsts["received_ms"] - firsts["fire_at_ms"].astype(np.float64)
 
 
@@ -125,9 +129,7 @@ def lateness_split(receipts: np.ndarray, horizon_ms: float | None = None) -> dic
     None when no delivery says (a peer). taskwheel's fired_at is a whole millisecond rounded
     down, so the timer's part reads up to 1 ms low and the delivery's up to 1 ms high; each
     part's percentiles are over all tasks, so the two p99s need not add up to the p99."""
-    firsts = first_deliveries(receipts)
-    if horizon_ms is not None:
-        firsts = firsts[firsts["fire_at_ms"] <= horizon_ms]
+    firsts = first_deliveries_due(receipts, horizon_ms)
     if "fired_ms" not in (firsts.dtype.names or ()):
         return None
     known = firsts[np.isfinite(firsts["fired_ms"])]
@@ -144,9 +146,7 @@ def lateness_series(receipts: np.ndarray, start_ms: float, end_ms: float, horizo
     """Nearest-rank p50, p99 and the max of lateness per ``bin_s`` bin of the tasks' fire_at,
     from ``start_ms`` to ``end_ms`` (None where no task was due): whether the tail is spread
     over the run or comes from a few bad seconds."""
-    firsts = first_deliveries(receipts)
-    if horizon_ms is not None:
-        firsts = firsts[firsts["fire_at_ms"] <= horizon_ms]
+    firsts = first_deliveries_due(receipts, horizon_ms)
     n_bins = max(1, math.ceil((end_ms - start_ms) / (bin_s * 1000.0)))
     late = firsts["received_ms"] - firsts["fire_at_ms"].astype(np.float64)
     bins = np.floor((firsts["fire_at_ms"] - start_ms) / (bin_s * 1000.0)).astype(np.int64)

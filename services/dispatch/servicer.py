@@ -232,9 +232,9 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
                 return
         waiting = self._waiting.get(task_id)
         if waiting is not None:
+            # A Fired's list of batches is shared with the others of its take: extended by copy.
             if rec.gen < waiting.record.gen:
                 batch.done_one()
-            # A Fired's list of batches is shared with the others of its take: extended by copy.
             elif rec.gen == waiting.record.gen and waiting.held_gen == 0:
                 waiting.batches = waiting.batches + [batch]  # a reloaded copy: confirm with the first
             else:
