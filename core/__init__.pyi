@@ -81,6 +81,7 @@ def encode_deliveries(sent: list[Any], traceparents: list[str] | None = None,
 def untrack_list(objects: list[Any]) -> bool:
     """Takes the list itself out of the cyclic GC's view when it holds no tracked object and no
     dict; returns whether it did (see records.pyx)."""
+
 def untrack(objects: list[Any], kind: type) -> int:
     """Takes the objects of exactly type ``kind`` out of the cyclic GC's view (see records.pyx)."""
 

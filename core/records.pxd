@@ -39,4 +39,3 @@ cdef inline void untrack_container(object container) noexcept:
     (see untrack_list)."""
     if PyObject_GC_IsTracked(container):
         PyObject_GC_UnTrack(<PyObject *>container)
-
