@@ -446,6 +446,29 @@ def test_an_in_process_timer_holds_a_written_lease_row_until_the_ack_takes_it_ou
     assert (held_after_ack, pending) == ([], 0)
 
 
+def test_only_fired_tasks_no_worker_took_are_left_for_the_hold_loop(tmp_path):
+    # The hold loop looks up every task it is given, hold_after_ms later: one sent to a worker
+    # as it was taken must not be among them.
+    async def main():
+        store = await opened_store(tmp_path)
+        fired_at = now_ms()
+        dispatch = DispatchService(Config(), store, QuietTimer())
+        stream, deliveries = await subscribed(dispatch, max_in_flight=1)
+        first = asyncio.get_running_loop().create_task(deliveries.__anext__())
+        while not dispatch._queue("q").consumers:
+            await asyncio.sleep(0)
+        dispatch.take([task("sent", fired_at - 2), task("waits", fired_at - 1)], fired_at)
+        msg = await asyncio.wait_for(first, 5)
+        left = [(since, list(ids)) for since, ids in dispatch._unheld]
+        await deliveries.aclose()
+        await store.close()
+        return [d.task_id for d in msg.deliveries], left, fired_at
+
+    delivered, left, fired_at = asyncio.run(main())
+    assert delivered == ["sent"]
+    assert len(left) == 1 and left[0][1] == ["waits"] and left[0][0] >= fired_at
+
+
 def test_a_task_held_until_a_worker_came_leaves_no_hold_row_in_the_timer_once_acked(tmp_path):
     async def main():
         store = await opened_store(tmp_path)
