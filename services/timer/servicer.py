@@ -29,6 +29,11 @@ log = logging.getLogger("taskwheel.timer")
 # Records admitted to the wheel per turn of the loop while a slice loads: ~1 ms of the loop's
 # time each, so a slice of 50K tasks no longer holds the fire loop up for tens of milliseconds.
 ADMIT_CHUNK = 2_048
+# How long the fire loop may keep firing before it lets the loop's other callbacks run. Firing
+# and handing over takes a millisecond or more under load, by which time the next millisecond's
+# tasks are due, so the loop never caught up and never yielded: the deliveries it had just
+# made, and the acks of earlier ones, waited behind it (fire_50k: fire steps of 8-22 ms).
+FIRE_TURN_MS = 2
 
 
 class TimerService(timer_pb2_grpc.TimerServicer):
@@ -229,6 +234,7 @@ class TimerService(timer_pb2_grpc.TimerServicer):
         loop = asyncio.get_running_loop()
         wheel = self.wheel
         pending = self.pending
+        turn_started = now_ms()
         while True:
             now = now_ms()
             nd = wheel.next_deadline()
@@ -241,6 +247,11 @@ class TimerService(timer_pb2_grpc.TimerServicer):
                 await waiter
                 handle.cancel()
                 self._waiter = None
+                turn_started = now_ms()
+                continue
+            if now - turn_started >= FIRE_TURN_MS:
+                await asyncio.sleep(0)  # to the back of the loop's queue, once
+                turn_started = now_ms()
                 continue
             fired = pending.fire(now)
             if not fired:

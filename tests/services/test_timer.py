@@ -322,3 +322,54 @@ def test_a_large_slice_enters_the_wheel_in_chunks_letting_the_loop_run_between(t
     assert len(timer.wheel) == n
     partial = sorted({s for s in sizes if 0 < s < n})
     assert partial[:3] == [ADMIT_CHUNK, 2 * ADMIT_CHUNK, 3 * ADMIT_CHUNK]
+
+
+class SlowTakingDispatch:
+    """Takes fired tasks in the caller's turn, holding the event loop ``take_ms`` per batch, as
+    dispatch's take, pump and encode do under load."""
+
+    def __init__(self, take_ms: float):
+        self.take_ms = take_ms
+        self.fired = []
+
+    def take(self, records, fired_at_ms):
+        self.fired.extend((r.task_id, r.due_ms, fired_at_ms) for r in records)
+        until = time.perf_counter() + self.take_ms / 1000
+        while time.perf_counter() < until:
+            pass
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+def test_the_fire_loop_lets_the_event_loop_run_while_tasks_keep_falling_due(tmp_path):
+    # One task due each millisecond for 150 ms, each batch taking 3 ms to hand over: the fire
+    # loop never catches up, and before it yielded only once it had, so nothing else ran (a
+    # worker's deliveries and acks) until the stream of due tasks ended.
+    from taskwheel.timer.servicer import FIRE_TURN_MS
+
+    store = SqliteStore(str(tmp_path / "t.db"), num_shards=SHARDS)
+    dispatch = SlowTakingDispatch(take_ms=3 * FIRE_TURN_MS)
+    first = now_ms() + 400
+    tasks = [task(f"t{i:03d}", first + i) for i in range(150)]
+    turns_while_firing = []
+
+    async def before(store):
+        await store.insert(tasks)
+
+    async def main():
+        async def watch():  # one look per turn of the loop
+            while True:
+                if 0 < len(dispatch.fired) < len(tasks):
+                    turns_while_firing.append(len(dispatch.fired))
+                await asyncio.sleep(0)
+
+        watcher = asyncio.ensure_future(watch())
+        timer = await run_timer(store, dispatch, 1.2, before=before)
+        watcher.cancel()
+        return timer
+
+    asyncio.run(main())
+    assert sorted(t for t, _, _ in dispatch.fired) == [t.task_id for t in tasks]
+    assert all(fired_at >= due for _, due, fired_at in dispatch.fired)
+    assert len(set(turns_while_firing)) >= 10, turns_while_firing
