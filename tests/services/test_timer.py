@@ -343,9 +343,9 @@ class SlowTakingDispatch:
 
 
 def test_the_fire_loop_lets_the_event_loop_run_while_tasks_keep_falling_due(tmp_path):
-    # One task due each millisecond for 150 ms, each batch taking 3 ms to hand over: the fire
-    # loop never catches up, and before it yielded only once it had, so nothing else ran (a
-    # worker's deliveries and acks) until the stream of due tasks ended.
+    # One task due each millisecond for 150 ms, each batch taking 3 x FIRE_TURN_MS to hand
+    # over: the fire loop never catches up, and before it yielded only once it had, so nothing
+    # else ran (a worker's deliveries and acks) until the stream of due tasks ended.
     from taskwheel.timer.servicer import FIRE_TURN_MS
 
     store = SqliteStore(str(tmp_path / "t.db"), num_shards=SHARDS)
