@@ -202,8 +202,7 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
     def _take_fired(self, records: list[TaskRecord], fired_at_ms: int, batch: "_Batch") -> None:
         touched: set[_QueueState] = set()
         now = now_ms()
-        unheld: list[str] = []
-        untrack_list(unheld)  # task ids only, held for hold_after_ms (see core.untrack_list)
+        unheld: list[str] = []  # the fired tasks now waiting; those still waiting after the pump are kept
         # The common case, a task new to dispatch, in C; the rest (see _take_one) in its place.
         take_fired(records, now, fired_at_ms, batch, self._finished.newest_first(), self._leases,
                    self._waiting, self._queues, unheld, touched,
@@ -219,7 +218,7 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
             waiting = self._waiting
             still = [task_id for task_id in unheld if task_id in waiting]
             if still:
-                untrack_list(still)
+                untrack_list(still)  # task ids only, held for hold_after_ms (see core.untrack_list)
                 self._unheld.append((now, still))
 
     def _take_one(self, batch: "_Batch", now: int, fired_at_ms: int, unheld: list[str],
