@@ -17,7 +17,8 @@ cdef class Fired:
 
 
 cdef class FinishedGeneration:
-    cdef readonly dict entries  # task_id -> gen << 44 | finished at (ms)
+    cdef list _shards  # task_id -> gen << 44 | finished at (ms): a split dict (idshards.pxd)
+    cdef Py_ssize_t _drained  # pieces emptied by drain, from the first
     cdef uint64_t *_bits  # a blocked Bloom filter of the entries' hashes: three bits in one word
     cdef Py_ssize_t _mask  # words - 1 (a power of two)
 

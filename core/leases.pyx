@@ -19,7 +19,7 @@ allocation, not two.
   C (``RecordShape``), superseding the lease row once written, else the delivered row, whose
   lease is then never written.
 * ``FinishedGeneration`` is one generation of dispatch's memory of finished tasks (the
-  servicer's _FinishedMemory keeps several by time): a dict with a Bloom filter in front.
+  servicer's _FinishedMemory keeps several by time): a split dict with a Bloom filter in front.
   Every fired task is looked up in every generation, and a task never finished, nearly all
   of them, missed in each one's dict: a cache miss apiece in dicts of 100,000s of entries,
   0.5 -> 4.0 us a task with 8 generations of 500,000 (2 minutes of acks at 33K/s). The
@@ -47,6 +47,7 @@ from cpython.object cimport PyObject, PyObject_Hash
 from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport calloc, free
 
+from taskwheel.core.idshards cimport ID_SHARDS, id_shard, id_shards, id_shards_len
 from taskwheel.core.records cimport RecordShape, read_field, untrack_container
 
 # Where the finished memory keeps the gen in its ints: gen << 44 | finished at (ms); wall-clock
@@ -100,10 +101,11 @@ cdef inline uint64_t _pattern(Py_hash_t h) noexcept:
 @cython.final
 cdef class FinishedGeneration:
     """One generation of finished tasks: task_id -> gen << 44 | finished at (ms), a dict
-    (``entries``) with a Bloom filter of its keys in front, sized for ``capacity`` keys at
-    8 bits a key (~5 % false positives there; more keys only raise that rate). Keys are
-    only added and popped (popitem, to empty a dropped generation): a popped key stays in
-    the filter, which costs a dict lookup, never a wrong answer."""
+    split 64 ways (core/idshards.pxd: one dict of 350K finished tasks was rebuilt inside an
+    ack, 27 ms) with a Bloom filter in front, sized for ``capacity`` keys at 8 bits a key
+    (~5 % false positives there; more keys only raise that rate). Keys are only added and
+    taken out by ``drain`` (to empty a dropped generation): a key taken out stays in the
+    filter, which costs a dict lookup, never a wrong answer."""
 
     def __cinit__(self, Py_ssize_t capacity=65536):
         cdef Py_ssize_t words = 1024
@@ -113,7 +115,7 @@ cdef class FinishedGeneration:
         if self._bits == NULL:
             raise MemoryError()
         self._mask = words - 1
-        self.entries = {}
+        self._shards = id_shards()
 
     def __dealloc__(self):
         free(self._bits)
@@ -127,7 +129,7 @@ cdef class FinishedGeneration:
 
     cdef int put(self, object task_id, object value) except -1:
         self._mark(PyObject_Hash(task_id))
-        PyDict_SetItem(self.entries, task_id, value)
+        PyDict_SetItem(id_shard(self._shards, task_id), task_id, value)
         return 0
 
     cdef object lookup(self, object task_id):
@@ -135,7 +137,7 @@ cdef class FinishedGeneration:
         cdef PyObject *hit
         if not self._may_contain(PyObject_Hash(task_id)):
             return None
-        hit = PyDict_GetItem(self.entries, task_id)
+        hit = PyDict_GetItem(id_shard(self._shards, task_id), task_id)
         return None if hit == NULL else <object>hit
 
     def may_hold(self, task_id):
@@ -146,6 +148,14 @@ cdef class FinishedGeneration:
     def bytes(self):
         """The filter's size."""
         return (self._mask + 1) * sizeof(uint64_t)
+
+    @property
+    def entries(self):
+        """Every entry, as one new dict (to inspect; the hot paths never build it)."""
+        merged = {}
+        for d in self._shards:
+            merged.update(<dict>d)
+        return merged
 
     def __setitem__(self, task_id, value):
         self.put(task_id, value)
@@ -164,13 +174,29 @@ cdef class FinishedGeneration:
         return self.lookup(task_id) is not None
 
     def __len__(self):
-        return len(self.entries)
+        return id_shards_len(self._shards)
 
     def __iter__(self):
-        return iter(self.entries)
+        for d in self._shards:
+            yield from <dict>d
 
-    def popitem(self):
-        return self.entries.popitem()
+    def drain(self, Py_ssize_t most):
+        """Takes out up to ``most`` entries, a piece at a time (a piece that fits is cleared
+        whole, which frees its table at once); returns how many it took out."""
+        cdef Py_ssize_t taken = 0, size
+        cdef dict d
+        while taken < most and self._drained < ID_SHARDS:
+            d = <dict>self._shards[self._drained]
+            size = len(d)
+            if size <= most - taken:
+                d.clear()
+                taken += size
+                self._drained += 1
+            else:
+                for _ in range(most - taken):
+                    d.popitem()
+                taken = most
+        return taken
 
     def update(self, pairs):
         """Puts each (task_id, value) of ``pairs``."""

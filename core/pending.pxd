@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""C-level declarations of pending.pyx: a PendingTasks' wheel, its cells and its dict."""
+"""C-level declarations of pending.pyx: a PendingTasks' wheel, its cells and its split dict."""
 from cpython.object cimport PyObject
 from libc.stdint cimport int64_t
 
@@ -8,7 +8,7 @@ from taskwheel.core.wheel cimport TimingWheel
 
 cdef class PendingTasks:
     cdef readonly TimingWheel wheel  # for reading (len, next_deadline): scheduling goes through admit
-    cdef dict _keys  # task_id -> wheel key, the index of the task's cell
+    cdef list _keys  # task_id -> wheel key, the index of the task's cell: a split dict (idshards.pxd)
     cdef PyObject **_cells  # wheel key -> the record held (a reference), NULL when free
     cdef Py_ssize_t _cells_used  # cells ever handed out: every key is below this
     cdef Py_ssize_t _cells_cap

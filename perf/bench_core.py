@@ -16,6 +16,10 @@
   wire bytes, as dispatch sends a message: encode_deliveries against the protobuf runtime as
   dispatch used it before (deliveries.add with keywords, the three timestamps merged from
   pre-encoded bytes shared by the message, SerializeToString).
+* grow task ids: 700,000 task ids put 100 at a time (an ack message's worth) into dispatch's
+  finished memory, a FinishedGeneration (64 dicts by hash, core/idshards.pxd), against one
+  dict; the figure that matters is the longest step (``longest_step_ms``), the stall a dict
+  rebuilt whole inside one step puts on the event loop.
 
 Setup (building inputs, filling the scheduler a cancel runs on) is outside the timed part.
 Figures are per item; each core result carries its speed-up over its baseline in extra_info,
@@ -38,7 +42,7 @@ import tracemalloc  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from taskwheel.core import Batcher, TimingWheel, encode_deliveries  # noqa: E402
+from taskwheel.core import Batcher, FinishedGeneration, TimingWheel, encode_deliveries  # noqa: E402
 from taskwheel.stores.base import TaskRecord  # noqa: E402
 from taskwheel.v1 import dispatch_pb2, task_pb2  # noqa: E402
 
@@ -298,6 +302,29 @@ def test_encode_1000_deliveries(benchmark, impl):
     per_item(benchmark, benchmark.group, impl, n)
 
 
+@pytest.mark.parametrize("impl", ["baseline", "split"])
+def test_grow_700k_task_ids_100_at_a_time(benchmark, impl):
+    benchmark.group = "grow 700K task ids, 100 a step"
+    ids = [f"{START_MS + i:012x}0badcafe{i:08x}" for i in range(700_000)]
+    longest: list[float] = []
+
+    def grow():
+        table = {} if impl == "baseline" else FinishedGeneration(len(ids))
+        worst = 0.0
+        for start in range(0, len(ids), 100):
+            began = time.perf_counter()
+            for task_id in ids[start:start + 100]:
+                table[task_id] = 1
+            worst = max(worst, time.perf_counter() - began)
+        longest.append(worst)
+        return table
+
+    table = benchmark.pedantic(grow, rounds=5, warmup_rounds=1)
+    assert len(table) == len(ids) and table[ids[-1]] == 1
+    median_longest_ms = sorted(longest)[len(longest) // 2] * 1e3
+    per_item(benchmark, benchmark.group, impl, len(ids), longest_step_ms=median_longest_ms)
+
+
 def report(path: str) -> str:
     """A Markdown table of a pytest-benchmark JSON written by this file."""
     data = json.loads(open(path).read())
@@ -310,6 +337,8 @@ def report(path: str) -> str:
             rows.append(f"| {bench['group']} | {impl} | {info['bytes_per_pending_timer']} B | | | |")
             continue
         speedup = info.get("speedup_vs_baseline")
+        if "longest_step_ms" in info:
+            impl = f"{impl} (longest step {info['longest_step_ms']} ms)"
         rows.append(
             f"| {bench['group']} | {impl} | {info['ns_per_item_best']} ns | "
             f"{info['ns_per_item_median']} ns | {info['items_per_s_best'] / 1e6:.2f} M | "

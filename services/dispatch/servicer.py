@@ -639,8 +639,9 @@ class _FinishedMemory:
     fill it with dummies, is rebuilt whole in one call, which stalls the event loop 12 ms at
     350K entries and 24 ms at 700K; one dict of 120 s of acks (1.2M entries at 10K/s) was
     rebuilt every ~1M acks for ~50 ms. A generation is only added to, so it grows to
-    rate x memory_ms / GENERATIONS entries at most and is never rebuilt by deletes; one past
-    the memory is dropped whole and emptied a chunk per call, instead of a delete per task.
+    rate x memory_ms / GENERATIONS entries at most and is never rebuilt by deletes (and is
+    itself split 64 ways, so it grows a 64th at a time); one past the memory is dropped whole
+    and emptied a chunk per call, instead of a delete per task.
     The price: a task not found is looked up in every generation (GENERATIONS + 1 dicts),
     which is every fired task: each generation is a core.FinishedGeneration, whose Bloom
     filter answers most of those misses without touching the dict (sized at 5/4 of the
@@ -692,12 +693,8 @@ class _FinishedMemory:
         dropped = self._dropped
         left = max(self._EMPTIED_PER_CALL, 2 * added)
         while dropped and left:
-            entries = dropped[-1]
-            n = min(left, len(entries))
-            for _ in range(n):
-                entries.popitem()
-            left -= n
-            if not entries:
+            left -= dropped[-1].drain(left)
+            if left:  # it had fewer than asked for: it is empty now
                 dropped.pop()
 
     def __iter__(self):

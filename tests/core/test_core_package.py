@@ -95,7 +95,7 @@ def test_a_typical_caller_and_the_reference_model_type_check_strictly(stub_root,
 
 
 # Declaration-only .pxd files (inline helpers shared by the modules), with no .pyx of their own.
-SHARED_PXD = {"int64"}
+SHARED_PXD = {"idshards", "int64"}
 
 
 def test_every_compiled_module_is_paired_with_a_pxd():

@@ -322,10 +322,21 @@ def test_a_finished_generation_s_filter_turns_away_most_tasks_never_put():
     assert generation.bytes <= 128 * 1024
 
 
-def test_a_popped_task_of_a_finished_generation_is_no_longer_found():
+def test_a_finished_generation_drains_exactly_as_many_as_asked_until_empty():
     generation = FinishedGeneration()
-    generation["t"] = 1
-    assert generation.popitem() == ("t", 1) and generation.get("t") is None and len(generation) == 0
+    generation.update((f"t{i}", i) for i in range(1_000))
+    taken = [generation.drain(300) for _ in range(5)]
+    assert taken == [300, 300, 300, 100, 0] and len(generation) == 0 and generation.entries == {}
+    assert all(generation.get(f"t{i}") is None for i in range(1_000))
+
+
+@given(put=st.sets(st.text(max_size=12), max_size=300), most=st.integers(0, 400))
+def test_what_a_finished_generation_drains_is_gone_and_the_rest_is_kept(put, most):
+    generation = FinishedGeneration()
+    generation.update((task_id, 1) for task_id in put)
+    taken = generation.drain(most)
+    kept = {task_id for task_id in put if task_id in generation}
+    assert taken == min(most, len(put)) and len(kept) == len(put) - taken == len(generation)
 
 
 # -- the two alike ----------------------------------------------------------------------------
