@@ -44,6 +44,20 @@ the probe distance) makes a key findable. Cancelling a key only deletes its buck
 left behind is stale, and every walk over a slot asks the table whether (slot, position) is
 still live. A slot holding 64 or more stale entries, and more stale than live ones, is
 compacted (a batch compacts once, at its end), so stale entries never cost more than live ones.
+A table that passes 80 % load doubles. One of 65,536 buckets or more doubles a few buckets at
+a time: the new table takes every insert, the old one is emptied from its first bucket on, a
+run of buckets at a time (MOVE_PER_CALL buckets a schedule or cancel, MOVE_PER_ADVANCE an
+advance), and a key found in the old table meanwhile is moved on the spot, so every index a
+method holds is the new table's. Lookups ask both tables until the old one is empty. Growing
+whole in one call rehashed every key, reading it from its entry (a cache miss apiece): it
+stalled the timer's event loop 13.7 ms at 210K timers, and schedule_many of 512 keys took up
+to 32-49 ms at 839K (perf/bench_core.py, 2-core test VM); a few buckets a call, the longest
+such call took 2.7-2.9 ms, for 147-150 ns a key over a growth to 1.1M instead of 104-112 (two
+tables to probe and a bucket moved one at a time cost more than one rehash). A new
+table's memory is zero pages from mmap (tw_table_alloc), so no memset lands in one call
+either. A growth asked for while one is under way, and every shrink, rebuild whole (and
+finish the move). ``_set_move_min(16)`` makes every growth incremental, which the model tests
+use.
 Memory is 16 bytes per entry plus 10-20 bytes of table per timer. Every operation is bound by
 one random access to the table; walks over a slot and batch calls prefetch the buckets
 TW_PREFETCH_AHEAD (32) entries ahead, and lookups by key prefetch the entry a bucket names too.
@@ -91,6 +105,28 @@ import time as _time
 DEBUG_BUILD = bool(TW_DEBUG)
 
 cdef array.array _KEYS_TEMPLATE = _array.array("q")
+
+# Tables with fewer buckets than this grow in one call (about 1 ms at 65,536); see Storage.
+cdef uint64_t _move_min = MOVE_MIN
+
+
+def _set_move_min(buckets):
+    """Sets the smallest table that grows a few buckets at a time (tests: 16, every table)."""
+    global _move_min
+    _move_min = buckets
+
+
+cdef void _delete_in(uint64_t *table, uint64_t mask, uint64_t i) noexcept nogil:
+    """Backward-shift deletion of bucket i: no tombstones, probe distances stay exact."""
+    cdef uint64_t j = (i + 1) & mask, b
+    while True:
+        b = table[j]
+        if b == 0 or _psl(b) == 0:
+            break
+        table[i] = b - TW_PSL_ONE
+        i = j
+        j = (j + 1) & mask
+    table[i] = 0
 
 
 cdef int _place(uint64_t *table, uint64_t mask, uint64_t *carry, uint64_t i) noexcept nogil:
@@ -185,10 +221,9 @@ cdef class TimingWheel:
         self.tick_ms = tick
         self._now_ms = start
         self._cur = self._utick(start)
-        self._table = <uint64_t *>PyMem_RawMalloc(MIN_TABLE * sizeof(uint64_t))
+        self._table = tw_table_alloc(MIN_TABLE)
         if self._table == NULL:
             raise MemoryError()
-        memset(self._table, 0, MIN_TABLE * sizeof(uint64_t))
         self._mask = MIN_TABLE - 1
         self._next_valid = True
 
@@ -196,7 +231,8 @@ cdef class TimingWheel:
         cdef Py_ssize_t s
         for s in range(NSLOTS):
             PyMem_RawFree(self._slots[s].items)
-        PyMem_RawFree(self._table)
+        tw_table_free(self._table, self._mask + 1)
+        tw_table_free(self._old, self._old_mask + 1)
         PyMem_RawFree(self._out)
         PyMem_RawFree(self._tmp)
 
@@ -227,10 +263,11 @@ cdef class TimingWheel:
     cdef inline Entry *_entry_of(self, uint64_t bucket) noexcept nogil:
         return &self._slots[(bucket & TW_SLOT_MASK) - 1].items[(bucket & TW_LOC_MASK) >> TW_POS_SHIFT]
 
-    cdef inline Py_ssize_t _find_key(self, int64_t key, uint64_t h) noexcept nogil:
-        cdef uint64_t mask = self._mask, i = h & mask, tag = h >> TW_TAG_SHIFT, d = 0, b
+    cdef inline Py_ssize_t _key_in(self, const uint64_t *table, uint64_t mask, int64_t key,
+                                   uint64_t h) noexcept nogil:
+        cdef uint64_t i = h & mask, tag = h >> TW_TAG_SHIFT, d = 0, b
         while True:
-            b = self._table[i]
+            b = table[i]
             if b == 0 or _psl(b) < d:
                 return -1
             if (b >> TW_TAG_SHIFT) == tag and self._entry_of(b).key == key:
@@ -238,18 +275,137 @@ cdef class TimingWheel:
             i = (i + 1) & mask
             d += 1
 
-    cdef inline Py_ssize_t _find_loc(self, uint64_t h, uint64_t loc) noexcept nogil:
+    cdef inline Py_ssize_t _loc_in(self, const uint64_t *table, uint64_t mask, uint64_t h,
+                                   uint64_t loc) noexcept nogil:
         # At most one bucket names a given (slot, position), and it belongs to the key stored
         # there, so matching the location alone tells whether that entry is live.
-        cdef uint64_t mask = self._mask, i = h & mask, d = 0, b
+        cdef uint64_t i = h & mask, d = 0, b
         while True:
-            b = self._table[i]
+            b = table[i]
             if b == 0 or _psl(b) < d:
                 return -1
             if (b & TW_LOC_MASK) == loc:
                 return <Py_ssize_t>i
             i = (i + 1) & mask
             d += 1
+
+    cdef inline Py_ssize_t _find_key(self, int64_t key, uint64_t h) noexcept nogil:
+        """The key's bucket in the table, moved there first if the old table held it; -1.
+        The table's probe is written out here, not a call of _key_in: it is the hot path, and
+        as a call it cost 5-10 % of schedule+expire and cancel (perf/bench_core.py)."""
+        cdef uint64_t mask = self._mask, i = h & mask, tag = h >> TW_TAG_SHIFT, d = 0, b
+        while True:
+            b = self._table[i]
+            if b == 0 or _psl(b) < d:
+                break
+            if (b >> TW_TAG_SHIFT) == tag and self._entry_of(b).key == key:
+                return <Py_ssize_t>i
+            i = (i + 1) & mask
+            d += 1
+        return -1 if self._old == NULL else self._find_key_old(key, h)
+
+    cdef inline Py_ssize_t _find_loc(self, uint64_t h, uint64_t loc) noexcept nogil:
+        """The bucket naming ``loc`` in the table, moved there first if the old table held it;
+        -1. At most one bucket names a given (slot, position), and it belongs to the key stored
+        there, so matching the location alone tells whether that entry is live."""
+        cdef uint64_t mask = self._mask, i = h & mask, d = 0, b
+        while True:
+            b = self._table[i]
+            if b == 0 or _psl(b) < d:
+                break
+            if (b & TW_LOC_MASK) == loc:
+                return <Py_ssize_t>i
+            i = (i + 1) & mask
+            d += 1
+        return -1 if self._old == NULL else self._find_loc_old(h, loc)
+
+    cdef Py_ssize_t _find_key_old(self, int64_t key, uint64_t h) noexcept nogil:
+        cdef Py_ssize_t i = self._key_in(self._old, self._old_mask, key, h)
+        return -1 if i < 0 else self._move_from_old(<uint64_t>i, h)
+
+    cdef Py_ssize_t _find_loc_old(self, uint64_t h, uint64_t loc) noexcept nogil:
+        cdef Py_ssize_t i = self._loc_in(self._old, self._old_mask, h, loc)
+        return -1 if i < 0 else self._move_from_old(<uint64_t>i, h)
+
+    cdef inline bint _take_loc(self, uint64_t h, uint64_t loc) noexcept nogil:
+        """Deletes the bucket naming ``loc`` from whichever table holds it; False if none does
+        (the entry is stale). Firing a key the old table still holds this way costs one more
+        probe, not a move into the table and a deletion there."""
+        cdef Py_ssize_t i = self._loc_in(self._table, self._mask, h, loc)
+        if i >= 0:
+            self._delete_at(<uint64_t>i)
+            return True
+        if self._old == NULL:
+            return False
+        i = self._loc_in(self._old, self._old_mask, h, loc)
+        if i < 0:
+            return False
+        _delete_in(self._old, self._old_mask, <uint64_t>i)
+        return True
+
+    cdef uint64_t _peek_key(self, int64_t key) noexcept nogil:
+        """The key's bucket in either table, or 0; moves nothing (for the read-only methods)."""
+        cdef uint64_t h = tw_mix(key)
+        cdef Py_ssize_t i = self._key_in(self._table, self._mask, key, h)
+        if i >= 0:
+            return self._table[i]
+        if self._old != NULL:
+            i = self._key_in(self._old, self._old_mask, key, h)
+            if i >= 0:
+                return self._old[i]
+        return 0
+
+    cdef Py_ssize_t _move_from_old(self, uint64_t j, uint64_t h) noexcept nogil:
+        """Moves bucket j of the old table (its key hashes to h) into the table; its index there."""
+        cdef uint64_t loc = self._old[j] & TW_LOC_MASK
+        _delete_in(self._old, self._old_mask, j)
+        if self._insert(h, loc) != 0:
+            self._broken = True
+            return -1
+        return self._loc_in(self._table, self._mask, h, loc)
+
+    cdef void _move_some(self, Py_ssize_t budget) noexcept nogil:
+        """Moves about ``budget`` buckets of the old table into the table (an empty one passed
+        counts as one), a whole run at a time; frees the old table once it is empty.
+
+        A run is the buckets from _old_next up to the next empty bucket or one at its home
+        position: a bucket after that has its home after it too, so no probe for a key left
+        in the old table passes through the run, and the run can be emptied without the
+        backward shifts of a deletion (which made moving a bucket cost about as much as a
+        cluster is long). So every position below _old_next stays empty, and every bucket at
+        or after it has its home there too (those wrapped past the table's end, at its start,
+        go in the first run). A deletion in the old table keeps that: it shifts a bucket back
+        only into the position it emptied, at or after _old_next."""
+        cdef uint64_t cap, r, b, carry, h
+        while budget > 0 and self._old != NULL:
+            cap = self._old_mask + 1
+            r = self._old_next
+            if r == cap:
+                tw_table_free(self._old, cap)
+                self._old = NULL
+                return
+            if self._old[r] == 0:
+                self._old_next = r + 1
+                budget -= 1
+                continue
+            while True:
+                b = self._old[r]
+                h = tw_mix(self._entry_of(b).key)
+                carry = b & ~(TW_PSL_MAX << TW_PSL_SHIFT)
+                self._old[r] = 0
+                if _place(self._table, self._mask, &carry, h & self._mask) != 0:
+                    # A bucket without a place: rebuild whole, which takes the old table too.
+                    self._old_next = r + 1
+                    if self._rebuild(2 * (self._mask + 1), carry) != 0:
+                        self._broken = True
+                    return
+                r += 1
+                budget -= 1
+                if r == cap or self._old[r] == 0 or _psl(self._old[r]) == 0:
+                    break
+                if r + 8 < cap and self._old[r + 8] != 0:
+                    TW_PREFETCH(self._entry_of(self._old[r + 8]))
+            self._old_next = r
 
     cdef int _insert(self, uint64_t h, uint64_t loc) noexcept nogil:
         cdef uint64_t carry = loc | ((h >> TW_TAG_SHIFT) << TW_TAG_SHIFT)
@@ -258,16 +414,7 @@ cdef class TimingWheel:
         return self._rebuild(2 * (self._mask + 1), carry)
 
     cdef void _delete_at(self, uint64_t i) noexcept nogil:
-        # Backward-shift deletion: no tombstones, probe distances stay exact.
-        cdef uint64_t mask = self._mask, j = (i + 1) & mask, b
-        while True:
-            b = self._table[j]
-            if b == 0 or _psl(b) == 0:
-                break
-            self._table[i] = b - TW_PSL_ONE
-            i = j
-            j = (j + 1) & mask
-        self._table[i] = 0
+        _delete_in(self._table, self._mask, i)
 
     cdef inline void _prefetch_bucket(self, int64_t key) noexcept nogil:
         TW_PREFETCH(&self._table[tw_mix(key) & self._mask])
@@ -294,19 +441,19 @@ cdef class TimingWheel:
             d += 1
 
     cdef int _rebuild(self, uint64_t capacity, uint64_t extra) noexcept nogil:
-        """Rehashes every bucket (and `extra`, a bucket without a place) into `capacity`."""
+        """Rehashes every bucket (and `extra`, a bucket without a place) into `capacity`, those
+        of an old table still being moved too, at once."""
         cdef uint64_t *table
         cdef uint64_t mask, b, carry, h
         cdef uint64_t i, old_cap = self._mask + 1
         cdef bint ok
         while True:
-            table = <uint64_t *>PyMem_RawMalloc(capacity * sizeof(uint64_t))
+            table = tw_table_alloc(capacity)
             if table == NULL:
                 if extra != 0:
                     self._broken = True
                 return -1
             tw_advise_huge(table, capacity * sizeof(uint64_t))
-            memset(table, 0, capacity * sizeof(uint64_t))
             mask = capacity - 1
             ok = True
             for i in range(old_cap + 1):
@@ -322,12 +469,23 @@ cdef class TimingWheel:
                 if _place(table, mask, &carry, h & mask) != 0:
                     ok = False
                     break
+            if ok and self._old != NULL:
+                for i in range(self._old_next, self._old_mask + 1):
+                    b = self._old[i]
+                    if b == 0:
+                        continue
+                    carry = b & ~(TW_PSL_MAX << TW_PSL_SHIFT)
+                    if _place(table, mask, &carry, tw_mix(self._entry_of(b).key) & mask) != 0:
+                        ok = False
+                        break
             if ok:
-                PyMem_RawFree(self._table)
+                tw_table_free(self._table, self._mask + 1)
+                tw_table_free(self._old, self._old_mask + 1)
+                self._old = NULL
                 self._table = table
                 self._mask = mask
                 return 0
-            PyMem_RawFree(table)
+            tw_table_free(table, capacity)
             capacity *= 2
 
     cdef int _reserve_table(self, Py_ssize_t count) noexcept nogil:
@@ -337,11 +495,28 @@ cdef class TimingWheel:
             return 0
         while <uint64_t>count * 5 > cap * 4:
             cap *= 2
-        return self._rebuild(cap, 0)
+        if self._old != NULL or self._mask + 1 < _move_min:
+            return self._rebuild(cap, 0)
+        return self._start_growing(cap)
+
+    cdef int _start_growing(self, uint64_t capacity) noexcept nogil:
+        """Makes an empty table of ``capacity`` the table, the current one the old one."""
+        cdef uint64_t *table = tw_table_alloc(capacity)
+        if table == NULL:
+            return -1
+        # Neither huge pages (see tw_advise_huge: a fault in an advised region may wait for the
+        # kernel to compact memory, 5-50 ms in the test VM) nor a memset: avoiding a long
+        # call is what growing a few buckets at a time is for.
+        self._old = self._table
+        self._old_mask = self._mask
+        self._old_next = 0
+        self._table = table
+        self._mask = capacity - 1
+        return 0
 
     cdef void _shrink(self) noexcept nogil:
         cdef uint64_t cap = self._mask + 1
-        if cap <= MIN_TABLE or <uint64_t>self._count * 16 >= cap:
+        if cap <= MIN_TABLE or <uint64_t>self._count * 16 >= cap or self._old != NULL:
             return
         while cap > MIN_TABLE and <uint64_t>self._count * 5 <= (cap // 2) * 2:
             cap //= 2
@@ -464,6 +639,8 @@ cdef class TimingWheel:
                 self._broken = True
                 return -1
             self._count += 1
+            if self._old != NULL:
+                self._move_some(MOVE_PER_CALL)
             if self._count == 1:
                 self._next_ms = deadline
                 self._next_valid = True
@@ -485,6 +662,8 @@ cdef class TimingWheel:
         self._release(<uint32_t>((b & TW_SLOT_MASK) - 1))
         if deadline == self._next_ms:
             self._next_valid = False
+        if self._old != NULL:
+            self._move_some(MOVE_PER_CALL)
         return 1
 
     # -- advance -----------------------------------------------------------------------------
@@ -507,16 +686,14 @@ cdef class TimingWheel:
         cdef Slot *slot = &self._slots[s]
         cdef Entry *items = slot.items
         cdef uint32_t p, n = slot.size
-        cdef Py_ssize_t i, start = self._out_len
+        cdef Py_ssize_t start = self._out_len
         if self._reserve_out(self._out_len + slot.live) != 0:
             return -1
         self._prefetch_buckets(items, n)
         for p in range(n):
             if p + TW_PREFETCH_AHEAD < n:
                 self._prefetch_bucket(items[p + TW_PREFETCH_AHEAD].key)
-            i = self._find_loc(tw_mix(items[p].key), _loc(s, p))
-            if i >= 0:
-                self._delete_at(<uint64_t>i)
+            if self._take_loc(tw_mix(items[p].key), _loc(s, p)):
                 self._out[self._out_len] = items[p]
                 self._out_len += 1
         self._count -= self._out_len - start
@@ -624,6 +801,8 @@ cdef class TimingWheel:
         cdef Py_ssize_t start
         cdef int k
         self._out_len = 0
+        if self._old != NULL:
+            self._move_some(MOVE_PER_ADVANCE)
         if now_ms < self._now_ms:
             # Only overdue timers can be due before the wheel time; the wheel time stays.
             if self._slots[OVERDUE].live:
@@ -836,10 +1015,10 @@ cdef class TimingWheel:
     def deadline_of(self, key):
         """The deadline `key` is pending at, or None."""
         cdef int64_t k = _int64(key, "key")
-        cdef Py_ssize_t i = self._find_key(k, tw_mix(k))
-        if i < 0:
+        cdef uint64_t b = self._peek_key(k)
+        if b == 0:
             return None
-        return self._entry_of(self._table[i]).deadline
+        return self._entry_of(b).deadline
 
     def __contains__(self, key):
         cdef int64_t k
@@ -849,7 +1028,7 @@ cdef class TimingWheel:
         if not (-(1 << 63) <= key < (1 << 63)):
             return False
         k = key
-        return self._find_key(k, tw_mix(k)) >= 0
+        return self._peek_key(k) != 0
 
     def __len__(self):
         return self._count
@@ -862,6 +1041,8 @@ cdef class TimingWheel:
         cdef Py_ssize_t total = type(self).__basicsize__
         cdef Py_ssize_t s
         total += (self._mask + 1) * sizeof(uint64_t)
+        if self._old != NULL:
+            total += (self._old_mask + 1) * sizeof(uint64_t)
         for s in range(NSLOTS):
             total += self._slots[s].cap * sizeof(Entry)
         total += (self._out_cap + self._tmp_cap) * sizeof(Entry)
@@ -869,9 +1050,11 @@ cdef class TimingWheel:
 
     def check_invariants(self):
         """Raises AssertionError when the wheel's structures disagree. O(n + table size)."""
-        cdef uint64_t i, j, b, h, cap = self._mask + 1
+        cdef uint64_t i, j, b, h, cap = self._mask + 1, mask
+        cdef uint64_t *table
         cdef uint32_t s, p
         cdef Py_ssize_t buckets = 0
+        cdef int t
         cdef Entry *e
         cdef uint32_t *live = <uint32_t *>PyMem_RawMalloc(NSLOTS * sizeof(uint32_t))
         cdef int64_t earliest = INT64_MAX
@@ -880,32 +1063,46 @@ cdef class TimingWheel:
         memset(live, 0, NSLOTS * sizeof(uint32_t))
         try:
             assert self._cur == self._utick(self._now_ms), "wheel tick does not match wheel time"
-            for i in range(cap):
-                b = self._table[i]
-                if b == 0:
+            for t in range(2):
+                # The table, then the old one while growing: each key in exactly one of them.
+                table, mask = (self._table, self._mask) if t == 0 else (self._old, self._old_mask)
+                if table == NULL:
                     continue
-                buckets += 1
-                s = <uint32_t>((b & TW_SLOT_MASK) - 1)
-                p = <uint32_t>((b & TW_LOC_MASK) >> TW_POS_SHIFT)
-                assert s < NSLOTS, f"bucket {i} names slot {s}"
-                assert p < self._slots[s].size, f"bucket {i} names position {p} past slot {s}'s end"
-                e = &self._slots[s].items[p]
-                h = tw_mix(e.key)
-                assert (h >> TW_TAG_SHIFT) == (b >> TW_TAG_SHIFT), f"bucket {i} has a wrong tag"
-                assert ((i - (h & self._mask)) & self._mask) == _psl(b), f"bucket {i} has a wrong probe distance"
-                j = (i + 1) & self._mask
-                assert self._table[j] == 0 or _psl(self._table[j]) <= _psl(b) + 1, f"robin hood order broken at {j}"
-                assert self._find_key(e.key, h) == <Py_ssize_t>i, f"key {e.key} is not found at its bucket"
-                live[s] += 1
-                if s == OVERDUE:
-                    assert e.deadline <= self._now_ms, f"overdue key {e.key} is due after the wheel time"
-                else:
-                    assert e.deadline > self._now_ms, f"key {e.key} in slot {s} is already due"
-                    assert self._slot_for(e.deadline) == s, \
-                        f"key {e.key} sits in slot {s}, not {self._slot_for(e.deadline)}"
-                if e.deadline < earliest:
-                    earliest = e.deadline
+                for i in range(mask + 1):
+                    b = table[i]
+                    if b == 0:
+                        continue
+                    assert t == 0 or i >= self._old_next, f"old bucket {i} is below the move's position"
+                    # ... and its home at or after it, else a probe for it would cross emptied runs.
+                    assert t == 0 or self._old_next == 0 or _psl(b) <= i - self._old_next, \
+                        f"old bucket {i}'s home lies before the move's position"
+                    buckets += 1
+                    s = <uint32_t>((b & TW_SLOT_MASK) - 1)
+                    p = <uint32_t>((b & TW_LOC_MASK) >> TW_POS_SHIFT)
+                    assert s < NSLOTS, f"bucket {i} names slot {s}"
+                    assert p < self._slots[s].size, f"bucket {i} names position {p} past slot {s}'s end"
+                    e = &self._slots[s].items[p]
+                    h = tw_mix(e.key)
+                    assert (h >> TW_TAG_SHIFT) == (b >> TW_TAG_SHIFT), f"bucket {i} has a wrong tag"
+                    assert ((i - (h & mask)) & mask) == _psl(b), f"bucket {i} has a wrong probe distance"
+                    j = (i + 1) & mask
+                    assert table[j] == 0 or _psl(table[j]) <= _psl(b) + 1, f"robin hood order broken at {j}"
+                    assert self._key_in(table, mask, e.key, h) == <Py_ssize_t>i, \
+                        f"key {e.key} is not found at its bucket"
+                    if t == 1:
+                        assert self._key_in(self._table, self._mask, e.key, h) < 0, \
+                            f"key {e.key} is in both tables"
+                    live[s] += 1
+                    if s == OVERDUE:
+                        assert e.deadline <= self._now_ms, f"overdue key {e.key} is due after the wheel time"
+                    else:
+                        assert e.deadline > self._now_ms, f"key {e.key} in slot {s} is already due"
+                        assert self._slot_for(e.deadline) == s, \
+                            f"key {e.key} sits in slot {s}, not {self._slot_for(e.deadline)}"
+                    if e.deadline < earliest:
+                        earliest = e.deadline
             assert buckets == self._count, f"{buckets} buckets for {self._count} timers"
+            assert self._old == NULL or self._old_mask < self._mask, "the old table is not the smaller"
             for s in range(NSLOTS):
                 assert self._slots[s].live == live[s], f"slot {s} counts {self._slots[s].live} live, has {live[s]}"
                 assert self._slots[s].size <= self._slots[s].cap, f"slot {s} overflows its array"

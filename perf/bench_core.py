@@ -20,6 +20,10 @@
   finished memory, a FinishedGeneration (64 dicts by hash, core/idshards.pxd), against one
   dict; the figure that matters is the longest step (``longest_step_ms``), the stall a dict
   rebuilt whole inside one step puts on the event loop.
+* grow a wheel: 1.1M keys scheduled 512 a call (as the timer admits a slice), deadlines over
+  60 s; the wheel's key table doubling a few buckets a call (``wheel``) against doubling whole
+  in one call (``baseline``, the same wheel with incremental growth switched off). Again the
+  figure is the longest call (``longest_step_ms``).
 
 Setup (building inputs, filling the scheduler a cancel runs on) is outside the timed part.
 Figures are per item; each core result carries its speed-up over its baseline in extra_info,
@@ -43,6 +47,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from taskwheel.core import Batcher, FinishedGeneration, TimingWheel, encode_deliveries  # noqa: E402
+from taskwheel.core.wheel import _set_move_min  # noqa: E402
 from taskwheel.stores.base import TaskRecord  # noqa: E402
 from taskwheel.v1 import dispatch_pb2, task_pb2  # noqa: E402
 
@@ -323,6 +328,35 @@ def test_grow_700k_task_ids_100_at_a_time(benchmark, impl):
     assert len(table) == len(ids) and table[ids[-1]] == 1
     median_longest_ms = sorted(longest)[len(longest) // 2] * 1e3
     per_item(benchmark, benchmark.group, impl, len(ids), longest_step_ms=median_longest_ms)
+
+
+@pytest.mark.parametrize("impl", ["baseline", "wheel"])
+def test_grow_a_wheel_to_1_1m_keys_512_a_call(benchmark, impl):
+    benchmark.group = "grow a wheel to 1.1M keys, 512 a call"
+    n, chunk = 1_100_000, 512
+    rng = np.random.default_rng(7)
+    deadlines = START_MS + rng.integers(1_000, 60_000, size=n)
+    keys = np.arange(n, dtype=np.int64)
+    longest: list[float] = []
+
+    def grow():
+        wheel = TimingWheel(1, START_MS)
+        worst = 0.0
+        for start in range(0, n, chunk):
+            began = time.perf_counter()
+            wheel.schedule_many(keys[start:start + chunk], deadlines[start:start + chunk])
+            worst = max(worst, time.perf_counter() - began)
+        longest.append(worst)
+        return wheel
+
+    _set_move_min(1 << 62 if impl == "baseline" else 65_536)
+    try:
+        wheel = benchmark.pedantic(grow, rounds=5, warmup_rounds=1)
+    finally:
+        _set_move_min(65_536)
+    assert len(wheel) == n
+    median_longest_ms = sorted(longest)[len(longest) // 2] * 1e3
+    per_item(benchmark, benchmark.group, impl, n, longest_step_ms=median_longest_ms)
 
 
 def report(path: str) -> str:

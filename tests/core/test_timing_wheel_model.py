@@ -1,4 +1,5 @@
 """The compiled wheel behaves exactly like the reference model under random operations."""
+import random
 from array import array
 
 from hypothesis import HealthCheck, given, settings
@@ -6,6 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from taskwheel.core import TimingWheel
+from taskwheel.core.wheel import _set_move_min
 from taskwheel.core.reference import INT64_MAX, INT64_MIN, ReferenceWheel
 
 HOUR_MS = 3_600_000
@@ -150,3 +152,64 @@ def test_cancelled_and_moved_keys_leave_no_trace(n, cancelled):
     out = wheel.advance(INT64_MAX).tolist()
     assert sorted(out) == sorted(set(range(n)) - gone)
     assert out[len(out) - len(moved - gone):] == sorted(moved - gone)
+
+
+class GrowingAFewBucketsAtATime(WheelAgreesWithReference):
+    """The same rules with every table growing incrementally (the wheel's own threshold is
+    65,536 buckets, which the small key pool above never reaches): lookups, moves, cancels
+    and fires while an old table is being emptied into the new one."""
+
+    @initialize(tick_ms=st.sampled_from([1, 1, 1, 3, 64, 1_000]), start_ms=starts)
+    def start(self, tick_ms, start_ms):
+        _set_move_min(16)
+        super().start(tick_ms, start_ms)
+
+    def teardown(self):
+        _set_move_min(65_536)
+
+
+GrowingAFewBucketsAtATime.TestCase.settings = WheelAgreesWithReference.TestCase.settings
+test_wheel_growing_incrementally_agrees_with_reference = GrowingAFewBucketsAtATime.TestCase
+
+
+def test_a_large_wheel_grows_a_few_buckets_a_call_and_loses_nothing():
+    """Past 65,536 buckets the table doubles a few buckets a call: schedules, moves, cancels
+    and fires in the middle of each move still agree with a plain dict, in firing order too."""
+    rng = random.Random(7)
+    wheel = TimingWheel(tick_ms=1, start_ms=0)
+    expected: dict[int, tuple[int, int]] = {}  # key -> (deadline, schedule call): the firing order
+    calls = 0
+    now = 0
+    checked_while_growing = 0
+
+    def schedule(key, deadline):
+        nonlocal calls
+        calls += 1
+        wheel.schedule(key, deadline)
+        expected[key] = (deadline, calls)
+
+    for key in range(260_000):  # tables of 65,536 -> 131,072 -> 262,144 -> 524,288 buckets
+        before = wheel.memory_bytes()
+        schedule(key, now + rng.randrange(1, 600_000))
+        other = rng.randrange(key + 1)
+        if key % 5 == 0 and other in expected:  # a move, often of a key still in the old table
+            schedule(other, now + rng.randrange(1, 600_000))
+        if key % 7 == 0:
+            gone = rng.randrange(key + 1)
+            assert wheel.cancel(gone) == (expected.pop(gone, None) is not None)
+        if key % 1_000 == 0:
+            now += 50
+            due = sorted((order, k) for k, order in expected.items() if order[0] <= now)
+            assert wheel.advance(now).tolist() == [k for _, k in due]
+            for _, k in due:
+                del expected[k]
+        if wheel.memory_bytes() - before > 256 * 1024:  # a new table: check in the middle of its move
+            checked_while_growing += 1
+            wheel.check_invariants()
+            assert all(wheel.deadline_of(k) == d for k, (d, _) in list(expected.items())[:2_000])
+    assert checked_while_growing >= 3
+    wheel.check_invariants()
+    assert len(wheel) == len(expected)
+    assert all(wheel.deadline_of(k) == d for k, (d, _) in expected.items())
+    assert wheel.advance(INT64_MAX).tolist() == [k for _, k in sorted((o, k) for k, o in expected.items())]
+    assert len(wheel) == 0
