@@ -28,13 +28,19 @@ cdef inline list id_shards():
     return [{} for _ in range(ID_SHARDS)]
 
 
+cdef inline dict id_shard_of_hash(list shards, Py_hash_t h):
+    """The dict of ``shards`` that holds a key of hash ``h`` if any does, for a caller that
+    has the hash already."""
+    return <dict>PyList_GET_ITEM(shards, <Py_ssize_t>((<uint64_t>h) >> (64 - ID_SHARD_BITS)))
+
+
 cdef inline dict id_shard(list shards, object key):
     """The dict of ``shards`` that holds ``key`` if any does (``shards`` from id_shards)."""
-    cdef uint64_t h = <uint64_t>PyObject_Hash(key)
-    return <dict>PyList_GET_ITEM(shards, <Py_ssize_t>(h >> (64 - ID_SHARD_BITS)))
+    return id_shard_of_hash(shards, PyObject_Hash(key))
 
 
 cdef inline Py_ssize_t id_shards_len(list shards) except -1:
+    """How many keys the split dict holds."""
     cdef Py_ssize_t n = 0
     for d in shards:
         n += len(<dict>d)

@@ -47,7 +47,7 @@ from cpython.object cimport PyObject, PyObject_Hash
 from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport calloc, free
 
-from taskwheel.core.idshards cimport ID_SHARDS, id_shard, id_shards, id_shards_len
+from taskwheel.core.idshards cimport ID_SHARDS, id_shard_of_hash, id_shards, id_shards_len
 from taskwheel.core.records cimport RecordShape, read_field, untrack_container
 
 # Where the finished memory keeps the gen in its ints: gen << 44 | finished at (ms); wall-clock
@@ -128,16 +128,18 @@ cdef class FinishedGeneration:
         self._bits[<uint64_t>h & <uint64_t>self._mask] |= _pattern(h)
 
     cdef int put(self, object task_id, object value) except -1:
-        self._mark(PyObject_Hash(task_id))
-        PyDict_SetItem(id_shard(self._shards, task_id), task_id, value)
+        cdef Py_hash_t h = PyObject_Hash(task_id)
+        self._mark(h)
+        PyDict_SetItem(id_shard_of_hash(self._shards, h), task_id, value)
         return 0
 
     cdef object lookup(self, object task_id):
         """The entry of ``task_id``, or None."""
         cdef PyObject *hit
-        if not self._may_contain(PyObject_Hash(task_id)):
+        cdef Py_hash_t h = PyObject_Hash(task_id)
+        if not self._may_contain(h):
             return None
-        hit = PyDict_GetItem(id_shard(self._shards, task_id), task_id)
+        hit = PyDict_GetItem(id_shard_of_hash(self._shards, h), task_id)
         return None if hit == NULL else <object>hit
 
     def may_hold(self, task_id):

@@ -51,8 +51,8 @@ advance), and a key found in the old table meanwhile is moved on the spot, so ev
 method holds is the new table's. Lookups ask both tables until the old one is empty. Growing
 whole in one call rehashed every key, reading it from its entry (a cache miss apiece): it
 stalled the timer's event loop 13.7 ms at 210K timers, and schedule_many of 512 keys took up
-to 32-49 ms at 839K (perf/bench_core.py, 2-core test VM); a few buckets a call, the longest
-such call took 2.7-2.9 ms, for 147-150 ns a key over a growth to 1.1M instead of 104-112 (two
+to 30-49 ms at 839K (perf/bench_core.py, 2-core test VM); a few buckets a call, the longest
+such call took 2.5-2.9 ms, for 147-153 ns a key over a growth to 1.1M instead of 104-116 (two
 tables to probe and a bucket moved one at a time cost more than one rehash). A new
 table's memory is zero pages from mmap (tw_table_alloc), so no memset lands in one call
 either. A growth asked for while one is under way, and every shrink, rebuild whole (and
@@ -713,18 +713,19 @@ cdef class TimingWheel:
             if p + TW_PREFETCH_AHEAD < slot.size:
                 self._prefetch_bucket(slot.items[p + TW_PREFETCH_AHEAD].key)
             e = slot.items[p]
+            if e.deadline <= limit:
+                # As in _fire_all: deleted from whichever table holds it, never moved first.
+                if self._take_loc(tw_mix(e.key), _loc(s, p)):
+                    self._out[self._out_len] = e
+                    self._out_len += 1
+                continue
             i = self._find_loc(tw_mix(e.key), _loc(s, p))
             if i < 0:
                 continue
-            if e.deadline <= limit:
-                self._delete_at(<uint64_t>i)
-                self._out[self._out_len] = e
-                self._out_len += 1
-            else:
-                if w != p:
-                    slot.items[w] = e
-                    self._table[i] = (self._table[i] & ~TW_LOC_MASK) | _loc(s, w)
-                w += 1
+            if w != p:
+                slot.items[w] = e
+                self._table[i] = (self._table[i] & ~TW_LOC_MASK) | _loc(s, w)
+            w += 1
         self._count -= self._out_len - start
         if w == 0:
             self._reset(s)
