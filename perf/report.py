@@ -515,6 +515,93 @@ def comparison_table(reports: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join([header, sep, *body])
 
 
+def _median(values: Sequence[float]) -> float | None:
+    """The middle value (the mean of the two middle ones for an even count), or None."""
+    ordered = sorted(v for v in values if v is not None)
+    if not ordered:
+        return None
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def repeat_summary(reports: Sequence[Mapping[str, Any]], p99_target_ms: float | None = None) -> dict[str, Any]:
+    """The headline figures of repeated runs of one scenario, per driver in run order, and
+    their spread. On a shared machine one run's p99 is one draw from a wide distribution, so
+    a lateness target is reported as the share of runs that met it, beside the median."""
+    by_driver: dict[str, list[Mapping[str, Any]]] = {}
+    for r in reports:
+        by_driver.setdefault(r["driver"], []).append(r)
+    drivers = {}
+    for name, runs in by_driver.items():
+        rows = []
+        for r in runs:
+            late = r["fire"]["lateness_ms"]
+            use = r.get("context", {}).get("machine", {}).get("cpu_while_due") or {}
+            rows.append({
+                "date": r.get("context", {}).get("date"),
+                "p50_ms": late["p50"], "p99_ms": late["p99"], "p99.9_ms": late["p99.9"], "max_ms": late["max"],
+                "submit_rate": r["submit"]["achieved_rate"],
+                "delivered": r["delivery"]["delivered"], "expected": r["delivery"]["expected"],
+                "lost": r["delivery"]["lost"], "duplicates": r["delivery"]["duplicates"],
+                "peak_rss_bytes": max((v["peak_rss_bytes"] for v in r["memory"].values()), default=None),
+                "busy_cores_while_due": use.get("busy_cores"),
+            })
+        p99s = [row["p99_ms"] for row in rows if row["p99_ms"] is not None]
+        summary: dict[str, Any] = {
+            "runs": len(rows),
+            "p99_ms": {"median": _median(p99s), "min": min(p99s, default=None), "max": max(p99s, default=None)},
+            "p50_ms_median": _median([row["p50_ms"] for row in rows]),
+            "submit_rate_median": _median([row["submit_rate"] for row in rows]),
+            "lost": sum(row["lost"] for row in rows),
+            "duplicates": sum(row["duplicates"] for row in rows),
+        }
+        if p99_target_ms is not None:
+            # A run with no lateness figure (nothing delivered) did not meet the target.
+            summary["p99_target_ms"] = p99_target_ms
+            summary["runs_within_target"] = sum(
+                1 for row in rows if row["p99_ms"] is not None and row["p99_ms"] <= p99_target_ms)
+        drivers[name] = {"summary": summary, "runs": rows}
+    return {"scenario": reports[0]["scenario"]["name"] if reports else None, "drivers": drivers}
+
+
+def repeat_table(summary: Mapping[str, Any]) -> str:
+    """A Markdown table of repeated runs: one row per run, then each driver's spread."""
+    lines = ["| driver | run | p50 | p99 | p99.9 | max | submit rate | delivered | lost | dup | busy cores |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, d in summary["drivers"].items():
+        for i, row in enumerate(d["runs"], 1):
+            busy = row["busy_cores_while_due"]
+            lines.append(
+                f"| {name} | {i} | {_fmt_ms(row['p50_ms'])} | {_fmt_ms(row['p99_ms'])} | "
+                f"{_fmt_ms(row['p99.9_ms'])} | {_fmt_ms(row['max_ms'])} | {_fmt_rate(row['submit_rate'])} | "
+                f"{row['delivered']:,} / {row['expected']:,} | {row['lost']:,} | {row['duplicates']:,} | "
+                f"{'-' if busy is None else f'{busy:.2f}'} |")
+    for name, d in summary["drivers"].items():
+        s = d["summary"]
+        p99 = s["p99_ms"]
+        line = (f"\n{name}, {s['runs']} runs: p99 median {_fmt_ms(p99['median'])} "
+                f"(min {_fmt_ms(p99['min'])}, max {_fmt_ms(p99['max'])}), p50 median "
+                f"{_fmt_ms(s['p50_ms_median'])}, submit rate median {_fmt_rate(s['submit_rate_median'])}; "
+                f"lost {s['lost']:,}, duplicates {s['duplicates']:,} in all")
+        if "p99_target_ms" in s:
+            line += f"; p99 <= {s['p99_target_ms']:g} ms in {s['runs_within_target']} of {s['runs']} runs"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def write_repeat(reports: Sequence[Mapping[str, Any]], out_dir: Path,
+                 p99_target_ms: float | None = None) -> dict[str, Path]:
+    """``repeat-<scenario>.json`` and ``.md``: every run's headline figures and their spread."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = repeat_summary(reports, p99_target_ms)
+    stem = out_dir / f"repeat-{summary['scenario']}"
+    json_path = stem.with_suffix(".json")
+    json_path.write_text(json.dumps(summary, indent=1) + "\n")
+    md = stem.with_suffix(".md")
+    md.write_text(repeat_table(summary) + "\n")
+    return {"json": json_path, "markdown": md}
+
+
 def write_outputs(report: Mapping[str, Any], out_dir: Path) -> dict[str, Path]:
     """``<driver>-<scenario>.json`` and its two plots in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)

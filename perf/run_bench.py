@@ -19,6 +19,11 @@ For each driver (one after another, never at once: they share the machine's two 
 5. perf/report.py writes ``<driver>-<scenario>.json`` with two PNG plots into ``--out``, and,
    with several drivers, ``compare-<scenario>.md`` and an overlaid lateness CDF.
 
+``--repeat N`` runs the drivers N times, taking turns, each run's outputs in ``OUT/run-K/``, and
+writes every run's headline figures and their spread (median, min and max p99; with
+``--p99-target-ms``, how many runs met it) to ``OUT/repeat-<scenario>.json`` and ``.md``: on a
+shared machine one run's p99 is one draw from a wide distribution.
+
 ``--max-seconds`` bounds the whole submission; tasks not submitted by then are not submitted
 (the JSON shows planned against submitted). Raw records stay in a temp dir, deleted unless
 ``--keep-raw``.
@@ -522,22 +527,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                         help="driver option (see the driver's docstring); repeatable")
     parser.add_argument("--keep-raw", action="store_true", help="keep the raw record files")
-    return parser.parse_args(argv)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the drivers this many times, taking turns; each run's outputs go to "
+                             "OUT/run-K/ and the spread to OUT/repeat-<scenario>.json and .md")
+    parser.add_argument("--p99-target-ms", type=float, default=None,
+                        help="with --repeat, count the runs whose lateness p99 is at most this")
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     options = dict(opt.split("=", 1) for opt in args.opt)
     scenario = get_scenario(args.scenario, args.scale, args.time_scale)
-    reports = []
-    for name in args.driver:
-        result = run_driver(name, scenario, args, options)
-        paths = report_mod.write_outputs(result, args.out)
-        print(summary_line(result))
-        print("wrote " + ", ".join(str(p) for p in paths.values()))
-        reports.append(result)
-    if len(reports) > 1:
-        paths = report_mod.write_comparison(reports, args.out)
+    every_run = []
+    # Repeated runs take turns (driver A, driver B, A, B ...), so a slow spell of the shared
+    # machine falls on both rather than on one driver's runs.
+    for k in range(1, args.repeat + 1):
+        out = args.out / f"run-{k}" if args.repeat > 1 else args.out
+        reports = []
+        for name in args.driver:
+            result = run_driver(name, scenario, args, options)
+            paths = report_mod.write_outputs(result, out)
+            print(summary_line(result))
+            print("wrote " + ", ".join(str(p) for p in paths.values()))
+            reports.append(result)
+        if len(reports) > 1:
+            paths = report_mod.write_comparison(reports, out)
+            print(paths["markdown"].read_text())
+            print("wrote " + ", ".join(str(p) for p in paths.values()))
+        every_run.extend(reports)
+    if args.repeat > 1:
+        paths = report_mod.write_repeat(every_run, args.out, args.p99_target_ms)
         print(paths["markdown"].read_text())
         print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

@@ -1,6 +1,7 @@
 """The benchmark's arithmetic on records whose answers are known (perf/report.py)."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -242,3 +243,67 @@ def test_the_machines_cpu_while_tasks_fall_due_is_taken_from_the_samples_around_
     whole = report.machine_cpu_between(samples, -500, 9000, 100)  # past the ends: all of them
     assert whole["busy_cores"] == 1.0
     assert report.machine_cpu_between([], 0, 1, 100)["busy_cores"] is None
+
+
+def run_report(driver, lateness_ms, lost=0):
+    """A report of one run whose tasks, due 1 s apart, came ``lateness_ms`` late; ``lost`` more were
+    due by the horizon and never came."""
+    n = len(lateness_ms)
+    s = submits([(i, 1000 * (i + 1), 0) for i in range(n + lost)])
+    r = receipts([(i, 1000 * (i + 1), 1000 * (i + 1) + late) for i, late in enumerate(lateness_ms)])
+    scenario = get_scenario("fire_50k").to_dict()
+    windows = [{"start_ms": 0.0, "end_ms": 10.0, "tasks": n + lost}]
+    return report.build_report(
+        driver=driver, scenario=scenario, submits=s, receipts=r, horizon_ms=1000.0 * (n + lost + 1),
+        t0_ms=0.0, end_ms=1000.0 * (n + lost + 2), phase_windows=windows,
+        memory_samples={"server": [(0.0, 100), (500.0, 300)]}, memory_hwm={}, context={"date": "d"})
+
+
+def test_repeated_runs_report_each_runs_p99_and_how_many_met_the_target():
+    runs = [run_report("taskwheel", [5] * 99 + [late]) for late in (30, 10, 20)]
+    s = report.repeat_summary(runs, p99_target_ms=20)["drivers"]["taskwheel"]
+    assert [row["p99_ms"] for row in s["runs"]] == [5, 5, 5]  # nearest rank: the 99th of 100
+    runs = [run_report("taskwheel", [5] * 98 + [late, late]) for late in (30, 10, 20)]
+    s = report.repeat_summary(runs, p99_target_ms=20)["drivers"]["taskwheel"]
+    assert [row["p99_ms"] for row in s["runs"]] == [30, 10, 20]
+    assert s["summary"]["runs_within_target"] == 2  # 20 ms meets a 20 ms target; 30 does not
+    assert s["summary"]["p99_ms"] == {"median": 20, "min": 10, "max": 30}
+
+
+def test_repeated_runs_add_up_lost_tasks_and_keep_drivers_apart():
+    runs = [run_report("taskwheel", [1, 2], lost=1), run_report("celery", [900, 1000]),
+            run_report("taskwheel", [3, 4], lost=2), run_report("celery", [800, 2000])]
+    d = report.repeat_summary(runs)["drivers"]
+    assert d["taskwheel"]["summary"]["lost"] == 3 and d["celery"]["summary"]["lost"] == 0
+    assert d["celery"]["summary"]["p99_ms"]["median"] == 1500  # an even count: the two middle ones' mean
+    assert "runs_within_target" not in d["taskwheel"]["summary"]
+    table = report.repeat_table(report.repeat_summary(runs, p99_target_ms=100))
+    assert "taskwheel, 2 runs" in table and "p99 <= 100 ms in 0 of 2 runs" in table
+
+
+def test_run_bench_repeat_takes_turns_between_drivers_and_writes_each_run_apart(tmp_path, monkeypatch):
+    from perf import run_bench
+
+    order = []
+
+    def fake_run_driver(name, scenario, args, options):
+        order.append(name)
+        return run_report(name, [len(order)] * 10)
+
+    monkeypatch.setattr(run_bench, "run_driver", fake_run_driver)
+    assert run_bench.main(["--driver", "taskwheel", "--driver", "celery", "--scenario", "fire_50k",
+                           "--repeat", "2", "--p99-target-ms", "2.5", "--out", str(tmp_path)]) == 0
+    assert order == ["taskwheel", "celery", "taskwheel", "celery"]
+    assert (tmp_path / "run-1" / "taskwheel-fire_50k.json").exists()
+    assert (tmp_path / "run-2" / "compare-fire_50k.md").exists()
+    summary = json.loads((tmp_path / "repeat-fire_50k.json").read_text())
+    assert [row["p99_ms"] for row in summary["drivers"]["taskwheel"]["runs"]] == [1, 3]
+    assert summary["drivers"]["taskwheel"]["summary"]["runs_within_target"] == 1
+    assert summary["drivers"]["celery"]["summary"]["runs_within_target"] == 1
+
+
+def test_run_bench_refuses_a_repeat_below_one():
+    from perf import run_bench
+
+    with pytest.raises(SystemExit):
+        run_bench.parse_args(["--driver", "taskwheel", "--scenario", "fire_50k", "--repeat", "0"])
