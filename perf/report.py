@@ -21,7 +21,9 @@ Definitions:
   deliveries before ``fire_at``; **unknown** = deliveries of a seq nobody submitted.
 * **CPU** of each server process: user + system seconds between its first and last sample,
   and that over the wall time between them (cores busy; 1.0 is one core all the time), and
-  per task submitted: what each task cost, whatever else the shared machine was doing.
+  per task submitted: what each task cost, whatever else the shared machine was doing. And
+  while the tasks fell due, per thread of each server (``cpu_while_due_by_thread``, by thread
+  name, threads of one name summed): which part of a server the time went to.
 * **submit rate** = tasks accepted / wall time from the phase's start to its last accepted
   batch, per phase and over the paced phases together.
 * **pending held** = accepted and not yet delivered, over time; the peak is what the servers
@@ -303,6 +305,28 @@ def cpu_summary(samples: Mapping[str, Sequence[tuple[float, float]]],
     return out
 
 
+def thread_cpu_between(samples: Sequence[tuple[float, Mapping[str, Mapping[str, float]]]], start_ms: float,
+                       end_ms: float) -> dict[str, dict[str, float]]:
+    """Cores each server's threads kept busy over [start_ms, end_ms], busiest first, from timed
+    samples of {server: {thread name: CPU seconds}} (taken as machine_cpu_between takes its
+    /proc/stat samples). A thread seen only in the later sample counts from zero."""
+    if not samples:
+        return {}
+    before = [s for s in samples if s[0] <= start_ms]
+    after = [s for s in samples if s[0] >= end_ms]
+    first = before[-1] if before else samples[0]
+    last = after[0] if after else samples[-1]
+    seconds = (last[0] - first[0]) / 1000.0
+    if seconds <= 0:
+        return {}
+    out = {}
+    for label, threads in last[1].items():
+        earlier = first[1].get(label, {})
+        cores = {name: round(max(0.0, cpu - earlier.get(name, 0.0)) / seconds, 3) for name, cpu in threads.items()}
+        out[label] = dict(sorted(cores.items(), key=lambda kv: -kv[1]))
+    return out
+
+
 def lateness_quantiles(values: np.ndarray, points: int = 240) -> list[list[float]]:
     """[[quantile, lateness_ms], ...] dense in the tail, for CDF plots drawn from the JSON."""
     if values.size == 0:
@@ -319,6 +343,7 @@ def build_report(*, driver: str, scenario: Mapping[str, Any], submits: np.ndarra
                  memory_samples: Mapping[str, Sequence[tuple[float, int]]],
                  memory_hwm: Mapping[str, int],
                  cpu_samples: Mapping[str, Sequence[tuple[float, float]]] | None = None,
+                 thread_cpu_while_due: Mapping[str, Mapping[str, float]] | None = None,
                  reported_pending: Sequence[tuple[float, int | None]] = (),
                  context: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Every figure of one driver's run, JSON-ready."""
@@ -349,6 +374,8 @@ def build_report(*, driver: str, scenario: Mapping[str, Any], submits: np.ndarra
         "pending": {"peak_held": held, "reported_max": max(reported) if reported else None},
         "memory": memory_summary(memory_samples, memory_hwm, held),
         "cpu": cpu_summary(cpu_samples or {}, int(submits.size)),
+        # Cores each server thread kept busy while the tasks fell due: where the time went.
+        "cpu_while_due_by_thread": {label: dict(threads) for label, threads in (thread_cpu_while_due or {}).items()},
         "timeline": {
             "bin_s": BIN_S,
             "submit_rate": submit_rate.tolist(),
@@ -506,6 +533,9 @@ def comparison_table(reports: Sequence[Mapping[str, Any]]) -> str:
     row("CPU (cores busy)", lambda r: "; ".join(
         f"{k} {v['cores_busy']:.2f}" for k, v in r.get("cpu", {}).items()
         if v["cores_busy"] is not None and v["cores_busy"] >= 0.01) or "-")
+    row("CPU while due, busiest threads (cores)", lambda r: "; ".join(
+        f"{label}: " + ", ".join(f"{name} {cores:.2f}" for name, cores in list(threads.items())[:4])
+        for label, threads in (r.get("cpu_while_due_by_thread") or {}).items() if threads) or "-")
     row("CPU per task submitted", lambda r: "; ".join(
         f"{k} {v['cpu_us_per_task']:,.0f} µs" for k, v in r.get("cpu", {}).items()
         if (v.get("cpu_us_per_task") or 0) >= 1) or "-")

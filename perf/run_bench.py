@@ -222,6 +222,29 @@ def read_proc_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
 
 
+def read_thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """User + system CPU seconds of each thread of a process, by thread name (/proc's comm;
+    threads of one name summed, the first thread called "main"); empty when it is gone."""
+    out: dict[str, float] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                text = f.read()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue  # ended between the listing and the read
+        head, _, rest = text.rpartition(")")
+        fields = rest.split()
+        if len(fields) < 13:
+            continue
+        name = "main" if tid == str(pid) else head.partition("(")[2]
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return out
+
+
 class Sampler(threading.Thread):
     """Samples every server process's RSS and the system's pending count until stopped."""
 
@@ -234,13 +257,18 @@ class Sampler(threading.Thread):
         self.cpu: dict[str, list[tuple[float, float]]] = {}
         self.pending: list[tuple[float, int | None]] = []
         self.machine: list[tuple[float, dict[str, int]]] = []  # (t_ms, /proc/stat's cpu ticks)
+        # (t_ms, {server label: {thread name: cpu_s}}): where each server's CPU goes
+        self.threads: list[tuple[float, dict[str, dict[str, float]]]] = []
         self.errors: list[str] = []
         self._stop_event = threading.Event()
 
     def sample_memory(self) -> None:
         now_ms = time.time() * 1000.0
         self.machine.append((now_ms, _proc_stat()))
+        threads: dict[str, dict[str, float]] = {}
+        self.threads.append((now_ms, threads))
         for label, pid in self.driver.server_pids().items():
+            threads[label] = read_thread_cpu_seconds(pid)
             mem = read_proc_memory(pid)
             if mem is None:
                 continue
@@ -413,6 +441,7 @@ def run_driver(name: str, scenario: Scenario, args: argparse.Namespace,
             sampler.machine, t0_ms.value, end_ms, ticks)
         machine["cpu_while_due"] = report_mod.machine_cpu_between(
             sampler.machine, first_due_ms, horizon_ms, ticks)
+        thread_cpu = report_mod.thread_cpu_between(sampler.threads, first_due_ms, horizon_ms)
         memory, hwm, cpu = sampler.memory, sampler.hwm, sampler.cpu
         pending = sampler.pending
         sampler_errors = sampler.errors
@@ -442,7 +471,8 @@ def run_driver(name: str, scenario: Scenario, args: argparse.Namespace,
     result = report_mod.build_report(
         driver=name, scenario=scenario.to_dict(), submits=submits, receipts=receipts,
         horizon_ms=horizon_ms, t0_ms=t0_ms.value, end_ms=end_ms, phase_windows=phase_windows,
-        memory_samples=memory, memory_hwm=hwm, cpu_samples=cpu, reported_pending=pending,
+        memory_samples=memory, memory_hwm=hwm, cpu_samples=cpu, thread_cpu_while_due=thread_cpu,
+        reported_pending=pending,
         context=context)
     if args.keep_raw:
         console.print(f"raw records kept in {run_dir}")
@@ -482,7 +512,7 @@ def summary_line(r: dict[str, Any]) -> str:
             f"lateness p50 {_ms(late['p50'])} p99 {_ms(late['p99'])} max {_ms(late['max'])}; "
             f"delivered {d['delivered']:,}/{d['expected']:,} lost {d['lost']} "
             f"dup {d['duplicates']} early {d['early']}; peak pending "
-            f"{r['pending']['peak_held']:,}; {mem}{_split_note(r)}{_machine_note(r)}")
+            f"{r['pending']['peak_held']:,}; {mem}{_split_note(r)}{_machine_note(r)}{_threads_note(r)}")
 
 
 def _split_note(r: dict[str, Any]) -> str:
@@ -503,6 +533,16 @@ def _machine_note(r: dict[str, Any]) -> str:
         return ""
     return (f"; while due: machine {use['busy_cores']:.2f} of {machine.get('cores', '?')} cores "
             f"busy, {use['steal_cores']:.2f} stolen by the host")
+
+
+def _threads_note(r: dict[str, Any]) -> str:
+    """Where each server's CPU went while tasks fell due: its busiest threads, in cores."""
+    parts = []
+    for label, threads in (r.get("cpu_while_due_by_thread") or {}).items():
+        busy = [f"{name} {cores:.2f}" for name, cores in threads.items() if cores >= 0.02][:4]
+        if busy:
+            parts.append(f"{label} " + ", ".join(busy))
+    return "; threads while due: " + "; ".join(parts) if parts else ""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

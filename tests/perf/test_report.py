@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -307,3 +308,35 @@ def test_run_bench_refuses_a_repeat_below_one():
 
     with pytest.raises(SystemExit):
         run_bench.parse_args(["--driver", "taskwheel", "--scenario", "fire_50k", "--repeat", "0"])
+
+
+def test_thread_cpu_while_due_is_each_threads_cpu_over_the_samples_around_the_window():
+    samples = [
+        (0.0, {"server": {"main": 1.0, "writer": 0.5}}),
+        (1000.0, {"server": {"main": 1.2, "writer": 0.6}}),
+        (3000.0, {"server": {"main": 2.2, "writer": 0.7, "late": 0.4}}),
+        (4000.0, {"server": {"main": 9.0, "writer": 9.0, "late": 9.0}}),
+    ]
+    out = report.thread_cpu_between(samples, start_ms=1000.0, end_ms=2500.0)
+    # From the sample at the window's start to the first at or after its end, 2 s apart; a
+    # thread that started meanwhile counts from zero; busiest first.
+    assert out == {"server": {"main": 0.5, "late": 0.2, "writer": 0.05}}
+    assert list(out["server"]) == ["main", "late", "writer"]
+    assert report.thread_cpu_between([], 0.0, 1.0) == {}
+
+
+def test_thread_cpu_is_read_per_thread_name_from_proc(monkeypatch):
+    import threading
+
+    from perf import run_bench
+
+    done = threading.Event()
+    spin = threading.Thread(target=lambda: done.wait(5), name="tw-probe-thread")
+    spin.start()
+    try:
+        threads = run_bench.read_thread_cpu_seconds(os.getpid())
+    finally:
+        done.set()
+        spin.join()
+    assert "main" in threads and all(cpu >= 0 for cpu in threads.values())
+    assert run_bench.read_thread_cpu_seconds(2**22 + 12345) == {}
