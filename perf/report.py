@@ -39,8 +39,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence, TypeVar
 
 import numpy as np
 
@@ -49,6 +50,7 @@ MIN_PENDING_FOR_MEMORY = 1000
 BIN_S = 1.0
 MIN_BYTES_PER_TASK_SHOWN = 256  # processes that grew less per held task are left out of tables
 MAX_ROW = 4.5  # where the lateness CDF plots the maximum
+T = TypeVar("T")
 
 
 def percentile_summary(values: np.ndarray) -> dict[str, float | int | None]:
@@ -276,17 +278,24 @@ def machine_cpu(before: Mapping[str, int], after: Mapping[str, int], seconds: fl
             "steal_cores": round(cores["steal"], 3)}
 
 
-def machine_cpu_between(samples: Sequence[tuple[float, Mapping[str, int]]], start_ms: float,
-                        end_ms: float, ticks_per_s: int) -> dict[str, float | None]:
-    """machine_cpu over [start_ms, end_ms], from timed /proc/stat samples: between the last
-    sample at or before the start and the first at or after the end (the nearest ones inside,
-    when the samples do not reach that far)."""
+def _samples_around(samples: Sequence[tuple[float, T]], start_ms: float, end_ms: float) -> tuple[tuple[float, T], ...]:
+    """Of timed samples (in time order), the last at or before ``start_ms`` and the first at or
+    after ``end_ms`` (the nearest ones inside, when the samples do not reach that far); ()
+    when there are none."""
     if not samples:
-        return machine_cpu({}, {}, 0.0, ticks_per_s)
+        return ()
     before = [s for s in samples if s[0] <= start_ms]
     after = [s for s in samples if s[0] >= end_ms]
-    first = before[-1] if before else samples[0]
-    last = after[0] if after else samples[-1]
+    return (before[-1] if before else samples[0]), (after[0] if after else samples[-1])
+
+
+def machine_cpu_between(samples: Sequence[tuple[float, Mapping[str, int]]], start_ms: float,
+                        end_ms: float, ticks_per_s: int) -> dict[str, float | None]:
+    """machine_cpu over [start_ms, end_ms], from timed /proc/stat samples (see _samples_around)."""
+    around = _samples_around(samples, start_ms, end_ms)
+    if not around:
+        return machine_cpu({}, {}, 0.0, ticks_per_s)
+    first, last = around
     return machine_cpu(first[1], last[1], (last[0] - first[0]) / 1000.0, ticks_per_s)
 
 
@@ -308,14 +317,12 @@ def cpu_summary(samples: Mapping[str, Sequence[tuple[float, float]]],
 def thread_cpu_between(samples: Sequence[tuple[float, Mapping[str, Mapping[str, float]]]], start_ms: float,
                        end_ms: float) -> dict[str, dict[str, float]]:
     """Cores each server's threads kept busy over [start_ms, end_ms], busiest first, from timed
-    samples of {server: {thread name: CPU seconds}} (taken as machine_cpu_between takes its
-    /proc/stat samples). A thread seen only in the later sample counts from zero."""
-    if not samples:
+    samples of {server: {thread name: CPU seconds}} (see _samples_around). A thread seen only
+    in the later sample counts from zero."""
+    around = _samples_around(samples, start_ms, end_ms)
+    if not around:
         return {}
-    before = [s for s in samples if s[0] <= start_ms]
-    after = [s for s in samples if s[0] >= end_ms]
-    first = before[-1] if before else samples[0]
-    last = after[0] if after else samples[-1]
+    first, last = around
     seconds = (last[0] - first[0]) / 1000.0
     if seconds <= 0:
         return {}
@@ -375,7 +382,7 @@ def build_report(*, driver: str, scenario: Mapping[str, Any], submits: np.ndarra
         "memory": memory_summary(memory_samples, memory_hwm, held),
         "cpu": cpu_summary(cpu_samples or {}, int(submits.size)),
         # Cores each server thread kept busy while the tasks fell due: where the time went.
-        "cpu_while_due_by_thread": {label: dict(threads) for label, threads in (thread_cpu_while_due or {}).items()},
+        "cpu_while_due_by_thread": dict(thread_cpu_while_due or {}),
         "timeline": {
             "bin_s": BIN_S,
             "submit_rate": submit_rate.tolist(),
@@ -545,13 +552,10 @@ def comparison_table(reports: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join([header, sep, *body])
 
 
-def _median(values: Sequence[float]) -> float | None:
-    """The middle value (the mean of the two middle ones for an even count), or None."""
-    ordered = sorted(v for v in values if v is not None)
-    if not ordered:
-        return None
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+def _median(values: Iterable[float | None]) -> float | None:
+    """statistics.median of the values that are not None, or None when none are."""
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
 
 
 def repeat_summary(reports: Sequence[Mapping[str, Any]], p99_target_ms: float | None = None) -> dict[str, Any]:

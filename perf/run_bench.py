@@ -212,6 +212,11 @@ def read_proc_memory(pid: int) -> tuple[int, int] | None:
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def _stat_cpu_seconds(fields: list[str]) -> float:
+    """User + system CPU seconds from the fields of a /proc stat line after the ``(comm)``."""
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+
+
 def read_proc_cpu_seconds(pid: int) -> float | None:
     """User + system CPU time a process has used, or None when it is gone."""
     try:
@@ -219,7 +224,7 @@ def read_proc_cpu_seconds(pid: int) -> float | None:
             fields = f.read().rsplit(")", 1)[1].split()
     except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
         return None
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+    return _stat_cpu_seconds(fields)
 
 
 def read_thread_cpu_seconds(pid: int) -> dict[str, float]:
@@ -241,7 +246,7 @@ def read_thread_cpu_seconds(pid: int) -> dict[str, float]:
         if len(fields) < 13:
             continue
         name = "main" if tid == str(pid) else head.partition("(")[2]
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        out[name] = out.get(name, 0.0) + _stat_cpu_seconds(fields)
     return out
 
 
