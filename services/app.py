@@ -10,14 +10,13 @@ import gc
 import logging
 import os
 import signal
-import sys
 import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from taskwheel import telemetry
+from taskwheel import gil, telemetry
 from taskwheel.config import Config
 from taskwheel.dispatch import DispatchService
 from taskwheel.ingest import IngestServicer
@@ -144,17 +143,16 @@ def _required(role: str, flag: str):
 def tune_runtime(store: Store) -> None:
     """Interpreter settings for a latency-sensitive event loop beside store threads.
 
-    * The store's threads hold the GIL while they turn rows into objects, and let go of it
-      around every SQLite call; a thread waiting for it gets it only after a switch interval
-      (5 ms by default). The fire loop feels that as lateness and the store thread as lost
-      throughput. At 0.2 ms, submits of pre-built 1,000-task batches went from ~70K to ~80K
-      tasks/s against 1 ms (8 clients, one process, embedded store); 0.05 ms gained nothing more.
+    * The GIL's switch interval follows the clients (``taskwheel.gil``): 0.2 ms while a
+      Submit, Get, Cancel or Stats waits on the store, whose threads must win the GIL back
+      after every SQLite call, and 5 ms otherwise, so that the event loop firing tasks is
+      not made to hand the GIL to threads whose work is ahead of need.
     * What exists at start-up is frozen out of the cyclic GC's collections. Then, unless the
       store's client makes reference cycles, automatic collection is off and the GC runs only
       once the heap has grown (see ``collect_garbage_on_growth``). With the Cassandra driver's
       cycles it stays on, with young collections every 50,000 net allocations instead of 700.
     """
-    sys.setswitchinterval(0.0002)
+    gil.enable()
     gc.collect()
     gc.freeze()
     if store.makes_reference_cycles:

@@ -5,7 +5,7 @@ import logging
 
 import grpc
 
-from taskwheel import telemetry
+from taskwheel import gil, telemetry
 from taskwheel.config import Config
 from taskwheel.group_commit import Backpressure, GroupCommit
 from taskwheel.clock import now_ms
@@ -71,7 +71,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
         span = telemetry.tracer.start_span("ingest.store_write", attributes={
             "taskwheel.tasks": len(records)}) if telemetry.enabled else None
         try:
-            outcomes = await self._writer.commit(records)
+            with gil.client_waits():
+                outcomes = await self._writer.commit(records)
         except Backpressure as exc:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -139,6 +140,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
 
     async def _call_store(self, context, coro):
         try:
-            return await coro
+            with gil.client_waits():
+                return await coro
         except StoreUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"store unavailable: {exc}")

@@ -5,6 +5,7 @@ import weakref
 
 import pytest
 
+from taskwheel import gil
 from taskwheel.app import collect_garbage_on_growth, tune_runtime
 from taskwheel.stores.cassandra import CassandraStore
 from taskwheel.stores.sqlite import SqliteStore
@@ -74,12 +75,17 @@ def runtime_restored():
     gc.unfreeze()
     gc.set_threshold(*threshold)
     (gc.enable if enabled else gc.disable)()
-    sys.setswitchinterval(interval)
+    gil.disable(interval)  # tune_runtime made the interval follow the clients' waits
 
 
 def test_automatic_gc_is_off_beside_the_embedded_store(runtime_restored):
     tune_runtime(SqliteStore)
     assert not gc.isenabled()
+
+
+def test_the_switch_interval_is_long_while_no_client_waits_on_the_store(runtime_restored):
+    tune_runtime(SqliteStore)
+    assert sys.getswitchinterval() == pytest.approx(gil.LONG_S)
 
 
 def test_automatic_gc_stays_on_beside_a_store_whose_client_makes_cycles(runtime_restored):
