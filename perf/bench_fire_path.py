@@ -47,6 +47,7 @@ import tempfile
 import time
 from collections import defaultdict
 
+from taskwheel import gil
 from taskwheel.clock import now_ms
 from taskwheel.config import Config
 from taskwheel.core import shard_of
@@ -225,10 +226,10 @@ async def run_once(n: int, rate: int, max_in_flight: int, ack_after_ms: int, pro
     await asyncio.sleep(max(0, first_due - 20 - now_ms()) / 1000)
 
     # The timed part: from just before the first due time until all is forgotten. The
-    # interpreter as the server tunes it (app.tune_runtime): a short GIL switch interval, the
-    # cyclic GC off.
+    # interpreter as the server tunes it (app.tune_runtime): the GIL switch interval it keeps
+    # while no client waits on the store (taskwheel.gil), the cyclic GC off.
     switch_interval = sys.getswitchinterval()
-    sys.setswitchinterval(0.0002)
+    sys.setswitchinterval(gil.LONG_S)
     gc.collect()
     gc.freeze()
     gc.disable()
