@@ -16,13 +16,7 @@ from taskwheel.timer import TimerService
 from taskwheel.v1 import dispatch_pb2
 from taskwheel.wire import ms_of
 
-
-class QuietTimer:
-    async def offer(self, records):
-        pass
-
-    async def forget(self, task_ids):
-        pass
+from tests.services.timers import QuietTimer
 
 
 def test_a_burst_of_fired_tasks_is_taken_over_several_turns_of_the_event_loop(tmp_path):

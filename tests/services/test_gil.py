@@ -10,6 +10,8 @@ from taskwheel.ingest import IngestServicer
 from taskwheel.stores.sqlite import SqliteStore
 from taskwheel.v1 import ingest_pb2, task_pb2
 
+from tests.services.timers import QuietTimer
+
 
 @pytest.fixture
 def interval_restored():
@@ -45,14 +47,6 @@ def test_disable_sets_the_interval_given_and_stops_following(interval_restored):
     gil.disable(0.002)
     with gil.client_waits():
         assert sys.getswitchinterval() == pytest.approx(0.002)
-
-
-class QuietTimer:
-    async def offer(self, records):
-        pass
-
-    async def forget(self, task_ids):
-        pass
 
 
 class HeldStore(SqliteStore):
