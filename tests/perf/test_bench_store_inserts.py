@@ -33,6 +33,9 @@ def test_a_short_run_reports_every_pair_against_the_first(tmp_path):
     assert all(r["us_per_task"] > 0 for r in rows)
     assert rows[0]["cpu_ratio"] == 1.0
     assert rows[2]["cpu_ratio"] == round(rows[2]["us_per_task"] / rows[0]["us_per_task"], 2)
+    # Most of an hour's spread is past the promoter's reach at insert, and moved afterwards.
+    assert rows[2]["promoted"] > 1000
+    assert abs(rows[2]["total_us_per_task"] - rows[2]["us_per_task"] - rows[2]["promote_us_per_task"]) <= 0.02
     assert list(tmp_path.iterdir()) == [out]  # the stores were removed
 
 

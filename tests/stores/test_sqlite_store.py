@@ -47,14 +47,26 @@ class TestSqliteStoreContractReadingJson(StoreContract):
         return lambda: SqliteStore(tmp_path / "tasks.db", num_shards=8)
 
 
+class TestSqliteStoreContractWithFarRows(StoreContract):
+    """The contract again with every new task's due row in ``due_far``, as if all were due
+    past the promoter's reach, and nothing promoted: reads take them from there."""
+
+    model_examples = 10
+
+    @pytest.fixture
+    def make_store(self, tmp_path, monkeypatch):
+        monkeypatch.setattr(sqlite_store, "_far_from_ms", lambda: -(2**62))
+        return lambda: SqliteStore(tmp_path / "tasks.db", num_shards=8, promote_every_s=0)
+
+
 @pytest.fixture
 def db(tmp_path):
     return str(tmp_path / "data" / "tasks.db")
 
 
-def due_rows_in_file(path) -> int:
+def due_rows_in_file(path, table: str = "due") -> int:
     with sqlite3.connect(path) as conn:
-        return conn.execute("SELECT count(*) FROM due").fetchone()[0]
+        return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
 
 
 # ---- files and options ---------------------------------------------------------------------
@@ -102,12 +114,27 @@ async def test_a_version_2_file_is_upgraded_and_keeps_every_task_as_it_was(db):
     assert _schema_version(db) == sqlite_store.SCHEMA_VERSION
 
 
+async def test_a_version_4_file_gets_an_empty_due_far_and_reads_its_due_rows_as_before(db):
+    tasks = [new_task(shard=i % 4, due_ms=T0 + i * 1_000) for i in range(8)]
+    async with opened(lambda: SqliteStore(db, num_shards=4)) as store:
+        await store.insert(tasks)
+        await store.apply([succeed(tasks[0])], now_ms=T0)
+    with sqlite3.connect(db) as conn:
+        conn.execute("DROP TABLE due_far")
+        conn.execute("UPDATE meta SET value = 4 WHERE key = 'schema_version'")
+    async with opened(lambda: SqliteStore(db, num_shards=4)) as store:
+        loaded = [r for s in range(4) for r in await load(store, shard=s)]
+        assert sorted(r.task_id for r in loaded) == sorted(t.task_id for t in tasks[1:])
+    assert _schema_version(db) == sqlite_store.SCHEMA_VERSION
+    assert due_rows_in_file(db, "due_far") == 0
+
+
 async def test_a_version_3_file_a_layout_tried_and_reverted_is_refused_by_name(db):
     async with opened(lambda: SqliteStore(db, num_shards=4)):
         pass
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE meta SET value = 3 WHERE key = 'schema_version'")
-    with pytest.raises(ValueError, match="has schema version 3; this taskwheel reads version 4"):
+    with pytest.raises(ValueError, match="has schema version 3; this taskwheel reads version 5"):
         async with opened(lambda: SqliteStore(db, num_shards=4)):
             pass
 
@@ -375,6 +402,175 @@ async def test_a_batch_of_transitions_runs_a_few_statements_not_one_per_task(db)
         ended = await store.apply([succeed(t, gen=2) for t in tasks], now_ms=T0)
     assert all(leased) and all(ended)
     assert len(started) <= 15, started
+
+
+# ---- far due rows and their promotion -------------------------------------------------------
+
+FAR = sqlite_store.FAR_BUCKET_MS
+
+
+def _far_from(monkeypatch, ms: int) -> None:
+    """New tasks due at ``ms`` or later get their due rows in ``due_far``."""
+    monkeypatch.setattr(sqlite_store, "_far_from_ms", lambda: ms)
+
+
+def _due_rows_by_table(path) -> dict[str, list[tuple[int, int]]]:
+    with sqlite3.connect(path) as conn:
+        return {table: conn.execute(f"SELECT task_rowid, gen FROM {table} ORDER BY 1, 2").fetchall()
+                for table in ("due", "due_far")}
+
+
+async def _load_all(store, shards: int, from_ms: int, to_ms: int) -> list:
+    return sorted([(r.due_ms, r.task_id, r.gen, r.state) for s in range(shards)
+                   for r in await store.load_due(s, from_ms, to_ms)])
+
+
+@pytest.mark.parametrize("core_reader", [True, False], ids=["core-reader", "json"])
+async def test_new_tasks_due_past_the_promoters_reach_wait_in_due_far(db, monkeypatch, core_reader):
+    monkeypatch.setattr(sqlite_store, "same_sqlite_as_python", lambda: core_reader)
+    _far_from(monkeypatch, T0 + FAR)
+    near = [new_task(shard=i % 4, due_ms=T0 + FAR - 1 - i) for i in range(3)]
+    far = [new_task(shard=i % 4, due_ms=T0 + FAR + i * BUCKET_MS) for i in range(5)]
+    async with opened(lambda: SqliteStore(db, num_shards=4, promote_every_s=0)) as store:
+        await store.insert(near + far)
+        loaded = await _load_all(store, 4, T0, T0 + 2 * FAR)
+    assert [task_id for _, task_id, _, _ in loaded] == [t.task_id for t in sorted(
+        near + far, key=lambda t: t.due_ms)]
+    rows = _due_rows_by_table(db)
+    assert (len(rows["due"]), len(rows["due_far"])) == (3, 5)
+
+
+async def test_promoting_moves_far_rows_and_every_read_stays_the_same(db, monkeypatch):
+    _far_from(monkeypatch, T0)
+    tasks = [new_task(shard=i % 4, due_ms=T0 + i * 7_001) for i in range(200)]
+    async with opened(lambda: SqliteStore(db, num_shards=4, promote_every_s=0)) as store:
+        await store.insert(tasks)
+        await store.apply([lease(t, T0 + 3 * FAR) for t in tasks[:20]], now_ms=T0)
+        await store.apply([succeed(t) for t in tasks[20:40]], now_ms=T0)
+        for t in tasks[40:50]:
+            await store.cancel(t.task_id, now_ms=T0)
+        ranges = [(T0, T0 + 5 * FAR), (T0 + 5_000, T0 + 61_000), (T0 + FAR - 1, T0 + FAR + 1)]
+        before = [await _load_all(store, 4, *r) for r in ranges]
+        gets = [await store.get(t.task_id) for t in tasks]
+        assert await store.promote(before_ms=T0 + 5 * FAR) == 200
+        assert [await _load_all(store, 4, *r) for r in ranges] == before
+        assert [await store.get(t.task_id) for t in tasks] == gets
+        assert len(before[0]) == 170  # 20 succeeded, 10 cancelled; the leased ones' new rows
+    rows = _due_rows_by_table(db)
+    assert (len(rows["due"]), len(rows["due_far"])) == (220, 0)
+
+
+async def test_promote_moves_only_the_far_buckets_that_start_before_its_bound(db, monkeypatch):
+    f0 = (T0 // FAR + 1) * FAR  # a far bucket's start
+    _far_from(monkeypatch, f0)
+    tasks = [new_task(due_ms=f0 + k * FAR + 1) for k in range(4)]
+    async with opened(lambda: SqliteStore(db, num_shards=4, promote_every_s=0)) as store:
+        await store.insert(tasks)
+        assert await store.promote(before_ms=f0 + 1) == 1  # the bucket starting at f0
+        assert await store.promote(before_ms=f0 + FAR) == 0
+        assert await store.promote(before_ms=f0 + FAR + 1) == 1  # starts at f0 + FAR
+        assert len(await _load_all(store, 4, f0, f0 + 4 * FAR)) == 4
+    assert len(_due_rows_by_table(db)["due_far"]) == 2
+
+
+async def test_promote_works_through_a_bucket_in_chunks(db, monkeypatch):
+    _far_from(monkeypatch, T0)
+    monkeypatch.setattr(sqlite_store, "_PROMOTE_CHUNK", 7)
+    tasks = [new_task(shard=i % 4, due_ms=T0 + i) for i in range(100)]
+    async with opened(lambda: SqliteStore(db, num_shards=4, promote_every_s=0)) as store:
+        await store.insert(tasks)
+        started = _count_statements(store._wconn)
+        assert await store.promote(before_ms=T0 + 1) == 100
+        assert sum(s.startswith("INSERT INTO due") for s in map(str.strip, started)) == 15
+        assert len(await _load_all(store, 4, T0, T0 + 100)) == 100
+    assert len(_due_rows_by_table(db)["due"]) == 100
+
+
+async def test_inserting_starts_a_promotion_in_the_background(db, monkeypatch):
+    _far_from(monkeypatch, T0)  # due in 2023, so its bucket is within any real clock's lead
+    async with opened(lambda: SqliteStore(db, num_shards=4, promote_every_s=3600)) as store:
+        await store.insert([new_task(due_ms=T0 + 5)])
+        await store._promote_task  # started by the insert; awaited only to observe its end
+        assert due_rows_in_file(db, "due_far") == 0
+        await store.insert([new_task(due_ms=T0 + 6)])
+        assert store._promote_task.done()  # no second promotion within promote_every_s
+        assert len(await load(store)) == 2
+    assert due_rows_in_file(db, "due_far") == 1
+
+
+def test_far_due_rows_start_at_a_far_bucket_at_least_the_lead_ahead():
+    now = sqlite_store.now_ms()
+    far_from = sqlite_store._far_from_ms()
+    assert far_from % FAR == 0
+    assert now + sqlite_store.PROMOTE_LEAD_MS <= far_from < now + sqlite_store.PROMOTE_LEAD_MS + FAR + 1_000
+
+
+async def test_reads_racing_a_promotion_see_every_task_once(db, monkeypatch):
+    _far_from(monkeypatch, T0)
+    monkeypatch.setattr(sqlite_store, "_PROMOTE_CHUNK", 100)
+    tasks = [new_task(shard=i % 2, due_ms=T0 + i * 20) for i in range(6_000)]
+    async with opened(lambda: SqliteStore(db, num_shards=2, promote_every_s=0)) as writer, \
+            opened(lambda: SqliteStore(db, num_shards=2, promote_every_s=0)) as reader:
+        await writer.insert(tasks)
+        promotion = asyncio.ensure_future(writer.promote(before_ms=T0 + 2 * FAR))
+        reads = 0
+        while not promotion.done():
+            for shard in range(2):
+                ids = [r.task_id for r in await reader.load_due(shard, T0, T0 + 2 * FAR)]
+                assert len(ids) == len(set(ids)) == 3_000
+            reads += 1
+        assert await promotion == 6_000
+    assert reads > 1, "the promotion ended before a read could race it"
+
+
+_PROMOTING_CHILD = textwrap.dedent("""
+    import asyncio, sys
+    from taskwheel.stores import sqlite
+    from taskwheel.stores.base import TaskRecord
+
+    async def main(path):
+        sqlite._far_from_ms = lambda: 0
+        sqlite._PROMOTE_CHUNK = 50
+        store = sqlite.SqliteStore(path, num_shards=4, promote_every_s=0)
+        await store.open()
+        await store.insert([
+            TaskRecord(task_id=f"t{i:05d}", shard=i % 4, queue="q", payload=b"x" * 200,
+                       fire_at_ms=i * 20, due_ms=i * 20)
+            for i in range(20_000)
+        ])
+        print("inserted", flush=True)
+        await store.promote(before_ms=1 << 40)
+        print("promoted", flush=True)
+
+    asyncio.run(main(sys.argv[1]))
+""")
+
+
+async def test_kill_9_mid_promotion_loses_and_doubles_no_due_row(db):
+    os.makedirs(os.path.dirname(db))
+    child = subprocess.Popen([sys.executable, "-c", _PROMOTING_CHILD, db],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "inserted\n", f"child exited early with {child.poll()}"
+        deadline = time.monotonic() + 30
+        while not due_rows_in_file(db) and time.monotonic() < deadline:
+            time.sleep(0.001)  # until the first chunks are in; all 400 take far longer
+    finally:
+        child.send_signal(signal.SIGKILL)
+        rest = child.stdout.read()
+        child.wait()
+    assert "promoted" not in rest, "the promotion ended before the kill: nothing was tested"
+    rows = _due_rows_by_table(db)
+    assert rows["due"], "no chunk was promoted before the kill: nothing was tested"
+    assert len(rows["due"]) + len(rows["due_far"]) == 20_000
+    assert not set(rows["due"]) & set(rows["due_far"])
+    async with opened(lambda: SqliteStore(db, num_shards=4, promote_every_s=0)) as store:
+        loaded = [r.task_id for s in range(4) for r in await store.load_due(s, 0, 20_000 * 20)]
+        assert sorted(loaded) == [f"t{i:05d}" for i in range(20_000)]
+        await store.promote(before_ms=1 << 40)
+        again = [r.task_id for s in range(4) for r in await store.load_due(s, 0, 20_000 * 20)]
+        assert sorted(again) == sorted(loaded)
+    assert due_rows_in_file(db, "due_far") == 0
 
 
 # ---- purging -------------------------------------------------------------------------------
