@@ -28,7 +28,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from perf.drivers_taskwheel import READY_TIMEOUT_S, _free_port  # noqa: E402
-from perf.run_bench import machine_context, read_proc_cpu_seconds  # noqa: E402
+from perf.run_bench import machine_context, read_proc_cpu_seconds, read_thread_cpu_seconds  # noqa: E402
 
 REQUESTS_PER_SENDER = 20
 
@@ -97,9 +97,11 @@ def measure(senders: int, seconds: float, batch: int, server_args: list[str]) ->
             p.start()
         time.sleep(max(0.0, start_at - time.time()))
         server_cpu0 = read_proc_cpu_seconds(server.pid) or 0.0
+        threads0 = read_thread_cpu_seconds(server.pid)
         sender_cpu0 = sum(read_proc_cpu_seconds(p.pid) or 0.0 for p in procs)
         time.sleep(max(0.0, end_at - time.time()))
         server_cpu = (read_proc_cpu_seconds(server.pid) or 0.0) - server_cpu0
+        threads = read_thread_cpu_seconds(server.pid)
         sender_cpu = sum(read_proc_cpu_seconds(p.pid) or 0.0 for p in procs) - sender_cpu0
         counts = [results.get(timeout=120) for _ in procs]
         for p in procs:
@@ -121,6 +123,11 @@ def measure(senders: int, seconds: float, batch: int, server_args: list[str]) ->
         # The last calls may end just past end_at: CPU over the window, tasks over the window.
         "server_cpu_us_per_task": server_cpu / accepted * 1e6,
         "sender_cpu_us_per_task": sender_cpu / accepted * 1e6,
+        # Which of the server's threads the CPU went to (the event loop is "main"), in cores
+        # busy over the window: a thread near 1.0 is what bounds the rate.
+        "server_thread_cores": dict(sorted(
+            ((name, round((cpu - threads0.get(name, 0.0)) / seconds, 3)) for name, cpu in threads.items()
+             if cpu > threads0.get(name, 0.0)), key=lambda kv: -kv[1])),
     }
 
 
@@ -139,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         run = measure(args.senders, args.seconds, args.batch, args.server_arg)
         runs.append(run)
         print(f"run {i + 1}: {run['accepted_per_s']:,.0f} tasks/s accepted; server CPU "
-              f"{run['server_cpu_us_per_task']:.1f} us/task, senders {run['sender_cpu_us_per_task']:.1f} us/task",
+              f"{run['server_cpu_us_per_task']:.1f} us/task, senders {run['sender_cpu_us_per_task']:.1f} us/task; "
+              "server threads (cores): " + ", ".join(
+                  f"{name} {cores:.2f}" for name, cores in list(run["server_thread_cores"].items())[:4]),
               flush=True)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

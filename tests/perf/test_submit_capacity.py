@@ -16,3 +16,7 @@ def test_a_short_run_reports_accepted_tasks_and_cpu_per_task():
     assert run["accepted"] >= 200 and run["accepted"] % 100 == 0
     assert run["accepted_per_s"] == run["accepted"] / 1.0
     assert run["server_cpu_us_per_task"] > 0 and run["sender_cpu_us_per_task"] > 0
+    cores = run["server_thread_cores"]
+    assert cores["main"] > 0  # the event loop accepted them
+    assert "tw-sqlite-write" in cores  # and the store's writer stored them
+    assert list(cores.values()) == sorted(cores.values(), reverse=True)
