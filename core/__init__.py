@@ -1,7 +1,7 @@
 """taskwheel's compiled hot path: the timing wheel and the timer's pending tasks in it, the
 batcher, where a task lives, dispatch's fired tasks and their leases, the wire form of the
-deliveries dispatch sends, task records kept out of the cyclic GC's view and built from C, and
-the embedded store's reads stepped without the GIL.
+deliveries dispatch sends and of Submit's requests and responses, task records kept out of the
+cyclic GC's view and built from C, and the embedded store's reads stepped without the GIL.
 
 Services import these names from here, never from the compiled modules themselves.
 """
@@ -14,6 +14,7 @@ from taskwheel.core.pending import PendingTasks
 from taskwheel.core.records import RecordShape, untrack, untrack_list
 from taskwheel.core.sharding import BUCKET_MS, bucket_of, shard_of, shards_of
 from taskwheel.core.sqlite_rows import SqliteReader, SqliteReadError, same_sqlite_as_python
+from taskwheel.core.submits import encode_submit_results, records_of_submit
 from taskwheel.core.wheel import DEBUG_BUILD, TimingWheel
 
 __all__ = [
@@ -29,9 +30,11 @@ __all__ = [
     "TimingWheel",
     "bucket_of",
     "encode_deliveries",
+    "encode_submit_results",
     "fill",
     "group_by",
     "shard_of",
+    "records_of_submit",
     "same_sqlite_as_python",
     "settle_acks",
     "shards_of",

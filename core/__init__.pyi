@@ -78,6 +78,15 @@ def encode_deliveries(sent: list[Any], traceparents: list[str] | None = None,
     """The bytes of one taskwheel.v1.ConsumeResponse, a delivery per item (see _Delivery);
     ``record``, a RecordShape of the records' type, has their fields read from their slots."""
 
+def records_of_submit(raw: bytes, ids: Any, num_shards: int, now: int, limits: Any,
+                      shape: "RecordShape", scheduled: Any, traceparent: str = "") -> list[Any] | None:
+    """The TaskRecords of a taskwheel.v1.SubmitRequest's wire bytes when every task is surely
+    valid, else None: then read it with protobuf and ingest's validator, which word the errors."""
+
+def encode_submit_results(task_ids: list[str], fire_ats: list[int], duplicates: list[bool]) -> bytes:
+    """The bytes of one taskwheel.v1.SubmitResponse: per task its id and either
+    duplicate = true or its fire_at."""
+
 def untrack_list(objects: list[Any]) -> bool:
     """Takes the list itself out of the cyclic GC's view when it holds no tracked object and no
     dict; returns whether it did (see records.pyx)."""

@@ -23,7 +23,7 @@ from taskwheel.ingest import IngestServicer
 from taskwheel.links import RemoteDispatch, RemoteTimer
 from taskwheel.stores import Store, open_store
 from taskwheel.timer import TimerService
-from taskwheel.v1 import dispatch_pb2, ingest_pb2, ingest_pb2_grpc, timer_pb2, timer_pb2_grpc
+from taskwheel.v1 import dispatch_pb2, ingest_pb2, timer_pb2, timer_pb2_grpc
 
 log = logging.getLogger("taskwheel")
 
@@ -93,7 +93,7 @@ class App:
         )
         names = [reflection.SERVICE_NAME, health.SERVICE_NAME]
         if self.ingest:
-            ingest_pb2_grpc.add_IngestServicer_to_server(self.ingest, self.server)
+            self.ingest.add_to_server(self.server)
             names.append(_NAMES["ingest"])
         if self.timer:
             timer_pb2_grpc.add_TimerServicer_to_server(self.timer, self.server)

@@ -4,13 +4,16 @@ from __future__ import annotations
 import logging
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.message import DecodeError
 
 from taskwheel import gil, telemetry
 from taskwheel.config import Config
+from taskwheel.core import encode_submit_results, records_of_submit
 from taskwheel.group_commit import Backpressure, GroupCommit
 from taskwheel.clock import now_ms
 from taskwheel.ingest.validate import TaskIds, records_of_specs
-from taskwheel.stores.base import AlreadyEnded, Store, StoreUnavailable, TaskState
+from taskwheel.stores.base import TASK_RECORD_SLOTS, AlreadyEnded, Store, StoreUnavailable, TaskRecord, TaskState
 from taskwheel.v1 import ingest_pb2, ingest_pb2_grpc
 from taskwheel.wire import set_ms, task_message
 
@@ -38,13 +41,55 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
         )
         self.accepted = 0
 
+    def add_to_server(self, server) -> None:
+        """ingest_pb2_grpc.add_IngestServicer_to_server, but Submit is served by submit_wire,
+        which takes the request's wire bytes and returns the response's. The handlers come
+        from ingest.proto's descriptor, so a method added there is served here too."""
+        service = ingest_pb2.DESCRIPTOR.services_by_name["Ingest"]
+        handlers = {}
+        for method in service.methods:
+            if method.name == "Submit":
+                handlers[method.name] = grpc.unary_unary_rpc_method_handler(self.submit_wire)
+                continue
+            request = message_factory.GetMessageClass(method.input_type)
+            response = message_factory.GetMessageClass(method.output_type)
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                getattr(self, method.name), request_deserializer=request.FromString,
+                response_serializer=response.SerializeToString)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+        server.add_registered_method_handlers(service.full_name, handlers)
+
     async def start(self) -> None:
         self._writer.start()
 
     async def stop(self) -> None:
         await self._writer.stop()
 
+    async def submit_wire(self, raw: bytes, context) -> bytes:
+        """Submit on the wire: the request's bytes in, the response's out. Read in C
+        (core.records_of_submit) when every task is surely valid, the common case; otherwise
+        through protobuf and the validator (``Submit``), which word each task's error."""
+        now = now_ms()
+        traceparent = telemetry.current_traceparent() if telemetry.enabled else ""
+        records = records_of_submit(raw, self._ids, self._store.num_shards, now, self._limits,
+                                    TASK_RECORD_SLOTS, TaskState.SCHEDULED, traceparent)
+        if records is None:
+            try:
+                request = ingest_pb2.SubmitRequest.FromString(raw)
+            except DecodeError as exc:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"the request is not a taskwheel.v1.SubmitRequest in protobuf's wire format: {exc}")
+            return (await self.Submit(request, context)).SerializeToString()
+        outcomes = await self._store_records(records, context)
+        fresh = [r for r, o in zip(records, outcomes) if not o.duplicate]
+        response = encode_submit_results(
+            [o.task_id for o in outcomes], [r.fire_at_ms for r in records], [o.duplicate for o in outcomes])
+        await self._accepted(fresh)
+        return response
+
     async def Submit(self, request, context):
+        """Submit with messages: validates each task in Python and words its errors."""
         specs = request.tasks
         count = len(specs)
         if count == 0:
@@ -68,11 +113,27 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
                 results[i].error = message
         if not records:
             return response
+        outcomes = await self._store_records(records, context)
+        fresh = []
+        add = results.add
+        for pos, record, outcome in zip(positions, records, outcomes):
+            result = results[pos] if errors else add()
+            result.task_id = outcome.task_id
+            if outcome.duplicate:
+                result.duplicate = True
+            else:
+                set_ms(result.fire_at, record.fire_at_ms)
+                fresh.append(record)
+        await self._accepted(fresh)
+        return response
+
+    async def _store_records(self, records: list[TaskRecord], context) -> list:
+        """Writes new tasks through the group commit; their InsertOutcomes once durable."""
         span = telemetry.tracer.start_span("ingest.store_write", attributes={
             "taskwheel.tasks": len(records)}) if telemetry.enabled else None
         try:
             with gil.client_waits():
-                outcomes = await self._writer.commit(records)
+                return await self._writer.commit(records)
         except Backpressure as exc:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -84,21 +145,13 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
         finally:
             if span is not None:
                 span.end()
-        fresh = []
-        add = results.add
-        for pos, record, outcome in zip(positions, records, outcomes):
-            result = results[pos] if errors else add()
-            result.task_id = outcome.task_id
-            if outcome.duplicate:
-                result.duplicate = True
-            else:
-                set_ms(result.fire_at, record.fire_at_ms)
-                fresh.append(record)
+        raise AssertionError("context.abort returns only by raising")
+
+    async def _accepted(self, fresh: list[TaskRecord]) -> None:
         self.accepted += len(fresh)
         if fresh:
             # Durable already; the offer only saves the timer a store read for tasks due soon.
             await self._timer.offer(fresh)
-        return response
 
     async def Get(self, request, context):
         task_id = await self._task_id(request, context)

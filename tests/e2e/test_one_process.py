@@ -180,6 +180,26 @@ def test_an_empty_or_oversized_batch_is_rejected_whole(server, count):
     assert "tasks" in err.value.details()
 
 
+@pytest.mark.parametrize("raw", [b"\x0a\x05ab", b"\xff\xff\xff", b"\x0a\x03\x0a\x01\xc3"],
+                         ids=["cut-short", "not-protobuf", "queue-not-utf8"])
+def test_bytes_that_are_not_a_submit_request_get_invalid_argument(server, raw):
+    with grpc.insecure_channel(server.target) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            channel.unary_unary("/taskwheel.v1.Ingest/Submit")(raw, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "SubmitRequest" in err.value.details()
+
+
+def test_a_submit_of_valid_tasks_gets_each_ones_id_and_fire_time_back(server):
+    fire_at = now_ms() + 3_600_000
+    specs = [spec("q", fire_at_ms=fire_at + i) for i in range(3)] + [task_pb2.TaskSpec(queue="q")]
+    results = submit(ingest(server.target), specs)
+    assert [r.code for r in results] == [0] * 4 and len({r.task_id for r in results}) == 4
+    assert [r.fire_at.seconds * 1000 + r.fire_at.nanos // 1_000_000 for r in results[:3]] == [
+        fire_at, fire_at + 1, fire_at + 2]
+    assert abs(results[3].fire_at.seconds * 1000 - now_ms()) < 60_000  # no fire time: now
+
+
 def test_get_and_cancel_of_an_unknown_task_are_not_found(server):
     stub = ingest(server.target)
     with pytest.raises(grpc.RpcError) as err:
