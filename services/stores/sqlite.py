@@ -1204,7 +1204,10 @@ class _Checkpointer:
             log.warning("%s: no background checkpoints: %s", self._description, e)
             return
         try:
-            while True:
+            # Checked at the top as well: a stop() landing between the wait below timing out
+            # and the clear has its wake-up cleared, and would leave this thread waiting for a
+            # write that never comes (close() then hung in join).
+            while not self._stopping.is_set():
                 self._written.wait()
                 if self._stopping.wait(_CHECKPOINT_EVERY_S):
                     return
