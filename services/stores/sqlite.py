@@ -480,10 +480,8 @@ class SqliteStore(Store):
         self._rconn: sqlite3.Connection | None = None
         self._due_reader: SqliteReader | None = None  # load_due's, on the reader thread
         self._checkpointer: _Checkpointer | None = None
-        self._purge_task: asyncio.Task | None = None
-        self._next_purge_at = 0.0
-        self._promote_task: asyncio.Task | None = None
-        self._next_promote_at = 0.0
+        self._purging = _Every(self.purge_every_s)
+        self._promoting = _Every(self.promote_every_s)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -524,11 +522,8 @@ class SqliteStore(Store):
         writer, reader = self._writer, self._reader
         if writer is None or reader is None:
             return
-        for task in (self._purge_task, self._promote_task):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        self._purge_task = self._promote_task = None
+        await self._purging.cancel()
+        await self._promoting.cancel()
         self._writer = self._reader = None
         loop = asyncio.get_running_loop()
         if self._checkpointer is not None:
@@ -896,13 +891,7 @@ class SqliteStore(Store):
             moved += n
 
     def _promote_soon(self) -> None:
-        if not self.promote_every_s or (self._promote_task and not self._promote_task.done()):
-            return
-        now = time.monotonic()
-        if now < self._next_promote_at:
-            return
-        self._next_promote_at = now + self.promote_every_s
-        self._promote_task = asyncio.get_running_loop().create_task(self._promote_in_background())
+        self._promoting.start(self._promote_in_background)
 
     async def _promote_in_background(self) -> None:
         try:
@@ -961,13 +950,7 @@ class SqliteStore(Store):
 
     def _purge_soon(self) -> None:
         # Checkpoints advance every second or so; purging follows them at most once per period.
-        if not self.purge_every_s or (self._purge_task and not self._purge_task.done()):
-            return
-        now = time.monotonic()
-        if now < self._next_purge_at:
-            return
-        self._next_purge_at = now + self.purge_every_s
-        self._purge_task = asyncio.get_running_loop().create_task(self._purge_in_background())
+        self._purging.start(self._purge_in_background)
 
     async def _purge_in_background(self) -> None:
         try:
@@ -1047,6 +1030,33 @@ class SqliteStore(Store):
     def _conn_r(self) -> sqlite3.Connection:
         assert self._rconn is not None
         return self._rconn
+
+
+class _Every:
+    """A background job the store's own calls start: at most once per ``every_s`` (0: never),
+    and never while the last one still runs."""
+
+    __slots__ = ("every_s", "task", "_next_at")
+
+    def __init__(self, every_s: float):
+        self.every_s = every_s
+        self.task: asyncio.Task | None = None
+        self._next_at = 0.0
+
+    def start(self, job: Callable[[], Any]) -> None:
+        if not self.every_s or (self.task is not None and not self.task.done()):
+            return
+        now = time.monotonic()
+        if now < self._next_at:
+            return
+        self._next_at = now + self.every_s
+        self.task = asyncio.get_running_loop().create_task(job())
+
+    async def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+            self.task = None
 
 
 class _Bulk:

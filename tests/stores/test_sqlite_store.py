@@ -490,10 +490,10 @@ async def test_inserting_starts_a_promotion_in_the_background(db, monkeypatch):
     _far_from(monkeypatch, T0)  # due in 2023, so its bucket is within any real clock's lead
     async with opened(lambda: SqliteStore(db, num_shards=4, promote_every_s=3600)) as store:
         await store.insert([new_task(due_ms=T0 + 5)])
-        await store._promote_task  # started by the insert; awaited only to observe its end
+        await store._promoting.task  # started by the insert; awaited only to observe its end
         assert due_rows_in_file(db, "due_far") == 0
         await store.insert([new_task(due_ms=T0 + 6)])
-        assert store._promote_task.done()  # no second promotion within promote_every_s
+        assert store._promoting.task.done()  # no second promotion within promote_every_s
         assert len(await load(store)) == 2
     assert due_rows_in_file(db, "due_far") == 1
 
@@ -512,15 +512,21 @@ async def test_reads_racing_a_promotion_see_every_task_once(db, monkeypatch):
     async with opened(lambda: SqliteStore(db, num_shards=2, promote_every_s=0)) as writer, \
             opened(lambda: SqliteStore(db, num_shards=2, promote_every_s=0)) as reader:
         await writer.insert(tasks)
-        promotion = asyncio.ensure_future(writer.promote(before_ms=T0 + 2 * FAR))
-        reads = 0
-        while not promotion.done():
+
+        async def every_task_once() -> None:
             for shard in range(2):
                 ids = [r.task_id for r in await reader.load_due(shard, T0, T0 + 2 * FAR)]
                 assert len(ids) == len(set(ids)) == 3_000
-            reads += 1
-        assert await promotion == 6_000
-    assert reads > 1, "the promotion ended before a read could race it"
+
+        # Between chunks: buckets half moved, read from both tables.
+        assert await writer._write(writer._promote_chunk, (T0 + FAR) // FAR) == 100
+        await every_task_once()
+        # During them: reads on another connection while the rest moves.
+        promotion = asyncio.ensure_future(writer.promote(before_ms=T0 + 2 * FAR))
+        while not promotion.done():
+            await every_task_once()
+        assert await promotion == 5_900
+        await every_task_once()
 
 
 _PROMOTING_CHILD = textwrap.dedent("""
@@ -627,13 +633,13 @@ async def test_saving_checkpoints_purges_in_the_background(db):
         await store.insert([old])
         await store.apply([succeed(old)], now_ms=created)
         await store.save_checkpoints({s: created for s in range(4)})
-        await store._purge_task  # started by the save; awaited here only to observe its end
+        await store._purging.task  # started by the save; awaited here only to observe its end
         assert due_rows_in_file(db) == 0
         again = new_task(due_ms=created - 20 * BUCKET_MS)
         await store.insert([again])
         await store.apply([succeed(again)], now_ms=created)
         await store.save_checkpoints({s: created + 1 for s in range(4)})
-        assert store._purge_task.done()  # no second purge within purge_every_s
+        assert store._purging.task.done()  # no second purge within purge_every_s
     assert due_rows_in_file(db) == 1
 
 
