@@ -21,7 +21,6 @@ import logging
 from collections import deque
 
 import grpc
-from google.protobuf import message_factory
 
 from taskwheel import telemetry
 from taskwheel.clock import now_ms
@@ -32,7 +31,7 @@ from taskwheel.group_commit import GroupCommit
 from taskwheel.stores.base import (TASK_RECORD_SLOTS, Store, TaskRecord, TaskState, Transition, TransitionKind,
                                    untracked)
 from taskwheel.v1 import dispatch_pb2, dispatch_pb2_grpc
-from taskwheel.wire import record_of_due
+from taskwheel.wire import add_service, record_of_due
 
 log = logging.getLogger("taskwheel.dispatch")
 
@@ -124,21 +123,9 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
 
     def add_to_server(self, server) -> None:
         """dispatch_pb2_grpc.add_DispatchServicer_to_server, but Consume's responses are the
-        ConsumeResponse wire bytes _pump encodes, which grpc sends unchanged. The handlers
-        come from dispatch.proto's descriptor, so a method added there is served here too."""
-        service = dispatch_pb2.DESCRIPTOR.services_by_name["Dispatch"]
-        handlers = {}
-        for method in service.methods:
-            request = message_factory.GetMessageClass(method.input_type)
-            response = message_factory.GetMessageClass(method.output_type)
-            kind = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
-            handlers[method.name] = kind(
-                getattr(self, method.name),
-                request_deserializer=request.FromString,
-                response_serializer=_response_bytes if method.name == "Consume" else response.SerializeToString,
-            )
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
-        server.add_registered_method_handlers(service.full_name, handlers)
+        ConsumeResponse wire bytes _pump encodes, which grpc sends unchanged."""
+        add_service(server, dispatch_pb2.DESCRIPTOR.services_by_name["Dispatch"], self,
+                    raw_responses={"Consume"})
 
     # -- state ------------------------------------------------------------------------------
 
@@ -543,19 +530,6 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
                     waiting.batches = []
             if transitions:
                 self._write(transitions, successors, confirm)
-
-
-def _response_bytes(msg) -> bytes:
-    return msg if type(msg) is bytes else msg.SerializeToString()
-
-
-# (client streaming, server streaming) -> grpc's handler of that kind.
-_HANDLER_KINDS = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
 
 
 def _successor(rec: TaskRecord, gen: int, due_ms: int, attempt: int, state: TaskState,

@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 
 import grpc
-from google.protobuf import message_factory
 from google.protobuf.message import DecodeError
 
 from taskwheel import gil, telemetry
@@ -15,7 +14,7 @@ from taskwheel.clock import now_ms
 from taskwheel.ingest.validate import TaskIds, records_of_specs
 from taskwheel.stores.base import TASK_RECORD_SLOTS, AlreadyEnded, Store, StoreUnavailable, TaskRecord, TaskState
 from taskwheel.v1 import ingest_pb2, ingest_pb2_grpc
-from taskwheel.wire import set_ms, task_message
+from taskwheel.wire import add_service, set_ms, task_message
 
 log = logging.getLogger("taskwheel.ingest")
 
@@ -43,21 +42,9 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
 
     def add_to_server(self, server) -> None:
         """ingest_pb2_grpc.add_IngestServicer_to_server, but Submit is served by submit_wire,
-        which takes the request's wire bytes and returns the response's. The handlers come
-        from ingest.proto's descriptor, so a method added there is served here too."""
-        service = ingest_pb2.DESCRIPTOR.services_by_name["Ingest"]
-        handlers = {}
-        for method in service.methods:
-            if method.name == "Submit":
-                handlers[method.name] = grpc.unary_unary_rpc_method_handler(self.submit_wire)
-                continue
-            request = message_factory.GetMessageClass(method.input_type)
-            response = message_factory.GetMessageClass(method.output_type)
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                getattr(self, method.name), request_deserializer=request.FromString,
-                response_serializer=response.SerializeToString)
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
-        server.add_registered_method_handlers(service.full_name, handlers)
+        which takes the request's wire bytes and returns the response's."""
+        add_service(server, ingest_pb2.DESCRIPTOR.services_by_name["Ingest"], self,
+                    behaviors={"Submit": self.submit_wire}, raw_requests={"Submit"}, raw_responses={"Submit"})
 
     async def start(self) -> None:
         self._writer.start()
