@@ -7,7 +7,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml setup.py core/*.pyx core/*.pxd 2>/dev/null | cksum | cut -d' ' -f1)
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml setup.py core/*.pyx core/*.pxd $(wildcard services/*/*.pyx services/*/*.pxd services/*/*/*.pyx services/*/*/*.pxd) 2>/dev/null | cksum | cut -d' ' -f1)
 
 .PHONY: up test bench bench-e2e proto system-deps clean
 
@@ -46,3 +46,4 @@ proto: $(STAMP)
 
 clean:
 	rm -rf build *.egg-info core/*.c core/*.so $(VENV)
+	find services -name "*.c" -o -name "*.so" | xargs rm -f

@@ -1,15 +1,20 @@
 """Declares taskwheel's compiled extensions; everything else lives in pyproject.toml.
 
 Package layout (the folders show the architecture):
-  core/                 -> taskwheel.core      compiled hot path (timing wheel, batcher)
-  services/             -> taskwheel           ingest, timer, dispatch, stores, client, cli
-  protos/taskwheel/v1/  -> taskwheel.v1        the gRPC contract and its generated code
+  core/                  -> taskwheel.core           compiled hot path every service shares (wheel,
+                                                      batcher, sharding, records, protobuf wire)
+  services/              -> taskwheel                ingest, timer, dispatch, stores, client, cli; a
+                                                      compiled loop one service runs sits in its folder
+  protos/taskwheel/v1/   -> taskwheel.v1             the public gRPC contract and its generated code
+  protos/taskwheel/internal/v1/ -> taskwheel.internal.v1   the node-to-node contract
 
-TASKWHEEL_DEBUG=1 at build time compiles the core with line tracing and invariant checks.
+TASKWHEEL_DEBUG=1 at build time compiles every extension with line tracing and invariant checks.
 
-Each core/<name>.pyx has a core/<name>.pxd. Cython finds a module's own .pxd by its full name,
-taskwheel/core/<name>.pxd under an include directory, and core/ is not laid out that way, so the
-build points the include path at build/cython-include, where taskwheel/core links to core/.
+Each <name>.pyx whose C declarations others cimport has a <name>.pxd beside it. Cython finds a
+module's .pxd by its full name (taskwheel/core/<name>.pxd, taskwheel/dispatch/<name>.pxd)
+under an include directory, and the source tree is not laid out that way (taskwheel is
+services/, taskwheel.core is core/), so the build points the include path at
+build/cython-include, where taskwheel/<package> links to each package's folder.
 """
 import glob
 import os
@@ -32,35 +37,46 @@ macros = [("CYTHON_TRACE_NOGIL", "1"), ("TASKWHEEL_DEBUG", "1")] if DEBUG else [
 compile_args = ["-O0", "-g"] if DEBUG else ["-O3"]
 
 
-def _pxd_include_root():
-    """build/cython-include, holding taskwheel/core as a relative link to core/.
+def _pxd_include_root(packages):
+    """build/cython-include, holding taskwheel/<package> as a relative link to each folder.
 
-    A link rather than copies: edits to core/*.pxd take effect at once, and Cython's rebuild
-    checks see their real modification times. A link left by a moved tree is replaced.
+    Links rather than copies: edits to a .pxd take effect at once, and Cython's rebuild checks
+    see their real modification times. A link left by a moved tree is replaced.
     """
     root = os.path.abspath(os.path.join("build", "cython-include"))
-    link = os.path.join(root, "taskwheel", "core")
-    if os.path.realpath(link) != os.path.realpath("core"):
-        if os.path.islink(link):
-            os.unlink(link)
-        os.makedirs(os.path.dirname(link), exist_ok=True)
-        os.symlink(os.path.relpath("core", os.path.dirname(link)), link)
+    for package, folder in packages.items():
+        link = os.path.join(root, *package.split("."))
+        if os.path.realpath(link) != os.path.realpath(folder):
+            if os.path.islink(link):
+                os.unlink(link)
+            os.makedirs(os.path.dirname(link), exist_ok=True)
+            os.symlink(os.path.relpath(folder, os.path.dirname(link)), link)
     return root
 
 
-# sqlite_rows links the system's shared libsqlite3, the one Python's sqlite3 module links
-# (libsqlite3-dev on Debian; see core/sqlite_rows.pyx for why it must be the same).
-libraries = {"sqlite_rows": ["sqlite3"]}
+# Python package -> source folder, for every package with compiled modules.
+COMPILED_PACKAGES = {
+    "taskwheel.core": "core",
+    "taskwheel.dispatch": "services/dispatch",
+    "taskwheel.ingest": "services/ingest",
+    "taskwheel.timer": "services/timer",
+    "taskwheel.stores.sqlite": "services/stores/sqlite",
+}
+
+# The SQLite reader links the system's shared libsqlite3, the one Python's sqlite3 module links
+# (libsqlite3-dev on Debian; services/stores/sqlite/rows.pyx says why it must be the same).
+libraries = {"taskwheel.stores.sqlite.rows": ["sqlite3"]}
 extensions = [
     Extension(
-        "taskwheel.core." + name,
+        name,
         [path],
         define_macros=macros,
         extra_compile_args=compile_args,
         libraries=libraries.get(name, []),
     )
-    for path in sorted(glob.glob("core/*.pyx"))
-    for name in [os.path.splitext(os.path.basename(path))[0]]
+    for package, folder in COMPILED_PACKAGES.items()
+    for path in sorted(glob.glob(os.path.join(folder, "*.pyx")))
+    for name in [package + "." + os.path.splitext(os.path.basename(path))[0]]
 ]
 
 setup(
@@ -77,6 +93,7 @@ setup(
         "taskwheel.timer",
         "taskwheel.dispatch",
         "taskwheel.stores",
+        "taskwheel.stores.sqlite",
         "taskwheel.stores.cassandra",
         "taskwheel.client",
         "taskwheel.cli",
@@ -86,11 +103,15 @@ setup(
         "taskwheel.v1": ["*.proto", "*.pyi"],
         "taskwheel": ["py.typed"],
         "taskwheel.stores.cassandra": ["*.cql", "conf/*"],
+        "taskwheel.stores.sqlite": ["*.sql"],
+        "taskwheel.dispatch": ["*.pxd"],
+        "taskwheel.ingest": ["*.pxd"],
+        "taskwheel.timer": ["*.pxd"],
     },
     ext_modules=cythonize(
         extensions,
         compiler_directives=directives,
-        include_path=[_pxd_include_root()],
+        include_path=[_pxd_include_root(COMPILED_PACKAGES)],
         annotate=False,
         force=DEBUG,
     ),

@@ -1,6 +1,5 @@
-import os
 from array import array
-from typing import Any, Hashable, Iterable, Iterator, Protocol, Sequence, SupportsIndex, TypeVar
+from typing import Any, Hashable, Iterable, Protocol, Sequence, SupportsIndex, TypeVar
 
 from typing_extensions import Buffer
 
@@ -56,57 +55,12 @@ class Batcher:
     def next_flush_ms(self) -> int | None: ...
     def __len__(self) -> int: ...
 
-class _DeliveredTask(Protocol):
-    task_id: str
-    queue: str
-    payload: bytes
-    fire_at_ms: int
-    attempt: int
-    max_attempts: int
-    headers: dict[str, str]
-    traceparent: str
-
-class _Delivery(Protocol):
-    @property
-    def record(self) -> _DeliveredTask: ...
-    delivery_id: str
-    fired_at: int
-    due_ms: int
-
-def encode_deliveries(sent: list[Any], traceparents: list[str] | None = None,
-                      record: "RecordShape | None" = None) -> bytes:
-    """The bytes of one taskwheel.v1.ConsumeResponse, a delivery per item (see _Delivery);
-    ``record``, a RecordShape of the records' type, has their fields read from their slots."""
-
-def records_of_submit(raw: bytes, ids: Any, num_shards: int, now: int, limits: Any,
-                      shape: "RecordShape", scheduled: Any, traceparent: str = "") -> list[Any] | None:
-    """The TaskRecords of a taskwheel.v1.SubmitRequest's wire bytes when every task is surely
-    valid, else None: then read it with protobuf and ingest's validator, which word the errors."""
-
-def encode_submit_results(task_ids: list[str], fire_ats: list[int], duplicates: list[bool]) -> bytes:
-    """The bytes of one taskwheel.v1.SubmitResponse: per task its id and either
-    duplicate = true or its fire_at."""
-
 def untrack_list(objects: list[Any]) -> bool:
     """Takes the list itself out of the cyclic GC's view when it holds no tracked object and no
     dict; returns whether it did (see records.pyx)."""
 
 def untrack(objects: list[Any], kind: type) -> int:
     """Takes the objects of exactly type ``kind`` out of the cyclic GC's view (see records.pyx)."""
-
-class PendingTasks:
-    """Task records in a TimingWheel, by wheel key and by task id (see pending.pyx)."""
-
-    @property
-    def wheel(self) -> TimingWheel: ...
-    def __init__(self, wheel: TimingWheel, record: "RecordShape | None" = None) -> None: ...
-    def admit(self, records: Iterable[Any], skip: set[str] | None = None) -> int | None: ...
-    def fire(self, now_ms: SupportsIndex) -> list[Any]: ...
-    def forget(self, task_ids: Iterable[str]) -> int: ...
-    def get(self, task_id: str) -> Any: ...
-    def records(self) -> list[Any]: ...
-    def __len__(self) -> int: ...
-    def __contains__(self, task_id: object) -> bool: ...
 
 class RecordShape:
     """How to build instances of a slotted class from values in column order (see records.pyx)."""
@@ -122,79 +76,9 @@ class RecordShape:
         converters: Sequence[dict[Any, Any] | Any | None] | None = None,
     ) -> None: ...
     def build(self, values: Sequence[Any]) -> Any: ...
-
-class Fired:
-    """A fired task in dispatch: waiting for a worker, then its delivery's lease (see leases.pyx)."""
-
-    record: Any
-    batches: list[Any]
-    since: int
-    fired_at: int
-    held_gen: int
-    written: bool
-    gen: int
-    due_ms: int
-    consumer: Any
-    delivery_id: str | None
-    def __init__(
-        self, record: Any, batches: list[Any], since: SupportsIndex, fired_at: SupportsIndex
-    ) -> None: ...
-
-class FinishedGeneration:
-    """Finished tasks of one span of time, a dict with a Bloom filter in front (see leases.pyx)."""
-
-    @property
-    def entries(self) -> dict[str, int]: ...
-    @property
-    def bytes(self) -> int: ...
-    def __init__(self, capacity: SupportsIndex = 65536) -> None: ...
-    def may_hold(self, task_id: str) -> bool: ...
-    def __setitem__(self, task_id: str, value: int) -> None: ...
-    def __getitem__(self, task_id: str) -> int: ...
-    def get(self, task_id: str, default: int | None = None) -> int | None: ...
-    def __contains__(self, task_id: object) -> bool: ...
-    def __len__(self) -> int: ...
-    def __iter__(self) -> Iterator[str]: ...
-    def popitem(self) -> tuple[str, int]: ...
-    def update(self, pairs: Iterable[tuple[str, int]]) -> None: ...
-
-def take_fired(
-    records: list[Any], now: SupportsIndex, fired_at: SupportsIndex, batch: Any,
-    finished: list[FinishedGeneration], leases: dict[str, Fired], waiting: dict[str, Fired],
-    queues: dict[str, Any], unheld: list[str], touched: set[Any], slow: Any,
-    record: RecordShape | None = None,
-) -> int: ...
-def fill(
-    ready: Any, waiting: dict[str, Fired], leases: dict[str, Fired], consumer: Any,
-    in_flight: dict[str, Fired], room: SupportsIndex, now: SupportsIndex, shortest_lease_ms: SupportsIndex,
-    record: RecordShape | None = None,
-) -> tuple[list[Fired], int]: ...
-def settle_acks(
-    delivery_ids: Iterable[str], in_flight: dict[str, Fired], leases: dict[str, Fired],
-    finished: FinishedGeneration, now: SupportsIndex, transition: RecordShape,
-    succeed: Any, elsewhere: Any, traced: list[Fired] | None = None, record: RecordShape | None = None,
-) -> tuple[list[Any], list[list[Any]], list[str], int]: ...
+    def copy(self, obj: Any) -> Any: ...
 
 def group_by(keys: Iterable[_K], items: Iterable[_T]) -> dict[_K, list[_T]]: ...
 def shard_of(task_id: str, num_shards: SupportsIndex) -> int: ...
 def shards_of(task_ids: Iterable[str], num_shards: SupportsIndex) -> array[int]: ...
 def bucket_of(due_ms: SupportsIndex) -> int: ...
-
-class SqliteReadError(Exception):
-    """SQLite refused to open, prepare or run a SqliteReader's statement."""
-
-class SqliteReader:
-    """One prepared statement on a read-only connection; rows are stepped without the GIL."""
-
-    @property
-    def path(self) -> str: ...
-    def __init__(
-        self, path: str | bytes | os.PathLike[str], sql: str, busy_timeout_ms: int = 5000,
-        cache_kib: int = 65536,
-    ) -> None: ...
-    def rows(self, params: tuple[int, ...]) -> list[tuple[Any, ...]]: ...
-    def records(self, params: tuple[int, ...], shape: RecordShape) -> list[Any]: ...
-    def close(self) -> None: ...
-
-def same_sqlite_as_python() -> bool:
-    """Whether Python's sqlite3 module and SqliteReader share one copy of SQLite."""

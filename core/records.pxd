@@ -19,6 +19,8 @@ cdef class RecordShape:
     cdef object new_instance(self)
     cdef int put(self, object obj, Py_ssize_t i, object value) except -1
     cdef PyObject *offsets_of(self, tuple names, Py_ssize_t *offsets) except NULL
+    cdef int positions_of(self, tuple names, Py_ssize_t *positions) except -1
+    cpdef object copy(self, object obj)
 
 
 cdef inline object read_field(object obj, PyObject *kind, Py_ssize_t offset, str name):

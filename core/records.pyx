@@ -145,6 +145,33 @@ cdef class RecordShape:
                 raise ValueError(f"{self.kind.__name__} has no field {name!r}") from None
         return <PyObject *>self.kind
 
+    cdef int positions_of(self, tuple names, Py_ssize_t *positions) except -1:
+        """The field number of each of ``names``, into ``positions`` (``put``'s ``i``)."""
+        for i, name in enumerate(names):
+            try:
+                positions[i] = self.fields.index(name)
+            except ValueError:
+                raise ValueError(f"{self.kind.__name__} has no field {name!r}") from None
+        return 0
+
+    cpdef object copy(self, object obj):
+        """A new instance holding the same values as ``obj`` (exactly of ``kind``), slot by slot,
+        out of the cyclic GC's view: what ``copy.copy`` does, without its generic protocol."""
+        if type(obj) is not self.kind:
+            raise TypeError(f"copy takes a {self.kind.__name__}, not {type(obj).__name__}")
+        new = self.new_instance()
+        cdef Py_ssize_t i
+        cdef PyObject **src
+        cdef PyObject **dst
+        for i in range(self.count):
+            src = <PyObject **>((<char *><PyObject *>obj) + self.offsets[i])
+            if src[0] == NULL:
+                raise AttributeError(f"{self.kind.__name__}.{self.fields[i]} is not set")
+            dst = <PyObject **>((<char *><PyObject *>new) + self.offsets[i])
+            Py_INCREF(<object>src[0])
+            dst[0] = src[0]
+        return new
+
     def build(self, values):
         """One instance from a sequence of ``count`` values (the compiled reader fills them
         from its buffers instead; this is for tests and Python callers)."""

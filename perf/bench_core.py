@@ -47,9 +47,11 @@ import tracemalloc  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from taskwheel.core import Batcher, FinishedGeneration, TimingWheel, encode_deliveries  # noqa: E402
+from taskwheel.core import Batcher, TimingWheel  # noqa: E402
 from taskwheel.core.wheel import _set_move_min  # noqa: E402
-from taskwheel.stores.base import TaskRecord  # noqa: E402
+from taskwheel.dispatch.deliveries import encode_deliveries  # noqa: E402
+from taskwheel.dispatch.leases import FinishedGeneration  # noqa: E402
+from taskwheel.task import TaskRecord  # noqa: E402
 from taskwheel.v1 import dispatch_pb2, task_pb2  # noqa: E402
 
 N = 1_000_000

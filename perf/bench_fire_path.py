@@ -52,7 +52,7 @@ from taskwheel.clock import now_ms
 from taskwheel.config import Config
 from taskwheel.core import shard_of
 from taskwheel.dispatch import DispatchService
-from taskwheel.stores.base import TaskRecord
+from taskwheel.task import TaskRecord
 from taskwheel.stores.sqlite import SqliteStore
 from taskwheel.timer import TimerService
 from taskwheel.v1 import dispatch_pb2

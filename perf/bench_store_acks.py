@@ -25,7 +25,8 @@ import time
 import uuid
 from pathlib import Path
 
-from taskwheel.stores.base import TaskRecord, Transition, TransitionKind
+from taskwheel.stores.base import Transition, TransitionKind
+from taskwheel.task import TaskRecord
 from taskwheel.stores.sqlite import SqliteStore
 
 

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from taskwheel.ingest.validate import TaskIds
-from taskwheel.stores.base import TaskRecord
+from taskwheel.task import TaskRecord
 from taskwheel.stores.sqlite import SqliteStore
 
 CHECKPOINT_WAIT_S = 1.0  # the checkpointer runs every 0.25 s; give it a few turns

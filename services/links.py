@@ -13,7 +13,7 @@ import grpc
 
 from taskwheel import telemetry
 from taskwheel.clock import now_ms
-from taskwheel.stores.base import TaskRecord
+from taskwheel.task import TaskRecord
 from taskwheel.v1 import dispatch_pb2, dispatch_pb2_grpc, timer_pb2, timer_pb2_grpc
 from taskwheel.wire import due_message
 

@@ -7,7 +7,7 @@ from typing import Any, Callable, Collection, Mapping
 import grpc
 from google.protobuf import message_factory
 
-from taskwheel.stores.base import TaskRecord, TaskState
+from taskwheel.task import DUE_TASK_FIELDS, TaskRecord, TaskState
 from taskwheel.v1 import task_pb2, timer_pb2
 
 # (client streaming, server streaming) -> grpc's handler of that kind.
@@ -56,36 +56,13 @@ def ms_of(ts) -> int:
 
 
 def due_message(rec: TaskRecord) -> timer_pb2.DueTask:
-    return timer_pb2.DueTask(
-        task_id=rec.task_id,
-        gen=rec.gen,
-        due_ms=rec.due_ms,
-        fire_at_ms=rec.fire_at_ms,
-        queue=rec.queue,
-        payload=rec.payload,
-        attempt=rec.attempt,
-        max_attempts=rec.max_attempts,
-        headers=rec.headers,
-        traceparent=rec.traceparent,
-        lease_ms=rec.lease_ms,
-    )
+    return timer_pb2.DueTask(**{name: getattr(rec, name) for name in DUE_TASK_FIELDS})
 
 
 def record_of_due(msg: timer_pb2.DueTask, shard_of) -> TaskRecord:
-    return TaskRecord(
-        task_id=msg.task_id,
-        shard=shard_of(msg.task_id),
-        queue=msg.queue,
-        payload=msg.payload,
-        fire_at_ms=msg.fire_at_ms,
-        due_ms=msg.due_ms,
-        attempt=msg.attempt,
-        max_attempts=msg.max_attempts,
-        gen=msg.gen,
-        headers=dict(msg.headers),
-        lease_ms=msg.lease_ms,
-        traceparent=msg.traceparent,
-    )
+    values = {name: getattr(msg, name) for name in DUE_TASK_FIELDS}
+    values["headers"] = dict(msg.headers)
+    return TaskRecord(shard=shard_of(msg.task_id), **values)
 
 
 def task_message(rec: TaskRecord) -> task_pb2.Task:

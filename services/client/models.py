@@ -15,7 +15,7 @@ import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from taskwheel.client.errors import status_code
-from taskwheel.stores.base import TaskState
+from taskwheel.task import TaskState
 from taskwheel.v1 import ingest_pb2, task_pb2
 
 __all__ = ["TaskSpec", "SubmitResult", "Task", "TaskState", "Stats", "Delivery",

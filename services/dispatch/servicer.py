@@ -25,11 +25,12 @@ import grpc
 from taskwheel import telemetry
 from taskwheel.clock import now_ms
 from taskwheel.config import Config
-from taskwheel.core import (FinishedGeneration, Fired, RecordShape, encode_deliveries, fill, settle_acks, shard_of,
-                            take_fired, untrack, untrack_list)
+from taskwheel.core import RecordShape, shard_of, untrack, untrack_list
+from taskwheel.dispatch.deliveries import encode_deliveries
+from taskwheel.dispatch.leases import FinishedGeneration, Fired, fill, settle_acks, take_fired
 from taskwheel.group_commit import GroupCommit
-from taskwheel.stores.base import (TASK_RECORD_SLOTS, Store, TaskRecord, TaskState, Transition, TransitionKind,
-                                   untracked)
+from taskwheel.stores.base import Store, Transition, TransitionKind
+from taskwheel.task import TASK_RECORD_SLOTS, TaskRecord, TaskState, successor, untracked
 from taskwheel.v1 import dispatch_pb2, dispatch_pb2_grpc
 from taskwheel.wire import add_service, record_of_due
 
@@ -289,11 +290,11 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
                     continue  # answered within the delay: settled with one write
                 lease.written = True
                 rec = lease.record
-                successor = _successor(rec, lease.gen, lease.due_ms, rec.attempt + 1, TaskState.LEASED,
-                                       rec.last_error)
+                next_row = successor(rec, lease.gen, lease.due_ms, rec.attempt + 1, TaskState.LEASED,
+                                     rec.last_error)
                 transitions.append(Transition(rec.task_id, rec.shard, TransitionKind.LEASE, rec.gen, rec.due_ms,
-                                              due_ms=lease.due_ms, attempt=successor.attempt, task=successor))
-                successors.append(successor)
+                                              due_ms=lease.due_ms, attempt=next_row.attempt, task=next_row))
+                successors.append(next_row)
                 confirm.append(lease.batches)
         if transitions:
             self._write(transitions, successors, confirm)
@@ -344,8 +345,8 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
             # Not the rows of tasks answered while their write was queued: forgotten already,
             # offered now they would sit in the wheel until they fire (a lease: 30 s).
             finished = self._finished
-            offers = [successor for applied, successor in zip(fut.result(), successors)
-                      if applied and (finished.get(successor.task_id) >> _MS_BITS) < successor.gen]
+            offers = [next_row for applied, next_row in zip(fut.result(), successors)
+                      if applied and (finished.get(next_row.task_id) >> _MS_BITS) < next_row.gen]
             if offers:
                 self._offer(offers)
 
@@ -443,11 +444,11 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
             return
         if retry_after <= 0:
             retry_after = min(self._config.retry_base_ms << min(rec.attempt - 1, 30), self._config.retry_max_ms)
-        successor = _successor(rec, gen + 1, now + retry_after, rec.attempt + 1, TaskState.SCHEDULED, error)
+        next_row = successor(rec, gen + 1, now + retry_after, rec.attempt + 1, TaskState.SCHEDULED, error)
         self._write([Transition(rec.task_id, rec.shard, TransitionKind.RETRY, gen, due_ms,
-                                due_ms=successor.due_ms, attempt=successor.attempt, error=error,
-                                task=successor)],
-                    [successor], [batches])
+                                due_ms=next_row.due_ms, attempt=next_row.attempt, error=error,
+                                task=next_row)],
+                    [next_row], [batches])
 
     def _finish(self, rec: TaskRecord, kind: TransitionKind, gen: int, due_ms: int, error: str,
                 batches: list) -> None:
@@ -519,30 +520,17 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
                         continue
                     rec = waiting.record
                     due = now + self._config.hold_ms
-                    successor = _successor(rec, rec.gen + 1, due, rec.attempt, rec.state, rec.last_error)
-                    waiting.held_gen = successor.gen
+                    next_row = successor(rec, rec.gen + 1, due, rec.attempt, rec.state, rec.last_error)
+                    waiting.held_gen = next_row.gen
                     transitions.append(Transition(rec.task_id, rec.shard, TransitionKind.RETRY, rec.gen,
                                                   rec.due_ms, due_ms=due, attempt=rec.attempt,
-                                                  error=rec.last_error, task=successor))
-                    successors.append(successor)
+                                                  error=rec.last_error, task=next_row))
+                    successors.append(next_row)
                     confirm.append(waiting.batches)
-                    waiting.record = successor
+                    waiting.record = next_row
                     waiting.batches = []
             if transitions:
                 self._write(transitions, successors, confirm)
-
-
-def _successor(rec: TaskRecord, gen: int, due_ms: int, attempt: int, state: TaskState,
-               last_error: str) -> TaskRecord:
-    """``rec`` at its next due row: dataclasses.replace at a fraction of its cost (it looks the
-    fields up and builds keyword arguments on every call)."""
-    return TaskRecord(
-        task_id=rec.task_id, shard=rec.shard, queue=rec.queue, payload=rec.payload,
-        fire_at_ms=rec.fire_at_ms, due_ms=due_ms, state=state, attempt=attempt,
-        max_attempts=rec.max_attempts, gen=gen, headers=rec.headers,
-        idempotency_key=rec.idempotency_key, lease_ms=rec.lease_ms, traceparent=rec.traceparent,
-        created_ms=rec.created_ms, updated_ms=rec.updated_ms, last_error=last_error,
-    )
 
 
 def _trace_deliveries(sent: list[Fired]) -> list[str]:

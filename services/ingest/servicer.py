@@ -8,11 +8,12 @@ from google.protobuf.message import DecodeError
 
 from taskwheel import gil, telemetry
 from taskwheel.config import Config
-from taskwheel.core import encode_submit_results, records_of_submit
 from taskwheel.group_commit import Backpressure, GroupCommit
 from taskwheel.clock import now_ms
+from taskwheel.ingest.submits import encode_submit_results, records_of_submit
 from taskwheel.ingest.validate import TaskIds, records_of_specs
-from taskwheel.stores.base import TASK_RECORD_SLOTS, AlreadyEnded, Store, StoreUnavailable, TaskRecord, TaskState
+from taskwheel.stores.base import AlreadyEnded, Store, StoreUnavailable
+from taskwheel.task import TASK_RECORD_SLOTS, TaskRecord, TaskState, accepted
 from taskwheel.v1 import ingest_pb2, ingest_pb2_grpc
 from taskwheel.wire import add_service, set_ms, task_message
 
@@ -54,12 +55,12 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
 
     async def submit_wire(self, raw: bytes, context) -> bytes:
         """Submit on the wire: the request's bytes in, the response's out. Read in C
-        (core.records_of_submit) when every task is surely valid, the common case; otherwise
+        (ingest.submits.records_of_submit) when every task is surely valid, the common case; otherwise
         through protobuf and the validator (``Submit``), which word each task's error."""
         now = now_ms()
         traceparent = telemetry.current_traceparent() if telemetry.enabled else ""
         records = records_of_submit(raw, self._ids, self._store.num_shards, now, self._limits,
-                                    TASK_RECORD_SLOTS, TaskState.SCHEDULED, traceparent)
+                                    TASK_RECORD_SLOTS, accepted(now, traceparent))
         if records is None:
             try:
                 request = ingest_pb2.SubmitRequest.FromString(raw)

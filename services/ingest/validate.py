@@ -7,14 +7,13 @@ from typing import Sequence
 
 from taskwheel.config import Limits
 from taskwheel.core import shards_of
-from taskwheel.stores.base import TaskRecord, TaskState, untracked
+from taskwheel.task import TaskRecord, untracked
 
 _QUEUE = re.compile(r"[A-Za-z0-9._:\-]+")
 # Queue names that matched _QUEUE, so most tasks skip the regex (the length limit is checked
 # each time: it is per-service); cleared when it grows past the bound.
 _valid_queues: dict[str, None] = {}
 _VALID_QUEUES_MAX = 4096
-_SCHEDULED = TaskState.SCHEDULED
 
 
 class TaskIds:
@@ -130,8 +129,8 @@ def record_of_spec(spec, task_id: str, shard: int, now: int, limits: Limits) -> 
             raise SpecError(
                 f"lease must be between {limits.min_lease_ms} ms and {limits.max_lease_ms} ms"
             )
-    # Positional, in TaskRecord's field order: keywords cost a third more per task.
     return TaskRecord(
-        task_id, shard, queue, spec.payload, fire_at, fire_at if fire_at > now else now,
-        _SCHEDULED, 1, max_attempts, 1, headers, key, lease_ms, "", now, now, "",
+        task_id=task_id, shard=shard, queue=queue, payload=spec.payload, fire_at_ms=fire_at,
+        due_ms=fire_at if fire_at > now else now, max_attempts=max_attempts, headers=headers,
+        idempotency_key=key, lease_ms=lease_ms, created_ms=now, updated_ms=now,
     )

@@ -1,16 +1,5 @@
 """Durable task stores behind one interface (see base.py); open_store() picks one from a URL."""
-from taskwheel.stores.base import (
-    AlreadyEnded,
-    InsertOutcome,
-    Store,
-    StoreUnavailable,
-    TaskRecord,
-    TaskState,
-    Transition,
-    TransitionKind,
-    TERMINAL_STATES,
-    bucket_of,
-)
+from taskwheel.stores.base import AlreadyEnded, InsertOutcome, Store, StoreUnavailable, Transition, TransitionKind
 from taskwheel.stores.factory import open_store
 
 __all__ = [
@@ -18,11 +7,7 @@ __all__ = [
     "InsertOutcome",
     "Store",
     "StoreUnavailable",
-    "TaskRecord",
-    "TaskState",
     "Transition",
     "TransitionKind",
-    "TERMINAL_STATES",
-    "bucket_of",
     "open_store",
 ]

@@ -26,64 +26,10 @@ from __future__ import annotations
 
 import abc
 import enum
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-# One definition of where a due time lives, compiled in the core: BUCKET_MS (a minute) and
-# bucket_of(due_ms) = floor(due_ms / BUCKET_MS), negative times included.
-from taskwheel.core import BUCKET_MS, bucket_of  # noqa: F401 (re-exported)
-from taskwheel.core import RecordShape, untrack, untrack_list
-
-
-class TaskState(enum.IntEnum):
-    """Same numbers as taskwheel.v1.TaskState."""
-
-    SCHEDULED = 1
-    LEASED = 2
-    SUCCEEDED = 3
-    FAILED = 4
-    CANCELLED = 5
-
-
-TERMINAL_STATES = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED})
-
-
-@dataclass(slots=True)
-class TaskRecord:
-    """A task as stored: its by-id row, and equally its current due row."""
-
-    task_id: str
-    shard: int
-    queue: str
-    payload: bytes
-    fire_at_ms: int  # what the client asked for (delay resolved)
-    due_ms: int  # when the current gen is due: max(fire_at, accepted), a lease expiry, a retry
-    state: TaskState = TaskState.SCHEDULED
-    attempt: int = 1  # the attempt the current gen delivers
-    max_attempts: int = 3
-    gen: int = 1
-    headers: dict[str, str] = field(default_factory=dict)
-    idempotency_key: str = ""
-    lease_ms: int = 30_000
-    traceparent: str = ""
-    created_ms: int = 0
-    updated_ms: int = 0
-    last_error: str = ""
-
-
-# For the compiled loops that read records' fields: a TaskRecord's are read from their slots
-# (one load each) instead of by getattr from C (a generic lookup each).
-TASK_RECORD_SLOTS = RecordShape(TaskRecord, [f.name for f in fields(TaskRecord)])
-
-
-def untracked(records: list[TaskRecord]) -> list[TaskRecord]:
-    """``records``, taken out of the cyclic GC's view, and the list too when it holds nothing
-    else: a record cannot be part of a reference cycle, and the records held for seconds ahead
-    of their due time made up most of what each young collection scanned
-    (taskwheel.core.records). For lists of records the hot path keeps."""
-    untrack(records, TaskRecord)
-    untrack_list(records)
-    return records
+from taskwheel.task import TaskRecord, TaskState
 
 
 @dataclass(slots=True)

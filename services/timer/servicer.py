@@ -19,8 +19,10 @@ import logging
 from taskwheel import telemetry
 from taskwheel.clock import now_ms
 from taskwheel.config import Config
-from taskwheel.core import PendingTasks, TimingWheel, shard_of
-from taskwheel.stores.base import TASK_RECORD_SLOTS, Store, TaskRecord, untracked
+from taskwheel.core import TimingWheel, shard_of
+from taskwheel.stores.base import Store
+from taskwheel.task import TASK_RECORD_SLOTS, TaskRecord, untracked
+from taskwheel.timer.pending import PendingTasks
 from taskwheel.v1 import timer_pb2, timer_pb2_grpc
 from taskwheel.wire import record_of_due
 

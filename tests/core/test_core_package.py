@@ -1,4 +1,5 @@
-"""The core ships compiled, typed, lint-clean, and exposes exactly the names its stub declares."""
+"""The compiled code ships compiled, typed and lint-clean: the shared core, which exposes exactly
+the names its stub declares, and the compiled loops each service keeps in its own folder."""
 import ast
 import importlib
 import importlib.machinery
@@ -14,11 +15,22 @@ import taskwheel.core
 
 REPO = Path(__file__).resolve().parents[2]
 CORE = REPO / "core"
+# Package -> folder of every package with compiled modules besides the core (setup.py's list).
+SERVICE_PACKAGES = {
+    "taskwheel.dispatch": REPO / "services" / "dispatch",
+    "taskwheel.ingest": REPO / "services" / "ingest",
+    "taskwheel.timer": REPO / "services" / "timer",
+    "taskwheel.stores.sqlite": REPO / "services" / "stores" / "sqlite",
+}
 
 
 def test_every_hot_path_module_is_a_compiled_extension():
-    for name in ("wheel", "batcher", "sharding"):
-        module = importlib.import_module(f"taskwheel.core.{name}")
+    names = [f"taskwheel.core.{name}" for name in ("wheel", "batcher", "sharding", "records")]
+    names += [f"{package}.{path.stem}" for package, folder in SERVICE_PACKAGES.items()
+              for path in folder.glob("*.pyx")]
+    assert len(names) > 4
+    for name in names:
+        module = importlib.import_module(name)
         assert module.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)), module.__file__
 
 
@@ -42,6 +54,8 @@ def test_the_package_declares_that_it_is_typed():
 def test_the_core_python_code_passes_flake8():
     paths = [CORE / "__init__.py", CORE / "__init__.pyi", CORE / "reference.py",
              REPO / "tests" / "core", REPO / "perf" / "bench_core.py", REPO / "perf" / "conftest.py"]
+    paths += [path for folder in SERVICE_PACKAGES.values() for path in folder.glob("*.pyi")]
+    paths += [path for folder in SERVICE_PACKAGES.values() for path in folder.glob("reference.py")]
     # Stubs follow typeshed's layout: no blank lines between their one-line definitions.
     done = subprocess.run([sys.executable, "-m", "flake8", "--max-line-length=110",
                            "--per-file-ignores=*.pyi:E301,E302,E305,E701,E704", *map(str, paths)],
@@ -55,6 +69,15 @@ def stub_root(tmp_path):
     (tmp_path / "taskwheel").mkdir()
     (tmp_path / "taskwheel" / "__init__.pyi").write_text("")
     os.symlink(CORE, tmp_path / "taskwheel" / "core")
+    # A service package as its compiled modules' stubs and its reference model only.
+    for package, folder in SERVICE_PACKAGES.items():
+        where = tmp_path.joinpath(*package.split("."))
+        where.mkdir(parents=True, exist_ok=True)
+        (where / "__init__.pyi").write_text("")
+        for path in [*folder.glob("*.pyi"), *folder.glob("*.pxd"), folder / "reference.py"]:
+            if path.exists():
+                os.symlink(path, where / path.name)
+    (tmp_path / "taskwheel" / "stores" / "__init__.pyi").write_text("")
     return tmp_path
 
 
@@ -64,9 +87,11 @@ def test_a_typical_caller_and_the_reference_model_type_check_strictly(stub_root,
         from array import array
         import numpy as np
         from collections import deque
-        from taskwheel.core import (Batcher, Fired, SqliteReader, TimingWheel, bucket_of, fill, group_by,
-                                    same_sqlite_as_python, shard_of, shards_of)
-        from taskwheel.core.reference import ReferenceSqliteReader, ReferenceWheel
+        from taskwheel.core import Batcher, TimingWheel, bucket_of, group_by, shard_of, shards_of
+        from taskwheel.core.reference import ReferenceWheel
+        from taskwheel.dispatch.leases import Fired, fill
+        from taskwheel.stores.sqlite.reference import ReferenceSqliteReader
+        from taskwheel.stores.sqlite.rows import SqliteReader, same_sqlite_as_python
 
         wheel = TimingWheel(tick_ms=1, start_ms=0)
         wheel.schedule(1, 10)
@@ -95,13 +120,20 @@ def test_a_typical_caller_and_the_reference_model_type_check_strictly(stub_root,
 
 
 # Declaration-only .pxd files (inline helpers shared by the modules), with no .pyx of their own.
-SHARED_PXD = {"idshards", "int64"}
+SHARED_PXD = {"idshards", "int64", "protowire"}
 
 
-def test_every_compiled_module_is_paired_with_a_pxd():
-    pxd = {p.stem for p in CORE.glob("*.pxd")}
-    assert pxd - SHARED_PXD == {p.stem for p in CORE.glob("*.pyx")}
-    assert SHARED_PXD <= pxd
+@pytest.mark.parametrize("folder", [CORE, *SERVICE_PACKAGES.values()], ids=lambda p: p.name)
+def test_every_compiled_module_is_paired_with_a_pxd(folder):
+    pxd = {p.stem for p in folder.glob("*.pxd")}
+    shared = SHARED_PXD if folder == CORE else set()
+    assert pxd - shared == {p.stem for p in folder.glob("*.pyx")}
+    assert shared <= pxd
+
+
+@pytest.mark.parametrize("folder", [*SERVICE_PACKAGES.values()], ids=lambda p: p.name)
+def test_every_compiled_module_of_a_service_has_a_stub(folder):
+    assert {p.stem for p in folder.glob("*.pyi")} == {p.stem for p in folder.glob("*.pyx")}
 
 
 def test_other_cython_code_can_cimport_the_core_declarations(stub_root, tmp_path):
@@ -111,13 +143,18 @@ def test_other_cython_code_can_cimport_the_core_declarations(stub_root, tmp_path
         from taskwheel.core.wheel cimport NSLOTS, Entry, Slot, TimingWheel, _int64
         from taskwheel.core.batcher cimport Batcher
         from taskwheel.core.sharding cimport _fnv1a
+        from taskwheel.dispatch.leases cimport Fired
+        from libc.stdint cimport int64_t
 
         cdef Entry entry = Entry(1, 2)
 
         def peek(TimingWheel wheel, Batcher batcher):
             cdef Slot *overdue = &wheel._slots[NSLOTS - 1]
             cdef Py_ssize_t *pending = &batcher._count
-            return overdue.live, pending[0], _fnv1a(b"id", 2), _int64(entry.deadline, "deadline")
+            cdef Fired fired = Fired.__new__(Fired)
+            cdef int64_t *since
+            since = &fired.since
+            return overdue.live, pending[0], _fnv1a(b"id", 2), _int64(entry.deadline, "deadline"), since[0]
     """))
     done = subprocess.run([sys.executable, "-m", "cython", "-3", "-I", str(stub_root), str(user)],
                           capture_output=True, text=True, cwd=tmp_path)

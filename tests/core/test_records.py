@@ -9,7 +9,7 @@ import pytest
 
 from taskwheel.core import RecordShape, untrack, untrack_list
 from taskwheel.core.reference import ReferenceRecordShape
-from taskwheel.stores.base import TaskRecord, TaskState
+from taskwheel.task import TaskRecord, TaskState
 
 
 def record(i: int = 0) -> TaskRecord:

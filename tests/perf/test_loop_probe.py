@@ -48,7 +48,8 @@ def test_without_the_variable_the_probe_writes_nothing(tmp_path):
 
 STORE_PROGRAM = """
 import asyncio, sys
-from taskwheel.stores.base import TaskRecord, Transition, TransitionKind
+from taskwheel.stores.base import Transition, TransitionKind
+from taskwheel.task import TaskRecord
 from taskwheel.stores.sqlite import SqliteStore
 
 async def main(path):

@@ -66,21 +66,9 @@ from cassandra.query import (
 )
 
 from taskwheel.clock import now_ms
-from taskwheel.core import group_by
-from taskwheel.stores.base import (
-    BUCKET_MS,
-    TERMINAL_STATES,
-    AlreadyEnded,
-    InsertOutcome,
-    Store,
-    StoreUnavailable,
-    TaskRecord,
-    TaskState,
-    Transition,
-    TransitionKind,
-    bucket_of,
-    untracked,
-)
+from taskwheel.core import BUCKET_MS, bucket_of, group_by
+from taskwheel.stores.base import AlreadyEnded, InsertOutcome, Store, StoreUnavailable, Transition, TransitionKind
+from taskwheel.task import TERMINAL_STATES, TaskRecord, TaskState, untracked
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from taskwheel.core import Fired, RecordShape, encode_deliveries
-from taskwheel.stores.base import TaskRecord
+from taskwheel.core import RecordShape
+from taskwheel.dispatch.deliveries import encode_deliveries
+from taskwheel.dispatch.leases import Fired
+from taskwheel.task import TaskRecord
 from taskwheel.v1 import dispatch_pb2
 from taskwheel.wire import set_ms
 

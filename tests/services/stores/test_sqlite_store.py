@@ -13,10 +13,12 @@ import time
 import pytest
 
 from taskwheel.stores import open_store
-from taskwheel.stores.base import BUCKET_MS, StoreUnavailable, TaskState, Transition, TransitionKind
-from taskwheel.stores import sqlite as sqlite_store
+from taskwheel.core import BUCKET_MS
+from taskwheel.stores.base import StoreUnavailable, Transition, TransitionKind
+from taskwheel.task import TaskState
+from taskwheel.stores.sqlite import store as sqlite_store
 from taskwheel.stores.sqlite import SqliteStore
-from tests.stores.contract import (
+from tests.services.stores.contract import (
     T0,
     fail,
     StoreContract,
@@ -333,7 +335,7 @@ async def test_write_while_another_process_holds_the_lock_raises_store_unavailab
 
 _INSERTING_CHILD = textwrap.dedent("""
     import asyncio, itertools, sys
-    from taskwheel.stores.base import TaskRecord
+    from taskwheel.task import TaskRecord
     from taskwheel.stores.sqlite import SqliteStore
 
     async def main(path):
@@ -531,8 +533,8 @@ async def test_reads_racing_a_promotion_see_every_task_once(db, monkeypatch):
 
 _PROMOTING_CHILD = textwrap.dedent("""
     import asyncio, sys
-    from taskwheel.stores import sqlite
-    from taskwheel.stores.base import TaskRecord
+    from taskwheel.stores.sqlite import store as sqlite
+    from taskwheel.task import TaskRecord
 
     async def main(path):
         sqlite._far_from_ms = lambda: 0

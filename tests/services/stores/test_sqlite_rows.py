@@ -10,8 +10,10 @@ import time
 
 import pytest
 
-from taskwheel.core import RecordShape, SqliteReader, SqliteReadError, same_sqlite_as_python
-from taskwheel.core.reference import ReferenceRecordShape, ReferenceSqliteReader
+from taskwheel.core import RecordShape
+from taskwheel.core.reference import ReferenceRecordShape
+from taskwheel.stores.sqlite.reference import ReferenceSqliteReader
+from taskwheel.stores.sqlite.rows import SqliteReader, SqliteReadError, same_sqlite_as_python
 
 
 @pytest.fixture(params=[SqliteReader, ReferenceSqliteReader], ids=["compiled", "reference"])
@@ -292,6 +294,6 @@ def test_other_threads_run_while_the_compiled_reader_steps(db):
 
 def test_this_python_and_the_core_share_one_sqlite():
     # Python's sqlite3 module here links the system's libsqlite3, as the core does; were it not
-    # so, the embedded store would read through JSON instead (tests/stores checks both), and
+    # so, the embedded store would read through JSON instead (tests/services/stores checks both), and
     # the performance figures would not be those of the compiled reader.
     assert same_sqlite_as_python()

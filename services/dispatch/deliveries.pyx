@@ -23,129 +23,22 @@ the GIL throughout.
 """
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_Check, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_Next
-from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.mem cimport PyMem_Free
 from cpython.object cimport PyObject
 from cpython.unicode cimport PyUnicode_Check
 from libc.stdint cimport int64_t, uint32_t, uint64_t
-from libc.string cimport memcpy
 
 from taskwheel.core.int64 cimport _int64
-from taskwheel.core.leases cimport Fired
+from taskwheel.core.protowire cimport (Out, field_size, put_bytes, put_field, put_tagged, put_timestamp, reserve,
+                                      timestamp_body_size, varint_size)
 from taskwheel.core.records cimport RecordShape, read_field
+from taskwheel.dispatch.leases cimport Fired
 
 cdef extern from "Python.h":
     const char *PyUnicode_AsUTF8AndSize(object s, Py_ssize_t *size) except NULL
 
-# Tags: field number << 3 | wire type (0 varint, 2 length-delimited).
-cdef enum:
-    TAG_DELIVERIES = 0x0A       # ConsumeResponse.deliveries = 1
-    TAG_TASK_ID = 0x0A          # Delivery.task_id = 1
-    TAG_DELIVERY_ID = 0x12      # 2
-    TAG_QUEUE = 0x1A            # 3
-    TAG_PAYLOAD = 0x22          # 4
-    TAG_FIRE_AT = 0x2A          # 5
-    TAG_ATTEMPT = 0x30          # 6
-    TAG_HEADERS = 0x3A          # 7
-    TAG_MAX_ATTEMPTS = 0x40     # 8
-    TAG_FIRED_AT = 0x4A         # 9
-    TAG_LEASE_EXPIRES_AT = 0x52  # 10
-    TAG_TRACEPARENT = 0x5A      # 11
-    TAG_MAP_KEY = 0x0A          # a map entry's key = 1
-    TAG_MAP_VALUE = 0x12        # and value = 2
-    TAG_SECONDS = 0x08          # google.protobuf.Timestamp.seconds = 1
-    TAG_NANOS = 0x10            # and nanos = 2
-
-
 _RECORD_FIELDS = ("task_id", "queue", "traceparent", "payload", "fire_at_ms", "attempt", "max_attempts",
                   "headers")
-
-
-cdef int _reserve(_Out *out, Py_ssize_t more) except -1:
-    cdef Py_ssize_t want = out.size + more
-    cdef Py_ssize_t capacity = out.capacity
-    cdef char *grown
-    if want <= capacity:
-        return 0
-    while capacity < want:
-        capacity = capacity * 2 if capacity else 4096
-    grown = <char *>PyMem_Realloc(out.data, capacity)
-    if grown == NULL:
-        raise MemoryError()
-    out.data = grown
-    out.capacity = capacity
-    return 0
-
-
-cdef Py_ssize_t _varint_size(uint64_t v) noexcept nogil:
-    cdef Py_ssize_t n = 1
-    while v >= 0x80:
-        v >>= 7
-        n += 1
-    return n
-
-
-cdef void _put_varint(_Out *out, uint64_t v) noexcept nogil:
-    cdef char *p = out.data + out.size
-    while v >= 0x80:
-        p[0] = <char>((v & 0x7F) | 0x80)
-        p += 1
-        v >>= 7
-    p[0] = <char>v
-    out.size = (p - out.data) + 1
-
-
-cdef void _put_bytes(_Out *out, const char *data, Py_ssize_t n) noexcept nogil:
-    memcpy(out.data + out.size, data, n)
-    out.size += n
-
-
-cdef inline void _put_tagged(_Out *out, int tag, uint64_t v) noexcept nogil:
-    """A one-byte tag, then a varint: an integer field, or the length of a length-delimited one."""
-    out.data[out.size] = <char>tag
-    out.size += 1
-    _put_varint(out, v)
-
-
-cdef inline void _split_ms(int64_t ms, int64_t *seconds, int64_t *nanos) noexcept nogil:
-    cdef int64_t s = ms / 1000
-    cdef int64_t rem = ms - s * 1000
-    if rem < 0:  # C division truncates toward zero; a Timestamp's seconds round down
-        s -= 1
-        rem += 1000
-    seconds[0] = s
-    nanos[0] = rem * 1_000_000
-
-
-cdef Py_ssize_t _timestamp_body_size(int64_t ms) noexcept nogil:
-    cdef int64_t seconds, nanos
-    cdef Py_ssize_t n = 0
-    _split_ms(ms, &seconds, &nanos)
-    if seconds:
-        n += 1 + _varint_size(<uint64_t>seconds)  # an int64 below zero takes ten bytes
-    if nanos:
-        n += 1 + _varint_size(<uint64_t>nanos)
-    return n
-
-
-cdef void _put_timestamp(_Out *out, int tag, int64_t ms) noexcept nogil:
-    cdef int64_t seconds, nanos
-    _split_ms(ms, &seconds, &nanos)
-    _put_tagged(out, tag, <uint64_t>_timestamp_body_size(ms))
-    if seconds:
-        _put_tagged(out, TAG_SECONDS, <uint64_t>seconds)
-    if nanos:
-        _put_tagged(out, TAG_NANOS, <uint64_t>nanos)
-
-
-cdef inline Py_ssize_t _field_size(Py_ssize_t n) noexcept nogil:
-    """A length-delimited field of n bytes with a one-byte tag; none when empty (proto3)."""
-    return 1 + _varint_size(<uint64_t>n) + n if n else 0
-
-
-cdef inline void _put_field(_Out *out, int tag, const char *data, Py_ssize_t n) noexcept nogil:
-    if n:
-        _put_tagged(out, tag, <uint64_t>n)
-        _put_bytes(out, data, n)
 
 
 cdef inline const char *_utf8(object s, Py_ssize_t *n, str name) except NULL:
@@ -172,7 +65,7 @@ def encode_deliveries(list sent, list traceparents=None, RecordShape record=None
     an item that is a core.Fired has its own read from C.
     """
     cdef Py_ssize_t i, n = len(sent), pos
-    cdef _Out out
+    cdef Out out
     cdef object item, rec, headers, value
     # References held while their UTF-8 buffers are read: an attribute may hand out a new object.
     cdef object task_id_s, delivery_id_s, queue_s, trace_s
@@ -198,7 +91,7 @@ def encode_deliveries(list sent, list traceparents=None, RecordShape record=None
     out.data = NULL
     out.size = out.capacity = 0
     try:
-        _reserve(&out, 160 * n + 64)
+        reserve(&out, 160 * n + 64)
         for i in range(n):
             item = sent[i]
             if type(item) is Fired:
@@ -231,47 +124,47 @@ def encode_deliveries(list sent, list traceparents=None, RecordShape record=None
             if headers is not None and type(headers) is not dict:
                 raise TypeError(f"headers must be a dict, not {type(headers).__name__}")
 
-            size = (_field_size(task_id_n) + _field_size(delivery_id_n) + _field_size(queue_n)
-                    + _field_size(payload_n) + _field_size(trace_n))
-            size += 3 + _timestamp_body_size(fire_at) + _timestamp_body_size(fired_at) \
-                + _timestamp_body_size(expires) + 3  # three tags, three one-byte lengths
+            size = (field_size(task_id_n) + field_size(delivery_id_n) + field_size(queue_n)
+                    + field_size(payload_n) + field_size(trace_n))
+            size += 3 + timestamp_body_size(fire_at) + timestamp_body_size(fired_at) \
+                + timestamp_body_size(expires) + 3  # three tags, three one-byte lengths
             if attempt:
-                size += 1 + _varint_size(attempt)
+                size += 1 + varint_size(attempt)
             if max_attempts:
-                size += 1 + _varint_size(max_attempts)
+                size += 1 + varint_size(max_attempts)
             if headers:
                 pos = 0
                 while PyDict_Next(headers, &pos, &k, &v):
                     _utf8(<object>k, &kn, "a header name")
                     _utf8(<object>v, &vn, "a header value")
-                    entry = 2 + _varint_size(kn) + kn + _varint_size(vn) + vn
-                    size += 1 + _varint_size(entry) + entry
-            _reserve(&out, 1 + _varint_size(size) + size)
+                    entry = 2 + varint_size(kn) + kn + varint_size(vn) + vn
+                    size += 1 + varint_size(entry) + entry
+            reserve(&out, 1 + varint_size(size) + size)
 
-            _put_tagged(&out, TAG_DELIVERIES, <uint64_t>size)
-            _put_field(&out, TAG_TASK_ID, task_id, task_id_n)
-            _put_field(&out, TAG_DELIVERY_ID, delivery_id, delivery_id_n)
-            _put_field(&out, TAG_QUEUE, queue, queue_n)
-            _put_field(&out, TAG_PAYLOAD, payload, payload_n)
-            _put_timestamp(&out, TAG_FIRE_AT, fire_at)
+            put_tagged(&out, TAG_DELIVERIES, <uint64_t>size)
+            put_field(&out, TAG_TASK_ID, task_id, task_id_n)
+            put_field(&out, TAG_DELIVERY_ID, delivery_id, delivery_id_n)
+            put_field(&out, TAG_QUEUE, queue, queue_n)
+            put_field(&out, TAG_PAYLOAD, payload, payload_n)
+            put_timestamp(&out, TAG_FIRE_AT, fire_at)
             if attempt:
-                _put_tagged(&out, TAG_ATTEMPT, attempt)
+                put_tagged(&out, TAG_ATTEMPT, attempt)
             if headers:
                 pos = 0
                 while PyDict_Next(headers, &pos, &k, &v):
                     key = _utf8(<object>k, &kn, "a header name")
                     val = _utf8(<object>v, &vn, "a header value")
-                    entry = 2 + _varint_size(kn) + kn + _varint_size(vn) + vn
-                    _put_tagged(&out, TAG_HEADERS, <uint64_t>entry)
-                    _put_tagged(&out, TAG_MAP_KEY, <uint64_t>kn)
-                    _put_bytes(&out, key, kn)
-                    _put_tagged(&out, TAG_MAP_VALUE, <uint64_t>vn)
-                    _put_bytes(&out, val, vn)
+                    entry = 2 + varint_size(kn) + kn + varint_size(vn) + vn
+                    put_tagged(&out, TAG_HEADERS, <uint64_t>entry)
+                    put_tagged(&out, TAG_MAP_KEY, <uint64_t>kn)
+                    put_bytes(&out, key, kn)
+                    put_tagged(&out, TAG_MAP_VALUE, <uint64_t>vn)
+                    put_bytes(&out, val, vn)
             if max_attempts:
-                _put_tagged(&out, TAG_MAX_ATTEMPTS, max_attempts)
-            _put_timestamp(&out, TAG_FIRED_AT, fired_at)
-            _put_timestamp(&out, TAG_LEASE_EXPIRES_AT, expires)
-            _put_field(&out, TAG_TRACEPARENT, trace, trace_n)
+                put_tagged(&out, TAG_MAX_ATTEMPTS, max_attempts)
+            put_timestamp(&out, TAG_FIRED_AT, fired_at)
+            put_timestamp(&out, TAG_LEASE_EXPIRES_AT, expires)
+            put_field(&out, TAG_TRACEPARENT, trace, trace_n)
         return PyBytes_FromStringAndSize(out.data, out.size)
     finally:
         PyMem_Free(out.data)

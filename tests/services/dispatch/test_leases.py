@@ -10,7 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from taskwheel import core
-from taskwheel.core import FinishedGeneration, reference
+from taskwheel.core import reference
+from taskwheel.dispatch import leases
+from taskwheel.dispatch import reference as dispatch_reference
+from taskwheel.dispatch.leases import FinishedGeneration
 from taskwheel.stores.base import Transition, TransitionKind
 
 NOW = 1_700_000_000_000
@@ -18,11 +21,11 @@ SUCCEED = TransitionKind.SUCCEED
 
 # The compiled loops twice: reading the records' fields by getattr, and from their slots
 # (given a RecordShape of the records' type, as the servicer passes).
-COMPILED = types.SimpleNamespace(Fired=core.Fired, take_fired=core.take_fired, fill=core.fill,
-                                 settle_acks=core.settle_acks, Shape=core.RecordShape, reads_slots=False)
+COMPILED = types.SimpleNamespace(Fired=leases.Fired, take_fired=leases.take_fired, fill=leases.fill,
+                                 settle_acks=leases.settle_acks, Shape=core.RecordShape, reads_slots=False)
 COMPILED_SLOTS = types.SimpleNamespace(**{**vars(COMPILED), "reads_slots": True})
-REFERENCE = types.SimpleNamespace(Fired=reference.ReferenceFired, take_fired=reference.take_fired,
-                                  fill=reference.fill, settle_acks=reference.settle_acks,
+REFERENCE = types.SimpleNamespace(Fired=dispatch_reference.ReferenceFired, take_fired=dispatch_reference.take_fired,
+                                  fill=dispatch_reference.fill, settle_acks=dispatch_reference.settle_acks,
                                   Shape=reference.ReferenceRecordShape, reads_slots=False)
 
 

@@ -13,8 +13,9 @@ from typing import Iterator, Sequence
 
 import pytest
 
-from taskwheel.stores import StoreUnavailable, TaskRecord
-from taskwheel.stores.base import BUCKET_MS
+from taskwheel.stores import StoreUnavailable
+from taskwheel.task import TaskRecord
+from taskwheel.core import BUCKET_MS
 from taskwheel.stores.cassandra import CassandraStore, devserver
 
 pytestmark = pytest.mark.cassandra

@@ -249,7 +249,7 @@ def free_port() -> int:
 
 
 def test_worker_keeps_reconnecting_until_dispatch_comes_up():
-    from conftest import FakeTaskwheel  # the fixture's class, started late on a known port
+    from tests.services.client.conftest import FakeTaskwheel  # the fixture's class, started late on a known port
     port = free_port()
     late = FakeTaskwheel()
     late.port = port

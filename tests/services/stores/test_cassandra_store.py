@@ -14,17 +14,11 @@ from typing import Any, Awaitable, Callable, Iterator, TypeVar
 import pytest
 from cassandra.cluster import Cluster, Session
 
-from taskwheel.stores import (
-    StoreUnavailable,
-    TaskRecord,
-    TaskState,
-    Transition,
-    TransitionKind,
-    open_store,
-)
-from taskwheel.stores.base import BUCKET_MS, bucket_of
+from taskwheel.core import BUCKET_MS, bucket_of
+from taskwheel.stores import StoreUnavailable, Transition, TransitionKind, open_store
 from taskwheel.stores.cassandra import CassandraStore, devserver
-from tests.stores.contract import StoreContract
+from taskwheel.task import TaskRecord, TaskState
+from tests.services.stores.contract import StoreContract
 
 pytestmark = pytest.mark.cassandra
 
@@ -93,7 +87,7 @@ def new_store(cassandra_contact, cql, run) -> Iterator[Callable[..., CassandraSt
 
 
 class TestCassandraStoreContract(StoreContract):
-    """The store contract (tests/stores/contract.py), each test on a fresh keyspace."""
+    """The store contract (tests/services/stores/contract.py), each test on a fresh keyspace."""
 
     @pytest.fixture
     def make_store(self, cassandra_contact, cql) -> Iterator[Callable[[], CassandraStore]]:

@@ -32,8 +32,8 @@ from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.string cimport memcmp
 
-from taskwheel.core.deliveries cimport (_Out, _put_bytes, _put_timestamp, _put_varint, _reserve,
-                                        _timestamp_body_size, _varint_size)
+from taskwheel.core.protowire cimport (Out, put_bytes, put_timestamp, put_varint, reserve, timestamp_body_size,
+                                      varint_size)
 from taskwheel.core.records cimport RecordShape, untrack_container
 
 from taskwheel.core.sharding import shards_of
@@ -250,12 +250,22 @@ cdef _Spec read_spec(Reader *r, _Limits limits, int64_t now, list last_queue):
     return spec
 
 
-def records_of_submit(bytes raw, ids, Py_ssize_t num_shards, int64_t now, limits,
-                      RecordShape shape not None, scheduled, str traceparent=""):
-    """The TaskRecords of a SubmitRequest's wire bytes, in order, all valid; or None (see the
+# The fields read from each task of a Submit; every other field is the request's (``template``).
+_SPEC_FIELDS = ("task_id", "shard", "queue", "payload", "fire_at_ms", "due_ms", "max_attempts", "headers",
+                "idempotency_key", "lease_ms")
+cdef enum:
+    _F_TASK_ID, _F_SHARD, _F_QUEUE, _F_PAYLOAD, _F_FIRE_AT, _F_DUE, _F_MAX_ATTEMPTS, _F_HEADERS, _F_KEY, _F_LEASE
+    _SPEC_FIELD_COUNT
+
+
+def records_of_submit(bytes raw, ids, Py_ssize_t num_shards, int64_t now, limits, RecordShape shape not None,
+                      template):
+    """The records of a SubmitRequest's wire bytes, in order, all valid; or None (see the
     module's docstring). ``ids`` is ingest's TaskIds (``take(now, count)``), ``limits`` its
-    Limits, ``shape`` TaskRecord's RecordShape (TASK_RECORD_SLOTS) and ``scheduled`` the
-    state a new task starts in (TaskState.SCHEDULED)."""
+    Limits, ``shape`` the records' RecordShape (taskwheel.task.TASK_RECORD_SLOTS) and
+    ``template`` a record holding what every task of the request shares (state, gen, attempt,
+    created and updated at ``now``, the request's traceparent): each record is a copy of it
+    with the task's own fields (``_SPEC_FIELDS``) set."""
     cdef Reader r, field
     cdef uint64_t tag
     cdef _Limits lim = _Limits(limits)
@@ -276,31 +286,25 @@ def records_of_submit(bytes raw, ids, Py_ssize_t num_shards, int64_t now, limits
     cdef Py_ssize_t i, n = len(specs)
     if n == 0:
         return None
+    cdef Py_ssize_t at[_SPEC_FIELD_COUNT]
+    shape.positions_of(_SPEC_FIELDS, at)
     task_ids = ids.take(now, n)
     shards = shards_of(task_ids, num_shards)
     cdef list records = []
     now_obj = now
     for i in range(n):
         spec = <_Spec>specs[i]
-        record = shape.new_instance()
-        # TaskRecord's field order; see ingest.validate.record_of_spec.
-        shape.put(record, 0, task_ids[i])
-        shape.put(record, 1, shards[i])
-        shape.put(record, 2, spec.queue)
-        shape.put(record, 3, spec.payload)
-        shape.put(record, 4, spec.fire_at)
-        shape.put(record, 5, spec.fire_at if spec.fire_at > now else now_obj)
-        shape.put(record, 6, scheduled)
-        shape.put(record, 7, 1)
-        shape.put(record, 8, spec.max_attempts)
-        shape.put(record, 9, 1)
-        shape.put(record, 10, spec.headers)
-        shape.put(record, 11, spec.key)
-        shape.put(record, 12, spec.lease_ms)
-        shape.put(record, 13, traceparent)
-        shape.put(record, 14, now_obj)
-        shape.put(record, 15, now_obj)
-        shape.put(record, 16, "")
+        record = shape.copy(template)
+        shape.put(record, at[_F_TASK_ID], task_ids[i])
+        shape.put(record, at[_F_SHARD], shards[i])
+        shape.put(record, at[_F_QUEUE], spec.queue)
+        shape.put(record, at[_F_PAYLOAD], spec.payload)
+        shape.put(record, at[_F_FIRE_AT], spec.fire_at)
+        shape.put(record, at[_F_DUE], spec.fire_at if spec.fire_at > now else now_obj)
+        shape.put(record, at[_F_MAX_ATTEMPTS], spec.max_attempts)
+        shape.put(record, at[_F_HEADERS], spec.headers)
+        shape.put(record, at[_F_KEY], spec.key)
+        shape.put(record, at[_F_LEASE], spec.lease_ms)
         records.append(record)
     untrack_container(records)
     return records
@@ -310,7 +314,7 @@ def encode_submit_results(list task_ids, list fire_ats, list duplicates):
     """A SubmitResponse's wire bytes, one SubmitResult per task in order: its task_id, and
     either duplicate = true or its fire_at (from unix ms, floored as wire.set_ms does), with
     default values left out as protobuf leaves them out."""
-    cdef _Out out
+    cdef Out out
     cdef Py_ssize_t i, n = len(task_ids), id_len, body, stamp
     cdef const char *id_data
     cdef int64_t ms = 0
@@ -321,25 +325,25 @@ def encode_submit_results(list task_ids, list fire_ats, list duplicates):
         for i in range(n):
             id_data = PyUnicode_AsUTF8AndSize(task_ids[i], &id_len)
             duplicate = duplicates[i]
-            body = 1 + _varint_size(<uint64_t>id_len) + id_len if id_len else 0
+            body = 1 + varint_size(<uint64_t>id_len) + id_len if id_len else 0
             if duplicate:
                 body += 2
             else:
                 ms = fire_ats[i]
-                stamp = _timestamp_body_size(ms)
-                body += 1 + _varint_size(<uint64_t>stamp) + stamp
-            _reserve(&out, 1 + _varint_size(<uint64_t>body) + body)
-            _put_varint(&out, _RESULTS)
-            _put_varint(&out, <uint64_t>body)
+                stamp = timestamp_body_size(ms)
+                body += 1 + varint_size(<uint64_t>stamp) + stamp
+            reserve(&out, 1 + varint_size(<uint64_t>body) + body)
+            put_varint(&out, _RESULTS)
+            put_varint(&out, <uint64_t>body)
             if id_len:
-                _put_varint(&out, _TASK_ID)
-                _put_varint(&out, <uint64_t>id_len)
-                _put_bytes(&out, id_data, id_len)
+                put_varint(&out, _TASK_ID)
+                put_varint(&out, <uint64_t>id_len)
+                put_bytes(&out, id_data, id_len)
             if duplicate:
-                _put_varint(&out, _DUPLICATE)
-                _put_varint(&out, 1)
+                put_varint(&out, _DUPLICATE)
+                put_varint(&out, 1)
             else:
-                _put_timestamp(&out, _FIRE_AT, ms)
+                put_timestamp(&out, _FIRE_AT, ms)
         return PyBytes_FromStringAndSize(out.data, out.size)
     finally:
         PyMem_Free(out.data)

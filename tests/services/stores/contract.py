@@ -2,10 +2,10 @@
 
 How a store plugs in
 --------------------
-Subclass ``StoreContract`` in a test module under tests/stores/ and give it a ``make_store``
+Subclass ``StoreContract`` in a test module under tests/services/stores/ and give it a ``make_store``
 fixture::
 
-    from tests.stores.contract import StoreContract
+    from tests.services.stores.contract import StoreContract
 
     class TestMyStoreContract(StoreContract):
         @pytest.fixture
@@ -16,7 +16,7 @@ fixture::
             return lambda: MyStore(location_for(tmp_path), num_shards=8)
 
 That is all: pytest collects the inherited ``test_*`` methods. The tests are ``async def`` and
-tests/stores/conftest.py runs each with ``asyncio.run`` (a module elsewhere needs that hook in its
+tests/services/stores/conftest.py runs each with ``asyncio.run`` (a module elsewhere needs that hook in its
 own conftest). Each test opens its stores itself, ``async with opened(make_store) as store:``,
 so a store never outlives the event loop it was opened on; a second ``async with`` is a
 restart on the same data.
@@ -40,17 +40,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from taskwheel.stores.base import (
-    BUCKET_MS,
-    TERMINAL_STATES,
-    AlreadyEnded,
-    InsertOutcome,
-    Store,
-    TaskRecord,
-    TaskState,
-    Transition,
-    TransitionKind,
-)
+from taskwheel.core import BUCKET_MS
+from taskwheel.stores.base import AlreadyEnded, InsertOutcome, Store, Transition, TransitionKind
+from taskwheel.task import TERMINAL_STATES, TaskRecord, TaskState
 
 MakeStore = Callable[[], Store]
 

@@ -9,8 +9,8 @@ import pytest
 from taskwheel.config import Config
 from taskwheel.core import shard_of
 from taskwheel.dispatch import DispatchService
-from taskwheel.dispatch.servicer import BURST_CHUNK, _FinishedMemory, _successor
-from taskwheel.stores.base import TaskRecord, TaskState
+from taskwheel.dispatch.servicer import BURST_CHUNK, _FinishedMemory
+from taskwheel.task import TaskRecord, TaskState
 from taskwheel.stores.sqlite import SqliteStore
 from taskwheel.timer import TimerService
 from taskwheel.v1 import dispatch_pb2
@@ -210,15 +210,6 @@ def test_a_short_lease_is_written_by_half_its_length_whatever_the_delay(tmp_path
     waited, long_still_unwritten = asyncio.run(main())
     assert 0.15 <= waited < 0.4
     assert long_still_unwritten  # a lease of its own length waits for the full delay
-
-
-def test_a_tasks_next_due_row_copies_every_field_it_does_not_change():
-    rec = TaskRecord(task_id="t", shard=3, queue="q", payload=b"p", fire_at_ms=10, due_ms=20,
-                     state=TaskState.LEASED, attempt=2, max_attempts=5, gen=7, headers={"k": "v"},
-                     idempotency_key="key", lease_ms=4_000, traceparent="00-ab-cd-01", created_ms=1,
-                     updated_ms=2, last_error="boom")
-    assert _successor(rec, 8, 30, 3, TaskState.SCHEDULED, "again") == dataclasses.replace(
-        rec, gen=8, due_ms=30, attempt=3, state=TaskState.SCHEDULED, last_error="again")
 
 
 async def delivered_and_acked(dispatch: DispatchService, records, fired_at):

@@ -6,9 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from taskwheel.config import Limits
-from taskwheel.core import encode_submit_results, records_of_submit
+from taskwheel.ingest.submits import encode_submit_results, records_of_submit
 from taskwheel.ingest.validate import TaskIds, records_of_specs
-from taskwheel.stores.base import TASK_RECORD_SLOTS, TaskState
+from taskwheel.task import TASK_RECORD_SLOTS, TaskState, accepted
 from taskwheel.v1 import ingest_pb2, task_pb2
 from taskwheel.wire import set_ms
 
@@ -28,8 +28,7 @@ class SameIds:
 
 
 def fast(raw: bytes, traceparent: str = "", limits: Limits = LIMITS):
-    return records_of_submit(raw, SameIds(), 16, NOW, limits, TASK_RECORD_SLOTS, TaskState.SCHEDULED,
-                             traceparent)
+    return records_of_submit(raw, SameIds(), 16, NOW, limits, TASK_RECORD_SLOTS, accepted(NOW, traceparent))
 
 
 def reference(raw: bytes, traceparent: str = "", limits: Limits = LIMITS):

@@ -1,4 +1,4 @@
-"""Runs ``async def`` tests under tests/stores/ with asyncio.run, one event loop per test.
+"""Runs ``async def`` tests under tests/services/stores/ with asyncio.run, one event loop per test.
 
 Stores are opened inside the test (see contract.py's ``opened``), so nothing outlives its loop
 and no plugin (pytest-asyncio) is needed.

@@ -88,29 +88,21 @@ import collections
 import concurrent.futures
 import itertools
 import json
-import os
 import logging
+import os
+import re
 import sqlite3
 import sys
 import threading
 import time
+from importlib import resources
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from taskwheel.clock import now_ms
-from taskwheel.core import RecordShape, SqliteReader, SqliteReadError, same_sqlite_as_python
-from taskwheel.stores.base import (
-    BUCKET_MS,
-    TERMINAL_STATES,
-    AlreadyEnded,
-    InsertOutcome,
-    Store,
-    StoreUnavailable,
-    TaskRecord,
-    TaskState,
-    Transition,
-    TransitionKind,
-    bucket_of,
-)
+from taskwheel.core import BUCKET_MS, RecordShape, bucket_of
+from taskwheel.stores.base import AlreadyEnded, InsertOutcome, Store, StoreUnavailable, Transition, TransitionKind
+from taskwheel.stores.sqlite.rows import SqliteReader, SqliteReadError, same_sqlite_as_python
+from taskwheel.task import TERMINAL_STATES, TaskRecord, TaskState
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -118,73 +110,17 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 5  # 3 was a layout of due rows by second, tried for a day and reverted
 _MIN_SQLITE = (3, 38, 0)  # JSON functions built in by default; UPDATE ... FROM since 3.33
 
-_DUE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS due (
-    shard INTEGER NOT NULL,
-    bucket INTEGER NOT NULL,
-    task_rowid INTEGER NOT NULL,
-    gen INTEGER NOT NULL,
-    due_ms INTEGER NOT NULL,
-    PRIMARY KEY (shard, bucket, task_rowid, gen)
-) WITHOUT ROWID;
-"""
-# Due rows of new tasks due a few minutes ahead or more, until the promoter moves them to
-# ``due`` (see the module's docstring): clustered by far bucket and then insertion order.
-_DUE_FAR_SCHEMA = """
-CREATE TABLE IF NOT EXISTS due_far (
-    far_bucket INTEGER NOT NULL,
-    task_rowid INTEGER NOT NULL,
-    gen INTEGER NOT NULL,
-    shard INTEGER NOT NULL,
-    due_ms INTEGER NOT NULL,
-    PRIMARY KEY (far_bucket, task_rowid, gen)
-) WITHOUT ROWID;
-"""
-_ENDED_SCHEMA = """
-CREATE TABLE IF NOT EXISTS ended (
-    due_ms INTEGER NOT NULL,
-    task_rowid INTEGER NOT NULL,
-    state INTEGER NOT NULL,
-    updated_ms INTEGER NOT NULL,
-    last_error TEXT NOT NULL,
-    PRIMARY KEY (due_ms, task_rowid)
-) WITHOUT ROWID;
-"""
-_SCHEMA = _DUE_SCHEMA + _DUE_FAR_SCHEMA + _ENDED_SCHEMA + """
-CREATE TABLE IF NOT EXISTS meta (
-    key TEXT PRIMARY KEY,
-    value INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS tasks (
-    task_id TEXT NOT NULL UNIQUE,
-    shard INTEGER NOT NULL,
-    queue TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    fire_at_ms INTEGER NOT NULL,
-    due_ms INTEGER NOT NULL,
-    state INTEGER NOT NULL,
-    attempt INTEGER NOT NULL,
-    max_attempts INTEGER NOT NULL,
-    gen INTEGER NOT NULL,
-    headers TEXT NOT NULL,
-    idempotency_key TEXT NOT NULL,
-    lease_ms INTEGER NOT NULL,
-    traceparent TEXT NOT NULL,
-    created_ms INTEGER NOT NULL,
-    updated_ms INTEGER NOT NULL,
-    last_error TEXT NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS tasks_idem ON tasks (queue, idempotency_key)
-    WHERE idempotency_key != '';
-CREATE TABLE IF NOT EXISTS checkpoints (
-    shard INTEGER PRIMARY KEY,
-    ms INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS state_counts (
-    state INTEGER PRIMARY KEY,
-    n INTEGER NOT NULL
-);
-"""
+# schema.sql, the current layout: run whole on every open, and table by table by the upgrades.
+_SCHEMA = resources.files(__package__).joinpath("schema.sql").read_text()
+
+
+def _creating(table: str) -> str:
+    """The statement of schema.sql that creates ``table``."""
+    for statement in _SCHEMA.split(";"):
+        if re.search(r"CREATE TABLE IF NOT EXISTS %s \(" % table, statement):
+            return statement
+    raise KeyError(table)
+
 
 # Column order of both SELECTs below is TaskRecord's field order, so one function builds records.
 _TASK_COLUMNS = (
@@ -1103,7 +1039,7 @@ def _upgrade_from_1(conn: sqlite3.Connection) -> None:
     its due rows carried a copy of their task's fields; version 2's hold the task's rowid."""
     conn.execute("ALTER TABLE due RENAME TO due_v1")
     conn.execute("DROP INDEX due_partition")
-    conn.execute(_DUE_SCHEMA)
+    conn.execute(_creating("due"))
     conn.execute(
         f"INSERT INTO due ({_DUE_COLUMNS}) SELECT d.shard, d.bucket, d.due_ms, d.gen, t.rowid "
         "FROM due_v1 AS d JOIN tasks AS t ON t.task_id = d.task_id"
@@ -1116,7 +1052,7 @@ def _upgrade_from_2(conn: sqlite3.Connection) -> None:
     """Version 2 keyed ``ended`` by the task's rowid alone (the schema above left that table
     as it was); version 4 by the due time it ended at first."""
     conn.execute("ALTER TABLE ended RENAME TO ended_v2")
-    conn.execute(_ENDED_SCHEMA)
+    conn.execute(_creating("ended"))
     conn.execute(
         "INSERT INTO ended (due_ms, task_rowid, state, updated_ms, last_error) "
         "SELECT t.due_ms, e.task_rowid, e.state, e.updated_ms, e.last_error "

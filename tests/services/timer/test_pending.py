@@ -7,8 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from taskwheel.core import PendingTasks, RecordShape, TimingWheel
-from taskwheel.core.reference import ReferencePendingTasks, ReferenceWheel
+from taskwheel.core import RecordShape, TimingWheel
+from taskwheel.core.reference import ReferenceWheel
+from taskwheel.timer.pending import PendingTasks
+from taskwheel.timer.reference import ReferencePendingTasks
 
 
 @dataclasses.dataclass(slots=True)

@@ -4,7 +4,7 @@ import time
 
 from taskwheel.config import Config
 from taskwheel.core import shard_of
-from taskwheel.stores.base import TaskRecord
+from taskwheel.task import TaskRecord
 from taskwheel.stores.sqlite import SqliteStore
 from taskwheel.timer import TimerService
 

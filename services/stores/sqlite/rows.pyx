@@ -15,7 +15,7 @@ One SQLite library: this module links the same shared libsqlite3 as Python's sql
 and must, because two copies of SQLite in one process do not see each other's POSIX locks on
 a file, and closing a file in one copy drops the locks the other holds on it (SQLite's
 "howtocorrupt" page, 2.2.1). ``same_sqlite_as_python()`` asks SQLite whether this process has
-one copy; the store uses this reader only then. taskwheel.core imports Python's sqlite3 before
+one copy; the store uses this reader only then. taskwheel.stores.sqlite imports Python's sqlite3 before
 this module, so the dynamic linker finds the library Python loaded (by its soname) and binds
 this module to it rather than loading the system's beside it.
 
