@@ -84,11 +84,15 @@ setup(
         "taskwheel": "services",
         "taskwheel.core": "core",
         "taskwheel.v1": "protos/taskwheel/v1",
+        "taskwheel.internal": "protos/taskwheel/internal",
+        "taskwheel.internal.v1": "protos/taskwheel/internal/v1",
     },
     packages=[
         "taskwheel",
         "taskwheel.core",
         "taskwheel.v1",
+        "taskwheel.internal",
+        "taskwheel.internal.v1",
         "taskwheel.ingest",
         "taskwheel.timer",
         "taskwheel.dispatch",
@@ -101,6 +105,7 @@ setup(
     package_data={
         "taskwheel.core": ["*.pxd", "*.pyi", "py.typed"],
         "taskwheel.v1": ["*.proto", "*.pyi"],
+        "taskwheel.internal.v1": ["*.proto", "*.pyi"],
         "taskwheel": ["py.typed"],
         "taskwheel.stores.cassandra": ["*.cql", "conf/*"],
         "taskwheel.stores.sqlite": ["*.sql"],

@@ -51,7 +51,7 @@ from taskwheel import gil
 from taskwheel.clock import now_ms
 from taskwheel.config import Config
 from taskwheel.core import shard_of
-from taskwheel.dispatch import DispatchService
+from taskwheel.dispatch import DispatchService, DispatchServicer
 from taskwheel.task import TaskRecord
 from taskwheel.stores.sqlite import SqliteStore
 from taskwheel.timer import TimerService
@@ -62,15 +62,14 @@ LEAD_MS = 1_500  # from building the records to the first due time, plus 20 us a
 
 # Where each timed place belongs. Tasks are named by their coroutine, callbacks by qualname.
 STAGES = {
-    "fire+take": ("task TimerService._fire_loop", "task TimerService._push", "_take_fired",
+    "fire+take": ("task TimerService._fire_loop", "task TimerService._retry_hand_over", "_take_fired",
                   "callback _wake"),
     "deliver": ("_pump", "grpc: serialize response", "task _consume"),
     "lease loop": ("task DispatchService._lease_loop",),
-    "ack": ("_ack", "_write", "grpc: parse request", "task DispatchService._read"),
+    "ack": ("ack", "write", "grpc: parse request", "task DispatchServicer._read_answers"),
     # With the lease rows written for deliveries not answered within lease_write_delay_ms,
     # offered back to the timer.
-    "written+forget": ("_written", "forget_now", "task TimerService.forget", "_admit",
-                       "task TimerService.offer", "task GroupCommit._run", "task GroupCommit._flush"),
+    "written+forget": ("_written", "_forget", "_admit", "task GroupCommit._run", "task GroupCommit._flush"),
 }
 SKIPPED = ("worker", "bench")
 STALL_S = 30.0  # a timed part that changes nothing for this long has failed
@@ -161,7 +160,7 @@ def _worker_reply(data: bytes) -> bytes:
         ack=dispatch_pb2.Ack(delivery_ids=[d.delivery_id for d in msg.deliveries])).SerializeToString()
 
 
-async def _consume(dispatch: DispatchService, stream: _RequestStream, max_in_flight: int,
+async def _consume(dispatch: DispatchServicer, stream: _RequestStream, max_in_flight: int,
                    serialize, worker_cpu: list, ack_after_ms: int) -> None:
     """Runs the servicer's Consume generator as grpc.aio would, with the worker's replies."""
     clock = time.thread_time_ns
@@ -197,25 +196,27 @@ async def run_once(n: int, rate: int, max_in_flight: int, ack_after_ms: int, pro
         await store.insert(records[start:start + 10_000])
     del records
 
-    dispatch = DispatchService(config, store, None)
+    dispatch = DispatchService(config, store)
     timer = TimerService(config, store, dispatch)
-    dispatch.timer = timer
     profile = Profile() if profiled else None
     serialize = bytes  # the servicer yields wire bytes, which grpc sends as they are
     parse = dispatch_pb2.ConsumeRequest.FromString
     if profile is not None:
-        for name in ("_take_fired", "_pump", "_ack", "_write", "_written"):
+        for name in ("_take_fired", "_pump", "ack"):
             setattr(dispatch, name, profile.wrap(name, getattr(dispatch, name)))
-        for name in ("forget_now", "_admit", "_hand_over"):
+        for name in ("write", "_written"):
+            setattr(dispatch._writer, name, profile.wrap(name, getattr(dispatch._writer, name)))
+        for name in ("_forget", "_admit", "_hand_over"):
             setattr(timer, name, profile.wrap(name, getattr(timer, name)))
         serialize = profile.wrap("grpc: serialize response", serialize)
         parse = profile.wrap("grpc: parse request", parse)
-    await dispatch.start()
+    await dispatch.start(timer)
     await timer.start()
     stream = _RequestStream(parse)
     worker_cpu = [0]
     consumer = asyncio.get_running_loop().create_task(
-        _consume(dispatch, stream, max_in_flight, serialize, worker_cpu, ack_after_ms), name="consume stream")
+        _consume(DispatchServicer(dispatch), stream, max_in_flight, serialize, worker_cpu, ack_after_ms),
+        name="consume stream")
     # Loaded, or some already fired: a slow setup must not wait for a wheel that never fills.
     while len(timer.wheel) + timer.fired < n:
         await asyncio.sleep(0.01)

@@ -18,20 +18,24 @@ from grpc_reflection.v1alpha import reflection
 
 from taskwheel import gil, telemetry
 from taskwheel.config import Config
-from taskwheel.dispatch import DispatchService
+from taskwheel.dispatch import DispatchInternalServicer, DispatchService, DispatchServicer
 from taskwheel.ingest import IngestServicer
-from taskwheel.links import RemoteDispatch, RemoteTimer
+from taskwheel.internal.v1 import dispatch_pb2 as internal_dispatch_pb2
+from taskwheel.internal.v1 import timer_pb2, timer_pb2_grpc
+from taskwheel.links import DispatchLink, RemoteDispatch, RemoteTimer, TimerLink
 from taskwheel.stores import Store, open_store
 from taskwheel.timer import TimerService
-from taskwheel.v1 import dispatch_pb2, ingest_pb2, timer_pb2, timer_pb2_grpc
+from taskwheel.v1 import dispatch_pb2, ingest_pb2
 
 log = logging.getLogger("taskwheel")
 
 ROLES = ("ingest", "timer", "dispatch")
-_NAMES = {
-    "ingest": ingest_pb2.DESCRIPTOR.services_by_name["Ingest"].full_name,
-    "timer": timer_pb2.DESCRIPTOR.services_by_name["Timer"].full_name,
-    "dispatch": dispatch_pb2.DESCRIPTOR.services_by_name["Dispatch"].full_name,
+# The gRPC services each role serves: the public ones first, then the internal ones.
+_SERVICES = {
+    "ingest": [ingest_pb2.DESCRIPTOR.services_by_name["Ingest"].full_name],
+    "timer": [timer_pb2.DESCRIPTOR.services_by_name["Timer"].full_name],
+    "dispatch": [dispatch_pb2.DESCRIPTOR.services_by_name["Dispatch"].full_name,
+                 internal_dispatch_pb2.DESCRIPTOR.services_by_name["Dispatch"].full_name],
 }
 
 
@@ -54,7 +58,8 @@ class App:
         self.port = 0
         self._health = health.aio.HealthServicer()
 
-    def _links(self):
+    def _links(self) -> tuple[TimerLink | None, DispatchLink | None]:
+        """The remote ends of the links to roles that run in other processes."""
         if "timer" in self.roles:
             timer_link = None  # the TimerService itself, made below
         elif self.config.timer_target:
@@ -75,13 +80,12 @@ class App:
         timer_link, dispatch_link = self._links()
         await self.store.open()
         if "dispatch" in self.roles:
-            self.dispatch = DispatchService(self.config, self.store, timer_link)
+            self.dispatch = DispatchService(self.config, self.store)
         if "timer" in self.roles:
             self.timer = TimerService(self.config, self.store, self.dispatch or dispatch_link)
-            if self.dispatch is not None:
-                self.dispatch.timer = self.timer
+        timer = self.timer or timer_link
         if "ingest" in self.roles:
-            self.ingest = IngestServicer(self.config, self.store, self.timer or timer_link)
+            self.ingest = IngestServicer(self.config, self.store, timer)
 
         self.server = grpc.aio.server(
             interceptors=telemetry.server_interceptors(),
@@ -91,16 +95,15 @@ class App:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        names = [reflection.SERVICE_NAME, health.SERVICE_NAME]
         if self.ingest:
             self.ingest.add_to_server(self.server)
-            names.append(_NAMES["ingest"])
         if self.timer:
             timer_pb2_grpc.add_TimerServicer_to_server(self.timer, self.server)
-            names.append(_NAMES["timer"])
         if self.dispatch:
-            self.dispatch.add_to_server(self.server)
-            names.append(_NAMES["dispatch"])
+            DispatchServicer(self.dispatch).add_to_server(self.server)
+            DispatchInternalServicer(self.dispatch, self.store.num_shards).add_to_server(self.server)
+        names = [reflection.SERVICE_NAME, health.SERVICE_NAME]
+        names += [name for role in self.roles for name in _SERVICES[role]]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)
         reflection.enable_server_reflection(names, self.server)
         self.port = self.server.add_insecure_port(self.config.listen)
@@ -108,7 +111,7 @@ class App:
             raise OSError(f"cannot listen on {self.config.listen}")
 
         if self.dispatch:
-            await self.dispatch.start()
+            await self.dispatch.start(timer)
         if self.ingest:
             await self.ingest.start()
         await self.server.start()
@@ -116,7 +119,8 @@ class App:
             # Serving first: a separate dispatch may be waiting for this server to push to.
             await self.timer.start()
         for role in self.roles:
-            await self._health.set(_NAMES[role], health_pb2.HealthCheckResponse.SERVING)
+            for name in _SERVICES[role]:
+                await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         log.info("taskwheel %s listening on %s (store %s)", "+".join(self.roles), self.config.listen,
                  self.store.description)

@@ -1,20 +1,24 @@
-"""How one service reaches another when they run in separate processes.
+"""How the services reach each other: one small interface per link, implemented once in
+process (the other service itself) and once across processes (a gRPC client here).
 
-In one process the services hold each other directly (TimerService.offer, DispatchService.push);
-across processes they hold these, which speak the Timer and Dispatch gRPC services.
+* ``TimerLink``: what ingest and dispatch tell the timer. TimerService implements it in one
+  process; RemoteTimer speaks the internal Timer service.
+* ``DispatchLink``: how the timer hands fired tasks to dispatch. DispatchService implements it
+  in one process; RemoteDispatch speaks the internal Dispatch service.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from typing import Protocol, Sequence
 
 import grpc
 
 from taskwheel import telemetry
 from taskwheel.clock import now_ms
+from taskwheel.internal.v1 import dispatch_pb2, dispatch_pb2_grpc, timer_pb2, timer_pb2_grpc
 from taskwheel.task import TaskRecord
-from taskwheel.v1 import dispatch_pb2, dispatch_pb2_grpc, timer_pb2, timer_pb2_grpc
 from taskwheel.wire import due_message
 
 log = logging.getLogger("taskwheel.links")
@@ -22,6 +26,22 @@ log = logging.getLogger("taskwheel.links")
 # Offers and forgets are retried this long: past it the checkpoint margin has the task covered
 # for a timer restart, and a live timer has long loaded it (or never will: see docs/design.md).
 _RETRY_FOR_S = 20.0
+
+
+class TimerLink(Protocol):
+    def offer(self, records: list[TaskRecord]) -> None:
+        """Tasks just made durable: the timer keeps those due inside its loaded window (the
+        loader reads the rest from the store). Never waits; an offer lost only makes a task
+        later, never lost."""
+
+    def forget(self, task_ids: Sequence[str]) -> None:
+        """Tasks ended or cancelled: their pending timers go. Never waits."""
+
+
+class DispatchLink(Protocol):
+    def hand_over(self, records: list[TaskRecord], fired_at_ms: int) -> asyncio.Future[None]:
+        """Fired tasks, in firing order. The future resolves once each is leased to a worker
+        or held, durably; on an error the timer hands them over again."""
 
 
 def channel(target: str) -> grpc.aio.Channel:
@@ -37,21 +57,20 @@ def channel(target: str) -> grpc.aio.Channel:
 
 
 class RemoteTimer:
-    """The timer as ingest and dispatch see it across processes."""
+    """The timer of another process."""
 
     def __init__(self, target: str, lookahead_ms: int) -> None:
         self._stub = timer_pb2_grpc.TimerStub(channel(target))
         self._horizon_ms = lookahead_ms + 1_000
         self._inflight: set[asyncio.Task] = set()
 
-    async def offer(self, records: list[TaskRecord]) -> None:
+    def offer(self, records: list[TaskRecord]) -> None:
         limit = now_ms() + self._horizon_ms
         soon = [r for r in records if r.due_ms < limit]
         if soon:
-            request = timer_pb2.OfferRequest(tasks=[due_message(r) for r in soon])
-            self._background(self._stub.Offer, request)
+            self._background(self._stub.Offer, timer_pb2.OfferRequest(tasks=[due_message(r) for r in soon]))
 
-    async def forget(self, task_ids) -> None:
+    def forget(self, task_ids: Sequence[str]) -> None:
         self._background(self._stub.Forget, timer_pb2.ForgetRequest(task_ids=list(task_ids)))
 
     def _background(self, rpc, request) -> None:
@@ -61,17 +80,18 @@ class RemoteTimer:
 
 
 class RemoteDispatch:
-    """Dispatch as the timer sees it across processes."""
+    """Dispatch of another process."""
 
     def __init__(self, target: str) -> None:
         self._stub = dispatch_pb2_grpc.DispatchStub(channel(target))
 
-    async def push(self, records: list[TaskRecord], fired_at_ms: int) -> None:
+    def hand_over(self, records: list[TaskRecord], fired_at_ms: int) -> asyncio.Future[None]:
+        request = dispatch_pb2.PushRequest(tasks=[due_message(r) for r in records], fired_at_ms=fired_at_ms)
+        return asyncio.ensure_future(self._push(request))
+
+    async def _push(self, request: dispatch_pb2.PushRequest) -> None:
         # No deadline: Push answers when the tasks are leased or held; the timer retries on error.
-        await self._stub.Push(
-            dispatch_pb2.PushRequest(tasks=[due_message(r) for r in records], fired_at_ms=fired_at_ms),
-            wait_for_ready=True,
-        )
+        await self._stub.Push(request, wait_for_ready=True)
 
 
 async def _retrying(rpc, request) -> None:

@@ -8,7 +8,8 @@ import grpc
 from google.protobuf import message_factory
 
 from taskwheel.task import DUE_TASK_FIELDS, TaskRecord, TaskState
-from taskwheel.v1 import task_pb2, timer_pb2
+from taskwheel.internal.v1 import timer_pb2
+from taskwheel.v1 import task_pb2
 
 # (client streaming, server streaming) -> grpc's handler of that kind.
 _HANDLER_KINDS = {

@@ -153,7 +153,8 @@ def _late_ms(delivery) -> int:
 def _status(args) -> int:
     import grpc
 
-    from taskwheel.v1 import dispatch_pb2, dispatch_pb2_grpc, ingest_pb2, ingest_pb2_grpc, timer_pb2, timer_pb2_grpc
+    from taskwheel.internal.v1 import timer_pb2, timer_pb2_grpc
+    from taskwheel.v1 import dispatch_pb2, dispatch_pb2_grpc, ingest_pb2, ingest_pb2_grpc
 
     out = {}
     with grpc.insecure_channel(args.target) as ch:

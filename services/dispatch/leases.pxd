@@ -2,6 +2,8 @@
 """C-level declarations of leases.pyx: a fired task's fields."""
 from libc.stdint cimport int64_t, uint64_t
 
+from taskwheel.core.records cimport RecordShape
+
 
 cdef class Fired:
     cdef public object record  # waiting: the row to deliver; sent: the delivered row (gen - 1)
@@ -26,3 +28,21 @@ cdef class FinishedGeneration:
     cdef inline void _mark(self, Py_hash_t h) noexcept
     cdef int put(self, object task_id, object value) except -1
     cdef object lookup(self, object task_id)
+
+
+cdef class Take:
+    cdef readonly object batch  # the push batch the taken tasks confirm
+    cdef readonly int64_t now, fired_at
+    cdef readonly list unheld  # ids of the tasks the take left waiting
+    cdef readonly set touched  # queue states that got tasks
+    cdef list batches  # [batch], shared by the take's Fired once the first is made
+
+
+cdef class DispatchState:
+    cdef readonly dict queues  # queue name -> its state (``ready``: a deque of Fired)
+    cdef readonly dict waiting  # task_id -> Fired waiting for a worker
+    cdef readonly dict leases  # task_id -> Fired sent: its delivery's lease
+    cdef readonly list finished  # the finished memory's generations, newest first
+    cdef readonly RecordShape record  # the records' shape, or None
+    cdef readonly RecordShape transition  # Transition's shape, for the acks' transitions
+    cdef readonly object succeed  # TransitionKind.SUCCEED

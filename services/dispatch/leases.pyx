@@ -1,44 +1,43 @@
 # cython: language_level=3
 # boundscheck, wraparound and initializedcheck come from setup.py: off, and on under TASKWHEEL_DEBUG=1.
-"""Dispatch's fired tasks, from the timer's fire to the worker's ack: the three loops that run
-once per task, and the object each task is while it waits for a worker and then while its
-delivery is out.
+"""Dispatch's fired tasks, from the timer's fire to the worker's ack: its tables of them
+(``DispatchState``), the three loops that run once per task over those tables, and the object
+each task is while it waits for a worker and then while its delivery is out.
 
 A fired task is one ``Fired``: waiting for a worker (``record`` is the row to deliver), then,
 once sent, its delivery's lease (``record`` is the delivered row, ``gen`` the lease row's gen,
 ``due_ms`` the lease's expiry). One object for both roles, so a task sent at once costs one
 allocation, not two.
 
-* ``take_fired`` takes the timer's fired records: a task acked in the race with its firing is
-  counted done, a task new to dispatch becomes a Fired waiting in its queue's ``ready``, and
-  anything else (a redelivery, a reloaded copy, a queue not seen before) goes to the
-  servicer's ``slow`` callback, at its place in the order.
-* ``fill`` sends a consumer as many ready tasks as it has room for: each becomes a lease
-  under its delivery id ``"{task_id}.{gen}"``.
-* ``settle_acks`` answers the leases a worker acked: a SUCCEED transition for each, built from
-  C (``RecordShape``), superseding the lease row once written, else the delivered row, whose
-  lease is then never written.
-* ``FinishedGeneration`` is one generation of dispatch's memory of finished tasks (the
-  servicer's _FinishedMemory keeps several by time): a split dict with a Bloom filter in front.
-  Every fired task is looked up in every generation, and a task never finished, nearly all
-  of them, missed in each one's dict: a cache miss apiece in dicts of 100,000s of entries,
-  0.5 -> 4.0 us a task with 8 generations of 500,000 (2 minutes of acks at 33K/s). The
-  filter answers most of those misses from one word of a small array. It has no false
-  negatives (every key put is marked), so a finished task is never delivered again.
+* ``DispatchState.take_fired`` takes the timer's fired records: a task acked in the race with
+  its firing is counted done, a task new to dispatch becomes a Fired waiting in its queue's
+  ``ready``, and anything else (a redelivery, a reloaded copy, a queue not seen before) goes
+  to the caller's ``slow`` callback, at its place in the order.
+* ``DispatchState.fill`` sends a consumer as many ready tasks as it has room for: each becomes
+  a lease under its delivery id ``"{task_id}.{gen}"``.
+* ``DispatchState.settle_acks`` answers the leases a worker acked: a SUCCEED transition for
+  each, built from C (``RecordShape``), superseding the lease row once written, else the
+  delivered row, whose lease is then never written.
+* ``FinishedGeneration`` is one generation of dispatch's memory of finished tasks
+  (taskwheel.dispatch.finished keeps several by time): a split dict with a Bloom filter in
+  front. Every fired task is looked up in every generation, and a task never finished, nearly
+  all of them, misses in each one's dict, a cache miss apiece in dicts of 100,000s of
+  entries; the filter answers most of those misses from one word of a small array. It has no
+  false negatives (every key put is marked), so a finished task is never delivered again.
 
-Why compiled: at 50K fires/s on the 2-core test machine these loops, as Python in the servicer,
-were 38 % of the event loop's samples (py-spy, the fire_50k scenario): attribute loads and
-stores of slotted objects, the f-string of each delivery id, a dataclass ``__init__`` per
-acked task. Here the Fired's fields are C fields and a transition's slots are filled
-directly; the dicts and deques are still CPython's, and each lookup costs what it costs.
+Why compiled: these loops run once per task at tens of thousands of tasks a second, and as
+Python their attribute loads and stores of slotted objects, the f-string of each delivery id
+and a dataclass ``__init__`` per acked task were the largest share of the event loop's work.
+Here the Fired's fields are C fields and a transition's slots are filled directly; the dicts
+and deques are still CPython's, and each lookup costs what it costs.
 
-Rules: the reference model, taskwheel.core.reference (``ReferenceFired``, ``take_fired``,
-``fill``, ``settle_acks``), states them in Python, and the same tests run against both.
+Rules: the reference model, taskwheel.dispatch.reference, states them in Python, and the same
+tests run against both.
 
-A Fired is not tracked by the cyclic GC (``no_gc``): 10,000s are alive at once at 50K fires/s,
-and each young collection walked them all. Its one cycle, lease -> consumer -> in_flight ->
-lease, is broken by the servicer when the lease is answered or the worker goes (it empties
-the consumer's ``in_flight``). Threading: one thread (the event loop's).
+A Fired is not tracked by the cyclic GC (``no_gc``): 10,000s are alive at once under load, and
+each young collection would walk them all. Its one cycle, lease -> consumer -> in_flight ->
+lease, is broken by dispatch when the lease is answered or the worker goes (it empties the
+consumer's ``in_flight``). Threading: one thread (the event loop's).
 """
 cimport cython
 from cpython.dict cimport PyDict_DelItem, PyDict_GetItem, PyDict_SetItem
@@ -216,175 +215,214 @@ cdef inline object _finished_entry(list finished, object task_id):
     return None
 
 
-def take_fired(list records, int64_t now, int64_t fired_at, object batch, list finished,
-               dict leases, dict waiting, dict queues, list unheld, set touched, object slow,
-               RecordShape record=None):
-    """Takes fired ``records`` (each with task_id, gen, queue) for push ``batch``.
-
-    ``finished`` is the finished memory's generations (FinishedGeneration), newest first: a
-    record whose task finished at its gen or later is counted done (``batch.done_one()``). A
-    task in neither ``leases`` nor ``waiting`` whose queue is in ``queues`` becomes a
-    Fired(record, [batch], now, fired_at) in ``waiting`` and at the end of its queue state's
-    ``ready``; its task_id goes to ``unheld``, the queue state to ``touched``. The Fired of
-    one call share one list ``[batch]``, never changed in place (a task given another batch
-    gets a new list). Any other record is passed to ``slow(record)``. ``record``, a RecordShape of
-    the records' type, has their fields read from their slots. Returns how many were new."""
-    cdef Py_ssize_t i, n = PyList_GET_SIZE(records), taken = 0
-    cdef object rec, task_id, fin, queue, last_queue = None, qs = None, ready = None
-    cdef list batches = None
-    cdef PyObject *hit
-    cdef Fired f
-    cdef Py_ssize_t at[6]
-    cdef PyObject *kind = _slots(record, at)
-    for i in range(n):
-        rec = records[i]
-        task_id = read_field(rec, kind, at[_TASK_ID], "task_id")
-        if finished:
-            fin = _finished_entry(finished, task_id)
-            if fin is not None and fin >> _MS_BITS >= read_field(rec, kind, at[_GEN], "gen"):
-                batch.done_one()  # the lease row of a task acked in the race with its firing
-                continue
-        if PyDict_GetItem(leases, task_id) != NULL or PyDict_GetItem(waiting, task_id) != NULL:
-            slow(rec)
-            continue
-        queue = read_field(rec, kind, at[_QUEUE], "queue")
-        if ready is None or (queue is not last_queue and queue != last_queue):
-            hit = PyDict_GetItem(queues, queue)
-            if hit == NULL:
-                ready = None
-                slow(rec)
-                continue
-            qs = <object>hit
-            ready = qs.ready
-            last_queue = queue
-            touched.add(qs)
-        if batches is None:
-            batches = [batch]
-        f = Fired.__new__(Fired)
-        f.record = rec
-        f.batches = batches
-        f.since = now
-        f.fired_at = fired_at
-        PyDict_SetItem(waiting, task_id, f)
-        unheld.append(task_id)
-        ready.append(f)
-        taken += 1
-    return taken
-
-
-def fill(object ready, dict waiting, dict leases, object consumer, dict in_flight, Py_ssize_t room,
-         int64_t now, int64_t shortest_lease_ms, RecordShape record=None):
-    """Sends ``consumer`` up to ``room`` tasks from the front of ``ready`` (a deque of Fired).
-
-    A Fired no longer the one ``waiting`` holds for its task (cancelled or superseded while it
-    waited) is dropped. Each sent one leaves ``waiting`` and becomes a lease: gen = its
-    record's gen + 1, delivery_id ``"{task_id}.{gen}"``, due_ms = ``now`` + the record's
-    lease_ms, in ``in_flight`` under its delivery id and in ``leases`` under its task id.
-    Returns (the sent Fired in order, the shortest of their lease_ms and
-    ``shortest_lease_ms``). ``record``: as for take_fired."""
-    cdef list sent = []
-    untrack_container(sent)  # of Fired only, which the GC does not track (untrack_list)
-    cdef Fired f
-    cdef object rec, task_id, delivery_id
-    cdef PyObject *hit
-    cdef int64_t gen, lease_ms
-    cdef Py_ssize_t at[6]
-    cdef PyObject *kind = _slots(record, at)
-    while room > 0 and ready:
-        f = <Fired?>ready.popleft()
-        rec = f.record
-        task_id = read_field(rec, kind, at[_TASK_ID], "task_id")
-        hit = PyDict_GetItem(waiting, task_id)
-        if hit != <PyObject *>f:
-            continue
-        PyDict_DelItem(waiting, task_id)
-        room -= 1
-        gen = read_field(rec, kind, at[_GEN], "gen") + 1
-        delivery_id = f"{task_id}.{gen}"
-        lease_ms = read_field(rec, kind, at[_LEASE_MS], "lease_ms")
-        f.gen = gen
-        f.consumer = consumer
-        f.delivery_id = delivery_id
-        f.due_ms = now + lease_ms
-        if lease_ms < shortest_lease_ms:
-            shortest_lease_ms = lease_ms
-        PyDict_SetItem(in_flight, delivery_id, f)
-        PyDict_SetItem(leases, task_id, f)
-        sent.append(f)
-    return sent, shortest_lease_ms
-
-
 cdef inline object _finished_value(int64_t gen, int64_t now):
     if 0 <= gen < _C_GEN_LIMIT:
         return (gen << _MS_BITS) | now
     return (<object>gen << _MS_BITS) | now
 
 
-def settle_acks(delivery_ids, dict in_flight, dict leases, FinishedGeneration finished, int64_t now,
-                RecordShape transition, object succeed, object elsewhere, list traced=None,
-                RecordShape record=None):
-    """Answers the acked ``delivery_ids``: each one's lease is taken from ``in_flight`` or, not
-    there, from ``elsewhere(delivery_id)`` (None: a stale ack, skipped), and leaves ``leases``.
 
-    For each, ``finished[task_id] = gen << 44 | now`` (the finished memory's newest generation) and a ``succeed`` transition is built
-    with ``transition`` (a RecordShape of taskwheel.stores.base.Transition): of the lease row
-    (gen, due_ms) once written, else of the delivered row, the lease then marked written so it
-    never is. ``traced``, when given, gets each lease answered. Returns (transitions, push
-    batch lists to confirm once they are durable, task ids the timer may hold a row of (the
-    lease row, or a hold row), how many were settled before their lease was written).
-    ``record``: as for take_fired."""
-    if transition.count != len(_TRANSITION_FIELDS) or transition.fields != _TRANSITION_FIELDS:
-        raise TypeError(f"transition must be a RecordShape of the fields {_TRANSITION_FIELDS}")
-    cdef list transitions = [], confirm = [], forget = []
-    untrack_container(transitions)  # RecordShape instances (see untrack_list)
-    untrack_container(forget)  # task ids
-    cdef Py_ssize_t coalesced = 0
-    cdef Fired f
-    cdef object lease, rec, task_id, t, done = None
-    cdef int64_t done_gen = -1
-    cdef PyObject *hit
-    cdef Py_ssize_t at[6]
-    cdef PyObject *kind = _slots(record, at)
-    for delivery_id in delivery_ids:
-        hit = PyDict_GetItem(in_flight, delivery_id)
-        if hit != NULL:
-            lease = <object>hit
-            PyDict_DelItem(in_flight, delivery_id)
-        else:
-            lease = elsewhere(delivery_id)
-            if lease is None:
+@cython.final
+cdef class Take:
+    """One take of fired tasks: the push ``batch`` they confirm, when they were taken (``now``)
+    and fired (``fired_at``); what take_fired leaves for the caller: the ids of the tasks now
+    waiting (``unheld``), and the queue states that got tasks (``touched``)."""
+
+    def __init__(self, object batch, int64_t now, int64_t fired_at):
+        self.batch = batch
+        self.now = now
+        self.fired_at = fired_at
+        self.unheld = []
+        self.touched = set()
+        self.batches = None
+
+
+@cython.final
+cdef class DispatchState:
+    """Dispatch's tables of fired tasks, and the three loops that run once per task over them.
+
+    ``queues``: queue name -> its state, whose ``ready`` deque holds the Fired waiting for a
+    worker in order; ``waiting``: task_id -> that Fired; ``leases``: task_id -> the Fired sent,
+    its delivery's lease; ``finished``: the finished memory's generations (FinishedGeneration),
+    newest first, one list the memory changes in place. ``record``, a RecordShape of the
+    records' type, has their fields read from their slots (None: by getattr); ``transition``,
+    a RecordShape of taskwheel.stores.base.Transition, builds the acks' transitions, of kind
+    ``succeed``."""
+
+    def __init__(self, list finished, RecordShape transition not None, object succeed, RecordShape record=None):
+        if transition.count != len(_TRANSITION_FIELDS) or transition.fields != _TRANSITION_FIELDS:
+            raise TypeError(f"transition must be a RecordShape of the fields {_TRANSITION_FIELDS}")
+        self.queues = {}
+        self.waiting = {}
+        self.leases = {}
+        self.finished = finished
+        self.record = record
+        self.transition = transition
+        self.succeed = succeed
+
+    def take_fired(self, list records, Take take not None, object slow):
+        """Takes fired ``records`` (each with task_id, gen, queue) for ``take``.
+
+        A record whose task finished at its gen or later is counted done
+        (``take.batch.done_one()``). A task in neither ``leases`` nor ``waiting`` whose queue
+        is in ``queues`` becomes a Fired(record, [batch], now, fired_at) in ``waiting`` and at
+        the end of its queue state's ``ready``; its task_id goes to ``take.unheld``, the queue
+        state to ``take.touched``. The Fired of one take share one list ``[batch]``, never
+        changed in place (a task given another batch gets a new list). Any other record is
+        passed to ``slow(take, record)``, at its place in the order. Returns how many were new."""
+        cdef Py_ssize_t i, n = PyList_GET_SIZE(records), taken = 0
+        cdef object rec, task_id, fin, queue, last_queue = None, qs = None, ready = None
+        cdef object batch = take.batch
+        cdef list finished = self.finished, unheld = take.unheld
+        cdef dict leases = self.leases, waiting = self.waiting, queues = self.queues
+        cdef set touched = take.touched
+        cdef PyObject *hit
+        cdef Fired f
+        cdef Py_ssize_t at[6]
+        cdef PyObject *kind = _slots(self.record, at)
+        for i in range(n):
+            rec = records[i]
+            task_id = read_field(rec, kind, at[_TASK_ID], "task_id")
+            if finished:
+                fin = _finished_entry(finished, task_id)
+                if fin is not None and fin >> _MS_BITS >= read_field(rec, kind, at[_GEN], "gen"):
+                    batch.done_one()  # the lease row of a task acked in the race with its firing
+                    continue
+            if PyDict_GetItem(leases, task_id) != NULL or PyDict_GetItem(waiting, task_id) != NULL:
+                slow(take, rec)
                 continue
-        f = <Fired?>lease
-        rec = f.record
-        task_id = read_field(rec, kind, at[_TASK_ID], "task_id")
-        if PyDict_GetItem(leases, task_id) == <PyObject *>f:
-            PyDict_DelItem(leases, task_id)
-        if f.gen != done_gen:  # one int for the many acks of one gen: fewer objects to free
-            done_gen = f.gen
-            done = _finished_value(done_gen, now)
-        finished.put(task_id, done)
-        t = transition.new_instance()
-        transition.put(t, 0, task_id)
-        transition.put(t, 1, read_field(rec, kind, at[_SHARD], "shard"))
-        transition.put(t, 2, succeed)
-        if f.written:
-            transition.put(t, 3, f.gen)
-            transition.put(t, 4, f.due_ms)
-            forget.append(task_id)
-        else:
-            # Answered before its lease was written: the delivered row ends, with one write.
-            f.written = True
-            coalesced += 1
-            transition.put(t, 3, read_field(rec, kind, at[_GEN], "gen"))
-            transition.put(t, 4, read_field(rec, kind, at[_DUE_MS], "due_ms"))
-            confirm.append(f.batches)
-            if f.held_gen:
+            queue = read_field(rec, kind, at[_QUEUE], "queue")
+            if ready is None or (queue is not last_queue and queue != last_queue):
+                hit = PyDict_GetItem(queues, queue)
+                if hit == NULL:
+                    ready = None
+                    slow(take, rec)
+                    continue
+                qs = <object>hit
+                ready = qs.ready
+                last_queue = queue
+                touched.add(qs)
+            if take.batches is None:
+                take.batches = [batch]
+            f = Fired.__new__(Fired)
+            f.record = rec
+            f.batches = take.batches
+            f.since = take.now
+            f.fired_at = take.fired_at
+            PyDict_SetItem(waiting, task_id, f)
+            unheld.append(task_id)
+            ready.append(f)
+            taken += 1
+        return taken
+
+    def fill(self, object qs, object consumer, Py_ssize_t room, int64_t now, int64_t shortest_lease_ms):
+        """Sends ``consumer`` up to ``room`` tasks from the front of ``qs.ready`` (a deque of
+        Fired).
+
+        A Fired no longer the one ``waiting`` holds for its task (cancelled or superseded while
+        it waited) is dropped. Each sent one leaves ``waiting`` and becomes a lease: gen = its
+        record's gen + 1, delivery_id ``"{task_id}.{gen}"``, due_ms = ``now`` + the record's
+        lease_ms, in ``consumer.in_flight`` under its delivery id and in ``leases`` under its
+        task id. Returns (the sent Fired in order, the shortest of their lease_ms and
+        ``shortest_lease_ms``)."""
+        cdef list sent = []
+        untrack_container(sent)  # of Fired only, which the GC does not track (untrack_list)
+        cdef object ready = qs.ready
+        cdef dict in_flight = consumer.in_flight, waiting = self.waiting, leases = self.leases
+        cdef Fired f
+        cdef object rec, task_id, delivery_id
+        cdef PyObject *hit
+        cdef int64_t gen, lease_ms
+        cdef Py_ssize_t at[6]
+        cdef PyObject *kind = _slots(self.record, at)
+        while room > 0 and ready:
+            f = <Fired?>ready.popleft()
+            rec = f.record
+            task_id = read_field(rec, kind, at[_TASK_ID], "task_id")
+            hit = PyDict_GetItem(waiting, task_id)
+            if hit != <PyObject *>f:
+                continue
+            PyDict_DelItem(waiting, task_id)
+            room -= 1
+            gen = read_field(rec, kind, at[_GEN], "gen") + 1
+            delivery_id = f"{task_id}.{gen}"
+            lease_ms = read_field(rec, kind, at[_LEASE_MS], "lease_ms")
+            f.gen = gen
+            f.consumer = consumer
+            f.delivery_id = delivery_id
+            f.due_ms = now + lease_ms
+            if lease_ms < shortest_lease_ms:
+                shortest_lease_ms = lease_ms
+            PyDict_SetItem(in_flight, delivery_id, f)
+            PyDict_SetItem(leases, task_id, f)
+            sent.append(f)
+        return sent, shortest_lease_ms
+
+    def settle_acks(self, object consumer, delivery_ids, FinishedGeneration finished not None, int64_t now,
+                    object elsewhere, list traced=None):
+        """Answers the ``delivery_ids`` ``consumer`` acked: each one's lease is taken from its
+        ``in_flight`` or, not there, from ``elsewhere(delivery_id)`` (None: a stale ack,
+        skipped), and leaves ``leases``.
+
+        For each, ``finished[task_id] = gen << 44 | now`` (the finished memory's newest
+        generation) and a ``succeed`` transition is built: of the lease row (gen, due_ms) once
+        written, else of the delivered row, the lease then marked written so it never is.
+        ``traced``, when given, gets each lease answered. Returns (transitions, push batch
+        lists to confirm once they are durable, task ids the timer may hold a row of (the lease
+        row, or a hold row), how many were settled before their lease was written)."""
+        cdef RecordShape transition = self.transition
+        cdef dict in_flight = consumer.in_flight, leases = self.leases
+        cdef object succeed = self.succeed
+        cdef list transitions = [], confirm = [], forget = []
+        untrack_container(transitions)  # RecordShape instances (see untrack_list)
+        untrack_container(forget)  # task ids
+        cdef Py_ssize_t coalesced = 0
+        cdef Fired f
+        cdef object lease, rec, task_id, t, done = None
+        cdef int64_t done_gen = -1
+        cdef PyObject *hit
+        cdef Py_ssize_t at[6]
+        cdef PyObject *kind = _slots(self.record, at)
+        for delivery_id in delivery_ids:
+            hit = PyDict_GetItem(in_flight, delivery_id)
+            if hit != NULL:
+                lease = <object>hit
+                PyDict_DelItem(in_flight, delivery_id)
+            else:
+                lease = elsewhere(delivery_id)
+                if lease is None:
+                    continue
+            f = <Fired?>lease
+            rec = f.record
+            task_id = read_field(rec, kind, at[_TASK_ID], "task_id")
+            if PyDict_GetItem(leases, task_id) == <PyObject *>f:
+                PyDict_DelItem(leases, task_id)
+            if f.gen != done_gen:  # one int for the many acks of one gen: fewer objects to free
+                done_gen = f.gen
+                done = _finished_value(done_gen, now)
+            finished.put(task_id, done)
+            t = transition.new_instance()
+            transition.put(t, 0, task_id)
+            transition.put(t, 1, read_field(rec, kind, at[_SHARD], "shard"))
+            transition.put(t, 2, succeed)
+            if f.written:
+                transition.put(t, 3, f.gen)
+                transition.put(t, 4, f.due_ms)
                 forget.append(task_id)
-        transition.put(t, 5, _ZERO)
-        transition.put(t, 6, _ZERO)
-        transition.put(t, 7, _NO_ERROR)
-        transition.put(t, 8, None)
-        transitions.append(t)
-        if traced is not None:
-            traced.append(f)
-    return transitions, confirm, forget, coalesced
+            else:
+                # Answered before its lease was written: the delivered row ends, with one write.
+                f.written = True
+                coalesced += 1
+                transition.put(t, 3, read_field(rec, kind, at[_GEN], "gen"))
+                transition.put(t, 4, read_field(rec, kind, at[_DUE_MS], "due_ms"))
+                confirm.append(f.batches)
+                if f.held_gen:
+                    forget.append(task_id)
+            transition.put(t, 5, _ZERO)
+            transition.put(t, 6, _ZERO)
+            transition.put(t, 7, _NO_ERROR)
+            transition.put(t, 8, None)
+            transitions.append(t)
+            if traced is not None:
+                traced.append(f)
+        return transitions, confirm, forget, coalesced

@@ -1,6 +1,6 @@
-"""Dispatch's compiled loops in plain Python, test oracles: ReferenceFired with take_fired, fill and
-settle_acks as they once were in the servicer. The tests run the same behaviours against these and
-taskwheel.dispatch.leases."""
+"""Dispatch's compiled loops in plain Python, test oracles: ReferenceFired, and
+ReferenceDispatchState with take_fired, fill and settle_acks as they once were in the servicer.
+The tests run the same behaviours against these and taskwheel.dispatch.leases."""
 from __future__ import annotations
 
 from collections import deque
@@ -25,80 +25,92 @@ class ReferenceFired:
         self.delivery_id: str | None = None
 
 
-def take_fired(records: list[Any], now: int, fired_at: int, batch: Any, finished: list[Any],
-               leases: dict[str, Any], waiting: dict[str, Any], queues: dict[str, Any], unheld: list[str],
-               touched: set[Any], slow: Any, record: Any = None) -> int:
-    # ``record`` (a RecordShape of the records' type) only makes the compiled loops faster.
-    taken = 0
-    batches = [batch]  # shared by this call's Fired, never changed in place
-    for rec in records:
-        fin = next((entries[rec.task_id] for entries in finished if rec.task_id in entries), None)
-        if fin is not None and fin >> _MS_BITS >= rec.gen:
-            batch.done_one()
-            continue
-        qs = queues.get(rec.queue)
-        if rec.task_id in leases or rec.task_id in waiting or qs is None:
-            slow(rec)
-            continue
-        fired = ReferenceFired(rec, batches, now, fired_at)
-        waiting[rec.task_id] = fired
-        unheld.append(rec.task_id)
-        qs.ready.append(fired)
-        touched.add(qs)
-        taken += 1
-    return taken
+class ReferenceTake:
+    """Take in Python."""
+
+    def __init__(self, batch: Any, now: int, fired_at: int) -> None:
+        self.batch, self.now, self.fired_at = batch, now, fired_at
+        self.unheld: list[str] = []
+        self.touched: set[Any] = set()
 
 
-def fill(ready: deque[Any], waiting: dict[str, Any], leases: dict[str, Any], consumer: Any,
-         in_flight: dict[str, Any], room: int, now: int, shortest_lease_ms: int,
-         record: Any = None) -> tuple[list[Any], int]:
-    sent = []
-    while room > 0 and ready:
-        fired: ReferenceFired = ready.popleft()
-        rec = fired.record
-        if rec.task_id not in waiting or waiting[rec.task_id] is not fired:
-            continue  # cancelled or superseded while it waited
-        del waiting[rec.task_id]
-        room -= 1
-        fired.gen = rec.gen + 1
-        fired.consumer = consumer
-        fired.delivery_id = f"{rec.task_id}.{fired.gen}"
-        fired.due_ms = now + rec.lease_ms
-        shortest_lease_ms = min(shortest_lease_ms, rec.lease_ms)
-        in_flight[fired.delivery_id] = fired
-        leases[rec.task_id] = fired
-        sent.append(fired)
-    return sent, shortest_lease_ms
+class ReferenceDispatchState:
+    """DispatchState in Python: dispatch's tables and its loops as they once were in its servicer."""
 
+    def __init__(self, finished: list[Any], transition: Any, succeed: Any, record: Any = None) -> None:
+        # ``record`` (a RecordShape of the records' type) only makes the compiled loops faster.
+        if tuple(transition.fields) != TRANSITION_FIELDS:
+            raise TypeError(f"transition must be a RecordShape of the fields {TRANSITION_FIELDS}")
+        self.queues: dict[str, Any] = {}
+        self.waiting: dict[str, Any] = {}
+        self.leases: dict[str, Any] = {}
+        self.finished, self.transition, self.succeed, self.record = finished, transition, succeed, record
 
-def settle_acks(delivery_ids: Iterable[str], in_flight: dict[str, Any], leases: dict[str, Any],
-                finished: Any, now: int, transition: Any, succeed: Any, elsewhere: Any,
-                traced: list[Any] | None = None,
-                record: Any = None) -> tuple[list[Any], list[Any], list[str], int]:
-    if tuple(transition.fields) != TRANSITION_FIELDS:
-        raise TypeError(f"transition must be a RecordShape of the fields {TRANSITION_FIELDS}")
-    transitions, confirm, forget = [], [], []
-    coalesced = 0
-    for delivery_id in delivery_ids:
-        lease = in_flight.pop(delivery_id, None) or elsewhere(delivery_id)
-        if lease is None:
-            continue
-        rec = lease.record
-        if leases.get(rec.task_id) is lease:
-            del leases[rec.task_id]
-        finished[rec.task_id] = lease.gen << _MS_BITS | now
-        if lease.written:
-            superseded = (lease.gen, lease.due_ms)
-            forget.append(rec.task_id)
-        else:
-            lease.written = True
-            coalesced += 1
-            superseded = (rec.gen, rec.due_ms)
-            confirm.append(lease.batches)
-            if lease.held_gen:
+    def take_fired(self, records: list[Any], take: Any, slow: Any) -> int:
+        taken = 0
+        batches = [take.batch]  # shared by this take's Fired, never changed in place
+        for rec in records:
+            fin = next((entries[rec.task_id] for entries in self.finished if rec.task_id in entries), None)
+            if fin is not None and fin >> _MS_BITS >= rec.gen:
+                take.batch.done_one()
+                continue
+            qs = self.queues.get(rec.queue)
+            if rec.task_id in self.leases or rec.task_id in self.waiting or qs is None:
+                slow(take, rec)
+                continue
+            fired = ReferenceFired(rec, batches, take.now, take.fired_at)
+            self.waiting[rec.task_id] = fired
+            take.unheld.append(rec.task_id)
+            qs.ready.append(fired)
+            take.touched.add(qs)
+            taken += 1
+        return taken
+
+    def fill(self, qs: Any, consumer: Any, room: int, now: int,
+             shortest_lease_ms: int) -> tuple[list[Any], int]:
+        sent = []
+        ready: deque[Any] = qs.ready
+        while room > 0 and ready:
+            fired: ReferenceFired = ready.popleft()
+            rec = fired.record
+            if self.waiting.get(rec.task_id) is not fired:
+                continue  # cancelled or superseded while it waited
+            del self.waiting[rec.task_id]
+            room -= 1
+            fired.gen = rec.gen + 1
+            fired.consumer = consumer
+            fired.delivery_id = f"{rec.task_id}.{fired.gen}"
+            fired.due_ms = now + rec.lease_ms
+            shortest_lease_ms = min(shortest_lease_ms, rec.lease_ms)
+            consumer.in_flight[fired.delivery_id] = fired
+            self.leases[rec.task_id] = fired
+            sent.append(fired)
+        return sent, shortest_lease_ms
+
+    def settle_acks(self, consumer: Any, delivery_ids: Iterable[str], finished: Any, now: int, elsewhere: Any,
+                    traced: list[Any] | None = None) -> tuple[list[Any], list[Any], list[str], int]:
+        transitions, confirm, forget = [], [], []
+        coalesced = 0
+        for delivery_id in delivery_ids:
+            lease = consumer.in_flight.pop(delivery_id, None) or elsewhere(delivery_id)
+            if lease is None:
+                continue
+            rec = lease.record
+            if self.leases.get(rec.task_id) is lease:
+                del self.leases[rec.task_id]
+            finished[rec.task_id] = lease.gen << _MS_BITS | now
+            if lease.written:
+                superseded = (lease.gen, lease.due_ms)
                 forget.append(rec.task_id)
-        values = (rec.task_id, rec.shard, succeed, *superseded, 0, 0, "", None)
-        transitions.append(transition.build(values))
-        if traced is not None:
-            traced.append(lease)
-    return transitions, confirm, forget, coalesced
+            else:
+                lease.written = True
+                coalesced += 1
+                superseded = (rec.gen, rec.due_ms)
+                confirm.append(lease.batches)
+                if lease.held_gen:
+                    forget.append(rec.task_id)
+            values = (rec.task_id, rec.shard, self.succeed, *superseded, 0, 0, "", None)
+            transitions.append(self.transition.build(values))
+            if traced is not None:
+                traced.append(lease)
+        return transitions, confirm, forget, coalesced

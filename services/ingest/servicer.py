@@ -9,9 +9,10 @@ from google.protobuf.message import DecodeError
 from taskwheel import gil, telemetry
 from taskwheel.config import Config
 from taskwheel.group_commit import Backpressure, GroupCommit
-from taskwheel.clock import now_ms
+from taskwheel.clock import SYSTEM_CLOCK, Clock
 from taskwheel.ingest.submits import encode_submit_results, records_of_submit
 from taskwheel.ingest.validate import TaskIds, records_of_specs
+from taskwheel.links import TimerLink
 from taskwheel.stores.base import AlreadyEnded, Store, StoreUnavailable
 from taskwheel.task import TASK_RECORD_SLOTS, TaskRecord, TaskState, accepted
 from taskwheel.v1 import ingest_pb2, ingest_pb2_grpc
@@ -23,14 +24,12 @@ _INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServicer):
-    """Validates, writes in group commits, then offers what is due soon to the timer.
+    """Validates, writes in group commits, then offers what is due soon to the timer: the
+    TimerService itself in one process, a RemoteTimer across processes."""
 
-    ``timer`` is anything with ``async offer(records)`` and ``async forget(task_ids)``: the
-    TimerService itself in one process, a RemoteTimer across processes.
-    """
-
-    def __init__(self, config: Config, store: Store, timer) -> None:
+    def __init__(self, config: Config, store: Store, timer: TimerLink, clock: Clock = SYSTEM_CLOCK) -> None:
         self._config = config
+        self._clock = clock
         self._limits = config.limits
         self._store = store
         self._timer = timer
@@ -57,7 +56,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
         """Submit on the wire: the request's bytes in, the response's out. Read in C
         (ingest.submits.records_of_submit) when every task is surely valid, the common case; otherwise
         through protobuf and the validator (``Submit``), which word each task's error."""
-        now = now_ms()
+        now = self._clock.now_ms()
         traceparent = telemetry.current_traceparent() if telemetry.enabled else ""
         records = records_of_submit(raw, self._ids, self._store.num_shards, now, self._limits,
                                     TASK_RECORD_SLOTS, accepted(now, traceparent))
@@ -87,7 +86,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{count} tasks in one Submit; the limit is {self._limits.max_batch}: split the batch",
             )
-        now = now_ms()
+        now = self._clock.now_ms()
         traceparent = telemetry.current_traceparent() if telemetry.enabled else ""
         records, positions, errors = records_of_specs(
             specs, self._ids, self._store.num_shards, now, self._limits, traceparent)
@@ -139,7 +138,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
         self.accepted += len(fresh)
         if fresh:
             # Durable already; the offer only saves the timer a store read for tasks due soon.
-            await self._timer.offer(fresh)
+            self._timer.offer(fresh)
 
     async def Get(self, request, context):
         task_id = await self._task_id(request, context)
@@ -151,7 +150,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
     async def Cancel(self, request, context):
         task_id = await self._task_id(request, context)
         try:
-            record = await self._call_store(context, self._store.cancel(task_id, now_ms()))
+            record = await self._call_store(context, self._store.cancel(task_id, self._clock.now_ms()))
         except AlreadyEnded as exc:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -159,7 +158,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
             )
         if record is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no task with id {task_id!r}")
-        await self._timer.forget([task_id])
+        self._timer.forget([task_id])
         return ingest_pb2.CancelResponse(task=task_message(record))
 
     async def Stats(self, request, context):

@@ -15,15 +15,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from typing import Sequence
 
 from taskwheel import telemetry
-from taskwheel.clock import now_ms
+from taskwheel.clock import SYSTEM_CLOCK, Clock
 from taskwheel.config import Config
 from taskwheel.core import TimingWheel, shard_of
 from taskwheel.stores.base import Store
 from taskwheel.task import TASK_RECORD_SLOTS, TaskRecord, untracked
 from taskwheel.timer.pending import PendingTasks
-from taskwheel.v1 import timer_pb2, timer_pb2_grpc
+from taskwheel.internal.v1 import timer_pb2, timer_pb2_grpc
+from taskwheel.links import DispatchLink
 from taskwheel.wire import record_of_due
 
 log = logging.getLogger("taskwheel.timer")
@@ -41,33 +43,32 @@ FIRE_TURN_MS = 2
 
 
 class TimerService(timer_pb2_grpc.TimerServicer):
-    """``dispatch`` is anything with ``async push(records, fired_at_ms)`` that returns once the
-    records are handed over durably: the DispatchService in one process, RemoteDispatch across.
-    One that also has ``take(records, fired_at_ms)``, returning a future of the same, is handed
-    each fired batch with it: a future per batch instead of a task."""
+    """The timer; what ingest and dispatch tell of new and ended tasks (a TimerLink). It hands
+    what fires to ``dispatch``: the DispatchService in one process, a RemoteDispatch across."""
 
-    # -- servicer ---------------------------------------------------------------------------
+    # -- servicer (taskwheel.internal.v1.Timer) -------------------------------------------------
 
     async def Offer(self, request, context):
         records = untracked([record_of_due(m, self._shard_of) for m in request.tasks])
-        taken = self.offer_now(records)
+        taken = self._offer(records)
         return timer_pb2.OfferResponse(taken=taken, loaded_until_ms=self.loaded_until_ms)
 
     async def Forget(self, request, context):
-        return timer_pb2.ForgetResponse(forgotten=self.forget_now(request.task_ids))
+        return timer_pb2.ForgetResponse(forgotten=self._forget(request.task_ids))
 
     async def Status(self, request, context):
         return self.status()
 
     # -- state ------------------------------------------------------------------------------
 
-    def __init__(self, config: Config, store: Store, dispatch) -> None:
+    def __init__(self, config: Config, store: Store, dispatch: DispatchLink, clock: Clock = SYSTEM_CLOCK) -> None:
         self._config = config
         self._store = store
         self._dispatch = dispatch
+        self._clock = clock
         self._shards = list(range(store.num_shards))
         # The tasks in the wheel, each at its due row, by wheel key and by task id.
-        self.pending = PendingTasks(TimingWheel(tick_ms=config.tick_ms, start_ms=now_ms()), TASK_RECORD_SLOTS)
+        self.pending = PendingTasks(TimingWheel(tick_ms=config.tick_ms, start_ms=clock.now_ms()), TASK_RECORD_SLOTS)
         self.wheel = self.pending.wheel
         # Everything with due_ms below this is in the wheel, fired, or superseded, except while
         # a slice is being read and admitted: then from loading_from_ms on it may not be yet.
@@ -91,21 +92,22 @@ class TimerService(timer_pb2_grpc.TimerServicer):
     def _shard_of(self, task_id: str) -> int:
         return shard_of(task_id, len(self._shards))
 
-    async def offer(self, records: list[TaskRecord]) -> None:
-        self.offer_now(records)
-
-    async def forget(self, task_ids) -> None:
-        self.forget_now(task_ids)
-
-    def offer_now(self, records) -> int:
+    def offer(self, records: list[TaskRecord]) -> None:
         """Admits the records due inside the loaded window; the rest the loader will read."""
+        self._offer(records)
+
+    def forget(self, task_ids: Sequence[str]) -> None:
+        """Drops the pending timers of ended or cancelled tasks."""
+        self._forget(task_ids)
+
+    def _offer(self, records: list[TaskRecord]) -> int:
         limit = self.loaded_until_ms
         taken = [r for r in records if r.due_ms < limit]
         if taken:
             self._admit(taken)
         return len(taken)
 
-    def forget_now(self, task_ids) -> int:
+    def _forget(self, task_ids: Sequence[str]) -> int:
         if self._loading_from_ms is not None:
             self._forgotten_while_loading.update(task_ids)
         return self.pending.forget(task_ids)
@@ -146,7 +148,7 @@ class TimerService(timer_pb2_grpc.TimerServicer):
 
     async def start(self) -> None:
         starts = [await self._store.load_checkpoint(s) for s in self._shards]
-        self.loaded_until_ms = min(starts) if starts else now_ms()
+        self.loaded_until_ms = min(starts) if starts else self._clock.now_ms()
         self.checkpoint_ms = self.loaded_until_ms
         # The first slices (catching up from the checkpoint) are read before serving offers.
         await self._load_once()
@@ -171,7 +173,7 @@ class TimerService(timer_pb2_grpc.TimerServicer):
         if self._push_tasks:
             await asyncio.wait(list(self._push_tasks), timeout=2)
         try:
-            await self._store.save_checkpoints({s: self.checkpoint(now_ms()) for s in self._shards})
+            await self._store.save_checkpoints({s: self.checkpoint(self._clock.now_ms()) for s in self._shards})
         except Exception as exc:
             log.warning("final checkpoint not saved: %s", exc)
 
@@ -182,7 +184,7 @@ class TimerService(timer_pb2_grpc.TimerServicer):
         ``lookahead_ms - slice_ms``: one read per shard per slice, never a trickle of small
         reads (each read costs a walk of its bucket's index in the embedded store).
         """
-        now = now_ms()
+        now = self._clock.now_ms()
         slice_ms = self._config.slice_ms
         start = self.loaded_until_ms
         if start >= now + self._config.lookahead_ms - slice_ms or len(self.wheel) >= self._config.max_wheel:
@@ -225,37 +227,37 @@ class TimerService(timer_pb2_grpc.TimerServicer):
         while True:
             try:
                 if not await self._load_once():
-                    await asyncio.sleep(min(0.1, self._config.slice_ms / 4000))
+                    await self._clock.sleep(min(0.1, self._config.slice_ms / 4000))
                 backoff = 0.05
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("loading due tasks failed, retrying in %.2fs: %s", backoff, exc)
-                await asyncio.sleep(backoff)
+                await self._clock.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 
     async def _fire_loop(self) -> None:
         loop = asyncio.get_running_loop()
         wheel = self.wheel
         pending = self.pending
-        turn_started = now_ms()
+        turn_started = self._clock.now_ms()
         while True:
-            now = now_ms()
+            now = self._clock.now_ms()
             nd = wheel.next_deadline()
             paused = self._unconfirmed_count >= self._config.max_unconfirmed
             if nd is None or nd > now or paused:
                 wait_ms = 50 if nd is None or paused else min(50, nd - now)
                 self._waiting_until = now + wait_ms if not paused else 0
                 waiter = self._waiter = loop.create_future()
-                handle = loop.call_later(wait_ms / 1000, _wake, waiter)
+                handle = self._clock.call_later(wait_ms / 1000, _wake, waiter)
                 await waiter
                 handle.cancel()
                 self._waiter = None
-                turn_started = now_ms()
+                turn_started = self._clock.now_ms()
                 continue
             if now - turn_started >= FIRE_TURN_MS:
                 await asyncio.sleep(0)  # to the back of the loop's queue, once
-                turn_started = now_ms()
+                turn_started = self._clock.now_ms()
                 continue
             fired = pending.fire(now)
             if not fired:
@@ -271,55 +273,54 @@ class TimerService(timer_pb2_grpc.TimerServicer):
         self._next_batch += 1
         self._unconfirmed[batch] = (fired[0].due_ms, len(fired))
         self._unconfirmed_count += len(fired)
-        take = getattr(self._dispatch, "take", None)
-        if take is not None:
-            try:
-                handed = take(fired, fired_at)
-            except Exception as exc:
-                log.warning("handing over %d fired tasks failed, pushing again: %s", len(fired), exc)
-            else:
-                handed.add_done_callback(functools.partial(self._taken, batch, fired, fired_at))
-                self._push_tasks.add(handed)
-                return
-        self._start_push(batch, fired, fired_at)
+        try:
+            handed = self._dispatch.hand_over(fired, fired_at)
+        except Exception as exc:
+            log.warning("handing over %d fired tasks failed, retrying: %s", len(fired), exc)
+            self._retry_later(batch, fired, fired_at)
+            return
+        handed.add_done_callback(functools.partial(self._handed, batch, fired, fired_at))
+        self._push_tasks.add(handed)
 
-    def _start_push(self, batch: int, fired: list[TaskRecord], fired_at: int) -> None:
-        task = asyncio.get_running_loop().create_task(self._push(batch, fired, fired_at))
-        self._push_tasks.add(task)
-        task.add_done_callback(self._push_tasks.discard)
-
-    def _taken(self, batch: int, fired: list[TaskRecord], fired_at: int, handed: asyncio.Future) -> None:
+    def _handed(self, batch: int, fired: list[TaskRecord], fired_at: int, handed: asyncio.Future) -> None:
         self._push_tasks.discard(handed)
         if not handed.cancelled() and handed.exception() is not None:
-            log.warning("handing over %d fired tasks failed, pushing again: %s", len(fired), handed.exception())
-            self._start_push(batch, fired, fired_at)  # the batch stays unconfirmed meanwhile
+            log.warning("handing over %d fired tasks failed, retrying: %s", len(fired), handed.exception())
+            self._retry_later(batch, fired, fired_at)  # the batch stays unconfirmed meanwhile
             return
+        self._confirmed(batch)
+
+    def _confirmed(self, batch: int) -> None:
         _, count = self._unconfirmed.pop(batch)
         self._unconfirmed_count -= count
 
-    async def _push(self, batch: int, fired: list[TaskRecord], fired_at: int) -> None:
+    def _retry_later(self, batch: int, fired: list[TaskRecord], fired_at: int) -> None:
+        task = asyncio.get_running_loop().create_task(self._retry_hand_over(batch, fired, fired_at))
+        self._push_tasks.add(task)
+        task.add_done_callback(self._push_tasks.discard)
+
+    async def _retry_hand_over(self, batch: int, fired: list[TaskRecord], fired_at: int) -> None:
         backoff = 0.05
         try:
             while True:
+                await self._clock.sleep(backoff)
                 try:
-                    await self._dispatch.push(fired, fired_at)
+                    await self._dispatch.hand_over(fired, fired_at)
                     return
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
                     # Dispatch down or restarting: keep the batch unconfirmed and try again.
-                    log.warning("push of %d fired tasks failed, retrying: %s", len(fired), exc)
-                    await asyncio.sleep(backoff)
+                    log.warning("handing over %d fired tasks failed, retrying: %s", len(fired), exc)
                     backoff = min(backoff * 2, 2.0)
         finally:
-            _, count = self._unconfirmed.pop(batch)
-            self._unconfirmed_count -= count
+            self._confirmed(batch)
 
     async def _checkpoint_loop(self) -> None:
         interval = self._config.checkpoint_interval_ms / 1000
         while True:
-            await asyncio.sleep(interval)
-            cp = self.checkpoint(now_ms())
+            await self._clock.sleep(interval)
+            cp = self.checkpoint(self._clock.now_ms())
             try:
                 await self._store.save_checkpoints({s: cp for s in self._shards})
                 self.checkpoint_ms = max(self.checkpoint_ms, cp)

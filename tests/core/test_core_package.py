@@ -87,11 +87,16 @@ def test_a_typical_caller_and_the_reference_model_type_check_strictly(stub_root,
         from array import array
         import numpy as np
         from collections import deque
-        from taskwheel.core import Batcher, TimingWheel, bucket_of, group_by, shard_of, shards_of
+        from dataclasses import dataclass
+        from taskwheel.core import Batcher, RecordShape, TimingWheel, bucket_of, group_by, shard_of, shards_of
         from taskwheel.core.reference import ReferenceWheel
-        from taskwheel.dispatch.leases import Fired, fill
+        from taskwheel.dispatch.leases import DispatchState, Fired, Take
         from taskwheel.stores.sqlite.reference import ReferenceSqliteReader
         from taskwheel.stores.sqlite.rows import SqliteReader, same_sqlite_as_python
+
+        @dataclass(slots=True)
+        class Transition:
+            task_id: str
 
         wheel = TimingWheel(tick_ms=1, start_ms=0)
         wheel.schedule(1, 10)
@@ -108,9 +113,17 @@ def test_a_typical_caller_and_the_reference_model_type_check_strictly(stub_root,
         reader = SqliteReader("tasks.db", "SELECT ?", busy_timeout_ms=100)
         rows: list[tuple[object, ...]] = reader.rows((1,)) if same_sqlite_as_python() else []
         reader.close()
-        waiting: dict[str, Fired] = {}
-        sent, shortest = fill(deque([Fired("rec", [], 0, 0)]), waiting, {}, None, {}, 10, 0, 60_000)
-        lease_row_gen: int = sent[0].gen if sent else shortest
+        tables = DispatchState([], RecordShape(Transition, ["task_id"]), "succeed")
+
+        class Queue:
+            ready = deque([Fired("rec", [], 0, 0)])
+
+        class Consumer:
+            in_flight: dict[str, Fired] = {}
+
+        taken: int = tables.take_fired([], Take(None, 0, 0), lambda take, rec: None)
+        sent, shortest = tables.fill(Queue(), Consumer(), 10, 0, 60_000)
+        lease_row_gen: int = sent[0].gen if sent else shortest + taken
     """))
     done = subprocess.run(
         [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--cache-dir", str(tmp_path / "cache"),

@@ -233,13 +233,15 @@ def test_health_and_reflection_answer_for_every_service(server):
 
     channel = grpc.insecure_channel(server.target)
     health = health_pb2_grpc.HealthStub(channel)
-    for name in ("", "taskwheel.v1.Ingest", "taskwheel.v1.Timer", "taskwheel.v1.Dispatch"):
+    services = ("taskwheel.v1.Ingest", "taskwheel.v1.Dispatch",
+                "taskwheel.internal.v1.Timer", "taskwheel.internal.v1.Dispatch")
+    for name in ("", *services):
         status = health.Check(health_pb2.HealthCheckRequest(service=name)).status
         assert status == health_pb2.HealthCheckResponse.SERVING, name
     refl = reflection_pb2_grpc.ServerReflectionStub(channel)
     reply = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
     names = {s.name for s in reply.list_services_response.service}
-    assert {"taskwheel.v1.Ingest", "taskwheel.v1.Timer", "taskwheel.v1.Dispatch"} <= names
+    assert set(services) <= names
 
 
 def test_a_disconnected_workers_deliveries_are_redelivered_long_before_their_lease_expires(server):

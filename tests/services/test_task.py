@@ -6,7 +6,7 @@ from importlib import resources
 
 from taskwheel.task import (COLUMNS, DUE_TASK_FIELDS, FIELDS, TASK_RECORD_SLOTS, TaskRecord, TaskState, accepted,
                             successor)
-from taskwheel.v1 import timer_pb2
+from taskwheel.internal.v1 import timer_pb2
 from taskwheel.wire import due_message, record_of_due
 
 

@@ -2,8 +2,8 @@
 
 
 class QuietTimer:
-    async def offer(self, records):
+    def offer(self, records):
         pass
 
-    async def forget(self, task_ids):
+    def forget(self, task_ids):
         pass

@@ -24,36 +24,31 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from taskwheel.v1 import task_pb2 as taskwheel_dot_v1_dot_task__pb2
-from taskwheel.v1 import timer_pb2 as taskwheel_dot_v1_dot_timer__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btaskwheel/v1/dispatch.proto\x12\x0ctaskwheel.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x17taskwheel/v1/task.proto\x1a\x18taskwheel/v1/timer.proto\"1\n\tSubscribe\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x15\n\rmax_in_flight\x18\x02 \x01(\r\"\x1b\n\x03\x41\x63k\x12\x14\n\x0c\x64\x65livery_ids\x18\x01 \x03(\t\"m\n\x04Nack\x12\x14\n\x0c\x64\x65livery_ids\x18\x01 \x03(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12.\n\x0bretry_after\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08no_retry\x18\x04 \x01(\x08\"\x8b\x01\n\x0e\x43onsumeRequest\x12,\n\tsubscribe\x18\x01 \x01(\x0b\x32\x17.taskwheel.v1.SubscribeH\x00\x12 \n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x11.taskwheel.v1.AckH\x00\x12\"\n\x04nack\x18\x03 \x01(\x0b\x32\x12.taskwheel.v1.NackH\x00\x42\x05\n\x03msg\"=\n\x0f\x43onsumeResponse\x12*\n\ndeliveries\x18\x01 \x03(\x0b\x32\x16.taskwheel.v1.Delivery\"H\n\x0bPushRequest\x12$\n\x05tasks\x18\x01 \x03(\x0b\x32\x15.taskwheel.v1.DueTask\x12\x13\n\x0b\x66ired_at_ms\x18\x02 \x01(\x03\" \n\x0cPushResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\"\x17\n\x15\x44ispatchStatusRequest\"O\n\x0bQueueStatus\x12\r\n\x05queue\x18\x01 \x01(\t\x12\r\n\x05ready\x18\x02 \x01(\x04\x12\x11\n\tin_flight\x18\x03 \x01(\x04\x12\x0f\n\x07workers\x18\x04 \x01(\r\"\x82\x01\n\x0e\x44ispatchStatus\x12)\n\x06queues\x18\x01 \x03(\x0b\x32\x19.taskwheel.v1.QueueStatus\x12\x11\n\tdelivered\x18\x02 \x01(\x04\x12\r\n\x05\x61\x63ked\x18\x03 \x01(\x04\x12\x0e\n\x06nacked\x18\x04 \x01(\x04\x12\x13\n\x0bredelivered\x18\x05 \x01(\x04\x32\xe2\x01\n\x08\x44ispatch\x12J\n\x07\x43onsume\x12\x1c.taskwheel.v1.ConsumeRequest\x1a\x1d.taskwheel.v1.ConsumeResponse(\x01\x30\x01\x12=\n\x04Push\x12\x19.taskwheel.v1.PushRequest\x1a\x1a.taskwheel.v1.PushResponse\x12K\n\x06Status\x12#.taskwheel.v1.DispatchStatusRequest\x1a\x1c.taskwheel.v1.DispatchStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btaskwheel/v1/dispatch.proto\x12\x0ctaskwheel.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x17taskwheel/v1/task.proto\"1\n\tSubscribe\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x15\n\rmax_in_flight\x18\x02 \x01(\r\"\x1b\n\x03\x41\x63k\x12\x14\n\x0c\x64\x65livery_ids\x18\x01 \x03(\t\"m\n\x04Nack\x12\x14\n\x0c\x64\x65livery_ids\x18\x01 \x03(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12.\n\x0bretry_after\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08no_retry\x18\x04 \x01(\x08\"\x8b\x01\n\x0e\x43onsumeRequest\x12,\n\tsubscribe\x18\x01 \x01(\x0b\x32\x17.taskwheel.v1.SubscribeH\x00\x12 \n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x11.taskwheel.v1.AckH\x00\x12\"\n\x04nack\x18\x03 \x01(\x0b\x32\x12.taskwheel.v1.NackH\x00\x42\x05\n\x03msg\"=\n\x0f\x43onsumeResponse\x12*\n\ndeliveries\x18\x01 \x03(\x0b\x32\x16.taskwheel.v1.Delivery\"\x17\n\x15\x44ispatchStatusRequest\"O\n\x0bQueueStatus\x12\r\n\x05queue\x18\x01 \x01(\t\x12\r\n\x05ready\x18\x02 \x01(\x04\x12\x11\n\tin_flight\x18\x03 \x01(\x04\x12\x0f\n\x07workers\x18\x04 \x01(\r\"\x82\x01\n\x0e\x44ispatchStatus\x12)\n\x06queues\x18\x01 \x03(\x0b\x32\x19.taskwheel.v1.QueueStatus\x12\x11\n\tdelivered\x18\x02 \x01(\x04\x12\r\n\x05\x61\x63ked\x18\x03 \x01(\x04\x12\x0e\n\x06nacked\x18\x04 \x01(\x04\x12\x13\n\x0bredelivered\x18\x05 \x01(\x04\x32\xa3\x01\n\x08\x44ispatch\x12J\n\x07\x43onsume\x12\x1c.taskwheel.v1.ConsumeRequest\x1a\x1d.taskwheel.v1.ConsumeResponse(\x01\x30\x01\x12K\n\x06Status\x12#.taskwheel.v1.DispatchStatusRequest\x1a\x1c.taskwheel.v1.DispatchStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'taskwheel.v1.dispatch_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SUBSCRIBE']._serialized_start=128
-  _globals['_SUBSCRIBE']._serialized_end=177
-  _globals['_ACK']._serialized_start=179
-  _globals['_ACK']._serialized_end=206
-  _globals['_NACK']._serialized_start=208
-  _globals['_NACK']._serialized_end=317
-  _globals['_CONSUMEREQUEST']._serialized_start=320
-  _globals['_CONSUMEREQUEST']._serialized_end=459
-  _globals['_CONSUMERESPONSE']._serialized_start=461
-  _globals['_CONSUMERESPONSE']._serialized_end=522
-  _globals['_PUSHREQUEST']._serialized_start=524
-  _globals['_PUSHREQUEST']._serialized_end=596
-  _globals['_PUSHRESPONSE']._serialized_start=598
-  _globals['_PUSHRESPONSE']._serialized_end=630
-  _globals['_DISPATCHSTATUSREQUEST']._serialized_start=632
-  _globals['_DISPATCHSTATUSREQUEST']._serialized_end=655
-  _globals['_QUEUESTATUS']._serialized_start=657
-  _globals['_QUEUESTATUS']._serialized_end=736
-  _globals['_DISPATCHSTATUS']._serialized_start=739
-  _globals['_DISPATCHSTATUS']._serialized_end=869
-  _globals['_DISPATCH']._serialized_start=872
-  _globals['_DISPATCH']._serialized_end=1098
+  _globals['_SUBSCRIBE']._serialized_start=102
+  _globals['_SUBSCRIBE']._serialized_end=151
+  _globals['_ACK']._serialized_start=153
+  _globals['_ACK']._serialized_end=180
+  _globals['_NACK']._serialized_start=182
+  _globals['_NACK']._serialized_end=291
+  _globals['_CONSUMEREQUEST']._serialized_start=294
+  _globals['_CONSUMEREQUEST']._serialized_end=433
+  _globals['_CONSUMERESPONSE']._serialized_start=435
+  _globals['_CONSUMERESPONSE']._serialized_end=496
+  _globals['_DISPATCHSTATUSREQUEST']._serialized_start=498
+  _globals['_DISPATCHSTATUSREQUEST']._serialized_end=521
+  _globals['_QUEUESTATUS']._serialized_start=523
+  _globals['_QUEUESTATUS']._serialized_end=602
+  _globals['_DISPATCHSTATUS']._serialized_start=605
+  _globals['_DISPATCHSTATUS']._serialized_end=735
+  _globals['_DISPATCH']._serialized_start=738
+  _globals['_DISPATCH']._serialized_end=901
 # @@protoc_insertion_point(module_scope)

@@ -9,7 +9,6 @@ from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from taskwheel.v1 import task_pb2 as _task_pb2
-from taskwheel.v1 import timer_pb2 as _timer_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -146,49 +145,6 @@ class ConsumeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ConsumeResponse: _TypeAlias = ConsumeResponse  # noqa: Y015
-
-@_typing.final
-class PushRequest(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    TASKS_FIELD_NUMBER: _builtins.int
-    FIRED_AT_MS_FIELD_NUMBER: _builtins.int
-    fired_at_ms: _builtins.int
-    """The wall clock of the timer when it fired them (unix ms)."""
-    @_builtins.property
-    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[_timer_pb2.DueTask]: ...
-    def __init__(
-        self,
-        *,
-        tasks: _abc.Iterable[_timer_pb2.DueTask] | None = ...,
-        fired_at_ms: _builtins.int = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fired_at_ms", b"fired_at_ms", "tasks", b"tasks"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___PushRequest: _TypeAlias = PushRequest  # noqa: Y015
-
-@_typing.final
-class PushResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    ACCEPTED_FIELD_NUMBER: _builtins.int
-    accepted: _builtins.int
-    def __init__(
-        self,
-        *,
-        accepted: _builtins.int = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___PushResponse: _TypeAlias = PushResponse  # noqa: Y015
 
 @_typing.final
 class DispatchStatusRequest(_message.Message):

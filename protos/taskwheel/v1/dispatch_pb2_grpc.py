@@ -39,11 +39,6 @@ class DispatchStub:
                 request_serializer=taskwheel_dot_v1_dot_dispatch__pb2.ConsumeRequest.SerializeToString,
                 response_deserializer=taskwheel_dot_v1_dot_dispatch__pb2.ConsumeResponse.FromString,
                 _registered_method=True)
-        self.Push = channel.unary_unary(
-                '/taskwheel.v1.Dispatch/Push',
-                request_serializer=taskwheel_dot_v1_dot_dispatch__pb2.PushRequest.SerializeToString,
-                response_deserializer=taskwheel_dot_v1_dot_dispatch__pb2.PushResponse.FromString,
-                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/taskwheel.v1.Dispatch/Status',
                 request_serializer=taskwheel_dot_v1_dot_dispatch__pb2.DispatchStatusRequest.SerializeToString,
@@ -57,13 +52,6 @@ class DispatchServicer:
     def Consume(self, request_iterator, context):
         """A worker's session: first message subscribe, then acks and nacks in any order.
         The server never has more than max_in_flight unacked deliveries out on one stream.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Push(self, request, context):
-        """Internal: the timer hands over fired tasks. Answers once their leases are durable.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -83,11 +71,6 @@ def add_DispatchServicer_to_server(servicer, server):
                     servicer.Consume,
                     request_deserializer=taskwheel_dot_v1_dot_dispatch__pb2.ConsumeRequest.FromString,
                     response_serializer=taskwheel_dot_v1_dot_dispatch__pb2.ConsumeResponse.SerializeToString,
-            ),
-            'Push': grpc.unary_unary_rpc_method_handler(
-                    servicer.Push,
-                    request_deserializer=taskwheel_dot_v1_dot_dispatch__pb2.PushRequest.FromString,
-                    response_serializer=taskwheel_dot_v1_dot_dispatch__pb2.PushResponse.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
@@ -122,33 +105,6 @@ class Dispatch:
             '/taskwheel.v1.Dispatch/Consume',
             taskwheel_dot_v1_dot_dispatch__pb2.ConsumeRequest.SerializeToString,
             taskwheel_dot_v1_dot_dispatch__pb2.ConsumeResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Push(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/taskwheel.v1.Dispatch/Push',
-            taskwheel_dot_v1_dot_dispatch__pb2.PushRequest.SerializeToString,
-            taskwheel_dot_v1_dot_dispatch__pb2.PushResponse.FromString,
             options,
             channel_credentials,
             insecure,

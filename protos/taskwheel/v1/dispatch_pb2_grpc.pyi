@@ -35,8 +35,6 @@ class DispatchStub:
     """A worker's session: first message subscribe, then acks and nacks in any order.
     The server never has more than max_in_flight unacked deliveries out on one stream.
     """
-    Push: _grpc.UnaryUnaryMultiCallable[_dispatch_pb2.PushRequest, _dispatch_pb2.PushResponse]
-    """Internal: the timer hands over fired tasks. Answers once their leases are durable."""
     Status: _grpc.UnaryUnaryMultiCallable[_dispatch_pb2.DispatchStatusRequest, _dispatch_pb2.DispatchStatus]
     """Queue depths, in-flight deliveries and connected workers."""
 
@@ -47,8 +45,6 @@ class DispatchAsyncStub(DispatchStub):
     """A worker's session: first message subscribe, then acks and nacks in any order.
     The server never has more than max_in_flight unacked deliveries out on one stream.
     """
-    Push: _aio.UnaryUnaryMultiCallable[_dispatch_pb2.PushRequest, _dispatch_pb2.PushResponse]  # type: ignore[assignment]
-    """Internal: the timer hands over fired tasks. Answers once their leases are durable."""
     Status: _aio.UnaryUnaryMultiCallable[_dispatch_pb2.DispatchStatusRequest, _dispatch_pb2.DispatchStatus]  # type: ignore[assignment]
     """Queue depths, in-flight deliveries and connected workers."""
 
@@ -62,14 +58,6 @@ class DispatchServicer(metaclass=_abc_1.ABCMeta):
         """A worker's session: first message subscribe, then acks and nacks in any order.
         The server never has more than max_in_flight unacked deliveries out on one stream.
         """
-
-    @_abc_1.abstractmethod
-    def Push(
-        self,
-        request: _dispatch_pb2.PushRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_dispatch_pb2.PushResponse, _abc.Awaitable[_dispatch_pb2.PushResponse]]:
-        """Internal: the timer hands over fired tasks. Answers once their leases are durable."""
 
     @_abc_1.abstractmethod
     def Status(

@@ -21,11 +21,12 @@ SUCCEED = TransitionKind.SUCCEED
 
 # The compiled loops twice: reading the records' fields by getattr, and from their slots
 # (given a RecordShape of the records' type, as the servicer passes).
-COMPILED = types.SimpleNamespace(Fired=leases.Fired, take_fired=leases.take_fired, fill=leases.fill,
-                                 settle_acks=leases.settle_acks, Shape=core.RecordShape, reads_slots=False)
+COMPILED = types.SimpleNamespace(Fired=leases.Fired, Tables=leases.DispatchState, Take=leases.Take,
+                                 Shape=core.RecordShape, reads_slots=False)
 COMPILED_SLOTS = types.SimpleNamespace(**{**vars(COMPILED), "reads_slots": True})
-REFERENCE = types.SimpleNamespace(Fired=dispatch_reference.ReferenceFired, take_fired=dispatch_reference.take_fired,
-                                  fill=dispatch_reference.fill, settle_acks=dispatch_reference.settle_acks,
+REFERENCE = types.SimpleNamespace(Fired=dispatch_reference.ReferenceFired,
+                                  Tables=dispatch_reference.ReferenceDispatchState,
+                                  Take=dispatch_reference.ReferenceTake,
                                   Shape=reference.ReferenceRecordShape, reads_slots=False)
 
 
@@ -64,29 +65,47 @@ def remembered(entries=()):
     return finished
 
 
+class Consumer:
+    def __init__(self):
+        self.in_flight = {}
+
+
 class State:
-    """The servicer's dicts, as the loops see them."""
+    """Dispatch's tables (a DispatchState) and one consumer, as the loops see them."""
 
     def __init__(self, impl, queues=("q",)):
         self.impl = impl
-        self.leases, self.waiting, self.in_flight = {}, {}, {}
-        self.queues = {name: Queue() for name in queues}
-        self.finished = [remembered()]
+        shape = impl.Shape(Transition, [f.name for f in dataclasses.fields(Transition)])
+        record = impl.Shape(Rec, [f.name for f in dataclasses.fields(Rec)]) if impl.reads_slots else None
+        self.tables = impl.Tables([remembered()], shape, SUCCEED, record)
+        self.tables.queues.update((name, Queue()) for name in queues)
+        self.consumer = Consumer()
         self.unheld, self.touched, self.slow = [], set(), []
-        self.shape = impl.Shape(Transition, [f.name for f in dataclasses.fields(Transition)])
-        self.record = impl.Shape(Rec, [f.name for f in dataclasses.fields(Rec)]) if impl.reads_slots else None
         self.stale = []
+
+    leases = property(lambda self: self.tables.leases)
+    waiting = property(lambda self: self.tables.waiting)
+    queues = property(lambda self: self.tables.queues)
+    in_flight = property(lambda self: self.consumer.in_flight)
+
+    @property
+    def finished(self):
+        return self.tables.finished
+
+    @finished.setter
+    def finished(self, generations):
+        self.tables.finished[:] = generations  # the memory changes its one list in place
 
     def take(self, records, batch=None, fired_at=NOW - 1):
         batch = batch or Batch()
-        taken = self.impl.take_fired(records, NOW, fired_at, batch, self.finished, self.leases,
-                                     self.waiting, self.queues, self.unheld, self.touched, self.slow.append,
-                                     self.record)
+        take = self.impl.Take(batch, NOW, fired_at)
+        taken = self.tables.take_fired(records, take, lambda _, rec: self.slow.append(rec))
+        self.unheld += take.unheld
+        self.touched |= take.touched
         return taken, batch
 
     def fill(self, room, queue="q", shortest=60_000):
-        return self.impl.fill(self.queues[queue].ready, self.waiting, self.leases, "consumer", self.in_flight,
-                              room, NOW, shortest, self.record)
+        return self.tables.fill(self.queues[queue], self.consumer, room, NOW, shortest)
 
     def elsewhere(self, delivery_id):
         self.stale.append(delivery_id)
@@ -94,8 +113,7 @@ class State:
 
     def ack(self, delivery_ids, traced=None, finished=None):
         finished = self.finished[0] if finished is None else finished
-        return self.impl.settle_acks(delivery_ids, self.in_flight, self.leases, finished, NOW + 10,
-                                     self.shape, SUCCEED, self.elsewhere, traced, self.record)
+        return self.tables.settle_acks(self.consumer, delivery_ids, finished, NOW + 10, self.elsewhere, traced)
 
 
 def test_a_new_task_waits_at_the_end_of_its_queue_and_is_due_a_hold(impl):
@@ -151,7 +169,7 @@ def test_fill_sends_up_to_room_as_leases_named_by_task_and_next_gen(impl):
     sent, shortest = s.fill(2)
     assert [f.delivery_id for f in sent] == ["a.2", "b.8"] and shortest == 100
     a, b = sent
-    assert (a.gen, a.due_ms, a.consumer, b.due_ms) == (2, NOW + 5_000, "consumer", NOW + 100)
+    assert (a.gen, a.due_ms, a.consumer, b.due_ms) == (2, NOW + 5_000, s.consumer, NOW + 100)
     assert s.in_flight == {"a.2": a, "b.8": b} and s.leases == {"a": a, "b": b}
     assert list(s.waiting) == ["c"] and len(s.queues["q"].ready) == 1
 
@@ -246,15 +264,13 @@ def test_a_gen_past_the_c_range_is_still_remembered_exactly(impl):
     assert s.finished[0]["t"] == ((1 << 40) + 1) << 44 | NOW + 10
 
 
-def test_settle_acks_refuses_a_shape_of_other_fields(impl):
+def test_the_tables_refuse_a_transition_shape_of_other_fields(impl):
     @dataclasses.dataclass(slots=True)
     class Other:
         task_id: str
 
-    s = State(impl)
-    s.shape = impl.Shape(Other, ["task_id"])
     with pytest.raises(TypeError, match="RecordShape of the fields"):
-        s.ack([])
+        impl.Tables([remembered()], impl.Shape(Other, ["task_id"]), SUCCEED)
 
 
 class OtherRec(Rec):

@@ -9,7 +9,9 @@ import pytest
 from taskwheel.config import Config
 from taskwheel.core import shard_of
 from taskwheel.dispatch import DispatchService
-from taskwheel.dispatch.servicer import BURST_CHUNK, _FinishedMemory
+from taskwheel.dispatch import DispatchServicer
+from taskwheel.dispatch.finished import FinishedMemory
+from taskwheel.dispatch.service import BURST_CHUNK
 from taskwheel.task import TaskRecord, TaskState
 from taskwheel.stores.sqlite import SqliteStore
 from taskwheel.timer import TimerService
@@ -27,18 +29,18 @@ def test_a_burst_of_fired_tasks_is_taken_over_several_turns_of_the_event_loop(tm
 
     async def main():
         store = await opened_store(tmp_path)
-        dispatch = DispatchService(Config(), store, QuietTimer())
+        dispatch = DispatchService(Config(), store)
         seen = []
 
         async def watch():
             while True:
-                seen.append(len(dispatch._waiting))
+                seen.append(len(dispatch.state.waiting))
                 await asyncio.sleep(0)
 
         watcher = asyncio.get_running_loop().create_task(watch())
         push = asyncio.get_running_loop().create_task(dispatch.push(burst, now))
         deadline = time.monotonic() + 10
-        while len(dispatch._waiting) < len(burst) and time.monotonic() < deadline:
+        while len(dispatch.state.waiting) < len(burst) and time.monotonic() < deadline:
             await asyncio.sleep(0)
         push.cancel()  # no worker: it would wait for the tasks to be held
         watcher.cancel()
@@ -89,7 +91,7 @@ async def opened_store(tmp_path) -> SqliteStore:
 async def subscribed(dispatch: DispatchService, max_in_flight: int = 100):
     stream = Stream()
     stream.send(subscribe=dispatch_pb2.Subscribe(queue="q", max_in_flight=max_in_flight))
-    return stream, parsed(dispatch.Consume(stream, Context()))
+    return stream, parsed(DispatchServicer(dispatch).Consume(stream, Context()))
 
 
 async def parsed(responses):
@@ -108,8 +110,8 @@ def test_a_delivery_carries_its_fire_time_the_time_it_fired_and_its_lease_expiry
         early = task("early", fired_at - 1_500, lease_ms=7_000)
         late = task("late", fired_at - 1_499, lease_ms=9_000)
         await store.insert([early, late])
-        dispatch = DispatchService(Config(), store, QuietTimer())
-        await dispatch.start()
+        dispatch = DispatchService(Config(), store)
+        await dispatch.start(QuietTimer())
         stream, deliveries = await subscribed(dispatch)
         push = asyncio.get_running_loop().create_task(dispatch.push([early, late], fired_at))
         sent_after = now_ms()
@@ -137,8 +139,8 @@ def test_a_push_returns_once_each_task_is_answered_or_leased_durably_the_last_on
         fired_at = now_ms()
         tasks = [task(f"t{i}", fired_at - 10) for i in range(5)]
         await store.insert(tasks)
-        dispatch = DispatchService(Config(lease_write_delay_ms=50), store, QuietTimer())
-        await dispatch.start()
+        dispatch = DispatchService(Config(lease_write_delay_ms=50), store)
+        await dispatch.start(QuietTimer())
         stream, deliveries = await subscribed(dispatch)
         started = time.monotonic()
         push = asyncio.get_running_loop().create_task(dispatch.push(tasks, fired_at))
@@ -165,14 +167,14 @@ def test_messages_queued_for_a_worker_while_one_is_written_go_out_as_one(tmp_pat
         first = [task(f"a{i}", fired_at) for i in range(3)]
         second = [task(f"b{i}", fired_at) for i in range(2)]
         await store.insert(first + second)
-        dispatch = DispatchService(Config(), store, QuietTimer())
-        await dispatch.start()
+        dispatch = DispatchService(Config(), store)
+        await dispatch.start(QuietTimer())
         stream, deliveries = await subscribed(dispatch)
         receiving = asyncio.get_running_loop().create_task(deliveries.__anext__())
-        while "q" not in dispatch._queues or not dispatch._queues["q"].consumers:
+        while "q" not in dispatch.state.queues or not dispatch.state.queues["q"].consumers:
             await asyncio.sleep(0)
-        dispatch.take(first, fired_at)  # one message each, both queued before the stream runs
-        dispatch.take(second, fired_at)
+        dispatch.hand_over(first, fired_at)  # one message each, both queued before the stream runs
+        dispatch.hand_over(second, fired_at)
         msg = await receiving
         await deliveries.aclose()
         await dispatch.stop()
@@ -189,8 +191,8 @@ def test_a_short_lease_is_written_by_half_its_length_whatever_the_delay(tmp_path
         fired_at = now_ms()
         short, long = task("short", fired_at, lease_ms=400), task("long", fired_at, lease_ms=60_000)
         await store.insert([short, long])
-        dispatch = DispatchService(Config(lease_write_delay_ms=5_000), store, QuietTimer())
-        await dispatch.start()
+        dispatch = DispatchService(Config(lease_write_delay_ms=5_000), store)
+        await dispatch.start(QuietTimer())
         stream, deliveries = await subscribed(dispatch)
         started = time.monotonic()
         push = asyncio.get_running_loop().create_task(dispatch.push([short], fired_at))
@@ -232,8 +234,8 @@ def test_a_row_of_the_task_that_fires_after_its_ack_is_dropped_not_delivered_aga
         fired_at = now_ms()
         rec = task("t1", fired_at - 10)
         await store.insert([rec])
-        dispatch = DispatchService(Config(), store, QuietTimer())
-        await dispatch.start()
+        dispatch = DispatchService(Config(), store)
+        await dispatch.start(QuietTimer())
         deliveries = await delivered_and_acked(dispatch, [rec], fired_at)
         late = rec if row != "lease row" else dataclasses.replace(
             rec, gen=2, attempt=2, due_ms=fired_at + 30_000)
@@ -259,8 +261,8 @@ def test_a_fresh_task_fired_beside_a_late_row_of_a_finished_one_is_delivered(tmp
         fired_at = now_ms()
         done, fresh = task("done", fired_at - 10), task("fresh", fired_at - 10)
         await store.insert([done, fresh])
-        dispatch = DispatchService(Config(), store, QuietTimer())
-        await dispatch.start()
+        dispatch = DispatchService(Config(), store)
+        await dispatch.start(QuietTimer())
         deliveries = await delivered_and_acked(dispatch, [done], fired_at)
         push = asyncio.get_running_loop().create_task(dispatch.push([done, fresh], now_ms()))
         msg = await asyncio.wait_for(deliveries.__anext__(), 5)
@@ -278,15 +280,15 @@ def test_finished_tasks_are_remembered_for_finished_memory_ms_then_forgotten(tmp
         first = [task(f"a{i}", now_ms() - 10) for i in range(3)]
         second = [task("b", now_ms() - 10)]
         await store.insert(first + second)
-        dispatch = DispatchService(Config(finished_memory_ms=300), store, QuietTimer())
-        await dispatch.start()
+        dispatch = DispatchService(Config(finished_memory_ms=300), store)
+        await dispatch.start(QuietTimer())
         await (await delivered_and_acked(dispatch, first, now_ms())).aclose()
-        remembered = set(dispatch._finished)
+        remembered = set(dispatch.finished)
         await asyncio.sleep(0.4)
         await (await delivered_and_acked(dispatch, second, now_ms())).aclose()
         await dispatch.stop()
         await store.close()
-        return remembered, set(dispatch._finished)
+        return remembered, set(dispatch.finished)
 
     remembered, after = asyncio.run(main())
     assert remembered == {"a0", "a1", "a2"}
@@ -294,7 +296,7 @@ def test_finished_tasks_are_remembered_for_finished_memory_ms_then_forgotten(tmp
 
 
 def test_finished_memory_answers_a_task_s_latest_finish_across_generations():
-    memory = _FinishedMemory(800)  # generations of 100 ms
+    memory = FinishedMemory(800)  # generations of 100 ms
     memory.adding(1_000)["t"] = 1
     memory.adding(1_050)["u"] = 5
     memory.adding(1_250)["t"] = 2  # finished again, two generations later
@@ -305,7 +307,7 @@ def test_finished_memory_answers_a_task_s_latest_finish_across_generations():
 def test_finished_memory_s_lookup_list_follows_generations_added_and_dropped_after_it_was_taken():
     # _take_fired takes the list once per batch and may finish a task of the batch (a lease
     # that expired on the last attempt) before it looks up the next record.
-    memory = _FinishedMemory(800)  # generations of 100 ms
+    memory = FinishedMemory(800)  # generations of 100 ms
     memory.adding(1_000)["a"] = 1
     generations = memory.newest_first()
     memory.adding(2_000)["b"] = 2  # a generation begun
@@ -316,7 +318,7 @@ def test_finished_memory_s_lookup_list_follows_generations_added_and_dropped_aft
 
 
 def test_finished_memory_keeps_a_task_at_least_memory_ms_and_at_most_one_generation_more():
-    memory = _FinishedMemory(800)
+    memory = FinishedMemory(800)
     memory.adding(1_000)["early"] = 1
     memory.adding(1_099)["late"] = 2  # the same generation, [1000, 1100)
     memory.forget_before(1_899 - 800, 1)  # at 1,899 "late" finished 800 ms ago, "early" 899: kept
@@ -326,8 +328,8 @@ def test_finished_memory_keeps_a_task_at_least_memory_ms_and_at_most_one_generat
 
 
 def test_finished_memory_frees_a_dropped_generation_a_chunk_per_call():
-    memory = _FinishedMemory(800)
-    chunk = _FinishedMemory._EMPTIED_PER_CALL
+    memory = FinishedMemory(800)
+    chunk = FinishedMemory._EMPTIED_PER_CALL
     old = memory.adding(1_000)
     old.update((f"t{i}", 1) for i in range(2 * chunk + 1))
     memory.adding(5_000)["new"] = 1
@@ -340,8 +342,8 @@ def test_finished_memory_frees_a_dropped_generation_a_chunk_per_call():
 
 
 def test_finished_memory_frees_as_fast_as_acks_come_however_many_a_message_carries():
-    memory = _FinishedMemory(800)  # generations of 100 ms
-    per_message = 3 * _FinishedMemory._EMPTIED_PER_CALL
+    memory = FinishedMemory(800)  # generations of 100 ms
+    per_message = 3 * FinishedMemory._EMPTIED_PER_CALL
     most_dropped = 0
     for ms in range(0, 20_000, 50):  # two ack messages a generation
         entries = memory.adding(ms)
@@ -354,12 +356,12 @@ def test_finished_memory_frees_as_fast_as_acks_come_however_many_a_message_carri
 def test_a_generation_of_finished_tasks_holds_only_its_span_of_finishes():
     """The point of the generations: no dict holds more than memory_ms / GENERATIONS of acks,
     so none is ever rebuilt with the whole memory in it."""
-    memory = _FinishedMemory(8_000)
+    memory = FinishedMemory(8_000)
     for ms in range(0, 40_000, 10):
         memory.adding(ms)[f"t{ms}"] = 1
         memory.forget_before(ms - 8_000, 1)
     sizes = [len(entries) for entries in memory.newest_first()]
-    assert max(sizes) == 1_000 / 10 and len(sizes) <= _FinishedMemory.GENERATIONS + 1
+    assert max(sizes) == 1_000 / 10 and len(sizes) <= FinishedMemory.GENERATIONS + 1
 
 
 class GatedStore(SqliteStore):
@@ -379,11 +381,10 @@ async def delivered_beside_a_timer(store):
     rec = task("t1", fired_at - 10, lease_ms=10_000)
     await store.insert([rec])
     config = Config(lease_write_delay_ms=0)
-    dispatch = DispatchService(config, store, None)
+    dispatch = DispatchService(config, store)
     timer = TimerService(config, store, dispatch)
     timer.loaded_until_ms = fired_at + 60_000
-    dispatch.timer = timer
-    await dispatch.start()
+    await dispatch.start(timer)
     stream, deliveries = await subscribed(dispatch)
     push = asyncio.get_running_loop().create_task(dispatch.push([rec], fired_at))
     return dispatch, timer, stream, deliveries, push, await deliveries.__anext__()
@@ -437,12 +438,12 @@ def test_only_fired_tasks_no_worker_took_are_left_for_the_hold_loop(tmp_path):
     async def main():
         store = await opened_store(tmp_path)
         fired_at = now_ms()
-        dispatch = DispatchService(Config(), store, QuietTimer())
+        dispatch = DispatchService(Config(), store)
         stream, deliveries = await subscribed(dispatch, max_in_flight=1)
         first = asyncio.get_running_loop().create_task(deliveries.__anext__())
         while not dispatch._queue("q").consumers:
             await asyncio.sleep(0)
-        dispatch.take([task("sent", fired_at - 2), task("waits", fired_at - 1)], fired_at)
+        dispatch.hand_over([task("sent", fired_at - 2), task("waits", fired_at - 1)], fired_at)
         msg = await asyncio.wait_for(first, 5)
         left = [(since, list(ids)) for since, ids in dispatch._unheld]
         await deliveries.aclose()
@@ -461,11 +462,10 @@ def test_a_task_held_until_a_worker_came_leaves_no_hold_row_in_the_timer_once_ac
         rec = task("t1", fired_at - 10)
         await store.insert([rec])
         config = Config(hold_after_ms=50, hold_ms=60_000)
-        dispatch = DispatchService(config, store, None)
+        dispatch = DispatchService(config, store)
         timer = TimerService(config, store, dispatch)
         timer.loaded_until_ms = fired_at + 120_000  # takes offers; its loops are not running
-        dispatch.timer = timer
-        await dispatch.start()
+        await dispatch.start(timer)
         push = asyncio.get_running_loop().create_task(dispatch.push([rec], fired_at))
         await asyncio.wait_for(push, 5)  # returns once the hold row is durable
         while not len(timer.pending):
@@ -508,8 +508,8 @@ def test_writes_waiting_for_the_store_are_out_of_the_cyclic_gcs_view(tmp_path):
         fired_at = now_ms()
         tasks = [task(f"t{i}", fired_at - 10) for i in range(6)]
         await store.insert(tasks)
-        dispatch = DispatchService(Config(lease_write_delay_ms=20), store, QuietTimer())
-        await dispatch.start()
+        dispatch = DispatchService(Config(lease_write_delay_ms=20), store)
+        await dispatch.start(QuietTimer())
         stream, deliveries = await subscribed(dispatch)
         push = asyncio.get_running_loop().create_task(dispatch.push(tasks, fired_at))
         ids = sorted(d.delivery_id for d in (await deliveries.__anext__()).deliveries)
@@ -532,11 +532,11 @@ def test_writes_waiting_for_the_store_are_out_of_the_cyclic_gcs_view(tmp_path):
 def test_no_worker_or_delivery_outlives_its_stream_with_fired_tasks_out_of_the_gcs_view(tmp_path):
     # Fired tasks are untracked: a cycle through one (its consumer's in_flight holds it) would
     # never be collected, keeping the worker's whole state alive.
-    from taskwheel.dispatch.servicer import _Consumer
+    from taskwheel.dispatch.service import Consumer
 
     def consumers_alive() -> int:
         gc.collect()
-        return sum(1 for o in gc.get_objects() if type(o) is _Consumer)
+        return sum(1 for o in gc.get_objects() if type(o) is Consumer)
 
     async def main():
         store = await opened_store(tmp_path)
@@ -544,8 +544,8 @@ def test_no_worker_or_delivery_outlives_its_stream_with_fired_tasks_out_of_the_g
         tasks = [task(f"t{i}", fired_at - 10) for i in range(8)]
         await store.insert(tasks)
         config = Config(lease_write_delay_ms=20, orphan_grace_ms=50, retry_base_ms=10)
-        dispatch = DispatchService(config, store, QuietTimer())
-        await dispatch.start()
+        dispatch = DispatchService(config, store)
+        await dispatch.start(QuietTimer())
         stream, deliveries = await subscribed(dispatch)
         push = asyncio.get_running_loop().create_task(dispatch.push(tasks, fired_at))
         ids = sorted(d.delivery_id for d in (await deliveries.__anext__()).deliveries)
@@ -563,7 +563,7 @@ def test_no_worker_or_delivery_outlives_its_stream_with_fired_tasks_out_of_the_g
 
     during, after, dispatch = asyncio.run(main())
     assert (during, after) == (1, 0)
-    assert dispatch.acked == 4 and not dispatch._leases
+    assert dispatch.acked == 4 and not dispatch.state.leases
 
 
 def test_an_orphan_acked_on_the_workers_next_stream_is_done_and_only_the_other_is_retried(tmp_path):
@@ -572,8 +572,8 @@ def test_an_orphan_acked_on_the_workers_next_stream_is_done_and_only_the_other_i
         fired_at = now_ms()
         tasks = [task(f"t{i}", fired_at - 10) for i in range(2)]
         await store.insert(tasks)
-        dispatch = DispatchService(Config(orphan_grace_ms=100, retry_base_ms=10), store, QuietTimer())
-        await dispatch.start()
+        dispatch = DispatchService(Config(orphan_grace_ms=100, retry_base_ms=10), store)
+        await dispatch.start(QuietTimer())
         stream, deliveries = await subscribed(dispatch)
         push = asyncio.get_running_loop().create_task(dispatch.push(tasks, fired_at))
         ids = sorted(d.delivery_id for d in (await deliveries.__anext__()).deliveries)
@@ -609,8 +609,8 @@ async def leased(tmp_path, max_attempts: int = 3):
     store = await opened_store(tmp_path)
     rec = task("t", now_ms() - 10, max_attempts=max_attempts, lease_ms=60_000)
     await store.insert([rec])
-    dispatch = DispatchService(Config(lease_write_delay_ms=0), store, QuietTimer())
-    await dispatch.start()
+    dispatch = DispatchService(Config(lease_write_delay_ms=0), store)
+    await dispatch.start(QuietTimer())
     stream, deliveries = await subscribed(dispatch)
     push = asyncio.get_running_loop().create_task(dispatch.push([rec], now_ms()))
     first = await asyncio.wait_for(deliveries.__anext__(), 5)
@@ -638,9 +638,9 @@ async def closed(store, dispatch, deliveries):
 def test_a_lease_row_that_fires_redelivers_the_task_with_its_next_attempt(tmp_path):
     async def main():
         store, dispatch, stream, deliveries, lease_row = await leased(tmp_path)
-        dispatch.take([lease_row], now_ms())
+        dispatch.hand_over([lease_row], now_ms())
         again = await asyncio.wait_for(deliveries.__anext__(), 5)
-        leases = dict(dispatch._leases)
+        leases = dict(dispatch.state.leases)
         await closed(store, dispatch, deliveries)
         return lease_row, again, dispatch.redelivered, leases
 
@@ -654,7 +654,7 @@ def test_a_stale_copy_of_a_delivered_row_is_confirmed_and_not_delivered_again(tm
     async def main():
         store, dispatch, stream, deliveries, lease_row = await leased(tmp_path)
         stale = dataclasses.replace(lease_row, gen=1, attempt=1)
-        await asyncio.wait_for(dispatch.take([stale], now_ms()), 5)  # confirmed at once
+        await asyncio.wait_for(dispatch.hand_over([stale], now_ms()), 5)  # confirmed at once
         redelivered = await delivers_more(deliveries)
         await closed(store, dispatch, deliveries)
         return redelivered, dispatch.delivered, dispatch.redelivered
@@ -665,10 +665,10 @@ def test_a_stale_copy_of_a_delivered_row_is_confirmed_and_not_delivered_again(tm
 def test_a_lease_that_expires_on_the_last_attempt_fails_the_task(tmp_path):
     async def main():
         store, dispatch, stream, deliveries, lease_row = await leased(tmp_path, max_attempts=1)
-        await asyncio.wait_for(dispatch.take([lease_row], now_ms()), 5)
+        await asyncio.wait_for(dispatch.hand_over([lease_row], now_ms()), 5)
         ended = await store.get("t")
         await closed(store, dispatch, deliveries)
-        return ended, dispatch.delivered, dispatch._leases
+        return ended, dispatch.delivered, dispatch.state.leases
 
     ended, delivered, leases = asyncio.run(main())
     assert (ended.state, ended.last_error) == (TaskState.FAILED, "lease expired on the last attempt")
@@ -680,11 +680,11 @@ def test_a_reloaded_copy_adds_its_batch_to_its_own_task_not_to_the_others_of_its
         store = await opened_store(tmp_path)
         recs = [task("w", now_ms() - 10), task("v", now_ms() - 10)]
         await store.insert(recs)
-        dispatch = DispatchService(Config(lease_write_delay_ms=0), store, QuietTimer())
-        await dispatch.start()
-        first = dispatch.take(recs, now_ms())  # no worker yet: both wait
-        copy = dispatch.take([dataclasses.replace(recs[0])], now_ms())
-        counts = [len(dispatch._waiting[t].batches) for t in ("w", "v")]
+        dispatch = DispatchService(Config(lease_write_delay_ms=0), store)
+        await dispatch.start(QuietTimer())
+        first = dispatch.hand_over(recs, now_ms())  # no worker yet: both wait
+        copy = dispatch.hand_over([dataclasses.replace(recs[0])], now_ms())
+        counts = [len(dispatch.state.waiting[t].batches) for t in ("w", "v")]
         stream, deliveries = await subscribed(dispatch)
         msg = await asyncio.wait_for(deliveries.__anext__(), 5)
         await asyncio.wait_for(asyncio.gather(first, copy), 5)
@@ -699,11 +699,11 @@ def test_a_reloaded_copy_of_a_task_waiting_for_its_queues_first_worker_is_delive
         store = await opened_store(tmp_path)
         rec = task("w", now_ms() - 10)
         await store.insert([rec])
-        dispatch = DispatchService(Config(lease_write_delay_ms=0), store, QuietTimer())
-        await dispatch.start()
-        first = dispatch.take([rec], now_ms())  # queue q not seen yet: no worker has come
-        copy = dispatch.take([dataclasses.replace(rec)], now_ms())
-        ready = len(dispatch._queues["q"].ready)
+        dispatch = DispatchService(Config(lease_write_delay_ms=0), store)
+        await dispatch.start(QuietTimer())
+        first = dispatch.hand_over([rec], now_ms())  # queue q not seen yet: no worker has come
+        copy = dispatch.hand_over([dataclasses.replace(rec)], now_ms())
+        ready = len(dispatch.state.queues["q"].ready)
         stream, deliveries = await subscribed(dispatch)
         msg = await asyncio.wait_for(deliveries.__anext__(), 5)
         await asyncio.wait_for(asyncio.gather(first, copy), 5)  # both confirmed by the lease

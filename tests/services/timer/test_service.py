@@ -1,7 +1,11 @@
-"""The timer on a real embedded store, in process: loading, firing, forgetting, checkpoints."""
+"""The timer on a real embedded store, in process: loading, firing, forgetting, checkpoints.
+
+The timer runs on a fake clock (taskwheel.clock.FakeClock) wherever a test only waits for its
+time to pass; the fire loop's yielding is about real CPU time and runs on the real clock."""
 import asyncio
 import time
 
+from taskwheel.clock import SYSTEM_CLOCK, FakeClock
 from taskwheel.config import Config
 from taskwheel.core import shard_of
 from taskwheel.task import TaskRecord
@@ -32,8 +36,11 @@ class RecordingDispatch:
         self.fired = []
         self.hold = hold
 
-    async def push(self, records, fired_at_ms):
-        self.fired.extend((r.task_id, r.due_ms, now_ms()) for r in records)
+    def hand_over(self, records, fired_at_ms):
+        return asyncio.ensure_future(self._push(records, fired_at_ms))
+
+    async def _push(self, records, fired_at_ms):
+        self.fired.extend((r.task_id, r.due_ms, fired_at_ms) for r in records)
         if self.hold:
             await asyncio.Event().wait()
 
@@ -43,9 +50,8 @@ def task(task_id: str, due_ms: int) -> TaskRecord:
                       fire_at_ms=due_ms, due_ms=due_ms, created_ms=now_ms())
 
 
-async def until_loaded(timer, ms: int) -> None:
-    while timer.loaded_until_ms <= ms:
-        await asyncio.sleep(0.01)
+async def until_loaded(timer, clock: FakeClock, ms: int) -> None:
+    await clock.run_until(lambda: timer.loaded_until_ms > ms)
 
 
 def config(**overrides) -> Config:
@@ -55,13 +61,18 @@ def config(**overrides) -> Config:
     return cfg
 
 
-async def run_timer(store, dispatch, seconds, cfg=None, before=None):
+async def run_timer(store, dispatch, seconds, cfg=None, before=None, clock=None):
+    """Runs a timer for ``seconds`` of its clock's time: a fake one unless ``clock`` is given."""
     await store.open()
     if before:
         await before(store)
-    timer = TimerService(cfg or config(), store, dispatch)
+    clock = clock or FakeClock(now_ms())
+    timer = TimerService(cfg or config(), store, dispatch, clock)
     await timer.start()
-    await asyncio.sleep(seconds)
+    if isinstance(clock, FakeClock):
+        await clock.run_for(int(seconds * 1000))
+    else:
+        await asyncio.sleep(seconds)
     await timer.stop()
     await store.close()
     return timer
@@ -97,12 +108,13 @@ def test_an_offered_task_inside_the_loaded_window_fires_without_a_store_read(tmp
 
     async def main():
         await store.open()
-        timer = TimerService(config(), store, dispatch)
+        clock = FakeClock(now_ms())
+        timer = TimerService(config(), store, dispatch, clock)
         await timer.start()
-        await until_loaded(timer, now_ms() + 300)
-        rec = task("offered".ljust(28, "0"), now_ms() + 200)  # never written: only offered
-        await timer.offer([rec])
-        await asyncio.sleep(0.6)
+        await until_loaded(timer, clock, clock.now_ms() + 300)
+        rec = task("offered".ljust(28, "0"), clock.now_ms() + 200)  # never written: only offered
+        timer.offer([rec])
+        await clock.run_for(600)
         await timer.stop()
         await store.close()
         return rec
@@ -117,14 +129,16 @@ def test_a_forgotten_task_does_not_fire(tmp_path):
 
     async def main():
         await store.open()
-        timer = TimerService(config(), store, dispatch)
+        clock = FakeClock(now_ms())
+        timer = TimerService(config(), store, dispatch, clock)
         await timer.start()
-        keep, drop = task("a".ljust(28, "0"), now_ms() + 300), task("b".ljust(28, "0"), now_ms() + 300)
+        due = clock.now_ms() + 300
+        keep, drop = task("a".ljust(28, "0"), due), task("b".ljust(28, "0"), due)
         await store.insert([keep, drop])  # as ingest does: durable first, then offered
-        await timer.offer([keep, drop])
-        await store.cancel(drop.task_id, now_ms())  # as ingest's Cancel does: store, then timer
-        await timer.forget([drop.task_id])
-        await asyncio.sleep(0.7)
+        timer.offer([keep, drop])
+        await store.cancel(drop.task_id, clock.now_ms())  # as ingest's Cancel does: store, then timer
+        timer.forget([drop.task_id])
+        await clock.run_for(700)
         await timer.stop()
         await store.close()
 
@@ -156,21 +170,21 @@ def test_a_task_cancelled_while_its_slice_is_read_does_not_come_back_from_the_re
 
     async def main():
         await store.open()
-        timer = TimerService(config(), store, dispatch)
+        clock = FakeClock(now_ms())
+        timer = TimerService(config(), store, dispatch, clock)
         await timer.start()
-        await until_loaded(timer, now_ms() + 1_400)  # the window is full: slices now come one by one
+        await until_loaded(timer, clock, clock.now_ms() + 1_400)  # the window is full: slices come one by one
         # Due two slices past the loaded window: the loader reads it (not an offer), and not
         # before the insert below is written.
         due = timer.loaded_until_ms + 600
         keep, drop = task(keep_id, due), task(drop_id, due)
         store.hold, store.read_found, store.hold_shard = asyncio.Event(), asyncio.Event(), drop.shard
         await store.insert([keep, drop])
-        await asyncio.wait_for(store.read_found.wait(), 5)  # the read has found both rows
-        await store.cancel(drop_id, now_ms())  # as ingest's Cancel does: store, then timer
-        assert timer.forget_now([drop_id]) == 0  # not in the wheel yet: the read still holds it
+        await clock.run_until(store.read_found.is_set)  # the read has found both rows
+        await store.cancel(drop_id, clock.now_ms())  # as ingest's Cancel does: store, then timer
+        assert timer._forget([drop_id]) == 0  # not in the wheel yet: the read still holds it
         store.hold.set()
-        while now_ms() < due + 300:
-            await asyncio.sleep(0.05)
+        await clock.run_until(lambda: clock.now_ms() >= due + 300)
         await timer.stop()
         await store.close()
 
@@ -186,8 +200,8 @@ def test_forget_counts_the_tasks_it_took_out_of_the_wheel_and_leaves_the_rest(tm
         timer = TimerService(config(), store, RecordingDispatch())
         timer.loaded_until_ms = now_ms() + 60_000  # offers are taken without a running loader
         due = now_ms() + 30_000
-        timer.offer_now([task(f"{i:028x}", due + i) for i in range(4)])
-        forgotten = timer.forget_now([f"{1:028x}", f"{3:028x}", "never-offered", f"{3:028x}"])
+        timer._offer([task(f"{i:028x}", due + i) for i in range(4)])
+        forgotten = timer._forget([f"{1:028x}", f"{3:028x}", "never-offered", f"{3:028x}"])
         left = sorted(rec.task_id for rec in timer.pending.records())
         await store.close()
         return forgotten, len(timer.wheel), left
@@ -332,7 +346,7 @@ class SlowTakingDispatch:
         self.take_ms = take_ms
         self.fired = []
 
-    def take(self, records, fired_at_ms):
+    def hand_over(self, records, fired_at_ms):
         self.fired.extend((r.task_id, r.due_ms, fired_at_ms) for r in records)
         until = time.perf_counter() + self.take_ms / 1000
         while time.perf_counter() < until:
@@ -365,7 +379,7 @@ def test_the_fire_loop_lets_the_event_loop_run_while_tasks_keep_falling_due(tmp_
                 await asyncio.sleep(0)
 
         watcher = asyncio.ensure_future(watch())
-        timer = await run_timer(store, dispatch, 1.2, before=before)
+        timer = await run_timer(store, dispatch, 1.2, before=before, clock=SYSTEM_CLOCK)
         watcher.cancel()
         return timer
 

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from taskwheel.v1 import timer_pb2 as taskwheel_dot_v1_dot_timer__pb2
+from taskwheel.internal.v1 import timer_pb2 as taskwheel_dot_internal_dot_v1_dot_timer__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in taskwheel/v1/timer_pb2_grpc.py depends on'
+        + ' but the generated code in taskwheel/internal/v1/timer_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -35,19 +35,19 @@ class TimerStub:
             channel: A grpc.Channel.
         """
         self.Offer = channel.unary_unary(
-                '/taskwheel.v1.Timer/Offer',
-                request_serializer=taskwheel_dot_v1_dot_timer__pb2.OfferRequest.SerializeToString,
-                response_deserializer=taskwheel_dot_v1_dot_timer__pb2.OfferResponse.FromString,
+                '/taskwheel.internal.v1.Timer/Offer',
+                request_serializer=taskwheel_dot_internal_dot_v1_dot_timer__pb2.OfferRequest.SerializeToString,
+                response_deserializer=taskwheel_dot_internal_dot_v1_dot_timer__pb2.OfferResponse.FromString,
                 _registered_method=True)
         self.Forget = channel.unary_unary(
-                '/taskwheel.v1.Timer/Forget',
-                request_serializer=taskwheel_dot_v1_dot_timer__pb2.ForgetRequest.SerializeToString,
-                response_deserializer=taskwheel_dot_v1_dot_timer__pb2.ForgetResponse.FromString,
+                '/taskwheel.internal.v1.Timer/Forget',
+                request_serializer=taskwheel_dot_internal_dot_v1_dot_timer__pb2.ForgetRequest.SerializeToString,
+                response_deserializer=taskwheel_dot_internal_dot_v1_dot_timer__pb2.ForgetResponse.FromString,
                 _registered_method=True)
         self.Status = channel.unary_unary(
-                '/taskwheel.v1.Timer/Status',
-                request_serializer=taskwheel_dot_v1_dot_timer__pb2.TimerStatusRequest.SerializeToString,
-                response_deserializer=taskwheel_dot_v1_dot_timer__pb2.TimerStatus.FromString,
+                '/taskwheel.internal.v1.Timer/Status',
+                request_serializer=taskwheel_dot_internal_dot_v1_dot_timer__pb2.TimerStatusRequest.SerializeToString,
+                response_deserializer=taskwheel_dot_internal_dot_v1_dot_timer__pb2.TimerStatus.FromString,
                 _registered_method=True)
 
 
@@ -63,14 +63,15 @@ class TimerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Forget(self, request, context):
-        """Forget pending timers of these tasks (cancelled or acked); unknown ids are ignored.
+        """Forget pending timers of these tasks (cancelled or ended); unknown ids are ignored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Status(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The timer's wheel, window and checkpoint, for the CLI's status.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -80,24 +81,24 @@ def add_TimerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Offer': grpc.unary_unary_rpc_method_handler(
                     servicer.Offer,
-                    request_deserializer=taskwheel_dot_v1_dot_timer__pb2.OfferRequest.FromString,
-                    response_serializer=taskwheel_dot_v1_dot_timer__pb2.OfferResponse.SerializeToString,
+                    request_deserializer=taskwheel_dot_internal_dot_v1_dot_timer__pb2.OfferRequest.FromString,
+                    response_serializer=taskwheel_dot_internal_dot_v1_dot_timer__pb2.OfferResponse.SerializeToString,
             ),
             'Forget': grpc.unary_unary_rpc_method_handler(
                     servicer.Forget,
-                    request_deserializer=taskwheel_dot_v1_dot_timer__pb2.ForgetRequest.FromString,
-                    response_serializer=taskwheel_dot_v1_dot_timer__pb2.ForgetResponse.SerializeToString,
+                    request_deserializer=taskwheel_dot_internal_dot_v1_dot_timer__pb2.ForgetRequest.FromString,
+                    response_serializer=taskwheel_dot_internal_dot_v1_dot_timer__pb2.ForgetResponse.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
-                    request_deserializer=taskwheel_dot_v1_dot_timer__pb2.TimerStatusRequest.FromString,
-                    response_serializer=taskwheel_dot_v1_dot_timer__pb2.TimerStatus.SerializeToString,
+                    request_deserializer=taskwheel_dot_internal_dot_v1_dot_timer__pb2.TimerStatusRequest.FromString,
+                    response_serializer=taskwheel_dot_internal_dot_v1_dot_timer__pb2.TimerStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'taskwheel.v1.Timer', rpc_method_handlers)
+            'taskwheel.internal.v1.Timer', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('taskwheel.v1.Timer', rpc_method_handlers)
+    server.add_registered_method_handlers('taskwheel.internal.v1.Timer', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -118,9 +119,9 @@ class Timer:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/taskwheel.v1.Timer/Offer',
-            taskwheel_dot_v1_dot_timer__pb2.OfferRequest.SerializeToString,
-            taskwheel_dot_v1_dot_timer__pb2.OfferResponse.FromString,
+            '/taskwheel.internal.v1.Timer/Offer',
+            taskwheel_dot_internal_dot_v1_dot_timer__pb2.OfferRequest.SerializeToString,
+            taskwheel_dot_internal_dot_v1_dot_timer__pb2.OfferResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -145,9 +146,9 @@ class Timer:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/taskwheel.v1.Timer/Forget',
-            taskwheel_dot_v1_dot_timer__pb2.ForgetRequest.SerializeToString,
-            taskwheel_dot_v1_dot_timer__pb2.ForgetResponse.FromString,
+            '/taskwheel.internal.v1.Timer/Forget',
+            taskwheel_dot_internal_dot_v1_dot_timer__pb2.ForgetRequest.SerializeToString,
+            taskwheel_dot_internal_dot_v1_dot_timer__pb2.ForgetResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -172,9 +173,9 @@ class Timer:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/taskwheel.v1.Timer/Status',
-            taskwheel_dot_v1_dot_timer__pb2.TimerStatusRequest.SerializeToString,
-            taskwheel_dot_v1_dot_timer__pb2.TimerStatus.FromString,
+            '/taskwheel.internal.v1.Timer/Status',
+            taskwheel_dot_internal_dot_v1_dot_timer__pb2.TimerStatusRequest.SerializeToString,
+            taskwheel_dot_internal_dot_v1_dot_timer__pb2.TimerStatus.FromString,
             options,
             channel_credentials,
             insecure,
