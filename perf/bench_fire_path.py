@@ -2,7 +2,7 @@
 
     .venv/bin/python perf/bench_fire_path.py                  # 3 repetitions of 100,000 tasks
     .venv/bin/python perf/bench_fire_path.py --tasks 50000 --rate 50000 --repeat 1
-    .venv/bin/python perf/bench_fire_path.py --ack-after-ms 80   # every lease written first
+    .venv/bin/python perf/bench_fire_path.py --ack-after-ms 300  # every lease written first
 
 One process, everything on one asyncio loop, as in the embedded mode: a real SqliteStore in a
 temporary directory, the TimerService and DispatchService started with their own loops (fire,
@@ -308,7 +308,7 @@ def main() -> None:
     parser.add_argument("--max-in-flight", type=int, default=10_000, help="the worker's subscribe")
     parser.add_argument("--ack-after-ms", type=int, default=0,
                         help="the worker's delay before acking a message; past the lease write delay "
-                             "(50 ms) every delivery's lease is written first")
+                             "(lease_write_delay_ms, 250 ms) every delivery's lease is written first")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--places", action="store_true", help="print every timed place too")
     parser.add_argument("--no-stages", action="store_true", help="only the plain runs")

@@ -4,7 +4,7 @@ Inserts ``--tasks`` tasks into a fresh store for each (spread, batch) pair, with
 ingest makes them (time-ordered, ``TaskIds``) and due times uniform over the spread, starting a
 minute out, ``batch`` tasks per ``insert`` (ingest's group commit). Reports the writer
 thread's CPU per task and the bytes the process wrote per task (the WAL and the checkpoints
-that copy it back, from /proc/self/io, read after the checkpointer caught up). The baseline,
+that copy it back, from psutil's I/O counters, read after the checkpointer caught up). The baseline,
 in the same run, is the first pair: a 60 s spread at 1,000 a batch.
 
     .venv/bin/python perf/bench_store_inserts.py --tasks 300000
@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 from taskwheel.ingest.validate import TaskIds
 from taskwheel.task import TaskRecord
 from taskwheel.stores.sqlite import SqliteStore
@@ -34,15 +36,12 @@ CHECKPOINT_WAIT_S = 1.0  # the checkpointer runs every 0.25 s; give it a few tur
 
 
 def written_bytes() -> int | None:
-    """Bytes this process has caused to be written to storage, or None off Linux."""
+    """Bytes this process has caused to be written to storage, or None where the platform does
+    not count them (psutil has no I/O counters on macOS)."""
     try:
-        with open("/proc/self/io") as io:
-            for line in io:
-                if line.startswith("write_bytes:"):
-                    return int(line.split()[1])
-    except OSError:
+        return psutil.Process().io_counters().write_bytes
+    except (AttributeError, psutil.Error):
         return None
-    return None
 
 
 def tasks_for(n: int, spread_ms: int, first_due_ms: int, rng: random.Random) -> list[TaskRecord]:

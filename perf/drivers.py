@@ -10,7 +10,7 @@
    settings) in public attributes and runtime handles (Popen objects, clients, channels) in
    attributes whose names start with "_", which are not pickled.
 2. ``server_pids()`` is polled every 0.5 s: ``{label: pid}`` of each server process whose
-   memory counts (VmRSS/VmHWM are read from /proc). Include worker processes when the system
+   memory counts (its RSS and peak RSS are sampled). Include worker processes when the system
    keeps pending tasks in them (Celery does); the label is what the report shows.
 3. ``pending()`` is polled every 2 s (optional): the system's own count of tasks it holds that
    are not yet fired, or None when it has no cheap way to tell.

@@ -5,7 +5,7 @@ Inputs (see perf/drivers.py for the record layouts):
 * submit records, one per task: ``seq, fire_at_ms, submitted_ms, phase``;
 * receipt records, one per delivery seen by a worker: ``seq, fire_at_ms, received_ms, pid,
   fired_ms`` (NaN when the system does not say when it fired the task);
-* memory samples of each server process (VmRSS every 0.5 s, VmHWM at the end);
+* memory samples of each server process (RSS every 0.5 s, and its peak as the kernel kept it);
 * the run's horizon: tasks due at or before it were expected to be delivered before the run
   stopped waiting (the horizon is the last wait's start minus the grace period).
 
@@ -252,27 +252,19 @@ def memory_summary(samples: Mapping[str, Sequence[tuple[float, int]]],
     return out
 
 
-# /proc/stat's first line: the machine's CPU time in clock ticks, by kind, in this order.
-PROC_STAT_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+# The kinds of CPU time a machine's cores spend, as the kernel counts them (psutil.cpu_times).
+CPU_TIME_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
 
 
-def parse_proc_stat(text: str) -> dict[str, int]:
-    """The machine's CPU ticks by kind, from the text of /proc/stat."""
-    first = text.split("\n", 1)[0].split()
-    if not first or first[0] != "cpu":
-        raise ValueError("/proc/stat does not begin with the machine's cpu line")
-    return dict(zip(PROC_STAT_FIELDS, map(int, first[1:1 + len(PROC_STAT_FIELDS)])))
-
-
-def machine_cpu(before: Mapping[str, int], after: Mapping[str, int], seconds: float,
-                ticks_per_s: int) -> dict[str, float | None]:
-    """What the whole machine's cores did between two /proc/stat readings, in cores (2.0 = two
-    cores the whole time): busy (this run's processes and everyone else's), idle, and stolen
-    (a VM's vCPU ready to run while the host ran something else: no process sees it, and a
-    spell of it slows every figure of the run)."""
+def machine_cpu(before: Mapping[str, float], after: Mapping[str, float],
+                seconds: float) -> dict[str, float | None]:
+    """What the whole machine's cores did between two readings of its CPU seconds by kind, in
+    cores (2.0 = two cores the whole time): busy (this run's processes and everyone else's),
+    idle, and stolen (a VM's vCPU ready to run while the host ran something else: no process
+    sees it, and a spell of it slows every figure of the run)."""
     if seconds <= 0:
         return {"busy_cores": None, "idle_cores": None, "steal_cores": None}
-    cores = {k: (after[k] - before[k]) / ticks_per_s / seconds for k in PROC_STAT_FIELDS}
+    cores = {k: (after[k] - before[k]) / seconds for k in CPU_TIME_FIELDS}
     busy = cores["user"] + cores["nice"] + cores["system"] + cores["irq"] + cores["softirq"]
     return {"busy_cores": round(busy, 3), "idle_cores": round(cores["idle"] + cores["iowait"], 3),
             "steal_cores": round(cores["steal"], 3)}
@@ -289,14 +281,15 @@ def _samples_around(samples: Sequence[tuple[float, T]], start_ms: float, end_ms:
     return (before[-1] if before else samples[0]), (after[0] if after else samples[-1])
 
 
-def machine_cpu_between(samples: Sequence[tuple[float, Mapping[str, int]]], start_ms: float,
-                        end_ms: float, ticks_per_s: int) -> dict[str, float | None]:
-    """machine_cpu over [start_ms, end_ms], from timed /proc/stat samples (see _samples_around)."""
+def machine_cpu_between(samples: Sequence[tuple[float, Mapping[str, float]]], start_ms: float,
+                        end_ms: float) -> dict[str, float | None]:
+    """machine_cpu over [start_ms, end_ms], from timed samples of the machine's CPU seconds (see
+    _samples_around)."""
     around = _samples_around(samples, start_ms, end_ms)
     if not around:
-        return machine_cpu({}, {}, 0.0, ticks_per_s)
+        return machine_cpu({}, {}, 0.0)
     first, last = around
-    return machine_cpu(first[1], last[1], (last[0] - first[0]) / 1000.0, ticks_per_s)
+    return machine_cpu(first[1], last[1], (last[0] - first[0]) / 1000.0)
 
 
 def cpu_summary(samples: Mapping[str, Sequence[tuple[float, float]]],

@@ -12,7 +12,7 @@ For each driver (one after another, never at once: they share the machine's two 
    backlog that the submitter works off as fast as the system accepts (the achieved rate shows
    it). Paced phases start together (a barrier); unpaced ones go as fast as accepted.
 3. Workers record each delivery (perf/drivers.py ReceiptLog); a thread samples every server
-   process's VmRSS every 0.5 s and the system's own pending count every 2 s.
+   process's RSS every 0.5 s and the system's own pending count every 2 s.
 4. After the last submit the harness waits until every task due by the latest due time of the
    non-pending phases (the horizon) was delivered, or until ``--grace`` seconds past the
    horizon; the rest of them count as lost.
@@ -53,6 +53,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
+import psutil  # noqa: E402
 
 from perf import report as report_mod  # noqa: E402
 from perf.drivers import (  # noqa: E402
@@ -64,7 +65,7 @@ from perf.scenarios import SCENARIOS, Scenario, get_scenario  # noqa: E402
 DRIVERS: dict[str, str] = {
     "celery": "perf.peers.celery_eta:CeleryEtaDriver",
     # taskwheel's own services through the public gRPC API (Ingest.Submit with repeated
-    # TaskSpec, Dispatch.Consume with acks). To be written in perf/drivers_taskwheel.py.
+    # TaskSpec, Dispatch.Consume with acks).
     "taskwheel": "perf.drivers_taskwheel:TaskwheelDriver",
 }
 
@@ -192,62 +193,65 @@ def _submit_phases(submitter, scenario: Scenario, index: int, parts: int, run_di
 
 # ------------------------------------------------------------------------------ sampling
 
-def read_proc_memory(pid: int) -> tuple[int, int] | None:
-    """(VmRSS, VmHWM) of a process in bytes, or None when it is gone."""
+def read_memory(pid: int) -> tuple[int, int] | None:
+    """(RSS, peak RSS) of a process in bytes, or None when it is gone."""
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return None
+        rss = process.memory_info().rss
+    except psutil.Error:
+        return None
+    peak = _peak_rss(pid)
+    return rss, rss if peak is None else peak
+
+
+def _peak_rss(pid: int) -> int | None:
+    """The kernel's high-water mark of a process's RSS (VmHWM), which psutil does not give on
+    Linux: it catches a peak between two samples."""
     try:
         with open(f"/proc/{pid}/status") as f:
-            text = f.read()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    values = {}
-    for line in text.splitlines():
-        if line.startswith(("VmRSS:", "VmHWM:")):
-            key, rest = line.split(":", 1)
-            values[key] = int(rest.split()[0]) * 1024
-    if "VmRSS" not in values:
-        return None  # a zombie
-    return values["VmRSS"], values.get("VmHWM", values["VmRSS"])
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _stat_cpu_seconds(fields: list[str]) -> float:
-    """User + system CPU seconds from the fields of a /proc stat line after the ``(comm)``."""
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
-
-
-def read_proc_cpu_seconds(pid: int) -> float | None:
+def read_cpu_seconds(pid: int) -> float | None:
     """User + system CPU time a process has used, or None when it is gone."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
         return None
-    return _stat_cpu_seconds(fields)
+    return times.user + times.system
 
 
 def read_thread_cpu_seconds(pid: int) -> dict[str, float]:
-    """User + system CPU seconds of each thread of a process, by thread name (/proc's comm;
-    threads of one name summed, the first thread called "main"); empty when it is gone."""
-    out: dict[str, float] = {}
+    """User + system CPU seconds of each thread of a process, by thread name (threads of one
+    name summed, the first thread called "main"); empty when it is gone."""
     try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return out
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                text = f.read()
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue  # ended between the listing and the read
-        head, _, rest = text.rpartition(")")
-        fields = rest.split()
-        if len(fields) < 13:
-            continue
-        name = "main" if tid == str(pid) else head.partition("(")[2]
-        out[name] = out.get(name, 0.0) + _stat_cpu_seconds(fields)
+        threads = psutil.Process(pid).threads()
+    except psutil.Error:
+        return {}
+    out: dict[str, float] = {}
+    for thread in threads:
+        if thread.id == pid:
+            name = "main"
+        else:
+            try:  # psutil gives thread ids, not names
+                name = Path(f"/proc/{pid}/task/{thread.id}/comm").read_text().rstrip("\n")
+            except OSError:
+                continue  # ended since the listing
+        out[name] = out.get(name, 0.0) + thread.user_time + thread.system_time
     return out
+
+
+def read_machine_cpu_seconds() -> dict[str, float]:
+    """The whole machine's CPU seconds since boot, by kind (report.CPU_TIME_FIELDS)."""
+    times = psutil.cpu_times()._asdict()
+    return {kind: times.get(kind, 0.0) for kind in report_mod.CPU_TIME_FIELDS}
 
 
 class Sampler(threading.Thread):
@@ -261,7 +265,7 @@ class Sampler(threading.Thread):
         # label -> [(t_ms, cpu_s) first seen, (t_ms, cpu_s) last seen]
         self.cpu: dict[str, list[tuple[float, float]]] = {}
         self.pending: list[tuple[float, int | None]] = []
-        self.machine: list[tuple[float, dict[str, int]]] = []  # (t_ms, /proc/stat's cpu ticks)
+        self.machine: list[tuple[float, dict[str, float]]] = []  # (t_ms, the machine's CPU seconds)
         # (t_ms, {server label: {thread name: cpu_s}}): where each server's CPU goes
         self.threads: list[tuple[float, dict[str, dict[str, float]]]] = []
         self.errors: list[str] = []
@@ -269,17 +273,17 @@ class Sampler(threading.Thread):
 
     def sample_memory(self) -> None:
         now_ms = time.time() * 1000.0
-        self.machine.append((now_ms, _proc_stat()))
+        self.machine.append((now_ms, read_machine_cpu_seconds()))
         threads: dict[str, dict[str, float]] = {}
         self.threads.append((now_ms, threads))
         for label, pid in self.driver.server_pids().items():
             threads[label] = read_thread_cpu_seconds(pid)
-            mem = read_proc_memory(pid)
+            mem = read_memory(pid)
             if mem is None:
                 continue
             self.memory.setdefault(label, []).append((now_ms, mem[0]))
             self.hwm[label] = max(self.hwm.get(label, 0), mem[1])
-            cpu = read_proc_cpu_seconds(pid)
+            cpu = read_cpu_seconds(pid)
             if cpu is not None:
                 seen = self.cpu.setdefault(label, [(now_ms, cpu)])
                 seen[1:] = [(now_ms, cpu)]
@@ -305,10 +309,12 @@ class Sampler(threading.Thread):
 # ------------------------------------------------------------------------------- one run
 
 def machine_context() -> dict[str, Any]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
-                .splitlines() if line.startswith("model name")), platform.processor())
-    mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text()
-                  .splitlines() if line.startswith("MemTotal:"))
+    # psutil does not give the processor's model name; /proc/cpuinfo does on Linux.
+    try:
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
+                    .splitlines() if line.startswith("model name")), platform.processor())
+    except OSError:
+        cpu = platform.processor()
     try:
         commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                                 capture_output=True, text=True, timeout=5).stdout.strip()
@@ -319,16 +325,12 @@ def machine_context() -> dict[str, Any]:
         "load_average_1m_before": round(os.getloadavg()[0], 2),
         "cpu": cpu,
         "cores": os.cpu_count(),
-        "memory_gib": round(mem_kb / 2**20, 1),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "kernel": platform.release(),
         "python": platform.python_version(),
         "numpy": np.__version__,
         "git_commit": commit,
     }
-
-
-def _proc_stat() -> dict[str, int]:
-    return report_mod.parse_proc_stat(Path("/proc/stat").read_text())
 
 
 def run_driver(name: str, scenario: Scenario, args: argparse.Namespace,
@@ -440,12 +442,11 @@ def run_driver(name: str, scenario: Scenario, args: argparse.Namespace,
         sampler.stop()
         # The whole machine's cores, over the run and while its tasks fell due: a spell of the
         # host's (steal) or of other tenants' load shows here, not in any process's CPU.
-        ticks = os.sysconf("SC_CLK_TCK")
         first_due_ms = float(stream["fire_at_ms"].min()) if stream.size else t0_ms.value
         machine["cpu_during_run"] = report_mod.machine_cpu_between(
-            sampler.machine, t0_ms.value, end_ms, ticks)
+            sampler.machine, t0_ms.value, end_ms)
         machine["cpu_while_due"] = report_mod.machine_cpu_between(
-            sampler.machine, first_due_ms, horizon_ms, ticks)
+            sampler.machine, first_due_ms, horizon_ms)
         thread_cpu = report_mod.thread_cpu_between(sampler.threads, first_due_ms, horizon_ms)
         memory, hwm, cpu = sampler.memory, sampler.hwm, sampler.cpu
         pending = sampler.pending

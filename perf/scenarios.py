@@ -21,6 +21,7 @@ pending_1m     1,000,000 tasks due over the next hour, submitted as fast as the 
                them, then 30 s of a 5,000/s stream due 2-10 s out.
 top_of_minute  100,000 tasks submitted at 25,000/s, all due on the same second, 10 s after
                the run started.
+constant_10k   10,000 tasks/s with no peaks for 30 s, due 2-10 s after submission.
 fire_50k       500,000 tasks submitted as fast as taken, due evenly over the 10 s that start
                20 s after the run started: firing at 50,000/s with no submits beside it.
 =============  ==============================================================================

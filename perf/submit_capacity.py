@@ -28,7 +28,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from perf.drivers_taskwheel import READY_TIMEOUT_S, _free_port  # noqa: E402
-from perf.run_bench import machine_context, read_proc_cpu_seconds, read_thread_cpu_seconds  # noqa: E402
+from perf.run_bench import machine_context, read_cpu_seconds, read_thread_cpu_seconds  # noqa: E402
 
 REQUESTS_PER_SENDER = 20
 
@@ -96,13 +96,13 @@ def measure(senders: int, seconds: float, batch: int, server_args: list[str]) ->
         for p in procs:
             p.start()
         time.sleep(max(0.0, start_at - time.time()))
-        server_cpu0 = read_proc_cpu_seconds(server.pid) or 0.0
+        server_cpu0 = read_cpu_seconds(server.pid) or 0.0
         threads0 = read_thread_cpu_seconds(server.pid)
-        sender_cpu0 = sum(read_proc_cpu_seconds(p.pid) or 0.0 for p in procs)
+        sender_cpu0 = sum(read_cpu_seconds(p.pid) or 0.0 for p in procs)
         time.sleep(max(0.0, end_at - time.time()))
-        server_cpu = (read_proc_cpu_seconds(server.pid) or 0.0) - server_cpu0
+        server_cpu = (read_cpu_seconds(server.pid) or 0.0) - server_cpu0
         threads = read_thread_cpu_seconds(server.pid)
-        sender_cpu = sum(read_proc_cpu_seconds(p.pid) or 0.0 for p in procs) - sender_cpu0
+        sender_cpu = sum(read_cpu_seconds(p.pid) or 0.0 for p in procs) - sender_cpu0
         counts = [results.get(timeout=120) for _ in procs]
         for p in procs:
             p.join(30)

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import psutil
 from celery import Celery
 
 from perf.drivers import Driver, ReceiptLog, Submitter, receipts_dir
@@ -120,10 +121,9 @@ def free_loopback_port() -> int:
 
 def _children(pid: int) -> list[int]:
     try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
+        return sorted(child.pid for child in psutil.Process(pid).children())
+    except psutil.Error:
         return []
-    return sorted(int(p) for p in text.split())
 
 
 def _stop(proc: subprocess.Popen | None, timeout: float, group: bool = False) -> None:

@@ -3,7 +3,7 @@
 # harness starts its own instance on a free loopback port) and Celery with its Redis transport
 # in the project venv. Idempotent: each step is skipped when already satisfied.
 #
-#   perf/peers/setup.sh            # uses /work/main/.venv or $VENV
+#   perf/peers/setup.sh            # uses the checkout's .venv, or $VENV
 #   VENV=/path/to/venv perf/peers/setup.sh
 set -euo pipefail
 

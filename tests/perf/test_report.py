@@ -216,34 +216,34 @@ def test_cpu_per_task_is_cpu_seconds_over_tasks_submitted():
     assert out["timer"]["cpu_us_per_task"] == pytest.approx(100.0)
 
 
-def test_the_machines_cpu_is_read_from_proc_stats_first_line():
-    text = "cpu  100 5 50 800 10 1 2 30 0 0\ncpu0 50 2 25 400 5 0 1 15 0 0\nintr 1\n"
-    assert report.parse_proc_stat(text) == {
-        "user": 100, "nice": 5, "system": 50, "idle": 800, "iowait": 10, "irq": 1, "softirq": 2,
-        "steal": 30}
-    with pytest.raises(ValueError, match="cpu line"):
-        report.parse_proc_stat("intr 1\n")
+def test_the_machines_cpu_is_read_in_seconds_by_kind_and_only_grows():
+    from perf import run_bench
+
+    first = run_bench.read_machine_cpu_seconds()
+    second = run_bench.read_machine_cpu_seconds()
+    assert list(first) == list(report.CPU_TIME_FIELDS)
+    assert all(second[kind] >= first[kind] >= 0 for kind in report.CPU_TIME_FIELDS)
 
 
 def test_the_machines_cpu_over_a_run_is_in_cores_busy_idle_and_stolen():
-    before = report.parse_proc_stat("cpu  0 0 0 0 0 0 0 0\n")
-    after = report.parse_proc_stat("cpu  900 100 300 500 100 50 50 200\n")
-    # 10 s at 100 ticks a second: 2 cores' worth of ticks, 20 % of it stolen
-    assert report.machine_cpu(before, after, 10.0, 100) == {
+    before = dict.fromkeys(report.CPU_TIME_FIELDS, 0.0)
+    after = {"user": 9.0, "nice": 1.0, "system": 3.0, "idle": 5.0, "iowait": 1.0, "irq": 0.5,
+             "softirq": 0.5, "steal": 2.0}
+    # 10 s: 2 cores' worth of CPU seconds, 20 % of it stolen
+    assert report.machine_cpu(before, after, 10.0) == {
         "busy_cores": 1.4, "idle_cores": 0.6, "steal_cores": 0.2}
-    assert report.machine_cpu(before, after, 0.0, 100)["busy_cores"] is None
+    assert report.machine_cpu(before, after, 0.0)["busy_cores"] is None
 
 
 def test_the_machines_cpu_while_tasks_fall_due_is_taken_from_the_samples_around_that_window():
-    def at(t_ms, busy_ticks, steal_ticks):
-        return (t_ms, {**dict.fromkeys(report.PROC_STAT_FIELDS, 0), "user": busy_ticks,
-                       "steal": steal_ticks})
-    samples = [at(0, 0, 0), at(1000, 100, 0), at(2000, 250, 40), at(3000, 300, 40)]
-    window = report.machine_cpu_between(samples, 1200, 1900, 100)  # 1000-2000 ms brackets it
+    def at(t_ms, busy_s, steal_s):
+        return (t_ms, {**dict.fromkeys(report.CPU_TIME_FIELDS, 0.0), "user": busy_s, "steal": steal_s})
+    samples = [at(0, 0.0, 0.0), at(1000, 1.0, 0.0), at(2000, 2.5, 0.4), at(3000, 3.0, 0.4)]
+    window = report.machine_cpu_between(samples, 1200, 1900)  # 1000-2000 ms brackets it
     assert (window["busy_cores"], window["steal_cores"]) == (1.5, 0.4)
-    whole = report.machine_cpu_between(samples, -500, 9000, 100)  # past the ends: all of them
+    whole = report.machine_cpu_between(samples, -500, 9000)  # past the ends: all of them
     assert whole["busy_cores"] == 1.0
-    assert report.machine_cpu_between([], 0, 1, 100)["busy_cores"] is None
+    assert report.machine_cpu_between([], 0, 1)["busy_cores"] is None
 
 
 def run_report(driver, lateness_ms, lost=0):
@@ -340,3 +340,13 @@ def test_thread_cpu_is_read_per_thread_name_from_proc(monkeypatch):
         spin.join()
     assert "main" in threads and all(cpu >= 0 for cpu in threads.values())
     assert run_bench.read_thread_cpu_seconds(2**22 + 12345) == {}
+
+
+def test_a_process_memory_and_cpu_are_read_until_it_is_gone():
+    from perf import run_bench
+
+    rss, peak = run_bench.read_memory(os.getpid())
+    assert 0 < rss <= peak
+    assert run_bench.read_cpu_seconds(os.getpid()) > 0
+    assert run_bench.read_memory(2**22 + 12345) is None
+    assert run_bench.read_cpu_seconds(2**22 + 12345) is None
