@@ -3,14 +3,13 @@
 id-keyed tables are (the timer's pending ids, dispatch's finished memory).
 
 Why split: a CPython dict that outgrows its table, or whose deletes fill it with dummies, is
-rebuilt whole inside the one insert that tips it, and the event loop waits for it. One dict of
-700,000 task ids stalled a 100-insert step 36 ms on the 2-core test machine (dispatch's `_ack`
-stalled 7/15/27 ms at 87K/175K/350K finished tasks, the timer's `_admit` 7-20 ms); split 64
-ways, the worst step was 0.7 ms and the total the same or less. Each piece rebuilds on its own
-at 1/64 of the size, so the page faults of a new table come a piece at a time, too.
+rebuilt whole inside the one insert that tips it, and the event loop waits for it: tens of
+milliseconds for a dict of 700,000 task ids. Split 64 ways, each piece rebuilds on its own at
+1/64 of the size, so the longest step is a 64th of that, and the page faults of a new table
+come a piece at a time, too.
 
 The piece is picked by the hash's top six bits: the pieces' own tables index by the low bits,
-and core/leases.pyx's Bloom filter uses bits 0-53.
+and the finished memory's Bloom filter (services/dispatch/leases.pyx) uses bits 0-53.
 
 Declarations only (inline, no module of its own).
 """

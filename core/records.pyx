@@ -5,10 +5,10 @@
 A TaskRecord holds strings, integers, bytes and a dict of strings: nothing that can lead back
 to it, so it can never be part of a reference cycle, and reference counting alone frees it. The
 collector tracks it all the same (a class with __slots__ is a GC type), and a young collection
-visits each of its 17 fields, a cache miss per field: 1.3 us a record on the 2-core test
-machine, so a collection of 30,000-56,000 young objects, 80 % of them records loaded ahead of
-their due time, paused the event loop for 36-74 ms (at 10K tasks/s, with collections every
-50,000 net new objects). Untracked, a record costs the collector nothing.
+visits each of its 17 fields, a cache miss per field, about a microsecond a record: with tens
+of thousands of records loaded ahead of their due time, most of what a young collection walks,
+each collection paused the event loop for tens of milliseconds. Untracked, a record costs the
+collector nothing.
 
 Untracking is safe for any object: it is still freed by reference counting, only a cycle through
 it could no longer be found. ``untrack`` takes only objects of the types given, so a caller
@@ -57,7 +57,7 @@ def untrack_list(list objects):
     tracking it finds nothing. It only costs: a young
     collection visits every item of every young list, a cache miss per item for the lists of
     records, task ids, transitions and leases the fire path holds for milliseconds to seconds
-    (150-280K items at 50K fires/s, 10-20 ms a collection). Put only untracked objects in it
+    (hundreds of thousands of items at 50K fires/s). Put only untracked objects in it
     afterwards (records built by a RecordShape, strings, numbers, Fired)."""
     cdef Py_ssize_t i, n = len(objects)
     for i in range(n):

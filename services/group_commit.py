@@ -13,8 +13,8 @@ inserts) use it there. A store that applies calls one at a time in arrival order
 writer thread: ``Store.ordered_apply_depth``) keeps their order, so dispatch's transitions,
 whose acks must not overtake their leases, use that depth. ``overlap_at`` holds a further call
 back until that many items wait: a second call made for a few items halves the batches and
-doubles the calls (measured: p99 lateness 49 -> 89 ms at a constant 15K tasks/s), while one
-made for a backlog drains it.
+doubles the calls, which made the timer's lateness worse under load, while one made for a
+backlog drains it.
 
 ``linger_s`` spaces calls out under load: a call starts at least that long after the previous
 one started, unless ``max_batch`` items wait. A call costs the event loop a fixed ~100 us on

@@ -62,7 +62,7 @@ def encode_deliveries(list sent, list traceparents=None, RecordShape record=None
     TaskRecord has), ``delivery_id``, ``fired_at`` (ms) and ``due_ms`` (the lease's expiry, ms).
     ``traceparents``, when given, holds one str per item that replaces the record's.
     ``record``, a RecordShape of the records' type, has their fields read from their slots, and
-    an item that is a core.Fired has its own read from C.
+    an item that is a leases.Fired has its own read from C.
     """
     cdef Py_ssize_t i, n = len(sent), pos
     cdef Out out

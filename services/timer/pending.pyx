@@ -8,20 +8,20 @@ index of a free cell in a C array of record pointers (a task keeps its key while
 so a newer gen of it moves in the wheel instead of firing twice; a fired or forgotten task's
 cell is reused), the wheel gets (key, due_ms), and a dict maps each task_id to its key, to
 forget a task by name and to find it again when a newer gen comes: a dict split 64 ways
-(core/idshards.pxd), since one dict of a million pending ids, churned at 50K/s, was rebuilt
-whole inside an admit every ~450K inserts (~14 ms of the event loop).
+(core/idshards.pxd), since one dict of a million pending ids, churned at 50K/s, would be
+rebuilt whole inside one admit every few hundred thousand inserts.
 
 Why compiled, and why cells: at 50K fires/s the timer admits a slice of 50,000 records a
 second and fires as many, in due order, which is random against the order the records were
-built. Kept in the timer's Python as two dicts (key -> record, task_id -> key), that was
-15-20 % of the event loop's time, 1.2 us a record to admit and 1.6 to fire on the 2-core test
-machine, mostly cache misses: the dict entry, the int key object it holds, the record, its
+built. Kept in the timer's Python as two dicts (key -> record, task_id -> key), that was a
+sixth of the event loop's time, over a microsecond a record to admit and to fire, mostly
+cache misses: the dict entry, the int key object it holds, the record, its
 task_id string, the other dict's entry, one after the other for each record. A cell is found
 without a miss of its own, and ``fire`` works in passes over the fired batch, prefetching what
 the next pass reads (records, then their task ids), so the misses of a batch overlap instead
 of following each other.
 
-Rules (the reference model, taskwheel.core.reference.ReferencePendingTasks, states them in
+Rules (the reference model, taskwheel.timer.reference.ReferencePendingTasks, states them in
 Python, and the same tests run against both):
 * ``admit(records, skip)`` schedules each record at its ``due_ms`` unless its ``task_id`` is
   in ``skip``, or the task is held at the same or a newer ``gen`` already; it returns the

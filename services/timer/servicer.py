@@ -30,15 +30,14 @@ from taskwheel.wire import record_of_due
 
 log = logging.getLogger("taskwheel.timer")
 
-# Records admitted to the wheel per turn of the loop while a slice loads, so a slice of 50K
-# tasks does not hold the fire loop up for tens of milliseconds. A record just built on the
-# store's reader thread is cold here: chunks of 2,048 took 5-20 ms of the loop's CPU at 50K
-# fires/s (a lag probe through fire_50k), 512 a few milliseconds.
+# Records admitted to the wheel per turn of the loop while a slice loads, so that a slice of 50K
+# tasks does not hold the fire loop up: a record just built on the store's reader thread is cold
+# here, and a few thousand of them take the loop milliseconds to admit.
 ADMIT_CHUNK = 512
-# How long the fire loop may keep firing before it lets the loop's other callbacks run. Firing
-# and handing over takes a millisecond or more under load, by which time the next millisecond's
-# tasks are due, so the loop never caught up and never yielded: the deliveries it had just
-# made, and the acks of earlier ones, waited behind it (fire_50k: fire steps of 8-22 ms).
+# How long the fire loop may keep firing before it lets the loop's other callbacks run. Under
+# load, firing and handing over takes a millisecond or more, by which time the next
+# millisecond's tasks are due: without this the loop would never yield, and the deliveries it
+# made, and the acks of earlier ones, would wait behind it.
 FIRE_TURN_MS = 2
 
 
