@@ -1,5 +1,6 @@
 """Every SQL statement the embedded store runs on its tables (store.py explains them), and the
-two ways it runs them: ``transaction`` and ``Bulk``."""
+two ways it runs them: ``transaction`` and ``Bulk``. The task column lists come from
+columns.py, that is from TaskRecord's declaration."""
 from __future__ import annotations
 
 import itertools
@@ -7,11 +8,15 @@ import sqlite3
 from typing import Sequence
 
 from taskwheel.core import BUCKET_MS
-from taskwheel.stores.sqlite.columns import TASK_COLUMNS
-from taskwheel.task import TaskState
+from taskwheel.stores.sqlite.columns import BLOB_FIELDS, INSERTED_FIELDS, TASK_COLUMNS, new_task_values
+from taskwheel.task import FIELDS, TaskState
 
 DUE_COLUMNS = "shard, bucket, due_ms, gen, task_rowid"
 ENDED_COLUMNS = "due_ms, task_rowid, state, updated_ms, last_error"
+# What an ended row lays over its task row.
+_ENDED_FIELDS = ("state", "updated_ms", "last_error")
+# What a due row read with its task takes from the due row rather than the task row.
+_DUE_ROW_FIELDS = ("due_ms", "gen")
 
 
 def _floor_div_sql(column: str, divisor: int) -> str:
@@ -27,10 +32,8 @@ _FAR_BUCKET_SQL = _floor_div_sql("due_ms", FAR_BUCKET_MS)
 
 # ---- inserting tasks ----------------------------------------------------------------------
 
-# A new task is SCHEDULED (1) at gen 1, whatever the record says.
 INSERT_TASK_UNLESS_TAKEN = (
-    f"INSERT INTO tasks ({TASK_COLUMNS}) "
-    "VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+    f"INSERT INTO tasks ({TASK_COLUMNS}) VALUES ({new_task_values()}) ON CONFLICT DO NOTHING"
 )
 SELECT_KEY_HOLDER = (
     "SELECT task_id FROM tasks WHERE queue = ? AND idempotency_key = ? AND idempotency_key != ''"
@@ -71,10 +74,8 @@ DELETE_PROMOTED = "DELETE FROM due_far WHERE far_bucket = ?1 AND task_rowid <= ?
 # task row's due_ms (an ended task's row is never updated again).
 _ENDED_OF_T = "e.due_ms = t.due_ms AND e.task_rowid = t.rowid"
 # A task row with its ended row, if any, laid over it.
-_TASK_WITH_END = (
-    "t.task_id, t.shard, t.queue, t.payload, t.fire_at_ms, t.due_ms, coalesce(e.state, t.state), "
-    "t.attempt, t.max_attempts, t.gen, t.headers, t.idempotency_key, t.lease_ms, t.traceparent, "
-    "t.created_ms, coalesce(e.updated_ms, t.updated_ms), coalesce(e.last_error, t.last_error)"
+_TASK_WITH_END = ", ".join(
+    f"coalesce(e.{name}, t.{name})" if name in _ENDED_FIELDS else f"t.{name}" for name in FIELDS
 )
 SELECT_TASK = (
     f"SELECT {_TASK_WITH_END} FROM tasks AS t LEFT JOIN ended AS e ON {_ENDED_OF_T} "
@@ -91,10 +92,9 @@ _LIVE = (
 # Due rows not promoted yet are read from due_far in the same statement, so one snapshot: a
 # promotion moves rows in one transaction, and a read sees each row in one table or the other.
 # Once promoted, the far part is one index probe that finds nothing.
-_DUE_RECORD_COLUMNS = """
-SELECT t.task_id, t.shard, t.queue, t.payload, t.fire_at_ms, d.due_ms, t.state, t.attempt,
-       t.max_attempts, d.gen, t.headers, t.idempotency_key, t.lease_ms, t.traceparent,
-       t.created_ms, t.updated_ms, t.last_error"""
+_DUE_RECORD_COLUMNS = "\nSELECT " + ", ".join(
+    f"d.{name}" if name in _DUE_ROW_FIELDS else f"t.{name}" for name in FIELDS
+)
 SELECT_DUE = f"""{_DUE_RECORD_COLUMNS}
 FROM due AS d JOIN tasks AS t ON t.rowid = d.task_rowid
 WHERE d.shard = ?1 AND d.bucket >= ?2 AND d.bucket <= ?3 AND d.due_ms >= ?4 AND d.due_ms < ?5
@@ -106,11 +106,10 @@ WHERE d.far_bucket >= ?6 AND d.far_bucket <= ?7 AND d.shard = ?1 AND d.due_ms >=
 """
 # The same rows as one JSON array, in one statement step (see Bulk for why steps are counted),
 # for a Python whose sqlite3 module has its own copy of SQLite, where the core's SqliteReader,
-# which reads SELECT_DUE without the GIL, must not be used. Payloads travel as hex.
+# which reads SELECT_DUE without the GIL, must not be used. Blobs travel as hex.
+_DUE_RECORD_JSON = ", ".join(f"hex({name})" if name in BLOB_FIELDS else name for name in FIELDS)
 SELECT_DUE_JSON = f"""
-SELECT json_group_array(json_array(task_id, shard, queue, hex(payload), fire_at_ms, due_ms, state,
-       attempt, max_attempts, gen, headers, idempotency_key, lease_ms, traceparent, created_ms,
-       updated_ms, last_error))
+SELECT json_group_array(json_array({_DUE_RECORD_JSON}))
 FROM ({SELECT_DUE})
 """
 SELECT_CHECKPOINT = "SELECT ms FROM checkpoints WHERE shard = ?"
@@ -230,13 +229,12 @@ class Bulk:
 
 
 _BULK_ROWS = (16, 256)
-# Rows of INSERT_TASK_UNLESS_TAKEN's parameters.
+_INSERTED_VALUES = new_task_values([f"column{i}" for i in range(1, len(INSERTED_FIELDS) + 1)])
+# Rows of columns.insert_rows.
 insert_tasks = Bulk(
-    f"INSERT INTO tasks ({TASK_COLUMNS}) "
-    "SELECT column1, column2, column3, column4, column5, column6, 1, column7, column8, 1, "
-    "column9, column10, column11, column12, column13, column14, column15 "
+    f"INSERT INTO tasks ({TASK_COLUMNS}) SELECT {_INSERTED_VALUES} "
     "FROM (VALUES {values}) WHERE column1 IS NOT NULL ON CONFLICT DO NOTHING",
-    15,
+    len(INSERTED_FIELDS),
 )
 # (shard, bucket, due_ms, gen, task_rowid)
 insert_due = Bulk(

@@ -1,9 +1,9 @@
 """The embedded store: one SQLite file in WAL mode, laid out the way the Cassandra store is.
 
 The package's files: schema.sql (the tables), migrations.py (older files upgraded to it),
-columns.py (the task columns and records), queries.py (every statement), threads.py (the
-checkpointer and the store's threads), rows.pyx (load_due's compiled reader), and this file,
-the Store.
+columns.py (the task columns, derived from TaskRecord's declaration), queries.py (every
+statement), threads.py (the checkpointer and the store's threads), rows.pyx (load_due's
+compiled reader), and this file, the Store.
 
 Tables (see base.py for the semantics every store shares):
 
@@ -36,10 +36,11 @@ Tables (see base.py for the semantics every store shares):
                  statement, one snapshot, and a chunk moves in one transaction, so a read sees
                  each row once, promoted or not.
 ``tasks``        by task_id (unique index): current gen, state, attempt, due_ms, the spec and
-                 the bookkeeping. A due row is live when ``tasks.gen`` equals its gen, the
-                 state is SCHEDULED or LEASED and the task has not ended; ``load_due`` joins on
-                 that (through the due row's ``task_rowid``) instead of deleting superseded
-                 rows. Time-ordered task ids keep this index append-only too.
+                 the bookkeeping: TaskRecord's fields (taskwheel.task). A due row is live when
+                 ``tasks.gen`` equals its gen, the state is SCHEDULED or LEASED and the task
+                 has not ended; ``load_due`` joins on that (through the due row's
+                 ``task_rowid``) instead of deleting superseded rows. Time-ordered task ids
+                 keep this index append-only too.
 ``ended``        (due_ms, task rowid) -> final state, updated_ms, last_error, for tasks ended
                  by a SUCCEED or FAIL: a narrow row instead of rewriting the wide task row.
                  Tasks end in fire order, which is random against insert order, so each
@@ -95,7 +96,7 @@ from taskwheel.clock import now_ms
 from taskwheel.core import BUCKET_MS, bucket_of
 from taskwheel.stores.base import AlreadyEnded, InsertOutcome, Store, StoreUnavailable, Transition, TransitionKind
 from taskwheel.stores.sqlite.columns import (
-    STATES, TASK_RECORD, decode_json, encode_json, encode_headers, record,
+    JSON_TASK_RECORD, STATES, TASK_RECORD, decode_json, encode_json, insert_rows, record,
 )
 from taskwheel.stores.sqlite.migrations import SCHEMA_VERSION, create_or_upgrade
 from taskwheel.stores.sqlite.queries import (
@@ -375,16 +376,10 @@ class SqliteStore(Store):
 
     def _insert(self, tasks: Sequence[TaskRecord]) -> list[InsertOutcome]:
         n_shards = self.num_shards
-        rows = []
         for t in tasks:
             if not 0 <= t.shard < n_shards:
                 raise ValueError(f"task {t.task_id}: shard {t.shard} outside 0..{n_shards - 1}")
-            rows.append((
-                t.task_id, t.shard, t.queue, t.payload, t.fire_at_ms, t.due_ms, t.attempt,
-                t.max_attempts, encode_headers(t.headers) if t.headers else "",
-                t.idempotency_key, t.lease_ms, t.traceparent, t.created_ms, t.updated_ms,
-                t.last_error,
-            ))
+        rows = insert_rows(tasks)
         conn = self._conn_w()
         with transaction(conn):
             # Rowids grow, and this transaction holds the write lock: every task row it adds
@@ -694,9 +689,7 @@ class SqliteStore(Store):
         if self._due_reader is not None:
             return self._due_reader.records(params, TASK_RECORD)
         rows = decode_json(self._conn_r().execute(SELECT_DUE_JSON, params).fetchone()[0])
-        for row in rows:
-            row[3] = bytes.fromhex(row[3])
-        return [record(row) for row in rows]
+        return [JSON_TASK_RECORD.build(row) for row in rows]
 
     async def load_checkpoint(self, shard: int) -> int:
         self._check_shard(shard)
