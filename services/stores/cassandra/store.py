@@ -33,6 +33,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import operator
 import string
 import struct
 from collections import defaultdict
@@ -66,9 +67,9 @@ from cassandra.query import (
 )
 
 from taskwheel.clock import now_ms
-from taskwheel.core import BUCKET_MS, bucket_of, group_by
+from taskwheel.core import BUCKET_MS, RecordShape, bucket_of, group_by
 from taskwheel.stores.base import AlreadyEnded, InsertOutcome, Store, StoreUnavailable, Transition, TransitionKind
-from taskwheel.task import TERMINAL_STATES, TaskRecord, TaskState, untracked
+from taskwheel.task import COLUMNS, FIELDS, TERMINAL_STATES, TaskRecord, TaskState, untracked
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +105,16 @@ _LIVE_STATES = (int(TaskState.SCHEDULED), int(TaskState.LEASED))
 _TERMINAL = frozenset(int(s) for s in TERMINAL_STATES)
 _STATES = {int(s): s for s in TaskState}
 
-_TASK_COLUMNS = (
-    "task_id, shard, queue, payload, fire_at_ms, due_ms, state, attempt, max_attempts, gen, "
-    "headers, idempotency_key, lease_ms, traceparent, created_ms, updated_ms, last_error"
-)
+# The columns of a tasks row and a due row (which has its bucket too) are TaskRecord's fields,
+# in their order: _values_with builds a row's values from a record, and _record a record from
+# a row read.
+_TASK_COLUMNS = ", ".join(FIELDS)
+_TASK_MARKERS = ", ".join("?" * len(FIELDS))
+_TASK_ID_AT, _DUE_MS_AT, _STATE_AT, _GEN_AT = (
+    FIELDS.index(name) for name in ("task_id", "due_ms", "state", "gen"))
 _CQL = {
     "insert_task": (
-        "INSERT INTO {ks}.tasks (task_id, shard, queue, payload, fire_at_ms, max_attempts, "
-        "headers, idempotency_key, lease_ms, traceparent, created_ms, gen, state, attempt, due_ms, "
-        "updated_ms, last_error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        f"INSERT INTO {{ks}}.tasks ({_TASK_COLUMNS}) VALUES ({_TASK_MARKERS}) "
         "USING TTL ? AND TIMESTAMP ?"
     ),
     "update_task": (
@@ -126,16 +128,10 @@ _CQL = {
     ),
     "select_exists": "SELECT state FROM {ks}.tasks WHERE task_id = ?",
     "insert_due": (
-        "INSERT INTO {ks}.due (shard, bucket, due_ms, task_id, gen, state, queue, payload, "
-        "fire_at_ms, attempt, max_attempts, headers, idempotency_key, lease_ms, traceparent, "
-        "created_ms, updated_ms, last_error) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?"
+        f"INSERT INTO {{ks}}.due (bucket, {_TASK_COLUMNS}) VALUES (?, {_TASK_MARKERS}) USING TTL ?"
     ),
-    # Columns in TaskRecord order, so one function builds records from both SELECTs.
     "select_due": (
-        "SELECT task_id, shard, queue, payload, fire_at_ms, due_ms, state, attempt, "
-        "max_attempts, gen, headers, idempotency_key, lease_ms, traceparent, created_ms, "
-        "updated_ms, last_error FROM {ks}.due "
+        f"SELECT {_TASK_COLUMNS} FROM {{ks}}.due "
         "WHERE shard = ? AND bucket = ? AND due_ms >= ? AND due_ms < ?"
     ),
     "insert_done": (
@@ -543,23 +539,15 @@ class CassandraStore(Store):
                 continue
             outcomes[i] = InsertOutcome(t.task_id)
             stored += 1
-            headers = t.headers or None
+            values = _new_task_values(t, gen=1, state=int(TaskState.SCHEDULED))
             ttl = self._ttl_s(t.due_ms, now)
             size = _row_size(t)
             task_rows.append((
                 self._replica_of(t.task_id), "insert_task",
-                (t.task_id, t.shard, t.queue, t.payload, t.fire_at_ms, t.max_attempts, headers,
-                 t.idempotency_key, t.lease_ms, t.traceparent, t.created_ms, 1,
-                 int(TaskState.SCHEDULED), t.attempt, t.due_ms, t.updated_ms, t.last_error,
-                 ttl, _version(0, _RANK_INSERT)),
-                size,
+                (*values, ttl, _version(0, _RANK_INSERT)), size,
             ))
             due_rows.append((
-                (t.shard, bucket_of(t.due_ms)), "insert_due",
-                (t.shard, bucket_of(t.due_ms), t.due_ms, t.task_id, 1, int(TaskState.SCHEDULED),
-                 t.queue, t.payload, t.fire_at_ms, t.attempt, t.max_attempts, headers,
-                 t.idempotency_key, t.lease_ms, t.traceparent, t.created_ms, t.updated_ms,
-                 t.last_error, ttl),
+                (t.shard, bucket_of(t.due_ms)), "insert_due", (bucket_of(t.due_ms), *values, ttl),
                 size,
             ))
         if stored:
@@ -607,7 +595,7 @@ class CassandraStore(Store):
 
     async def get(self, task_id: str) -> TaskRecord | None:
         rows = await self._execute(self._bind("select_task", (task_id,)), self._cl["get"])
-        if not rows or rows[0][6] is None:  # no row, or only cells outliving an ended task
+        if not rows or rows[0][_STATE_AT] is None:  # no row, or only cells outliving an ended task
             return None
         return _record(rows[0])
 
@@ -628,7 +616,7 @@ class CassandraStore(Store):
             due_rows, done_rows = results[i], results[i + 1]
             done = set(done_rows)  # (due_ms, task_id, gen)
             for row in due_rows:
-                if (row[5], row[0], row[9]) not in done:
+                if (row[_DUE_MS_AT], row[_TASK_ID_AT], row[_GEN_AT]) not in done:
                     records.append(_record(row))
         # Rows written by a transition can lose a race without a marker (a lease beside an
         # ack of the same gen, docs/cassandra.md): unmarked ones, redeliveries and retries in
@@ -729,27 +717,22 @@ class CassandraStore(Store):
                                 else TaskState.SCHEDULED)
                 error = t.error if kind == TransitionKind.RETRY else cur[4]
                 cur[:] = [gen + 1, new_state, t.attempt, t.due_ms, error]
-                headers = task.headers or None
+                values = _next_row_values(
+                    task, task_id=t.task_id, shard=t.shard, due_ms=t.due_ms, gen=gen + 1,
+                    state=new_state, attempt=t.attempt, updated_ms=now_ms, last_error=error,
+                )
                 size = _row_size(task)
                 ttl = self._ttl_s(t.due_ms, now_ms)
                 due_rows.append((
                     (t.shard, bucket_of(t.due_ms)), "insert_due",
-                    (t.shard, bucket_of(t.due_ms), t.due_ms, t.task_id, gen + 1, new_state,
-                     task.queue, task.payload, task.fire_at_ms, t.attempt, task.max_attempts,
-                     headers, task.idempotency_key, task.lease_ms, task.traceparent,
-                     task.created_ms, now_ms, error, ttl),
-                    size,
+                    (bucket_of(t.due_ms), *values, ttl), size,
                 ))
                 if kind == TransitionKind.RETRY:
                     # A retry may lie far ahead: rewrite the whole row so that every cell's
                     # TTL covers the new due time. A lease only moves due_ms by the lease.
                     task_rows.append((
                         self._replica_of(t.task_id), "insert_task",
-                        (t.task_id, t.shard, task.queue, task.payload, task.fire_at_ms,
-                         task.max_attempts, headers, task.idempotency_key, task.lease_ms,
-                         task.traceparent, task.created_ms, gen + 1, new_state, t.attempt,
-                         t.due_ms, now_ms, error, ttl, _version(gen, _RANK[kind])),
-                        size,
+                        (*values, ttl, _version(gen, _RANK[kind])), size,
                     ))
                     row_written = True
                 else:
@@ -869,21 +852,78 @@ def _reject(future: asyncio.Future, exc: BaseException) -> None:
         future.set_exception(exc)
 
 
+def _maps(cql: str) -> bool:
+    return cql.startswith("frozen<map<")
+
+
+def _values_with(*changed: str) -> Callable[..., tuple]:
+    """``values(t, **changed)``: the values of ``t``'s columns in a tasks or due row, in FIELDS
+    order, with the ``changed`` fields' values given instead of t's; an empty map goes as None,
+    that is unset. Generated from the field list, as dataclasses generates ``__init__``: it
+    runs once a row inserted or rescheduled, and reads each field as directly as code written
+    out by hand."""
+    values = ", ".join(
+        name if name in changed else f"(t.{name} or None)" if _maps(COLUMNS[name].cql) else f"t.{name}"
+        for name in FIELDS
+    )
+    namespace: dict[str, Any] = {}
+    exec(f"def values(t, {', '.join(changed)}):\n    return ({values},)\n", namespace)
+    return namespace["values"]
+
+
+# A new task's rows: SCHEDULED at gen 1 whatever its record says.
+_new_task_values = _values_with("gen", "state")
+# A task's next due row (lease, retry): the transition's task, due time and attempt, the new gen
+# and state, and when and why.
+_next_row_values = _values_with(
+    "task_id", "shard", "due_ms", "gen", "state", "attempt", "updated_ms", "last_error")
+# Fields whose size varies with the task (text and blobs; maps are counted apart).
+_sized_fields_of = operator.attrgetter(*(name for name in FIELDS if COLUMNS[name].cql in ("text", "blob")))
+
+
 def _row_size(t: TaskRecord) -> int:
-    """Estimated batch bytes of a full due or tasks row (18 cells) of this task."""
-    size = (len(t.payload) + 2 * len(t.task_id) + len(t.queue) + len(t.idempotency_key)
-            + len(t.traceparent) + len(t.last_error) + 18 * _CELL_OVERHEAD + 64)
+    """Estimated batch bytes of a full due row or tasks row (a cell a field, and the bucket) of
+    this task; its task_id counts twice, as the row's key as well."""
+    size = (sum(map(len, _sized_fields_of(t))) + len(t.task_id)
+            + (len(FIELDS) + 1) * _CELL_OVERHEAD + 64)
     if t.headers:
         size += sum(len(k) + len(v) + 8 for k, v in t.headers.items())
     return size
 
 
-def _record(row: tuple) -> TaskRecord:
-    return TaskRecord(
-        row[0], row[1], row[2], row[3] or b"", row[4], row[5], _STATES[row[6]], row[7], row[8],
-        row[9], dict(row[10]) if row[10] else {}, row[11] or "", row[12], row[13] or "",
-        row[14], row[15], row[16] or "",
-    )
+def _dict_or_empty(value: Any) -> dict[str, str]:
+    return dict(value) if value else {}
+
+
+def _or_empty(value: Any) -> Any:
+    return value or ""
+
+
+def _or_empty_bytes(value: Any) -> Any:
+    return value or b""
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TaskRecord)}
+
+
+def _read_as(name: str) -> Any:
+    """How a cell of field ``name`` becomes the record's value. A null cell (a column added
+    after its row was written, or one that expired before the rest of the row) reads as empty
+    where the field may be empty: the payload, the headers, and text with "" for default."""
+    if name == "state":
+        return _STATES
+    cql = COLUMNS[name].cql
+    if _maps(cql):
+        return _dict_or_empty
+    if cql == "blob":
+        return _or_empty_bytes
+    if cql == "text" and _DEFAULTS[name] == "":
+        return _or_empty
+    return None
+
+
+# A row of select_task or select_due as a record, built from C (core.RecordShape).
+_record = RecordShape(TaskRecord, FIELDS, [_read_as(name) for name in FIELDS]).build
 
 
 __all__ = ["CassandraOptions", "CassandraStore"]

@@ -1,5 +1,10 @@
 """The embedded store: one SQLite file in WAL mode, laid out the way the Cassandra store is.
 
+The package's files: schema.sql (the tables), migrations.py (older files upgraded to it),
+columns.py (the task columns, derived from TaskRecord's declaration), queries.py (every
+statement), threads.py (the checkpointer and the store's threads), rows.pyx (load_due's
+compiled reader), and this file, the Store.
+
 Tables (see base.py for the semantics every store shares):
 
 ``due``          one row per (task, gen): shard, minute bucket, due_ms, gen and the task's
@@ -12,49 +17,44 @@ Tables (see base.py for the semantics every store shares):
                  ``load_due`` returns them in that order (the timer's wheel orders them). Why
                  not cluster by due_ms as Cassandra does: in a B-tree that makes every insert
                  land on a random page, and SQLite writes each touched page to the WAL on
-                 commit. Appending at the tail of each active partition instead made inserts
-                 2.5x faster (500,000 tasks due over 10 minutes, batches of 1000), while a read
-                 stays one range per bucket. Why not by second, so that a one-second slice
-                 skips nothing: 16 shards x 3,000 seconds of a 50-minute spread are 48,000
-                 tails instead of 800, too many pages to keep hot; 1M tasks inserted 22 -> 30 us
-                 each, on the writer thread that bounds submits, for a read 30-50 % cheaper on
-                 the reader's (tried, measured and reverted).
+                 commit; appending at the tail of each active partition makes inserts about
+                 2.5x cheaper, while a read stays one range per bucket. Why not by second, so
+                 that a one-second slice skips nothing: 16 shards x 3,000 seconds of a
+                 50-minute spread are 48,000 tails instead of 800, too many pages to keep hot:
+                 inserts (on the writer thread, which bounds submits) would cost a third more,
+                 for a read 30-50 % cheaper on the reader's.
 ``due_far``      the due rows of new tasks due at or after the first far bucket (5 minutes of
                  due times, every shard's) that starts PROMOTE_LEAD_MS or more ahead, keyed by
                  (far bucket, task rowid, gen): insertion order within a far bucket, so tasks
                  due over an hour are appended at 12 points instead of scattered over 16 x 60
-                 partition tails, about one dirtied page per task in a batch of 1,000 (200,000
-                 tasks due over 1 h: 11.9 -> 5.6 us of the writer and 2.3 -> 0.6 KB written a
-                 task, as cheap as tasks due within two minutes). The promoter (``promote``)
-                 moves a far bucket into ``due`` once it starts less than PROMOTE_LEAD_MS
-                 ahead, in chunks of insertion order, each sorted by ``due``'s key so it is
-                 written as runs (1.8 us and 0.15 KB a task, later). ``load_due`` reads both
-                 tables in one statement, one snapshot, and a chunk moves in one transaction,
-                 so a read sees each row once, promoted or not.
+                 partition tails, about one dirtied page per task in a batch of 1,000: such
+                 tasks cost the writer half the time and a quarter of the bytes they cost in
+                 ``due``, as little as tasks due within two minutes. The promoter
+                 (``promote``) moves a far bucket into ``due`` once it starts less than
+                 PROMOTE_LEAD_MS ahead, in chunks of insertion order, each sorted by ``due``'s
+                 key so it is written as runs. ``load_due`` reads both tables in one
+                 statement, one snapshot, and a chunk moves in one transaction, so a read sees
+                 each row once, promoted or not.
 ``tasks``        by task_id (unique index): current gen, state, attempt, due_ms, the spec and
-                 the bookkeeping. A due row is live when ``tasks.gen`` equals its gen, the
-                 state is SCHEDULED or LEASED and the task has not ended; ``load_due`` joins on
-                 that (through the due row's ``task_rowid``) instead of deleting superseded
-                 rows. Time-ordered task ids keep this index append-only too.
+                 the bookkeeping: TaskRecord's fields (taskwheel.task). A due row is live when
+                 ``tasks.gen`` equals its gen, the state is SCHEDULED or LEASED and the task
+                 has not ended; ``load_due`` joins on that (through the due row's
+                 ``task_rowid``) instead of deleting superseded rows. Time-ordered task ids
+                 keep this index append-only too.
 ``ended``        (due_ms, task rowid) -> final state, updated_ms, last_error, for tasks ended
                  by a SUCCEED or FAIL: a narrow row instead of rewriting the wide task row.
                  Tasks end in fire order, which is random against insert order, so each
-                 rewrite dirtied a page of ``tasks`` of its own (16 us per ack at 400K tasks;
-                 7 here). Keyed by the due time of the row the task ended at (its task row's
-                 due_ms, never updated after), so acks land at the tail of the B-tree; keyed by
-                 rowid (version 2) each landed on a page of its own, and a commit of 2,048 acks
-                 wrote ~1,300 pages to the WAL: 11 us per ack against 5 (500K tasks due over
-                 10 s, acked in due order). Readers take a task's state, updated_ms and
-                 last_error from here when present.
+                 rewrite would dirty a page of ``tasks`` of its own; a narrow row halves the
+                 cost of an ack. Keyed by the due time of the row the task ended at (its task
+                 row's due_ms, never updated after), so acks land at the tail of the B-tree;
+                 keyed by rowid, each would land on a page of its own, and an ack would cost
+                 twice as much. Readers take a task's state, updated_ms and last_error from
+                 here when present.
 ``tasks_idem``   unique (queue, idempotency_key), partial: tasks without a key cost nothing.
 ``checkpoints``  shard -> ms, only ever raised.
 ``state_counts`` state -> number of tasks, changed in the same transaction as the tasks, so
                  ``counts()`` reads 5 rows instead of scanning every task.
-``meta``         created_ms, num_shards, schema_version (2 added ``ended`` and narrowed
-                 ``due`` to the task's rowid, clustered by partition; 4 keyed ``ended`` by
-                 due time; 5 added ``due_far``; 1, 2 and 4 are upgraded when opened, in one
-                 transaction that holds the write lock ~1.3 s per million ended tasks; 3, a
-                 layout tried and reverted, is refused).
+``meta``         created_ms, num_shards, schema_version (migrations.py has the versions).
 
 Threading: all writes run on ONE writer thread that owns the write connection, so the event
 loop never blocks on disk and this process never contends with itself for SQLite's write lock.
@@ -67,8 +67,8 @@ come in, so commits never pay for it. The three run ``thread_nice`` (5) below th
 priority: when the cores are busy the kernel runs the event loop first, and the store's
 threads, whose work has slack (a slice is read a second or more before it is due, acks are
 group commits), take what is left. They hold the GIL only for short stretches, so a
-descheduled one rarely keeps the loop from it. fire_50k alternating 0 and 5 on a slow spell:
-p99 217/354/160 ms against 161/86/136, p50 19-21 against 4-8 ms (10 gave no more).
+descheduled one rarely keeps the loop from it. With the cores saturated, this cut the median
+fire latency of the fire benchmark from about 20 ms to under 10.
 
 Durability: every write is one transaction, committed before the coroutine returns. With
 ``synchronous=normal`` (the default) a commit is in the WAL file when it returns, which survives
@@ -87,198 +87,44 @@ import asyncio
 import collections
 import concurrent.futures
 import itertools
-import json
 import logging
 import os
-import re
 import sqlite3
-import sys
-import threading
-import time
-from importlib import resources
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from taskwheel.clock import now_ms
-from taskwheel.core import BUCKET_MS, RecordShape, bucket_of
+from taskwheel.core import BUCKET_MS, bucket_of
 from taskwheel.stores.base import AlreadyEnded, InsertOutcome, Store, StoreUnavailable, Transition, TransitionKind
+from taskwheel.stores.sqlite.columns import (
+    JSON_TASK_RECORD, STATES, TASK_RECORD, decode_json, encode_json, insert_rows, record,
+)
+from taskwheel.stores.sqlite.migrations import SCHEMA_VERSION, create_or_upgrade
+from taskwheel.stores.sqlite.queries import (
+    ADD_COUNT, CANCEL_TASK, COPY_DUE_FAR_ROWS, COPY_DUE_ROWS, DEAD_DUE_IN_BUCKET, DELETE_DUE_ROW,
+    DELETE_PROMOTED, FAR_BUCKET_MS, FIND_SUCCEEDING, FIRST_FAR_BUCKET, INSERT_SUCCEEDED,
+    INSERT_TASK_UNLESS_TAKEN, MAX_TASK_ROWID, NEXT_BUCKET, PROMOTE_CHUNK_END, PROMOTE_ROWS,
+    SAVE_CHECKPOINT, SELECT_CHECKPOINT, SELECT_COUNTS, SELECT_CURRENT, SELECT_DUE, SELECT_DUE_JSON,
+    SELECT_KEY_HOLDER, SELECT_TASK, insert_due, insert_ended, insert_tasks, transaction,
+    update_tasks,
+)
 from taskwheel.stores.sqlite.rows import SqliteReader, SqliteReadError, same_sqlite_as_python
+from taskwheel.stores.sqlite.threads import Checkpointer, Every, configure_wal, start_store_thread
 from taskwheel.task import TERMINAL_STATES, TaskRecord, TaskState
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 5  # 3 was a layout of due rows by second, tried for a day and reverted
 _MIN_SQLITE = (3, 38, 0)  # JSON functions built in by default; UPDATE ... FROM since 3.33
-
-# schema.sql, the current layout: run whole on every open, and table by table by the upgrades.
-_SCHEMA = resources.files(__package__).joinpath("schema.sql").read_text()
-
-
-def _creating(table: str) -> str:
-    """The statement of schema.sql that creates ``table``."""
-    for statement in _SCHEMA.split(";"):
-        if re.search(r"CREATE TABLE IF NOT EXISTS %s \(" % table, statement):
-            return statement
-    raise KeyError(table)
-
-
-# Column order of both SELECTs below is TaskRecord's field order, so one function builds records.
-_TASK_COLUMNS = (
-    "task_id, shard, queue, payload, fire_at_ms, due_ms, state, attempt, max_attempts, gen, "
-    "headers, idempotency_key, lease_ms, traceparent, created_ms, updated_ms, last_error"
-)
-# A new task is SCHEDULED (1) at gen 1, whatever the record says.
-_INSERT_TASK_UNLESS_TAKEN = (
-    f"INSERT INTO tasks ({_TASK_COLUMNS}) "
-    "VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
-)
-_DUE_COLUMNS = "shard, bucket, due_ms, gen, task_rowid"
-
-
-def _floor_div_sql(column: str, divisor: int) -> str:
-    # SQLite's integer division truncates toward zero; buckets are floor(due_ms / size).
-    return f"CASE WHEN {column} >= 0 THEN {column} / {divisor} ELSE -((-{column} + {divisor - 1}) / {divisor}) END"
-
-
-_BUCKET_SQL = _floor_div_sql("due_ms", BUCKET_MS)
-# A far bucket is FAR_BUCKET_MS of due times, every shard's: an hour of them is 12 insertion
-# points in due_far, where ``due`` has 16 x 60 (see the module's docstring).
-FAR_BUCKET_MS = 5 * BUCKET_MS
-_FAR_BUCKET_SQL = _floor_div_sql("due_ms", FAR_BUCKET_MS)
 # The promoter moves a far bucket into ``due`` once it starts less than this ahead of the
 # clock: well before the timer reads it (lookahead_ms, seconds), with time to spare for a
 # promoter that runs every promote_every_s and moves a bucket in chunks of _PROMOTE_CHUNK.
 PROMOTE_LEAD_MS = 60_000
 _PROMOTE_CHUNK = 5000  # due rows moved per transaction, so inserts wait for it a few ms at most
-# A new task's due row goes to ``due`` when it is due before ?2, the start of the first far
-# bucket the promoter has not reached (see _far_from_ms), and to ``due_far`` otherwise.
-_COPY_DUE_ROWS = f"""
-INSERT INTO due ({_DUE_COLUMNS})
-SELECT shard, {_BUCKET_SQL}, due_ms, gen, rowid FROM tasks WHERE rowid > ?1 AND due_ms < ?2
-"""
-_COPY_DUE_FAR_ROWS = f"""
-INSERT INTO due_far (far_bucket, task_rowid, gen, shard, due_ms)
-SELECT {_FAR_BUCKET_SQL}, rowid, gen, shard, due_ms FROM tasks WHERE rowid > ?1 AND due_ms >= ?2
-"""
-# One chunk of a far bucket's rows, in insertion order: ?1 the far bucket, ?2 the last task
-# rowid of the chunk. Copied into ``due`` sorted by its key, so each partition's rows are
-# written as one run, then deleted from ``due_far`` as one range.
-_PROMOTE_CHUNK_END = (
-    "SELECT max(task_rowid) FROM "
-    "(SELECT task_rowid FROM due_far WHERE far_bucket = ?1 ORDER BY task_rowid LIMIT ?2)"
-)
-_PROMOTE_ROWS = f"""
-INSERT INTO due ({_DUE_COLUMNS})
-SELECT shard, {_BUCKET_SQL}, due_ms, gen, task_rowid FROM due_far
-WHERE far_bucket = ?1 AND task_rowid <= ?2
-ORDER BY 1, 2, 5, 4
-"""
-_DELETE_PROMOTED = "DELETE FROM due_far WHERE far_bucket = ?1 AND task_rowid <= ?2"
-# A task's ended row, if any: keyed by the due time of the row it ended at, which stays the
-# task row's due_ms (an ended task's row is never updated again).
-_ENDED_OF_T = "e.due_ms = t.due_ms AND e.task_rowid = t.rowid"
-# A task row with its ended row, if any, laid over it.
-_TASK_WITH_END = (
-    "t.task_id, t.shard, t.queue, t.payload, t.fire_at_ms, t.due_ms, coalesce(e.state, t.state), "
-    "t.attempt, t.max_attempts, t.gen, t.headers, t.idempotency_key, t.lease_ms, t.traceparent, "
-    "t.created_ms, coalesce(e.updated_ms, t.updated_ms), coalesce(e.last_error, t.last_error)"
-)
-_SELECT_TASK = (
-    f"SELECT {_TASK_WITH_END} FROM tasks AS t LEFT JOIN ended AS e ON {_ENDED_OF_T} "
-    "WHERE t.task_id = ?"
-)
-_LIVE = (
-    f"t.state IN ({int(TaskState.SCHEDULED)}, {int(TaskState.LEASED)}) "
-    f"AND NOT EXISTS (SELECT 1 FROM ended AS e WHERE {_ENDED_OF_T})"
-)
-# The bucket bounds pick the partitions, due_ms is filtered inside the index, and only the rows
-# in range are fetched and joined, in no particular order: sorting the wide joined rows by
-# (due_ms, task_id) was a quarter to a third of the read, and the timer's wheel orders them.
-# A live due row's gen is its task's, so its due_ms and attempt are the task row's too.
-# Due rows not promoted yet are read from due_far in the same statement, so one snapshot: a
-# promotion moves rows in one transaction, and a read sees each row in one table or the other.
-# Once promoted, the far part is one index probe that finds nothing.
-_DUE_RECORD_COLUMNS = """
-SELECT t.task_id, t.shard, t.queue, t.payload, t.fire_at_ms, d.due_ms, t.state, t.attempt,
-       t.max_attempts, d.gen, t.headers, t.idempotency_key, t.lease_ms, t.traceparent,
-       t.created_ms, t.updated_ms, t.last_error"""
-_SELECT_DUE = f"""{_DUE_RECORD_COLUMNS}
-FROM due AS d JOIN tasks AS t ON t.rowid = d.task_rowid
-WHERE d.shard = ?1 AND d.bucket >= ?2 AND d.bucket <= ?3 AND d.due_ms >= ?4 AND d.due_ms < ?5
-  AND d.gen = t.gen AND {_LIVE}
-UNION ALL{_DUE_RECORD_COLUMNS}
-FROM due_far AS d JOIN tasks AS t ON t.rowid = d.task_rowid
-WHERE d.far_bucket >= ?6 AND d.far_bucket <= ?7 AND d.shard = ?1 AND d.due_ms >= ?4
-  AND d.due_ms < ?5 AND d.gen = t.gen AND {_LIVE}
-"""
-# The same rows as one JSON array, in one statement step (see _Bulk for why steps are counted),
-# for a Python whose sqlite3 module has its own copy of SQLite, where the core's SqliteReader,
-# which reads _SELECT_DUE without the GIL, must not be used. Payloads travel as hex.
-_SELECT_DUE_JSON = f"""
-SELECT json_group_array(json_array(task_id, shard, queue, hex(payload), fire_at_ms, due_ms, state,
-       attempt, max_attempts, gen, headers, idempotency_key, lease_ms, traceparent, created_ms,
-       updated_ms, last_error))
-FROM ({_SELECT_DUE})
-"""
-_ADD_COUNT = "UPDATE state_counts SET n = n + ? WHERE state = ?"
-# The current state of the tasks named in a JSON array, as one JSON array of rows.
-_SELECT_CURRENT = (
-    "SELECT json_group_array(json_array(t.task_id, t.gen, coalesce(e.state, t.state), t.attempt, "
-    "t.due_ms, coalesce(e.last_error, t.last_error), t.rowid)) "
-    f"FROM tasks AS t LEFT JOIN ended AS e ON {_ENDED_OF_T} "
-    "WHERE t.task_id IN (SELECT value FROM json_each(?))"
-)
-# The acks of tasks named once in a batch, settled in two statements with no Python per task:
-# ?1 the task ids, ?2 the gens they expect (JSON arrays of the same length). The first finds
-# the live ones whose gen matches: their positions in ?1 and their rowids (in the order of the
-# ended rows they get, so neighbouring ones share pages) and how many were SCHEDULED and
-# LEASED; the second writes their ended rows from that rowid array, keeping each last error.
-_FIND_SUCCEEDING = f"""
-WITH expected AS MATERIALIZED (SELECT key, value AS gen FROM json_each(?2)),
-live AS (
-    SELECT j.key AS key, t.rowid AS task_rowid, t.state AS state
-    FROM json_each(?1) AS j JOIN tasks AS t ON t.task_id = j.value
-    JOIN expected AS x ON x.key = j.key
-    WHERE t.gen = x.gen AND {_LIVE}
-    ORDER BY t.due_ms, t.rowid
-)
-SELECT json_group_array(key), json_group_array(task_rowid),
-       total(state = {int(TaskState.SCHEDULED)}), total(state = {int(TaskState.LEASED)})
-FROM live
-"""
-_INSERT_SUCCEEDED = (
-    f"INSERT INTO ended (due_ms, task_rowid, state, updated_ms, last_error) "
-    f"SELECT t.due_ms, t.rowid, {int(TaskState.SUCCEEDED)}, ?, t.last_error "
-    "FROM json_each(?) AS j JOIN tasks AS t ON t.rowid = j.value"
-)
-# The bulk forms of the writes above, for _Bulk: {values} becomes a VALUES list whose columns are
-# column1, column2, ... (SQLite's names), and NULL padding rows match nothing.
-_BULK_INSERT_TASKS = (
-    f"INSERT INTO tasks ({_TASK_COLUMNS}) "
-    "SELECT column1, column2, column3, column4, column5, column6, 1, column7, column8, 1, "
-    "column9, column10, column11, column12, column13, column14, column15 "
-    "FROM (VALUES {values}) WHERE column1 IS NOT NULL ON CONFLICT DO NOTHING"
-)
-_BULK_INSERT_DUE = (
-    f"INSERT INTO due ({_DUE_COLUMNS}) SELECT * FROM (VALUES {{values}}) WHERE column1 IS NOT NULL"
-)
-_BULK_UPDATE_TASKS = (
-    "UPDATE tasks SET gen = v.column1, state = v.column2, attempt = v.column3, due_ms = v.column4, "
-    "updated_ms = v.column5, last_error = v.column6 FROM (VALUES {values}) AS v "
-    "WHERE tasks.rowid = v.column7"
-)
-_BULK_INSERT_ENDED = (
-    "INSERT INTO ended (due_ms, task_rowid, state, updated_ms, last_error) "
-    "SELECT * FROM (VALUES {values}) WHERE column1 IS NOT NULL"
-)
-_DEAD_DUE_IN_BUCKET = f"""
-SELECT d.task_rowid, d.gen FROM due AS d LEFT JOIN tasks AS t ON t.rowid = d.task_rowid
-WHERE d.shard = ? AND d.bucket = ? AND (d.task_rowid, d.gen) > (?, ?)
-  AND NOT (t.gen IS NOT NULL AND t.gen = d.gen AND {_LIVE})
-ORDER BY d.task_rowid, d.gen LIMIT ?
-"""
+_PURGE_CHUNK = 2000  # due rows deleted per transaction, so purging never stalls inserts for long
+_PURGE_MARGIN_MS = 10 * BUCKET_MS  # how far behind the slowest checkpoint purging stays
+_CACHE_KIB = 65536  # a connection's page cache, 64 MiB: the random task-id index stays hot
+_SYNCHRONOUS = ("normal", "full", "extra")
 
-_STATES = {int(s): s for s in TaskState}
 _LEASE, _SUCCEED, _FAIL = TransitionKind.LEASE, TransitionKind.SUCCEED, TransitionKind.FAIL
 _RESCHEDULING = frozenset({TransitionKind.LEASE, TransitionKind.RETRY})
 _ENDING = {
@@ -286,40 +132,6 @@ _ENDING = {
     TransitionKind.FAIL: int(TaskState.FAILED),
 }
 _TERMINAL = frozenset(int(s) for s in TERMINAL_STATES)
-_SYNCHRONOUS = ("normal", "full", "extra")
-_CACHE_KIB = 65536  # a connection's page cache, 64 MiB: the random task-id index stays hot
-# Checkpoints (copying the WAL back into the database file) run on their own thread, so a
-# commit returns as soon as it is in the WAL. A checkpoint copies each page once however often
-# it changed since the last one, so one every quarter second writes far less than SQLite's
-# default (one per 4 MiB of WAL, run by the committing writer).
-_CHECKPOINT_EVERY_S = 0.25
-_WAL_AUTOCHECKPOINT_PAGES = 100_000  # the writer checkpoints itself only if that thread lags
-_WAL_RESTART_PAGES = 32_768  # past ~128 MiB, make the writer pause so the WAL can start over
-_WAL_KEEP_BYTES = 64 << 20  # a restarted WAL file is truncated back to this
-_PURGE_CHUNK = 2000  # due rows deleted per transaction, so purging never stalls inserts for long
-_PURGE_MARGIN_MS = 10 * BUCKET_MS  # how far behind the slowest checkpoint purging stays
-_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-_decode_json = json.JSONDecoder().decode
-
-
-def _start_store_thread(label: str, nice: int) -> None:
-    """Run first on each of the store's threads. On Linux it names the thread ``label`` (at
-    most 15 characters) where top -H, ps -L and perf show it, instead of the process's name
-    on every thread, and gives it ``nice`` more than the process's niceness (per thread on
-    Linux), so a busy core runs the event loop before the store's threads."""
-    if not sys.platform.startswith("linux"):
-        return
-    tid = threading.get_native_id()
-    try:
-        with open(f"/proc/self/task/{tid}/comm", "w") as comm:
-            comm.write(label)
-    except OSError as e:
-        log.debug("store thread keeps its name: %s", e)
-    if nice:
-        try:
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
-        except OSError as e:
-            log.warning("store thread keeps its priority: %s", e)
 
 
 def _far_from_ms() -> int:
@@ -329,27 +141,8 @@ def _far_from_ms() -> int:
     return -(-(now_ms() + PROMOTE_LEAD_MS) // FAR_BUCKET_MS) * FAR_BUCKET_MS
 
 
-def _encode_headers(headers: Mapping[str, str]) -> str:
-    return _encode_json(headers) if headers else ""
-
-
-def _decode_headers(text: str) -> dict[str, str]:
-    return _decode_json(text) if text else {}
-
-
 def _last(row: tuple) -> Any:
     return row[-1]
-
-
-# A task's row, in _TASK_COLUMNS order (TaskRecord's fields), as its record: built without
-# TaskRecord's Python __init__ and out of the cyclic GC's view (core.RecordShape), by the
-# compiled reader for load_due and by _record for the other reads.
-_TASK_RECORD = RecordShape(
-    TaskRecord, _TASK_COLUMNS.split(", "),
-    [_STATES if name == "state" else _decode_headers if name == "headers" else None
-     for name in _TASK_COLUMNS.split(", ")],
-)
-_record: Callable[[Sequence[Any]], TaskRecord] = _TASK_RECORD.build
 
 
 class SqliteStore(Store):
@@ -364,7 +157,7 @@ class SqliteStore(Store):
     buckets that come within PROMOTE_LEAD_MS into ``due`` (0: never; then call ``promote``
     yourself; reads are right either way, only slower on rows not moved).
     ``thread_nice``: how much lower than the process the store's threads run (Linux niceness,
-    0-19), so that on busy cores the event loop runs first (see _start_store_thread).
+    0-19), so that on busy cores the event loop runs first (see threads.start_store_thread).
     Options may arrive as strings (they come from the store URL's query).
     """
 
@@ -415,9 +208,9 @@ class SqliteStore(Store):
         self._wconn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
         self._due_reader: SqliteReader | None = None  # load_due's, on the reader thread
-        self._checkpointer: _Checkpointer | None = None
-        self._purging = _Every(self.purge_every_s)
-        self._promoting = _Every(self.promote_every_s)
+        self._checkpointer: Checkpointer | None = None
+        self._purging = Every(self.purge_every_s)
+        self._promoting = Every(self.promote_every_s)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -426,11 +219,11 @@ class SqliteStore(Store):
             return
         nice = self.thread_nice
         writer = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="taskwheel-sqlite-w", initializer=_start_store_thread,
+            1, thread_name_prefix="taskwheel-sqlite-w", initializer=start_store_thread,
             initargs=("tw-sqlite-write", nice),
         )
         reader = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="taskwheel-sqlite-r", initializer=_start_store_thread,
+            1, thread_name_prefix="taskwheel-sqlite-r", initializer=start_store_thread,
             initargs=("tw-sqlite-read", nice),
         )
         loop = asyncio.get_running_loop()
@@ -450,7 +243,7 @@ class SqliteStore(Store):
             reader.shutdown()
             raise
         self._writer, self._reader = writer, reader
-        self._checkpointer = _Checkpointer(
+        self._checkpointer = Checkpointer(
             lambda: self._connect(False), self.description, self.thread_nice
         )
 
@@ -494,17 +287,14 @@ class SqliteStore(Store):
                 if mode.lower() != "wal":
                     raise StoreUnavailable(f"{self.description}: cannot use WAL mode (got {mode})")
                 conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
-                # A checkpoint copies each page once however often it changed since the last one,
-                # so fewer, larger checkpoints write far less than SQLite's default of 4 MiB.
-                conn.execute(f"PRAGMA wal_autocheckpoint = {_WAL_AUTOCHECKPOINT_PAGES}")
-                conn.execute(f"PRAGMA journal_size_limit = {_WAL_KEEP_BYTES}")
+                configure_wal(conn)
             return conn
         except sqlite3.Error as e:
             raise StoreUnavailable(f"{self.description}: cannot open: {e}") from e
 
     def _open_due_reader(self) -> SqliteReader:
         try:
-            return SqliteReader(self.path, _SELECT_DUE, self.busy_timeout_ms, _CACHE_KIB)
+            return SqliteReader(self.path, SELECT_DUE, self.busy_timeout_ms, _CACHE_KIB)
         except SqliteReadError as e:
             raise StoreUnavailable(f"{self.description}: cannot open: {e}") from e
 
@@ -516,24 +306,8 @@ class SqliteStore(Store):
             raise StoreUnavailable(f"{self.description}: cannot create {directory}: {e}") from e
         conn = self._connect(False)
         try:
-            with _transaction(conn):
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-                if not meta:
-                    meta = {
-                        "created_ms": now_ms(),
-                        "num_shards": self.num_shards,
-                        "schema_version": SCHEMA_VERSION,
-                    }
-                    conn.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
-                    conn.executemany(
-                        "INSERT INTO state_counts VALUES (?, 0)", [(int(s),) for s in TaskState]
-                    )
-                elif meta["schema_version"] in _UPGRADES:
-                    _UPGRADES[meta["schema_version"]](conn)
-                    meta["schema_version"] = SCHEMA_VERSION
+            with transaction(conn):
+                meta = create_or_upgrade(conn, self.num_shards)
             if meta["num_shards"] != self.num_shards:
                 raise ValueError(
                     f"{self.path} was created with {meta['num_shards']} shards, but this store "
@@ -602,28 +376,21 @@ class SqliteStore(Store):
 
     def _insert(self, tasks: Sequence[TaskRecord]) -> list[InsertOutcome]:
         n_shards = self.num_shards
-        scheduled = int(TaskState.SCHEDULED)
-        rows = []
         for t in tasks:
             if not 0 <= t.shard < n_shards:
                 raise ValueError(f"task {t.task_id}: shard {t.shard} outside 0..{n_shards - 1}")
-            rows.append((
-                t.task_id, t.shard, t.queue, t.payload, t.fire_at_ms, t.due_ms, t.attempt,
-                t.max_attempts, _encode_headers(t.headers) if t.headers else "",
-                t.idempotency_key, t.lease_ms, t.traceparent, t.created_ms, t.updated_ms,
-                t.last_error,
-            ))
+        rows = insert_rows(tasks)
         conn = self._conn_w()
-        with _transaction(conn):
+        with transaction(conn):
             # Rowids grow, and this transaction holds the write lock: every task row it adds
             # lies above this mark, so one INSERT ... SELECT writes their due rows in C.
-            mark = conn.execute("SELECT coalesce(max(rowid), 0) FROM tasks").fetchone()[0]
+            mark = conn.execute(MAX_TASK_ROWID).fetchone()[0]
             # Optimistic: the whole batch at once, skipping any row whose id or key is taken.
             # Only when a row was skipped is the batch redone row by row to learn which task
             # holds what; batches without duplicates never pay for the lookups.
             conn.execute("SAVEPOINT batch")
             changes = conn.total_changes
-            _insert_tasks.run(conn, rows)
+            insert_tasks.run(conn, rows)
             if conn.total_changes - changes == len(rows):
                 outcomes = [InsertOutcome(t.task_id) for t in tasks]
             else:
@@ -631,9 +398,9 @@ class SqliteStore(Store):
                 outcomes = self._insert_one_by_one(conn, tasks, rows)
             conn.execute("RELEASE batch")
             far_from = _far_from_ms()
-            added = (conn.execute(_COPY_DUE_ROWS, (mark, far_from)).rowcount
-                     + conn.execute(_COPY_DUE_FAR_ROWS, (mark, far_from)).rowcount)
-            conn.execute(_ADD_COUNT, (added, scheduled))
+            added = (conn.execute(COPY_DUE_ROWS, (mark, far_from)).rowcount
+                     + conn.execute(COPY_DUE_FAR_ROWS, (mark, far_from)).rowcount)
+            conn.execute(ADD_COUNT, (added, int(TaskState.SCHEDULED)))
         return outcomes
 
     @staticmethod
@@ -644,16 +411,12 @@ class SqliteStore(Store):
         # holds it. In order, so the first of two tasks with one key in this batch wins.
         outcomes = []
         for t, row in zip(tasks, rows):
-            if conn.execute(_INSERT_TASK_UNLESS_TAKEN, row).rowcount == 1:
+            if conn.execute(INSERT_TASK_UNLESS_TAKEN, row).rowcount == 1:
                 outcomes.append(InsertOutcome(t.task_id))
                 continue
             holder = None
             if t.idempotency_key:
-                holder = conn.execute(
-                    "SELECT task_id FROM tasks WHERE queue = ? AND idempotency_key = ? "
-                    "AND idempotency_key != ''",
-                    (t.queue, t.idempotency_key),
-                ).fetchone()
+                holder = conn.execute(SELECT_KEY_HOLDER, (t.queue, t.idempotency_key)).fetchone()
             # Otherwise the id itself is taken (an insert retried after an error, say).
             outcomes.append(InsertOutcome(holder[0] if holder else t.task_id, duplicate=True))
         return outcomes
@@ -663,22 +426,19 @@ class SqliteStore(Store):
 
     def _cancel(self, task_id: str, now_ms: int) -> TaskRecord | None:
         conn = self._conn_w()
-        with _transaction(conn):
-            row = conn.execute(_SELECT_TASK, (task_id,)).fetchone()
+        with transaction(conn):
+            row = conn.execute(SELECT_TASK, (task_id,)).fetchone()
             if row is None:
                 return None
-            record = _record(row)
-            if record.state in TERMINAL_STATES:
-                raise AlreadyEnded(record)
-            conn.execute(
-                "UPDATE tasks SET state = ?, updated_ms = ? WHERE task_id = ?",
-                (int(TaskState.CANCELLED), now_ms, task_id),
-            )
-            conn.execute(_ADD_COUNT, (-1, int(record.state)))
-            conn.execute(_ADD_COUNT, (1, int(TaskState.CANCELLED)))
-        record.state = TaskState.CANCELLED
-        record.updated_ms = now_ms
-        return record
+            cancelled = record(row)
+            if cancelled.state in TERMINAL_STATES:
+                raise AlreadyEnded(cancelled)
+            conn.execute(CANCEL_TASK, (int(TaskState.CANCELLED), now_ms, task_id))
+            conn.execute(ADD_COUNT, (-1, int(cancelled.state)))
+            conn.execute(ADD_COUNT, (1, int(TaskState.CANCELLED)))
+        cancelled.state = TaskState.CANCELLED
+        cancelled.updated_ms = now_ms
+        return cancelled
 
     async def apply(self, transitions: Sequence[Transition], now_ms: int) -> list[bool]:
         if not transitions:
@@ -697,13 +457,13 @@ class SqliteStore(Store):
 
     def _apply(self, transitions: Sequence[Transition], now_ms: int) -> list[bool]:
         # Most of a busy batch is acks, each of a task named once in it: those are settled in
-        # SQL (see _FIND_SUCCEEDING), which runs without the GIL the event loop needs; the rest
+        # SQL (see queries.FIND_SUCCEEDING), which runs without the GIL the event loop needs; the rest
         # in order, in Python. The two parts name different tasks, so neither sees the other's
         # effects, and one transaction holds both.
         named = collections.Counter(t.task_id for t in transitions)
         once = [t.kind is _SUCCEED and named[t.task_id] == 1 for t in transitions]
         conn = self._conn_w()
-        with _transaction(conn):
+        with transaction(conn):
             if all(once):
                 return self._succeed_once(conn, transitions, now_ms)
             succeeded = iter(self._succeed_once(
@@ -720,16 +480,16 @@ class SqliteStore(Store):
     ) -> list[bool]:
         if not transitions:
             return []
-        keys, rowids, scheduled, leased = conn.execute(_FIND_SUCCEEDING, (
-            _encode_json([t.task_id for t in transitions]),
-            _encode_json([t.expected_gen for t in transitions]),
+        keys, rowids, scheduled, leased = conn.execute(FIND_SUCCEEDING, (
+            encode_json([t.task_id for t in transitions]),
+            encode_json([t.expected_gen for t in transitions]),
         )).fetchone()
         applied = [False] * len(transitions)
-        for key in _decode_json(keys):
+        for key in decode_json(keys):
             applied[key] = True
         if scheduled or leased:
-            conn.execute(_INSERT_SUCCEEDED, (now_ms, rowids))
-            conn.executemany(_ADD_COUNT, [
+            conn.execute(INSERT_SUCCEEDED, (now_ms, rowids))
+            conn.executemany(ADD_COUNT, [
                 (-int(scheduled), int(TaskState.SCHEDULED)), (-int(leased), int(TaskState.LEASED)),
                 (int(scheduled + leased), int(TaskState.SUCCEEDED)),
             ])
@@ -744,11 +504,11 @@ class SqliteStore(Store):
         leased, scheduled = int(TaskState.LEASED), int(TaskState.SCHEDULED)
         # task_id -> [gen, state, attempt, due_ms, last_error, rowid], advanced as
         # transitions apply; the rowid spares each UPDATE a second index lookup. One
-        # statement step for all of them (see _Bulk for why steps are counted).
+        # statement step for all of them (see queries.Bulk for why steps are counted).
         found = conn.execute(
-            _SELECT_CURRENT, (_encode_json(list({t.task_id: None for t in transitions})),)
+            SELECT_CURRENT, (encode_json(list({t.task_id: None for t in transitions})),)
         ).fetchone()[0]
-        current: dict[str, list] = {row[0]: row[1:] for row in _decode_json(found)}
+        current: dict[str, list] = {row[0]: row[1:] for row in decode_json(found)}
         applied = []
         updates: dict[int, tuple] = {}
         ended = []
@@ -783,11 +543,11 @@ class SqliteStore(Store):
             applied.append(True)
         if updates or ended:
             # In key order: neighbouring rows share pages, so each page is visited once.
-            _update_tasks.run(conn, sorted(updates.values(), key=_last))
-            _insert_due.run(conn, due_rows)
-            _insert_ended.run(conn, sorted(ended))
+            update_tasks.run(conn, sorted(updates.values(), key=_last))
+            insert_due.run(conn, due_rows)
+            insert_ended.run(conn, sorted(ended))
             conn.executemany(
-                _ADD_COUNT, [(n, state) for state, n in count_changes.items() if n]
+                ADD_COUNT, [(n, state) for state, n in count_changes.items() if n]
             )
         return applied
 
@@ -801,12 +561,10 @@ class SqliteStore(Store):
 
     def _save_checkpoints(self, checkpoints: dict[int, int]) -> None:
         conn = self._conn_w()
-        with _transaction(conn):
+        with transaction(conn):
             # The unsaved default is the creation time, so nothing below it is ever stored either.
             conn.executemany(
-                "INSERT INTO checkpoints (shard, ms) VALUES (?, max(?, ?)) "
-                "ON CONFLICT (shard) DO UPDATE SET ms = max(ms, excluded.ms)",
-                [(shard, ms, self.created_ms) for shard, ms in checkpoints.items()],
+                SAVE_CHECKPOINT, [(shard, ms, self.created_ms) for shard, ms in checkpoints.items()]
             )
 
     # ---- promoting far due rows ----------------------------------------------------------------
@@ -843,13 +601,13 @@ class SqliteStore(Store):
         """Moves up to _PROMOTE_CHUNK rows of the earliest far bucket at or before
         ``last_bucket``, in insertion order; returns how many (0: none left)."""
         conn = self._conn_w()
-        with _transaction(conn):
-            bucket = conn.execute("SELECT min(far_bucket) FROM due_far").fetchone()[0]
+        with transaction(conn):
+            bucket = conn.execute(FIRST_FAR_BUCKET).fetchone()[0]
             if bucket is None or bucket > last_bucket:
                 return 0
-            end = conn.execute(_PROMOTE_CHUNK_END, (bucket, _PROMOTE_CHUNK)).fetchone()[0]
-            moved = conn.execute(_PROMOTE_ROWS, (bucket, end)).rowcount
-            conn.execute(_DELETE_PROMOTED, (bucket, end))
+            end = conn.execute(PROMOTE_CHUNK_END, (bucket, _PROMOTE_CHUNK)).fetchone()[0]
+            moved = conn.execute(PROMOTE_ROWS, (bucket, end)).rowcount
+            conn.execute(DELETE_PROMOTED, (bucket, end))
         return moved
 
     # ---- garbage -----------------------------------------------------------------------------
@@ -897,25 +655,18 @@ class SqliteStore(Store):
 
     def _next_bucket(self, shard: int, after: int | None, end: int) -> int | None:
         lowest = after + 1 if after is not None else -(2**62)
-        row = self._conn_r().execute(
-            "SELECT min(bucket) FROM due WHERE shard = ? AND bucket >= ? AND bucket < ?",
-            (shard, lowest, end),
-        ).fetchone()
-        return row[0]
+        return self._conn_r().execute(NEXT_BUCKET, (shard, lowest, end)).fetchone()[0]
 
     def _dead_due_rows(self, shard: int, bucket: int, after: tuple[int, int]) -> list[tuple[int, int]]:
         """(task_rowid, gen) of up to _PURGE_CHUNK dead rows of a partition, after ``after``."""
         return self._conn_r().execute(
-            _DEAD_DUE_IN_BUCKET, (shard, bucket, *after, _PURGE_CHUNK)
+            DEAD_DUE_IN_BUCKET, (shard, bucket, *after, _PURGE_CHUNK)
         ).fetchall()
 
     def _delete_due_rows(self, shard: int, bucket: int, dead: list[tuple[int, int]]) -> None:
         conn = self._conn_w()
-        with _transaction(conn):
-            conn.executemany(
-                "DELETE FROM due WHERE shard = ? AND bucket = ? AND task_rowid = ? AND gen = ?",
-                [(shard, bucket, rowid, gen) for rowid, gen in dead],
-            )
+        with transaction(conn):
+            conn.executemany(DELETE_DUE_ROW, [(shard, bucket, rowid, gen) for rowid, gen in dead])
 
     # ---- reads -------------------------------------------------------------------------------
 
@@ -923,8 +674,8 @@ class SqliteStore(Store):
         return await self._read(self._get, task_id)
 
     def _get(self, task_id: str) -> TaskRecord | None:
-        row = self._conn_r().execute(_SELECT_TASK, (task_id,)).fetchone()
-        return None if row is None else _record(row)
+        row = self._conn_r().execute(SELECT_TASK, (task_id,)).fetchone()
+        return None if row is None else record(row)
 
     async def load_due(self, shard: int, from_ms: int, to_ms: int) -> list[TaskRecord]:
         self._check_shard(shard)
@@ -936,28 +687,24 @@ class SqliteStore(Store):
         params = (shard, bucket_of(from_ms), bucket_of(to_ms - 1), from_ms, to_ms,
                   from_ms // FAR_BUCKET_MS, (to_ms - 1) // FAR_BUCKET_MS)
         if self._due_reader is not None:
-            return self._due_reader.records(params, _TASK_RECORD)
-        rows = _decode_json(self._conn_r().execute(_SELECT_DUE_JSON, params).fetchone()[0])
-        for row in rows:
-            row[3] = bytes.fromhex(row[3])
-        return [_record(row) for row in rows]
+            return self._due_reader.records(params, TASK_RECORD)
+        rows = decode_json(self._conn_r().execute(SELECT_DUE_JSON, params).fetchone()[0])
+        return [JSON_TASK_RECORD.build(row) for row in rows]
 
     async def load_checkpoint(self, shard: int) -> int:
         self._check_shard(shard)
         return await self._read(self._load_checkpoint, shard)
 
     def _load_checkpoint(self, shard: int) -> int:
-        row = self._conn_r().execute(
-            "SELECT ms FROM checkpoints WHERE shard = ?", (shard,)
-        ).fetchone()
+        row = self._conn_r().execute(SELECT_CHECKPOINT, (shard,)).fetchone()
         return self.created_ms if row is None else row[0]
 
     async def counts(self) -> dict[TaskState, int]:
         return await self._read(self._counts)
 
     def _counts(self) -> dict[TaskState, int]:
-        rows = self._conn_r().execute("SELECT state, n FROM state_counts").fetchall()
-        return {_STATES[state]: n for state, n in rows}
+        rows = self._conn_r().execute(SELECT_COUNTS).fetchall()
+        return {STATES[state]: n for state, n in rows}
 
     def _conn_w(self) -> sqlite3.Connection:
         assert self._wconn is not None
@@ -966,202 +713,3 @@ class SqliteStore(Store):
     def _conn_r(self) -> sqlite3.Connection:
         assert self._rconn is not None
         return self._rconn
-
-
-class _Every:
-    """A background job the store's own calls start: at most once per ``every_s`` (0: never),
-    and never while the last one still runs."""
-
-    __slots__ = ("every_s", "task", "_next_at")
-
-    def __init__(self, every_s: float):
-        self.every_s = every_s
-        self.task: asyncio.Task | None = None
-        self._next_at = 0.0
-
-    def start(self, job: Callable[[], Any]) -> None:
-        if not self.every_s or (self.task is not None and not self.task.done()):
-            return
-        now = time.monotonic()
-        if now < self._next_at:
-            return
-        self._next_at = now + self.every_s
-        self.task = asyncio.get_running_loop().create_task(job())
-
-    async def cancel(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
-            self.task = None
-
-
-class _Bulk:
-    """Writes many rows with a few statements: each binds a VALUES list of a fixed number of
-    rows (16 or 256, so both stay in the statement cache), the last one padded with NULL rows
-    that the statement's WHERE drops.
-
-    Why not executemany: Python's sqlite3 lets go of the GIL around every sqlite3_step and
-    must win it back after, which takes a switch interval whenever the event loop is busy.
-    executemany steps once per row, so 4,000 rows written beside a busy thread took 465 us
-    each instead of 3 (SQLite 3.40, CPython 3.11, 1 ms switch interval); 256 rows per
-    statement step 16 times for the same 4,000.
-    """
-
-    __slots__ = ("_sql", "_pad")
-
-    def __init__(self, template: str, columns: int):
-        row = "(" + ",".join("?" * columns) + ")"
-        self._sql = {n: template.format(values=",".join([row] * n)) for n in _BULK_ROWS}
-        self._pad = (None,) * columns
-
-    def run(self, conn: sqlite3.Connection, rows: Sequence[tuple]) -> None:
-        start, count = 0, len(rows)
-        while start < count:
-            left = count - start
-            size = next((n for n in _BULK_ROWS if n >= left), _BULK_ROWS[-1])
-            part = rows[start:start + size]
-            params = list(itertools.chain.from_iterable(part))
-            if len(part) < size:
-                params += self._pad * (size - len(part))
-            conn.execute(self._sql[size], params)
-            start += size
-
-
-_BULK_ROWS = (16, 256)
-_insert_tasks = _Bulk(_BULK_INSERT_TASKS, 15)
-_insert_due = _Bulk(_BULK_INSERT_DUE, 5)
-_update_tasks = _Bulk(_BULK_UPDATE_TASKS, 7)
-_insert_ended = _Bulk(_BULK_INSERT_ENDED, 5)
-
-
-def _upgrade_from_1(conn: sqlite3.Connection) -> None:
-    """Version 1 had no ``ended`` table (the schema above creates it as version 4 has it), and
-    its due rows carried a copy of their task's fields; version 2's hold the task's rowid."""
-    conn.execute("ALTER TABLE due RENAME TO due_v1")
-    conn.execute("DROP INDEX due_partition")
-    conn.execute(_creating("due"))
-    conn.execute(
-        f"INSERT INTO due ({_DUE_COLUMNS}) SELECT d.shard, d.bucket, d.due_ms, d.gen, t.rowid "
-        "FROM due_v1 AS d JOIN tasks AS t ON t.task_id = d.task_id"
-    )
-    conn.execute("DROP TABLE due_v1")
-    _upgraded(conn, 1)
-
-
-def _upgrade_from_2(conn: sqlite3.Connection) -> None:
-    """Version 2 keyed ``ended`` by the task's rowid alone (the schema above left that table
-    as it was); version 4 by the due time it ended at first."""
-    conn.execute("ALTER TABLE ended RENAME TO ended_v2")
-    conn.execute(_creating("ended"))
-    conn.execute(
-        "INSERT INTO ended (due_ms, task_rowid, state, updated_ms, last_error) "
-        "SELECT t.due_ms, e.task_rowid, e.state, e.updated_ms, e.last_error "
-        "FROM ended_v2 AS e JOIN tasks AS t ON t.rowid = e.task_rowid ORDER BY 1, 2"
-    )
-    conn.execute("DROP TABLE ended_v2")
-    _upgraded(conn, 2)
-
-
-def _upgraded(conn: sqlite3.Connection, version: int) -> None:
-    conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION,))
-    log.info("upgraded the embedded store's schema from version %d to %d", version, SCHEMA_VERSION)
-
-
-def _upgrade_from_4(conn: sqlite3.Connection) -> None:
-    """Version 4 had no ``due_far`` (the schema above creates it empty): its due rows all stay
-    in ``due``, where they are read as before."""
-    _upgraded(conn, 4)
-
-
-_UPGRADES = {1: _upgrade_from_1, 2: _upgrade_from_2, 4: _upgrade_from_4}
-
-
-class _transaction:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error. IMMEDIATE takes the write lock up
-    front, so a read-then-write (apply, cancel) cannot be overtaken by another process."""
-
-    __slots__ = ("conn",)
-
-    def __init__(self, conn: sqlite3.Connection):
-        self.conn = conn
-
-    def __enter__(self) -> None:
-        self.conn.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
-            try:
-                self.conn.execute("COMMIT")
-                return
-            except BaseException:
-                self._rollback()
-                raise
-        self._rollback()
-
-    def _rollback(self) -> None:
-        if self.conn.in_transaction:
-            try:
-                self.conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass  # SQLite already rolled back (it does on some I/O errors)
-
-
-class _Checkpointer:
-    """A thread that copies committed WAL pages into the database file, a few times a second
-    while writes come in and not at all while none do."""
-
-    def __init__(self, connect: Callable[[], sqlite3.Connection], description: str, nice: int):
-        self._connect = connect
-        self._description = description
-        self._nice = nice
-        self._written = threading.Event()
-        self._stopping = threading.Event()
-        self.restart_wanted = False
-        self._thread = threading.Thread(
-            target=self._run, name="taskwheel-sqlite-checkpoint", daemon=True
-        )
-        self._thread.start()
-
-    def wake(self) -> None:
-        self._written.set()
-
-    def restart_if_wanted(self, writer: sqlite3.Connection) -> None:
-        """Called by the writer between transactions. PASSIVE checkpoints copy up to the last
-        commit but cannot rewind a WAL that is written without pause; only a checkpoint that
-        holds off writers can. The writer runs it itself, between two of its own transactions,
-        so there is no writer to wait for, and the copying is mostly done already."""
-        if self.restart_wanted:
-            try:
-                busy, _, _ = writer.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
-                self.restart_wanted = bool(busy)  # readers in the way: try after the next write
-            except sqlite3.Error as e:
-                log.warning("%s: checkpoint failed: %s", self._description, e)
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._written.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        _start_store_thread("tw-sqlite-ckpt", self._nice)
-        try:
-            conn = self._connect()
-        except StoreUnavailable as e:
-            log.warning("%s: no background checkpoints: %s", self._description, e)
-            return
-        try:
-            # Checked at the top as well: a stop() landing between the wait below timing out
-            # and the clear has its wake-up cleared, and would leave this thread waiting for a
-            # write that never comes (close() then hung in join).
-            while not self._stopping.is_set():
-                self._written.wait()
-                if self._stopping.wait(_CHECKPOINT_EVERY_S):
-                    return
-                self._written.clear()
-                try:
-                    _, wal_pages, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                    self.restart_wanted = wal_pages > _WAL_RESTART_PAGES
-                except sqlite3.Error as e:
-                    log.warning("%s: checkpoint failed: %s", self._description, e)
-        finally:
-            conn.close()

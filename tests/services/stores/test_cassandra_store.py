@@ -253,6 +253,20 @@ def test_rows_expire_retention_after_their_due_time(new_store, cql, run):
         assert 3600 + 110 <= ttl <= 3600 + 121
 
 
+def test_null_cells_of_fields_that_may_be_empty_read_as_empty(store, cql, run):
+    # A cell is null when its column came after the row was written, or when it expired before
+    # the rest of the row: the payload, the headers and the text fields that default to "".
+    task_id = uuid.uuid4().hex
+    cql.execute(
+        f"INSERT INTO {store.keyspace}.tasks (task_id, shard, queue, fire_at_ms, due_ms, state, attempt, "
+        "max_attempts, gen, lease_ms, created_ms, updated_ms) VALUES (%s, 1, 'q', 2, 3, 2, 4, 5, 6, 7, 8, 9)",
+        (task_id,))
+    assert run(store.get(task_id)) == TaskRecord(
+        task_id=task_id, shard=1, queue="q", payload=b"", fire_at_ms=2, due_ms=3, state=TaskState.LEASED,
+        attempt=4, max_attempts=5, gen=6, headers={}, idempotency_key="", lease_ms=7, traceparent="",
+        created_ms=8, updated_ms=9, last_error="")
+
+
 # ---- load_due ----------------------------------------------------------------------------------
 
 def test_load_due_rejects_a_shard_outside_the_store(store, run):

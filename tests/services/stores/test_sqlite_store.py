@@ -17,6 +17,7 @@ from taskwheel.core import BUCKET_MS
 from taskwheel.stores.base import StoreUnavailable, Transition, TransitionKind
 from taskwheel.task import TaskState
 from taskwheel.stores.sqlite import store as sqlite_store
+from taskwheel.stores.sqlite import threads as sqlite_threads
 from taskwheel.stores.sqlite import SqliteStore
 from tests.services.stores.contract import (
     T0,
@@ -387,7 +388,7 @@ def _count_statements(conn: sqlite3.Connection) -> list[str]:
 
 
 async def test_a_batch_of_inserts_runs_a_few_statements_not_one_per_row(db):
-    # Each statement run lets go of the GIL and waits to win it back (see _Bulk in sqlite.py).
+    # Each statement run lets go of the GIL and waits to win it back (see queries.Bulk).
     tasks = [new_task(due_ms=T0 + i) for i in range(1_000)]
     async with opened(lambda: SqliteStore(db)) as store:
         started = _count_statements(store._wconn)
@@ -649,9 +650,9 @@ async def test_saving_checkpoints_purges_in_the_background(db):
 
 async def test_wal_stays_bounded_under_continuous_writes(db, monkeypatch):
     # Scaled down 32x: restart past 4 MiB, keep 1 MiB. Unchecked, 60 batches leave ~60 MiB.
-    monkeypatch.setattr(sqlite_store, "_CHECKPOINT_EVERY_S", 0.01)
-    monkeypatch.setattr(sqlite_store, "_WAL_RESTART_PAGES", 1_000)
-    monkeypatch.setattr(sqlite_store, "_WAL_KEEP_BYTES", 1 << 20)
+    monkeypatch.setattr(sqlite_threads, "CHECKPOINT_EVERY_S", 0.01)
+    monkeypatch.setattr(sqlite_threads, "WAL_RESTART_PAGES", 1_000)
+    monkeypatch.setattr(sqlite_threads, "WAL_KEEP_BYTES", 1 << 20)
     largest = 0
     async with opened(lambda: SqliteStore(db, num_shards=4)) as store:
         for batch in range(60):
