@@ -26,11 +26,8 @@ An idle caller is not held back: its call starts at once when the last started a
 from __future__ import annotations
 
 import asyncio
-import gc
 from collections import deque
 from typing import Any, Awaitable, Callable, Sequence
-
-from taskwheel.core import untrack_list
 
 
 class Backpressure(Exception):
@@ -120,16 +117,10 @@ class GroupCommit:
                 continue
             group: list[tuple[Sequence[Any], asyncio.Future]] = []
             batch: list[Any] = []
-            untracked = True
             while self._queue and (not batch or len(batch) + len(self._queue[0][0]) <= self._max_batch):
                 items, fut = self._queue.popleft()
                 group.append((items, fut))
                 batch.extend(items)
-                untracked = untracked and not gc.is_tracked(items)
-            if untracked:
-                # Callers that took their lists out of the GC's view (core.untrack_list) hold
-                # untracked items: the batch of them need not be walked by every collection.
-                untrack_list(batch)
             self._queued -= len(batch)
             self._last_start = loop.time()
             task = loop.create_task(self._flush(group, batch))

@@ -129,4 +129,5 @@ class TransitionWriter:
                 self.timer.offer(offers)
 
     async def _apply(self, transitions: list[Transition]) -> list[bool]:
+        untrack_list(transitions)  # the group's batch, of untracked transitions (see write)
         return await self._store.apply(transitions, self._now_ms())

@@ -8,6 +8,7 @@ from google.protobuf.message import DecodeError
 
 from taskwheel import gil, telemetry
 from taskwheel.config import Config
+from taskwheel.core import untrack_list
 from taskwheel.group_commit import Backpressure, GroupCommit
 from taskwheel.clock import SYSTEM_CLOCK, Clock
 from taskwheel.ingest.submits import encode_submit_results, records_of_submit
@@ -35,7 +36,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
         self._timer = timer
         self._ids = TaskIds()
         self._writer = GroupCommit(
-            store.insert, max_batch=config.write_batch, max_pending=config.max_pending_writes,
+            self._insert, max_batch=config.write_batch, max_pending=config.max_pending_writes,
             concurrency=store.insert_concurrency,
         )
         self.accepted = 0
@@ -139,6 +140,12 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
         if fresh:
             # Durable already; the offer only saves the timer a store read for tasks due soon.
             self._timer.offer(fresh)
+
+    async def _insert(self, records: list[TaskRecord]) -> list:
+        """The group commit's store call. Its batch holds untracked records only (see
+        core.untrack_list): out of the GC's view too, while the write runs."""
+        untrack_list(records)
+        return await self._store.insert(records)
 
     async def Get(self, request, context):
         task_id = await self._task_id(request, context)

@@ -33,37 +33,6 @@ def test_callers_arriving_during_a_write_share_the_next_write():
     assert calls == [[1], [2, 102, 3, 103, 4, 104, 5, 105]]
 
 
-def test_the_batch_of_callers_lists_out_of_the_gcs_view_is_out_of_it_too():
-    import gc as cyclic_gc
-
-    from taskwheel.core import untrack_list
-
-    tracked = []
-
-    async def write(items):
-        tracked.append(cyclic_gc.is_tracked(items))
-        return list(items)
-
-    async def main():
-        commit = GroupCommit(write, max_batch=100, max_pending=1000)
-        commit.start()
-        ids = ["a", "b"]
-        untrack_list(ids)
-        await asyncio.gather(commit.commit(ids), commit.commit(untrack_list_of(["c"])))
-        await commit.commit(["d", [1]])  # a list the GC still watches: the batch stays watched
-        sloppy = untrack_list_of(["e"])
-        sloppy.append([2])  # an untracked list given a tracked object after all: still checked
-        await commit.commit(sloppy)
-        await commit.stop()
-
-    def untrack_list_of(items):
-        untrack_list(items)
-        return items
-
-    run(main())
-    assert tracked == [False, True, True]
-
-
 def test_a_write_never_exceeds_max_batch_unless_one_caller_alone_does():
     sizes = []
 

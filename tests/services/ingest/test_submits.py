@@ -265,3 +265,33 @@ def test_results_are_encoded_as_protobuf_encodes_them(results):
     got = encode_submit_results([r[0] for r in results], [r[1] for r in results], [r[2] for r in results])
     assert got == expected.SerializeToString()
     assert ingest_pb2.SubmitResponse.FromString(got) == expected
+
+
+def test_ingests_batch_of_records_for_the_store_is_out_of_the_gcs_view(tmp_path):
+    import asyncio
+    import gc
+
+    from taskwheel.config import Config
+    from taskwheel.ingest import IngestServicer
+    from taskwheel.stores.sqlite import SqliteStore
+    from tests.services.timers import QuietTimer
+
+    class WatchedStore(SqliteStore):
+        async def insert(self, tasks):
+            watched.append(gc.is_tracked(tasks))
+            return await super().insert(tasks)
+
+    watched = []
+
+    async def main():
+        store = WatchedStore(tmp_path / "t.db", num_shards=16)
+        await store.open()
+        ingest = IngestServicer(Config(), store, QuietTimer())
+        await ingest.start()
+        raw = ingest_pb2.SubmitRequest(tasks=[task_pb2.TaskSpec(queue="q", payload=b"p")] * 3).SerializeToString()
+        await ingest.submit_wire(raw, None)
+        await ingest.stop()
+        await store.close()
+
+    asyncio.run(main())
+    assert watched == [False]
