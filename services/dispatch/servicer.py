@@ -91,7 +91,8 @@ class DispatchServicer(dispatch_pb2_grpc.DispatchServicer):
                     dispatch.ack(consumer, req.ack.delivery_ids)
                 elif kind == "nack":
                     nack = req.nack
-                    retry_after_ms = nack.retry_after.seconds * 1000 + nack.retry_after.nanos // 1_000_000
+                    # Rounded up: a retry never comes sooner than the worker asked.
+                    retry_after_ms = nack.retry_after.seconds * 1000 + -(-nack.retry_after.nanos // 1_000_000)
                     dispatch.nack(consumer, nack.delivery_ids, nack.error, retry_after_ms, nack.no_retry)
                 else:
                     consumer.events.put_nowait(Refused(f"unexpected {kind or 'empty'} message after subscribe"))

@@ -91,6 +91,12 @@ cdef bint read_time(Reader *r, int64_t *seconds, int64_t *nanos) noexcept:
     return -_SECONDS_MAX < seconds[0] < _SECONDS_MAX
 
 
+cdef inline int64_t ms_rounded_up(int64_t nanos) noexcept:
+    """Whole milliseconds of ``nanos`` (0 <= nanos < 1e9), rounded up: a time kept in
+    milliseconds is never earlier than the one asked for, and a duration never shorter."""
+    return (nanos + 999_999) // 1_000_000
+
+
 cdef object utf8(Reader *r):
     """The field's bytes as str, or None when they are not UTF-8."""
     try:
@@ -217,13 +223,13 @@ cdef _Spec read_spec(Reader *r, _Limits limits, int64_t now, list last_queue):
     if when == 3:
         if nanos < 0 or nanos >= 1_000_000_000:
             return None
-        fire_at = seconds * 1000 + nanos // 1_000_000
+        fire_at = seconds * 1000 + ms_rounded_up(nanos)
         if fire_at > now + limits.max_future_ms or fire_at < now - limits.max_past_ms:
             return None
     elif when == 4:
         if nanos < 0:
             return None
-        delay_ms = seconds * 1000 + nanos // 1_000_000
+        delay_ms = seconds * 1000 + ms_rounded_up(nanos)
         if delay_ms < 0 or delay_ms > limits.max_future_ms:
             return None
         fire_at = now + delay_ms
@@ -241,10 +247,10 @@ cdef _Spec read_spec(Reader *r, _Limits limits, int64_t now, list last_queue):
     else:
         spec.headers = headers
     spec.lease_ms = limits.default_lease_ms
-    if has_lease:
+    if has_lease and (lease_seconds or lease_nanos):  # a zero lease is the default, as an absent one
         if lease_nanos < 0:
             return None
-        spec.lease_ms = lease_seconds * 1000 + lease_nanos // 1_000_000
+        spec.lease_ms = lease_seconds * 1000 + ms_rounded_up(lease_nanos)
         if not limits.min_lease_ms <= spec.lease_ms <= limits.max_lease_ms:
             return None
     return spec

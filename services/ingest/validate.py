@@ -43,6 +43,12 @@ class SpecError(ValueError):
     """A task the server will not accept; the message names the field."""
 
 
+def ms_rounded_up(nanos: int) -> int:
+    """Whole milliseconds of ``nanos`` (0 <= nanos < 1e9), rounded up: a time kept in
+    milliseconds is never earlier than the one asked for, and a duration never shorter."""
+    return -(-nanos // 1_000_000)
+
+
 def records_of_specs(
     specs: Sequence, ids: TaskIds, num_shards: int, now: int, limits: Limits, traceparent: str = ""
 ) -> tuple[list[TaskRecord], list[int], list[tuple[int, str]]]:
@@ -88,7 +94,7 @@ def record_of_spec(spec, task_id: str, shard: int, now: int, limits: Limits) -> 
         ts = spec.fire_at
         if ts.nanos < 0 or ts.nanos >= 1_000_000_000:
             raise SpecError("fire_at.nanos must be in [0, 1e9)")
-        fire_at = ts.seconds * 1000 + ts.nanos // 1_000_000
+        fire_at = ts.seconds * 1000 + ms_rounded_up(ts.nanos)
         if fire_at > now + limits.max_future_ms:
             raise SpecError(
                 f"fire_at is {(fire_at - now) // 86_400_000} days ahead; the limit is "
@@ -101,9 +107,9 @@ def record_of_spec(spec, task_id: str, shard: int, now: int, limits: Limits) -> 
             )
     elif when == "delay":
         d = spec.delay
-        delay_ms = d.seconds * 1000 + d.nanos // 1_000_000
-        if delay_ms < 0:
+        if d.seconds < 0 or d.nanos < 0:
             raise SpecError("delay must not be negative")
+        delay_ms = d.seconds * 1000 + ms_rounded_up(d.nanos)
         if delay_ms > limits.max_future_ms:
             raise SpecError(f"delay is over the limit of {limits.max_future_ms // 86_400_000} days")
         fire_at = now + delay_ms
@@ -123,8 +129,11 @@ def record_of_spec(spec, task_id: str, shard: int, now: int, limits: Limits) -> 
     if len(key) > limits.max_idempotency_key_len:
         raise SpecError(f"idempotency_key is over {limits.max_idempotency_key_len} characters")
     lease_ms = limits.default_lease_ms
-    if spec.HasField("lease"):
-        lease_ms = spec.lease.seconds * 1000 + spec.lease.nanos // 1_000_000
+    lease = spec.lease
+    if lease.seconds or lease.nanos:  # a zero lease is the default, as an absent one
+        if lease.seconds < 0 or lease.nanos < 0:
+            raise SpecError("lease must not be negative")
+        lease_ms = lease.seconds * 1000 + ms_rounded_up(lease.nanos)
         if not limits.min_lease_ms <= lease_ms <= limits.max_lease_ms:
             raise SpecError(
                 f"lease must be between {limits.min_lease_ms} ms and {limits.max_lease_ms} ms"

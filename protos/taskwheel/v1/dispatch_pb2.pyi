@@ -27,8 +27,12 @@ class Subscribe(_message.Message):
     QUEUE_FIELD_NUMBER: _builtins.int
     MAX_IN_FLIGHT_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
+    """The queue to receive tasks of. Required."""
     max_in_flight: _builtins.int
-    """1..10000. Unacked deliveries the server may have out on this stream."""
+    """Unacked deliveries the server may have out on this stream: 1 to the server's limit
+    (default 10000; more is refused with INVALID_ARGUMENT). Unset or zero: the server default
+    (100).
+    """
     def __init__(
         self,
         *,
@@ -78,7 +82,9 @@ class Nack(_message.Message):
     def delivery_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def retry_after(self) -> _duration_pb2.Duration:
-        """Zero: the task's exponential backoff (1 s, 2 s, 4 s ... capped at 5 min)."""
+        """When to deliver the task again, rounded up to whole milliseconds. Unset or zero: the
+        task's exponential backoff (1 s, 2 s, 4 s ... capped at 5 min).
+        """
 
     def __init__(
         self,

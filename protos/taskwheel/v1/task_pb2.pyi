@@ -96,11 +96,16 @@ class TaskSpec(_message.Message):
     """Deliveries before the task ends FAILED. 0 means the server default (3)."""
     @_builtins.property
     def fire_at(self) -> _timestamp_pb2.Timestamp:
-        """Absolute fire time. A time in the past (within max_past) fires at once."""
+        """Absolute fire time. Kept in whole milliseconds, rounded up: the task never fires before
+        this instant. A time in the past, at most the server's max_past (default 1 day), fires at
+        once; at most max_future (default 366 days) ahead.
+        """
 
     @_builtins.property
     def delay(self) -> _duration_pb2.Duration:
-        """Relative to the moment the server accepts the task."""
+        """Relative to the moment the server accepts the task, rounded up to whole milliseconds.
+        Must not be negative; at most max_future (default 366 days).
+        """
 
     @_builtins.property
     def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -108,7 +113,10 @@ class TaskSpec(_message.Message):
 
     @_builtins.property
     def lease(self) -> _duration_pb2.Duration:
-        """How long a worker holds a delivery before it is redelivered. Zero: server default (30 s)."""
+        """How long a worker holds a delivery before it is redelivered, rounded up to whole
+        milliseconds. Unset or zero: the server default (30 s). Otherwise between the server's
+        min_lease (default 100 ms) and max_lease (default 12 h).
+        """
 
     def __init__(
         self,

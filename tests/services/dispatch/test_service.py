@@ -4,12 +4,12 @@ import dataclasses
 import gc
 import time
 
+import grpc
 import pytest
 
 from taskwheel.config import Config
 from taskwheel.core import shard_of
-from taskwheel.dispatch import DispatchService
-from taskwheel.dispatch import DispatchServicer
+from taskwheel.dispatch import DispatchService, DispatchServicer
 from taskwheel.dispatch.finished import FinishedMemory
 from taskwheel.dispatch.service import BURST_CHUNK
 from taskwheel.task import TaskRecord, TaskState
@@ -712,3 +712,46 @@ def test_a_reloaded_copy_of_a_task_waiting_for_its_queues_first_worker_is_delive
         return ready, [d.delivery_id for d in msg.deliveries], twice
 
     assert asyncio.run(main()) == (1, ["w.2"], False)
+
+
+@pytest.mark.parametrize("asked, served", [(0, 100), (1, 1), (10_000, 10_000)])
+def test_max_in_flight_zero_or_unset_is_the_server_default_and_the_limit_is_allowed(tmp_path, asked, served):
+    async def main():
+        store = await opened_store(tmp_path)
+        dispatch = DispatchService(Config(), store)
+        await dispatch.start(QuietTimer())
+        stream, deliveries = await subscribed(dispatch, max_in_flight=asked)
+        fetch = asyncio.ensure_future(deliveries.__anext__())  # runs the stream up to its first wait
+        while not dispatch.queues().get("q") or not dispatch.queues()["q"].consumers:
+            await asyncio.sleep(0.001)
+        got = dispatch.queues()["q"].consumers[0].max_in_flight
+        fetch.cancel()
+        await asyncio.gather(fetch, return_exceptions=True)
+        await deliveries.aclose()
+        await dispatch.stop()
+        await store.close()
+        return got
+
+    assert asyncio.run(main()) == served
+
+
+def test_max_in_flight_over_the_limit_is_refused_naming_the_field(tmp_path):
+    class Refusal(Exception):
+        pass
+
+    class Aborting(Context):
+        async def abort(self, code, details):
+            raise Refusal(code, details)
+
+    async def main():
+        store = await opened_store(tmp_path)
+        dispatch = DispatchService(Config(), store)
+        stream = Stream()
+        stream.send(subscribe=dispatch_pb2.Subscribe(queue="q", max_in_flight=10_001))
+        with pytest.raises(Refusal) as refused:
+            await DispatchServicer(dispatch).Consume(stream, Aborting()).__anext__()
+        await store.close()
+        return refused.value.args
+
+    code, details = asyncio.run(main())
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_in_flight" in details

@@ -295,3 +295,16 @@ def test_ingests_batch_of_records_for_the_store_is_out_of_the_gcs_view(tmp_path)
 
     asyncio.run(main())
     assert watched == [False]
+
+
+def test_the_c_reader_gives_an_explicit_zero_lease_the_default_and_rounds_times_up():
+    specs = [task_pb2.TaskSpec(queue="q", lease={"seconds": 0, "nanos": 0}),
+             task_pb2.TaskSpec(queue="q", fire_at={"seconds": NOW // 1000 + 5, "nanos": 123_456_700}),
+             task_pb2.TaskSpec(queue="q", delay={"seconds": 0, "nanos": 1_500_000}),
+             task_pb2.TaskSpec(queue="q", lease={"seconds": 1, "nanos": 1})]
+    got = fast(ingest_pb2.SubmitRequest(tasks=specs).SerializeToString())
+    assert got is not None  # all read in C, none left to the validator
+    assert got[0].lease_ms == LIMITS.default_lease_ms
+    assert got[1].fire_at_ms == NOW + 5_124
+    assert got[2].fire_at_ms == NOW + 2
+    assert got[3].lease_ms == 1_001

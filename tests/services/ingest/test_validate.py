@@ -88,3 +88,33 @@ def test_accepted_records_are_kept_out_of_the_cyclic_gcs_view():
     records, positions, errors = records_of_specs(specs, TaskIds(), 4, NOW, LIMITS)
     assert (len(records), errors) == (3, [])
     assert not any(gc.is_tracked(r) for r in records)
+
+
+def test_an_explicit_zero_lease_is_the_server_default_as_an_absent_one():
+    rec = check(make(lease={"seconds": 0, "nanos": 0}))
+    assert rec.lease_ms == LIMITS.default_lease_ms
+
+
+@pytest.mark.parametrize("when, expected_ms", [
+    ({"fire_at": {"seconds": NOW // 1000 + 5, "nanos": 123_456_700}}, NOW + 5_124),
+    ({"fire_at": {"seconds": NOW // 1000 + 5, "nanos": 1}}, NOW + 5_001),
+    ({"fire_at": {"seconds": NOW // 1000 + 5, "nanos": 2_000_000}}, NOW + 5_002),
+    ({"delay": {"seconds": 0, "nanos": 1_500_000}}, NOW + 2),
+    ({"delay": {"seconds": 1, "nanos": 1}}, NOW + 1_001),
+])
+def test_sub_millisecond_fire_times_round_up_never_early(when, expected_ms):
+    assert check(make(**when)).fire_at_ms == expected_ms
+
+
+def test_a_sub_millisecond_lease_rounds_up():
+    assert check(make(lease={"seconds": 1, "nanos": 1})).lease_ms == 1_001
+
+
+@pytest.mark.parametrize("spec, field", [
+    (make(delay={"nanos": -1}), "delay"),
+    (make(lease={"seconds": -1}), "lease"),
+    (make(lease={"nanos": -1}), "lease"),
+])
+def test_a_negative_duration_is_refused_naming_the_field(spec, field):
+    with pytest.raises(SpecError, match=f"{field} must not be negative"):
+        check(spec)
