@@ -3,6 +3,7 @@
 The timer runs on a fake clock (taskwheel.clock.FakeClock) wherever a test only waits for its
 time to pass; the fire loop's yielding is about real CPU time and runs on the real clock."""
 import asyncio
+import logging
 import time
 
 from taskwheel.clock import SYSTEM_CLOCK, FakeClock
@@ -347,3 +348,132 @@ async def test_the_fire_loop_lets_the_event_loop_run_while_tasks_keep_falling_du
     assert sorted(t for t, _, _ in dispatch.fired) == [t.task_id for t in tasks]
     assert all(fired_at >= due for _, due, fired_at in dispatch.fired)
     assert len(set(turns_while_firing)) >= 10, turns_while_firing
+
+
+# -- retries: a store read or a hand-over that fails is tried again, on the timer's clock ------
+
+class FlakyStore:
+    """One shard and no tasks; each read fails while ``failures`` is above zero."""
+
+    num_shards = 1
+
+    def __init__(self, clock: FakeClock):
+        self.clock = clock
+        self.failures = 0
+        self.failed_at: list[int] = []
+        self.read_at: list[int] = []
+
+    async def load_due(self, shard, from_ms, to_ms):
+        if self.failures:
+            self.failures -= 1
+            self.failed_at.append(self.clock.now_ms())
+            raise OSError("store down")
+        self.read_at.append(self.clock.now_ms())
+        return []
+
+
+async def test_a_failed_read_is_retried_after_doubling_waits_each_failure_logged(caplog):
+    clock = FakeClock()
+    store = FlakyStore(clock)
+    timer = TimerService(config(), store, RecordingDispatch(), clock)
+    timer.loaded_until_ms = t0 = clock.now_ms()
+    store.failures = 4
+    with caplog.at_level(logging.WARNING, logger="taskwheel.timer"):
+        loading = asyncio.get_running_loop().create_task(timer._load_loop())
+        await clock.advance(0)  # the loop runs its first read now
+        await clock.advance(1_000)
+        loading.cancel()
+        await asyncio.gather(loading, return_exceptions=True)
+    assert [at - t0 for at in store.failed_at] == [0, 50, 150, 350]
+    assert store.read_at[0] - t0 == 750
+    assert [r.getMessage() for r in caplog.records] == [
+        f"loading due tasks failed, retrying in {wait}: store down" for wait in ("0.05s", "0.10s", "0.20s", "0.40s")]
+
+
+async def test_the_wait_after_a_failed_read_starts_again_at_50ms_once_a_read_succeeds(caplog):
+    clock = FakeClock()
+    store = FlakyStore(clock)
+    timer = TimerService(config(), store, RecordingDispatch(), clock)
+    timer.loaded_until_ms = clock.now_ms()
+    store.failures = 3
+    with caplog.at_level(logging.WARNING, logger="taskwheel.timer"):
+        loading = asyncio.get_running_loop().create_task(timer._load_loop())
+        await clock.advance(0)  # the loop runs its first read now
+        await clock.advance(1_000)
+        store.failures = 2
+        await clock.run_until(lambda: not store.failures and len(store.read_at) > 8)
+        loading.cancel()
+        await asyncio.gather(loading, return_exceptions=True)
+    later = store.failed_at[3:]
+    assert [at - later[0] for at in later] == [0, 50]
+    assert [r.getMessage()[len("loading due tasks failed, retrying in "):] for r in caplog.records] == [
+        "0.05s: store down", "0.10s: store down", "0.20s: store down", "0.05s: store down", "0.10s: store down"]
+
+
+async def test_a_read_that_keeps_failing_is_retried_every_2s_at_most():
+    clock = FakeClock()
+    store = FlakyStore(clock)
+    timer = TimerService(config(), store, RecordingDispatch(), clock)
+    timer.loaded_until_ms = t0 = clock.now_ms()
+    store.failures = 1_000
+    loading = asyncio.get_running_loop().create_task(timer._load_loop())
+    await clock.advance(0)
+    await clock.advance(10_000)
+    loading.cancel()
+    await asyncio.gather(loading, return_exceptions=True)
+    assert [at - t0 for at in store.failed_at] == [0, 50, 150, 350, 750, 1_550, 3_150, 5_150, 7_150, 9_150]
+
+
+class FlakyDispatch:
+    """Fails each hand-over while ``failures`` is above zero, and takes the next."""
+
+    def __init__(self, clock: FakeClock, failures: int):
+        self.clock = clock
+        self.failures = failures
+        self.handed_at: list[int] = []
+
+    def hand_over(self, records, fired_at_ms):
+        self.handed_at.append(self.clock.now_ms())
+        handed = asyncio.get_running_loop().create_future()
+        if self.failures:
+            self.failures -= 1
+            handed.set_exception(ConnectionError("dispatch down"))
+        else:
+            handed.set_result(None)
+        return handed
+
+
+async def test_a_failed_hand_over_is_retried_after_doubling_waits_up_to_2s_until_dispatch_takes_it(tmp_path, caplog):
+    clock = FakeClock()
+    dispatch = FlakyDispatch(clock, failures=8)
+    timer = TimerService(config(), SqliteStore(str(tmp_path / "t.db"), num_shards=SHARDS), dispatch, clock)
+    t0 = clock.now_ms()
+    fired = [task("fired".ljust(28, "0"), t0 - 5)]
+    with caplog.at_level(logging.WARNING, logger="taskwheel.timer"):
+        timer._hand_over(fired, t0)
+        await clock.advance(0)  # the first failure is seen, its retry waiting
+        await clock.advance(7_000)
+        unconfirmed_while_failing = dict(timer._unconfirmed)
+        checkpoint_while_failing = timer.checkpoint(clock.now_ms())
+        await clock.advance(1_000)
+    assert [at - t0 for at in dispatch.handed_at] == [0, 50, 150, 350, 750, 1_550, 3_150, 5_150, 7_150]
+    assert list(unconfirmed_while_failing.values()) == [(t0 - 5, 1)]
+    assert checkpoint_while_failing <= t0 - 5
+    assert (timer._unconfirmed, timer._unconfirmed_count) == ({}, 0)
+    assert [r.getMessage() for r in caplog.records] == [
+        "handing over 1 fired tasks failed, retrying: dispatch down"] * 8
+
+
+async def test_a_cancelled_hand_over_retry_stops_and_releases_its_batch(tmp_path):
+    clock = FakeClock()
+    dispatch = FlakyDispatch(clock, failures=1_000)
+    timer = TimerService(config(), SqliteStore(str(tmp_path / "t.db"), num_shards=SHARDS), dispatch, clock)
+    timer._hand_over([task("fired".ljust(28, "0"), clock.now_ms() - 5)], clock.now_ms())
+    await clock.advance(0)
+    await clock.advance(100)
+    (retrying,) = timer._push_tasks
+    retrying.cancel()
+    await asyncio.gather(retrying, return_exceptions=True)
+    await clock.advance(10_000)
+    assert len(dispatch.handed_at) == 2
+    assert (timer._unconfirmed, timer._unconfirmed_count) == ({}, 0)
