@@ -227,7 +227,7 @@ def store_url(request, tmp_path):
 
 
 @pytest.mark.slow
-def test_compose_commands_run_as_local_processes_and_deliver_tasks(store_url, tmp_path):
+async def test_compose_commands_run_as_local_processes_and_deliver_tasks(store_url, tmp_path):
     from taskwheel.client import Client, Worker
 
     commands = local_commands(store_url)
@@ -248,17 +248,13 @@ def test_compose_commands_run_as_local_processes_and_deliver_tasks(store_url, tm
                 [{"queue": "compose", "payload": str(i), "delay": 0.3} for i in range(50)],
                 raise_on_error=True)]
         delivered: list[str] = []
-
-        async def consume():
-            worker = Worker(addresses["dispatch"], "compose",
-                            lambda d: delivered.append(d.task_id))
-            await worker.start()
-            deadline = time.monotonic() + 30
-            while len(delivered) < len(task_ids) and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(0.3)  # a duplicate would show up now
-            await worker.stop()
-        asyncio.run(consume())
+        worker = Worker(addresses["dispatch"], "compose", lambda d: delivered.append(d.task_id))
+        await worker.start()
+        deadline = time.monotonic() + 30
+        while len(delivered) < len(task_ids) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # a duplicate would show up now
+        await worker.stop()
         assert sorted(delivered) == sorted(task_ids)
     finally:
         for process in processes.values():

@@ -6,6 +6,7 @@ Durations (``delay``, ``lease``) take seconds or a ``timedelta``.
 """
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -15,7 +16,6 @@ import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from taskwheel.client.errors import status_code
-from taskwheel.task import TaskState
 from taskwheel.v1 import ingest_pb2, task_pb2
 
 __all__ = ["TaskSpec", "SubmitResult", "Task", "TaskState", "Stats", "Delivery",
@@ -23,6 +23,17 @@ __all__ = ["TaskSpec", "SubmitResult", "Task", "TaskState", "Stats", "Delivery",
 
 FireAt = Union[datetime, int, float]
 Seconds = Union[int, float, timedelta]
+
+
+class TaskState(enum.IntEnum):
+    """Where a task is in its life: taskwheel.v1.TaskState, its numbers taken from the contract
+    (the client imports nothing of the server, whose own enum has the same numbers)."""
+
+    SCHEDULED = task_pb2.TASK_STATE_SCHEDULED
+    LEASED = task_pb2.TASK_STATE_LEASED
+    SUCCEEDED = task_pb2.TASK_STATE_SUCCEEDED
+    FAILED = task_pb2.TASK_STATE_FAILED
+    CANCELLED = task_pb2.TASK_STATE_CANCELLED
 
 
 @dataclass(slots=True)

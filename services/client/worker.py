@@ -199,6 +199,8 @@ class Worker:
     # -- the stream ------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        # A loop rather than tenacity: a stream that ends cleanly is reopened too, the backoff
+        # starts over once a session received deliveries, and stop() cuts a wait short.
         assert self._stop_requested is not None
         failures = 0
         while not self._stopping:

@@ -17,6 +17,8 @@ import functools
 import logging
 from typing import Sequence
 
+import tenacity
+
 from taskwheel import telemetry
 from taskwheel.clock import SYSTEM_CLOCK, Clock
 from taskwheel.config import Config
@@ -222,18 +224,15 @@ class TimerService(timer_pb2_grpc.TimerServicer):
         return True
 
     async def _load_loop(self) -> None:
-        backoff = 0.05
+        # A failed read is tried again after 50 ms, doubling to 2 s; a success starts the waits over.
+        load_once = tenacity.AsyncRetrying(
+            wait=tenacity.wait_exponential(multiplier=0.05, max=2.0),
+            sleep=self._clock.sleep,
+            before_sleep=lambda attempt: log.warning("loading due tasks failed, retrying in %.2fs: %s",
+                                                     attempt.next_action.sleep, attempt.outcome.exception()))
         while True:
-            try:
-                if not await self._load_once():
-                    await self._clock.sleep(min(0.1, self._config.slice_ms / 4000))
-                backoff = 0.05
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("loading due tasks failed, retrying in %.2fs: %s", backoff, exc)
-                await self._clock.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+            if not await load_once(self._load_once):
+                await self._clock.sleep(min(0.1, self._config.slice_ms / 4000))
 
     async def _fire_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -299,19 +298,18 @@ class TimerService(timer_pb2_grpc.TimerServicer):
         task.add_done_callback(self._push_tasks.discard)
 
     async def _retry_hand_over(self, batch: int, fired: list[TaskRecord], fired_at: int) -> None:
-        backoff = 0.05
+        # Dispatch down or restarting: the batch stays unconfirmed while the hand-over that just
+        # failed is tried again after 50 ms, then after waits doubling to 2 s.
+        async def hand_over() -> None:  # a coroutine function: tenacity would not await a Future
+            await self._dispatch.hand_over(fired, fired_at)
+
         try:
-            while True:
-                await self._clock.sleep(backoff)
-                try:
-                    await self._dispatch.hand_over(fired, fired_at)
-                    return
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    # Dispatch down or restarting: keep the batch unconfirmed and try again.
-                    log.warning("handing over %d fired tasks failed, retrying: %s", len(fired), exc)
-                    backoff = min(backoff * 2, 2.0)
+            await self._clock.sleep(0.05)
+            await tenacity.AsyncRetrying(
+                wait=tenacity.wait_exponential(multiplier=0.1, max=2.0),
+                sleep=self._clock.sleep,
+                before_sleep=lambda attempt: log.warning("handing over %d fired tasks failed, retrying: %s",
+                                                         len(fired), attempt.outcome.exception()))(hand_over)
         finally:
             self._confirmed(batch)
 

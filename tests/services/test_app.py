@@ -26,44 +26,43 @@ def automatic_gc_off():
         gc.enable()
 
 
-def run_collector(threshold: int, seconds: float = 0.1, full_every_s: float = 3600) -> None:
-    async def main():
-        task = asyncio.get_running_loop().create_task(
-            collect_garbage_on_growth(threshold, every_s=0.01, full_every_s=full_every_s))
-        await asyncio.sleep(seconds)
-        task.cancel()
-    asyncio.run(main())
+async def run_collector(threshold: int, seconds: float = 0.1, full_every_s: float = 3600) -> None:
+    task = asyncio.get_running_loop().create_task(
+        collect_garbage_on_growth(threshold, every_s=0.01, full_every_s=full_every_s))
+    await asyncio.sleep(seconds)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)  # stopped before the test looks at the heap
 
 
-def test_garbage_cycles_are_collected_once_the_heap_has_grown(automatic_gc_off):
+async def test_garbage_cycles_are_collected_once_the_heap_has_grown(automatic_gc_off):
     probe = Node()
     dead = weakref.ref(probe)
     del probe
     keep = [Node() for _ in range(5_000)]  # growth past the threshold
-    run_collector(threshold=1_000)
+    await run_collector(threshold=1_000)
     assert dead() is None
     assert len(keep) == 5_000
 
 
-def test_no_collection_runs_while_the_heap_stays_put(automatic_gc_off):
+async def test_no_collection_runs_while_the_heap_stays_put(automatic_gc_off):
     probe = Node()
     cycle = weakref.ref(probe)
     del probe
-    run_collector(threshold=1_000_000)
+    await run_collector(threshold=1_000_000)
     assert cycle() is not None  # left for a later collection, not walked on every tick
     gc.collect()
     assert cycle() is None
 
 
-def test_a_young_collection_leaves_objects_that_survived_one_for_the_full_collection(automatic_gc_off):
+async def test_a_young_collection_leaves_objects_that_survived_one_for_the_full_collection(automatic_gc_off):
     probe = Node()
     dead = weakref.ref(probe)
     gc.collect(0)  # the probe survives one young collection while still referenced
     del probe
     keep = [Node() for _ in range(5_000)]
-    run_collector(threshold=1_000)
+    await run_collector(threshold=1_000)
     assert dead() is not None  # not walked again by young collections: their pauses stay short
-    run_collector(threshold=1_000_000, full_every_s=0.02)
+    await run_collector(threshold=1_000_000, full_every_s=0.02)
     assert dead() is None
     assert len(keep) == 5_000
 

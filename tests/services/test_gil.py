@@ -63,26 +63,22 @@ class HeldStore(SqliteStore):
         return await super().insert(tasks)
 
 
-def test_a_submit_waiting_on_the_store_makes_it_short_until_it_is_answered(tmp_path, interval_restored):
-    async def main():
-        store = HeldStore(tmp_path / "t.db", num_shards=4)
-        await store.open()
-        ingest = IngestServicer(Config(), store, QuietTimer())
-        await ingest.start()
-        gil.enable()
-        try:
-            request = ingest_pb2.SubmitRequest(tasks=[task_pb2.TaskSpec(queue="q", payload=b"x")])
-            call = asyncio.get_running_loop().create_task(ingest.Submit(request, context=None))
-            await store.inserting.wait()
-            during = sys.getswitchinterval()
-            store.release.set()
-            response = await call
-            after = sys.getswitchinterval()
-        finally:
-            await ingest.stop()
-            await store.close()
-        return during, after, response
-
-    during, after, response = asyncio.run(main())
+async def test_a_submit_waiting_on_the_store_makes_it_short_until_it_is_answered(tmp_path, interval_restored):
+    store = HeldStore(tmp_path / "t.db", num_shards=4)
+    await store.open()
+    ingest = IngestServicer(Config(), store, QuietTimer())
+    await ingest.start()
+    gil.enable()
+    try:
+        request = ingest_pb2.SubmitRequest(tasks=[task_pb2.TaskSpec(queue="q", payload=b"x")])
+        call = asyncio.get_running_loop().create_task(ingest.Submit(request, context=None))
+        await store.inserting.wait()
+        during = sys.getswitchinterval()
+        store.release.set()
+        response = await call
+        after = sys.getswitchinterval()
+    finally:
+        await ingest.stop()
+        await store.close()
     assert during == pytest.approx(gil.SHORT_S) and after == pytest.approx(gil.LONG_S)
     assert len(response.results) == 1 and response.results[0].task_id

@@ -1,8 +1,6 @@
 """taskwheel.telemetry: OTEL_* configuration, a span per RPC, context through traceparent."""
 from __future__ import annotations
 
-import asyncio
-
 import grpc
 import grpc.aio
 import pytest
@@ -146,24 +144,24 @@ def test_empty_or_malformed_traceparent_gives_no_context(spans):
     assert telemetry.link_from_traceparent("") is None
 
 
-def test_server_interceptor_records_one_span_per_rpc(spans):
+async def test_server_interceptor_records_one_span_per_rpc(spans):
     async def body(channel, _):
         stub = ingest_pb2_grpc.IngestStub(channel)
         for _ in range(3):
             await stub.Get(ingest_pb2.GetRequest(task_id="t1"))
-    asyncio.run(run_with_server(body, telemetry.server_interceptors()))
+    await run_with_server(body, telemetry.server_interceptors())
     recorded = server_spans(spans)
     assert [s.name for s in recorded] == ["taskwheel.v1.Ingest/Get"] * 3
     assert all(s.attributes["rpc.grpc.status_code"] == 0 for s in recorded)
     assert all(s.attributes["rpc.method"] == "Get" for s in recorded)
 
 
-def test_server_span_continues_the_callers_trace_from_metadata(spans):
+async def test_server_span_continues_the_callers_trace_from_metadata(spans):
     async def body(channel, _):
         with telemetry.tracer.start_as_current_span("caller") as caller:
             await ingest_pb2_grpc.IngestStub(channel).Get(ingest_pb2.GetRequest(task_id="t1"))
         return caller
-    caller = asyncio.run(run_with_server(body, telemetry.server_interceptors()))
+    caller = await run_with_server(body, telemetry.server_interceptors())
     (server,) = server_spans(spans)
     (client,) = [s for s in spans.get_finished_spans() if s.kind == SpanKind.CLIENT]
     assert server.context.trace_id == caller.context.trace_id
@@ -171,48 +169,48 @@ def test_server_span_continues_the_callers_trace_from_metadata(spans):
     assert server.parent.span_id == client.context.span_id
 
 
-def test_server_span_is_current_inside_the_handler(spans):
+async def test_server_span_is_current_inside_the_handler(spans):
     async def body(channel, ingest):
         await ingest_pb2_grpc.IngestStub(channel).Get(ingest_pb2.GetRequest(task_id="t1"))
         return ingest.seen_traceparents
-    (seen,) = asyncio.run(run_with_server(body, telemetry.server_interceptors()))
+    (seen,) = await run_with_server(body, telemetry.server_interceptors())
     (server,) = server_spans(spans)
     ctx = server.context
     assert seen == f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
 
 
-def test_aborted_rpc_records_its_code_without_marking_a_server_error(spans):
+async def test_aborted_rpc_records_its_code_without_marking_a_server_error(spans):
     async def body(channel, _):
         with pytest.raises(grpc.aio.AioRpcError):
             await ingest_pb2_grpc.IngestStub(channel).Get(ingest_pb2.GetRequest(task_id="nope"))
-    asyncio.run(run_with_server(body, telemetry.server_interceptors()))
+    await run_with_server(body, telemetry.server_interceptors())
     (server,) = server_spans(spans)
     assert server.attributes["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
     assert server.status.status_code != StatusCode.ERROR
 
 
-def test_handler_exception_marks_the_server_span_as_error(spans):
+async def test_handler_exception_marks_the_server_span_as_error(spans):
     async def body(channel, _):
         with pytest.raises(grpc.aio.AioRpcError):
             await ingest_pb2_grpc.IngestStub(channel).Stats(ingest_pb2.StatsRequest())
-    asyncio.run(run_with_server(body, telemetry.server_interceptors()))
+    await run_with_server(body, telemetry.server_interceptors())
     (server,) = server_spans(spans)
     assert server.status.status_code == StatusCode.ERROR
     assert any(e.name == "exception" for e in server.events)
 
 
-def test_streaming_rpc_gets_one_span_covering_the_stream(spans):
+async def test_streaming_rpc_gets_one_span_covering_the_stream(spans):
     async def body(channel, _):
         call = dispatch_pb2_grpc.DispatchStub(channel).Consume(iter([
             dispatch_pb2.ConsumeRequest(subscribe=dispatch_pb2.Subscribe(queue="q"))]))
         return [r async for r in call]
-    responses = asyncio.run(run_with_server(body, telemetry.server_interceptors()))
+    responses = await run_with_server(body, telemetry.server_interceptors())
     assert responses[0].deliveries[0].delivery_id == "q"
     (server,) = server_spans(spans)
     assert server.name == "taskwheel.v1.Dispatch/Consume"
 
 
-def test_disabled_tracing_creates_no_spans_even_with_interceptors_installed():
+async def test_disabled_tracing_creates_no_spans_even_with_interceptors_installed():
     exporter = InMemorySpanExporter()
     telemetry.setup_tracing("svc", span_exporter=exporter)
     telemetry.shutdown_tracing()
@@ -220,8 +218,8 @@ def test_disabled_tracing_creates_no_spans_even_with_interceptors_installed():
     async def body(channel, ingest):
         await ingest_pb2_grpc.IngestStub(channel).Get(ingest_pb2.GetRequest(task_id="t1"))
         return ingest.seen_traceparents
-    seen = asyncio.run(run_with_server(body, [telemetry.ServerInterceptor()],
-                                       [telemetry.AioClientInterceptor()]))
+    seen = await run_with_server(body, [telemetry.ServerInterceptor()],
+                                 [telemetry.AioClientInterceptor()])
     assert seen == [""]
     assert exporter.get_finished_spans() == ()
     assert telemetry.inject_metadata((("k", "v"),)) == (("k", "v"),)

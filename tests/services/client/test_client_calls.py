@@ -1,7 +1,6 @@
 """Client and AsyncClient: how requests are shaped, how errors map, when calls are retried."""
 from __future__ import annotations
 
-import asyncio
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -255,55 +254,44 @@ def test_unreachable_server_raises_unavailable_after_retries():
 
 # -- AsyncClient ------------------------------------------------------------------------------
 
-def run(coro):
-    return asyncio.run(coro)
-
-
-def test_async_submit_many_sends_batches_of_at_most_1000_in_order(fake):
-    async def body():
-        async with AsyncClient(fake.target, retry=FAST_RETRY) as c:
-            return await c.submit_many([TaskSpec("q", str(i)) for i in range(2100)])
-    results = run(body())
+async def test_async_submit_many_sends_batches_of_at_most_1000_in_order(fake):
+    async with AsyncClient(fake.target, retry=FAST_RETRY) as c:
+        results = await c.submit_many([TaskSpec("q", str(i)) for i in range(2100)])
     assert sorted(len(r.tasks) for r in fake.ingest.submits) == [100, 1000, 1000]
     assert [r.index for r in results] == list(range(2100))
     payload_of = {t.task_id: t.payload for t in fake.ingest.tasks.values()}
     assert [payload_of[r.task_id] for r in results] == [str(i).encode() for i in range(2100)]
 
 
-def test_async_submit_retries_backpressure_and_returns_the_id(fake):
+async def test_async_submit_retries_backpressure_and_returns_the_id(fake):
     fake.fail_next(grpc.StatusCode.RESOURCE_EXHAUSTED, "full", retry_after_ms=30)
-
-    async def body():
-        async with AsyncClient(fake.target, retry=FAST_RETRY) as c:
-            return await c.submit("q", b"", delay=timedelta(seconds=3))
     started = time.monotonic()
-    assert run(body())
+    async with AsyncClient(fake.target, retry=FAST_RETRY) as c:
+        task_id = await c.submit("q", b"", delay=timedelta(seconds=3))
+    assert task_id
     assert time.monotonic() - started >= 0.03
     assert len(fake.ingest.submits) == 2
     assert fake.ingest.submits[1].tasks[0].delay.seconds == 3
 
 
-def test_async_errors_map_like_the_blocking_client(fake):
-    async def body():
-        async with AsyncClient(fake.target, retry=FAST_RETRY) as c:
-            with pytest.raises(TaskNotFound):
-                await c.get("nope")
-            with pytest.raises(InvalidTask):
-                await c.submit("bad", b"")
-            task_id = await c.submit("q", b"")
-            assert (await c.cancel(task_id)).state == TaskState.CANCELLED
-            with pytest.raises(TaskEnded):
-                await c.cancel(task_id)
-            return await c.stats()
-    assert run(body()).cancelled == 1
+async def test_async_errors_map_like_the_blocking_client(fake):
+    async with AsyncClient(fake.target, retry=FAST_RETRY) as c:
+        with pytest.raises(TaskNotFound):
+            await c.get("nope")
+        with pytest.raises(InvalidTask):
+            await c.submit("bad", b"")
+        task_id = await c.submit("q", b"")
+        assert (await c.cancel(task_id)).state == TaskState.CANCELLED
+        with pytest.raises(TaskEnded):
+            await c.cancel(task_id)
+        stats = await c.stats()
+    assert stats.cancelled == 1
 
 
-def test_async_failed_batch_is_raised_with_the_other_batches_results(fake):
-    async def body():
-        async with AsyncClient(fake.target, retry=RetryPolicy(retries=0), max_batch=10,
-                               concurrency=1) as c:
-            fake.fail_next(grpc.StatusCode.UNAVAILABLE, "down")
-            return await c.submit_many([TaskSpec("q")] * 30)
-    with pytest.raises(Unavailable) as caught:
-        run(body())
+async def test_async_failed_batch_is_raised_with_the_other_batches_results(fake):
+    async with AsyncClient(fake.target, retry=RetryPolicy(retries=0), max_batch=10,
+                           concurrency=1) as c:
+        fake.fail_next(grpc.StatusCode.UNAVAILABLE, "down")
+        with pytest.raises(Unavailable) as caught:
+            await c.submit_many([TaskSpec("q")] * 30)
     assert [r.index for r in caught.value.partial] == list(range(10, 30))

@@ -20,28 +20,25 @@ from taskwheel.client import FailNow, RetryAfter, RetryPolicy, Worker
 FAST_RECONNECT = RetryPolicy(retries=0, initial_backoff=0.01, max_backoff=0.05)
 
 
-def run_worker(fake, handler, body, **options):
+async def run_worker(fake, handler, body, **options):
     """Runs ``body(worker)`` with a started worker on queue "q", then stops it."""
     options.setdefault("reconnect", FAST_RECONNECT)
-
-    async def scenario():
-        worker = Worker(fake.target, "q", handler, **options)
-        await worker.start()
-        try:
-            return await body(worker)
-        finally:
-            await worker.stop()
-    return asyncio.run(scenario())
+    worker = Worker(fake.target, "q", handler, **options)
+    await worker.start()
+    try:
+        return await body(worker)
+    finally:
+        await worker.stop()
 
 
 async def noop(delivery):
     pass
 
 
-def test_worker_subscribes_to_its_queue_with_max_in_flight(fake):
+async def test_worker_subscribes_to_its_queue_with_max_in_flight(fake):
     async def body(worker):
         await fake.async_wait_until(lambda: fake.dispatch.streams)
-    run_worker(fake, noop, body, concurrency=3, max_in_flight=7)
+    await run_worker(fake, noop, body, concurrency=3, max_in_flight=7)
     (stream,) = fake.dispatch.streams
     assert (stream.subscribe.queue, stream.subscribe.max_in_flight) == ("q", 7)
 
@@ -50,7 +47,7 @@ def test_max_in_flight_defaults_to_twice_the_concurrency(fake):
     assert Worker(fake.target, "q", noop, concurrency=5).max_in_flight == 10
 
 
-def test_every_delivery_is_handled_and_acked_once(fake):
+async def test_every_delivery_is_handled_and_acked_once(fake):
     ids = fake.add_deliveries(300)
     seen = []
 
@@ -59,13 +56,13 @@ def test_every_delivery_is_handled_and_acked_once(fake):
 
     async def body(worker):
         await fake.async_wait_until(lambda: len(fake.dispatch.acked) == 300)
-    run_worker(fake, handler, body)
+    await run_worker(fake, handler, body)
     assert sorted(seen) == sorted(ids)
     assert sorted(fake.dispatch.acked) == sorted(ids)
     assert fake.dispatch.nacked == []
 
 
-def test_handlers_run_at_most_concurrency_at_a_time(fake):
+async def test_handlers_run_at_most_concurrency_at_a_time(fake):
     fake.add_deliveries(40)
     running, peak = 0, 0
 
@@ -78,12 +75,12 @@ def test_handlers_run_at_most_concurrency_at_a_time(fake):
 
     async def body(worker):
         await fake.async_wait_until(lambda: len(fake.dispatch.acked) == 40)
-    run_worker(fake, handler, body, concurrency=4, max_in_flight=8)
+    await run_worker(fake, handler, body, concurrency=4, max_in_flight=8)
     assert peak == 4
     assert fake.dispatch.streams[0].max_unacked <= 8
 
 
-def test_sync_handlers_run_in_threads_with_the_same_bound(fake):
+async def test_sync_handlers_run_in_threads_with_the_same_bound(fake):
     fake.add_deliveries(24)
     lock = threading.Lock()
     running, peak, threads = 0, 0, set()
@@ -100,33 +97,33 @@ def test_sync_handlers_run_in_threads_with_the_same_bound(fake):
 
     async def body(worker):
         await fake.async_wait_until(lambda: len(fake.dispatch.acked) == 24)
-    run_worker(fake, handler, body, concurrency=3)
+    await run_worker(fake, handler, body, concurrency=3)
     assert peak == 3
     assert threading.get_ident() not in threads
 
 
-def test_acks_go_out_in_messages_of_ack_batch_ids(fake):
+async def test_acks_go_out_in_messages_of_ack_batch_ids(fake):
     fake.add_deliveries(30)
 
     async def body(worker):
         await fake.async_wait_until(lambda: len(fake.dispatch.acked) == 30)
-    run_worker(fake, noop, body, concurrency=30, ack_batch=10, ack_interval=60)
+    await run_worker(fake, noop, body, concurrency=30, ack_batch=10, ack_interval=60)
     assert [len(m) for m in fake.dispatch.ack_messages] == [10, 10, 10]
 
 
-def test_fewer_acks_than_a_batch_go_out_after_ack_interval(fake):
+async def test_fewer_acks_than_a_batch_go_out_after_ack_interval(fake):
     fake.add_deliveries(3)
 
     async def body(worker):
         started = time.monotonic()
         await fake.async_wait_until(lambda: len(fake.dispatch.acked) == 3)
         return time.monotonic() - started
-    waited = run_worker(fake, noop, body, ack_batch=100, ack_interval=0.05)
+    waited = await run_worker(fake, noop, body, ack_batch=100, ack_interval=0.05)
     assert fake.dispatch.ack_messages == [["d0", "d1", "d2"]]
     assert waited >= 0.04
 
 
-def test_exception_nacks_with_the_repr_of_the_exception(fake):
+async def test_exception_nacks_with_the_repr_of_the_exception(fake):
     fake.add_deliveries(1)
 
     async def handler(delivery):
@@ -134,7 +131,7 @@ def test_exception_nacks_with_the_repr_of_the_exception(fake):
 
     async def body(worker):
         await fake.async_wait_until(lambda: fake.dispatch.nacked)
-    run_worker(fake, handler, body)
+    await run_worker(fake, handler, body)
     (nack,) = fake.dispatch.nack_messages
     assert list(nack.delivery_ids) == ["d0"]
     assert nack.error == "ValueError('bad payload')"
@@ -142,7 +139,7 @@ def test_exception_nacks_with_the_repr_of_the_exception(fake):
     assert fake.dispatch.acked == []
 
 
-def test_nacks_with_the_same_error_share_one_message(fake):
+async def test_nacks_with_the_same_error_share_one_message(fake):
     fake.add_deliveries(5)
 
     async def handler(delivery):
@@ -150,12 +147,12 @@ def test_nacks_with_the_same_error_share_one_message(fake):
 
     async def body(worker):
         await fake.async_wait_until(lambda: len(fake.dispatch.nacked) == 5)
-    run_worker(fake, handler, body, ack_interval=0.05)
+    await run_worker(fake, handler, body, ack_interval=0.05)
     (nack,) = fake.dispatch.nack_messages
     assert sorted(nack.delivery_ids) == ["d0", "d1", "d2", "d3", "d4"]
 
 
-def test_retry_after_nacks_with_the_chosen_delay(fake):
+async def test_retry_after_nacks_with_the_chosen_delay(fake):
     fake.add_deliveries(1)
 
     async def handler(delivery):
@@ -163,12 +160,12 @@ def test_retry_after_nacks_with_the_chosen_delay(fake):
 
     async def body(worker):
         await fake.async_wait_until(lambda: fake.dispatch.nacked)
-    run_worker(fake, handler, body)
+    await run_worker(fake, handler, body)
     (nack,) = fake.dispatch.nack_messages
     assert nack.retry_after.ToMilliseconds() == 1500 and not nack.no_retry
 
 
-def test_fail_now_nacks_without_retry(fake):
+async def test_fail_now_nacks_without_retry(fake):
     fake.add_deliveries(1)
 
     def handler(delivery):
@@ -176,12 +173,12 @@ def test_fail_now_nacks_without_retry(fake):
 
     async def body(worker):
         await fake.async_wait_until(lambda: fake.dispatch.nacked)
-    run_worker(fake, handler, body)
+    await run_worker(fake, handler, body)
     (nack,) = fake.dispatch.nack_messages
     assert nack.no_retry and "poison message" in nack.error
 
 
-def test_handler_receives_the_delivery_fields(fake):
+async def test_handler_receives_the_delivery_fields(fake):
     fake.add_deliveries(1)
     received = []
 
@@ -190,7 +187,7 @@ def test_handler_receives_the_delivery_fields(fake):
 
     async def body(worker):
         await fake.async_wait_until(lambda: fake.dispatch.acked)
-    run_worker(fake, handler, body)
+    await run_worker(fake, handler, body)
     (delivery,) = received
     assert (delivery.task_id, delivery.delivery_id, delivery.queue, delivery.payload) == (
         "task-d0", "d0", "q", b"0")
@@ -199,7 +196,7 @@ def test_handler_receives_the_delivery_fields(fake):
     assert delivery.fire_at == datetime.fromtimestamp(1_900_000_000.005, timezone.utc)
 
 
-def test_broken_stream_is_reopened_and_work_continues(fake):
+async def test_broken_stream_is_reopened_and_work_continues(fake):
     first = fake.add_deliveries(10, prefix="a")
     release = asyncio.Event()
 
@@ -215,13 +212,13 @@ def test_broken_stream_is_reopened_and_work_continues(fake):
         second = fake.add_deliveries(10, prefix="b")
         await fake.async_wait_until(lambda: len(fake.dispatch.acked) == 20)
         return second
-    second = run_worker(fake, handler, body, concurrency=10)
+    second = await run_worker(fake, handler, body, concurrency=10)
     assert sorted(fake.dispatch.acked) == sorted(first + second)
     assert fake.dispatch.streams[0].broken
     assert fake.dispatch.streams[1].subscribe.queue == "q"
 
 
-def test_acks_of_deliveries_finished_while_disconnected_go_out_on_the_new_stream(fake):
+async def test_acks_of_deliveries_finished_while_disconnected_go_out_on_the_new_stream(fake):
     ids = fake.add_deliveries(10)
     release = asyncio.Event()
 
@@ -236,8 +233,8 @@ def test_acks_of_deliveries_finished_while_disconnected_go_out_on_the_new_stream
         await fake.async_wait_until(lambda: worker.stats.running == 0)
         assert len(fake.dispatch.streams) == 1
         await fake.async_wait_until(lambda: len(fake.dispatch.acked) == 10)
-    run_worker(fake, handler, body, concurrency=10,
-               reconnect=RetryPolicy(retries=0, initial_backoff=0.4, max_backoff=0.4))
+    await run_worker(fake, handler, body, concurrency=10,
+                     reconnect=RetryPolicy(retries=0, initial_backoff=0.4, max_backoff=0.4))
     assert sorted(fake.dispatch.acked) == sorted(ids)
     assert len(fake.dispatch.streams) == 2
 
@@ -248,13 +245,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_worker_keeps_reconnecting_until_dispatch_comes_up():
+async def test_worker_keeps_reconnecting_until_dispatch_comes_up():
     from tests.services.client.conftest import FakeTaskwheel  # the fixture's class, started late on a known port
     port = free_port()
     late = FakeTaskwheel()
     late.port = port
 
-    async def scenario():
+    try:
         worker = Worker(f"127.0.0.1:{port}", "q", noop, reconnect=FAST_RECONNECT)
         await worker.start()
         try:
@@ -264,15 +261,13 @@ def test_worker_keeps_reconnecting_until_dispatch_comes_up():
             await late.async_wait_until(lambda: len(late.dispatch.acked) == 5)
         finally:
             await worker.stop()
-        return worker.stats
-    try:
-        stats = asyncio.run(scenario())
+        stats = worker.stats
     finally:
         late.stop()
     assert stats.stream_errors >= 2 and stats.acked == 5
 
 
-def test_stop_finishes_received_deliveries_and_acks_them(fake):
+async def test_stop_finishes_received_deliveries_and_acks_them(fake):
     ids = fake.add_deliveries(6)
     finished = []
 
@@ -283,7 +278,7 @@ def test_stop_finishes_received_deliveries_and_acks_them(fake):
     async def body(worker):
         await fake.async_wait_until(lambda: worker.stats.running == 6)
         return worker
-    worker = run_worker(fake, handler, body, concurrency=6, ack_interval=60)
+    worker = await run_worker(fake, handler, body, concurrency=6, ack_interval=60)
     assert sorted(finished) == sorted(ids)
     assert sorted(fake.dispatch.acked) == sorted(ids)
     assert worker.stats.running == 0
@@ -337,7 +332,7 @@ def spans():
     telemetry.shutdown_tracing()
 
 
-def test_traced_worker_parents_a_span_per_delivery_to_its_traceparent(fake, spans):
+async def test_traced_worker_parents_a_span_per_delivery_to_its_traceparent(fake, spans):
     with telemetry.tracer.start_as_current_span("submit") as submit:
         traceparent = telemetry.current_traceparent()
     fake.add_deliveries(2, traceparent=traceparent)
@@ -348,7 +343,7 @@ def test_traced_worker_parents_a_span_per_delivery_to_its_traceparent(fake, span
 
     async def body(worker):
         await fake.async_wait_until(lambda: len(fake.dispatch.acked) == 2)
-    run_worker(fake, handler, body)
+    await run_worker(fake, handler, body)
     processed = [s for s in spans.get_finished_spans() if s.kind == SpanKind.CONSUMER]
     assert len(processed) == 2
     assert all(s.parent.span_id == submit.context.span_id for s in processed)

@@ -267,8 +267,7 @@ def test_results_are_encoded_as_protobuf_encodes_them(results):
     assert ingest_pb2.SubmitResponse.FromString(got) == expected
 
 
-def test_ingests_batch_of_records_for_the_store_is_out_of_the_gcs_view(tmp_path):
-    import asyncio
+async def test_ingests_batch_of_records_for_the_store_is_out_of_the_gcs_view(tmp_path):
     import gc
 
     from taskwheel.config import Config
@@ -282,18 +281,14 @@ def test_ingests_batch_of_records_for_the_store_is_out_of_the_gcs_view(tmp_path)
             return await super().insert(tasks)
 
     watched = []
-
-    async def main():
-        store = WatchedStore(tmp_path / "t.db", num_shards=16)
-        await store.open()
-        ingest = IngestServicer(Config(), store, QuietTimer())
-        await ingest.start()
-        raw = ingest_pb2.SubmitRequest(tasks=[task_pb2.TaskSpec(queue="q", payload=b"p")] * 3).SerializeToString()
-        await ingest.submit_wire(raw, None)
-        await ingest.stop()
-        await store.close()
-
-    asyncio.run(main())
+    store = WatchedStore(tmp_path / "t.db", num_shards=16)
+    await store.open()
+    ingest = IngestServicer(Config(), store, QuietTimer())
+    await ingest.start()
+    raw = ingest_pb2.SubmitRequest(tasks=[task_pb2.TaskSpec(queue="q", payload=b"p")] * 3).SerializeToString()
+    await ingest.submit_wire(raw, None)
+    await ingest.stop()
+    await store.close()
     assert watched == [False]
 
 
