@@ -15,11 +15,10 @@ fixture::
             # first wrote), empty before the first open, with num_shards >= 4.
             return lambda: MyStore(location_for(tmp_path), num_shards=8)
 
-That is all: pytest collects the inherited ``test_*`` methods. The tests are ``async def`` and
-tests/services/stores/conftest.py runs each with ``asyncio.run`` (a module elsewhere needs that hook in its
-own conftest). Each test opens its stores itself, ``async with opened(make_store) as store:``,
-so a store never outlives the event loop it was opened on; a second ``async with`` is a
-restart on the same data.
+That is all: pytest collects the inherited ``test_*`` methods. The tests are ``async def``,
+run by pytest-asyncio. Each test opens its stores itself, ``async with opened(make_store) as
+store:``, so a store never outlives the event loop it was opened on; a second ``async with``
+is a restart on the same data.
 
 If the storage is created before the test (a schema shared by several tests, say), set
 ``store_created_in_test = False``: the test of the default checkpoint then skips its lower

@@ -160,73 +160,67 @@ async def all_there(store: CassandraStore, stored: list[TaskRecord],
     assert not strays, f"{len(strays)} tasks loaded that nobody inserted"
 
 
-def test_store_is_unavailable_while_cassandra_is_stopped_and_recovers_on_restart(node):
+async def test_store_is_unavailable_while_cassandra_is_stopped_and_recovers_on_restart(node):
     port = devserver.saved_ports(node).cql
     store = CassandraStore(["127.0.0.1"], port, f"outage_{uuid.uuid4().hex[:8]}", num_shards=4,
                            request_timeout_s=2)
     due = (now_ms() // BUCKET_MS + 5) * BUCKET_MS
 
-    async def body() -> None:
-        await store.open()
-        committed = tasks(200, due)
-        await store.insert(committed)
-        unknown: list[TaskRecord] = []  # inserts that answered StoreUnavailable
-        outcomes: list[str] = []
+    await store.open()
+    committed = tasks(200, due)
+    await store.insert(committed)
+    unknown: list[TaskRecord] = []  # inserts that answered StoreUnavailable
+    outcomes: list[str] = []
 
-        async def writer() -> None:  # keeps inserting while Cassandra goes away
-            while len(outcomes) < 10_000:
-                began = time.monotonic()
-                try:
-                    batch = tasks(20, due + 30_000)
-                    await store.insert(batch)
-                    committed.extend(batch)
-                    outcomes.append("ok")
-                except StoreUnavailable:
-                    unknown.extend(batch)
-                    outcomes.append("unavailable")
-                    await asyncio.sleep(0.05)
-                assert time.monotonic() - began < 15, "a store call hung"
-                if outcomes[-3:] == ["unavailable"] * 3:
-                    return
+    async def writer() -> None:  # keeps inserting while Cassandra goes away
+        while len(outcomes) < 10_000:
+            began = time.monotonic()
+            try:
+                batch = tasks(20, due + 30_000)
+                await store.insert(batch)
+                committed.extend(batch)
+                outcomes.append("ok")
+            except StoreUnavailable:
+                unknown.extend(batch)
+                outcomes.append("unavailable")
+                await asyncio.sleep(0.05)
+            assert time.monotonic() - began < 15, "a store call hung"
+            if outcomes[-3:] == ["unavailable"] * 3:
+                return
 
-        writing = asyncio.ensure_future(writer())
-        await asyncio.sleep(0.5)
-        loop = asyncio.get_running_loop()
-        assert await loop.run_in_executor(None, devserver.stop, node)
-        await asyncio.wait_for(writing, 60)
-        assert "ok" in outcomes and outcomes[-1] == "unavailable"
-        with pytest.raises(StoreUnavailable):
-            await store.get(committed[0].task_id)
-        with pytest.raises(StoreUnavailable):
-            await store.load_due(0, due, due + BUCKET_MS)
+    writing = asyncio.ensure_future(writer())
+    await asyncio.sleep(0.5)
+    loop = asyncio.get_running_loop()
+    assert await loop.run_in_executor(None, devserver.stop, node)
+    await asyncio.wait_for(writing, 60)
+    assert "ok" in outcomes and outcomes[-1] == "unavailable"
+    with pytest.raises(StoreUnavailable):
+        await store.get(committed[0].task_id)
+    with pytest.raises(StoreUnavailable):
+        await store.load_due(0, due, due + BUCKET_MS)
 
-        assert (await loop.run_in_executor(None, devserver.start, node)).cql == port
-        await until_available(store)
-        await all_there(store, committed, unknown)
-        fresh = tasks(5, due)
-        assert [o.duplicate for o in await store.insert(fresh)] == [False] * 5
-        await store.close()
-
-    asyncio.run(body())
+    assert (await loop.run_in_executor(None, devserver.start, node)).cql == port
+    await until_available(store)
+    await all_there(store, committed, unknown)
+    fresh = tasks(5, due)
+    assert [o.duplicate for o in await store.insert(fresh)] == [False] * 5
+    await store.close()
 
 
-def test_acknowledged_inserts_survive_kill_9_of_cassandra(node):
+async def test_acknowledged_inserts_survive_kill_9_of_cassandra(node):
     port = devserver.saved_ports(node).cql
     keyspace = f"crash_{uuid.uuid4().hex[:8]}"
     due = (now_ms() // BUCKET_MS + 5) * BUCKET_MS
 
-    async def body() -> None:
-        store = CassandraStore(["127.0.0.1"], port, keyspace, num_shards=4)
-        await store.open()
-        acknowledged = tasks(500, due)
-        await store.insert(acknowledged)
-        os.kill(devserver.running_pid(node), signal.SIGKILL)
-        await store.close()
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, devserver.start, node)
-        again = CassandraStore(["127.0.0.1"], port, keyspace, num_shards=4)
-        await again.open()
-        await all_there(again, acknowledged)
-        await again.close()
-
-    asyncio.run(body())
+    store = CassandraStore(["127.0.0.1"], port, keyspace, num_shards=4)
+    await store.open()
+    acknowledged = tasks(500, due)
+    await store.insert(acknowledged)
+    os.kill(devserver.running_pid(node), signal.SIGKILL)
+    await store.close()
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, devserver.start, node)
+    again = CassandraStore(["127.0.0.1"], port, keyspace, num_shards=4)
+    await again.open()
+    await all_there(again, acknowledged)
+    await again.close()

@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Any, Awaitable, Callable, Iterator, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
+import pytest_asyncio
 from cassandra.cluster import Cluster, Session
 
 from taskwheel.core import BUCKET_MS, bucket_of
@@ -21,8 +22,9 @@ from taskwheel.task import TaskRecord, TaskState
 from tests.services.stores.contract import StoreContract
 
 pytestmark = pytest.mark.cassandra
+# The module's own tests share one event loop: their shared store lives on it.
+module_loop = pytest.mark.asyncio(loop_scope="module")
 
-T = TypeVar("T")
 SHARDS = 4
 
 
@@ -44,44 +46,37 @@ def drop_keyspace(cql: Session, keyspace: str) -> None:
     cql.execute(f"DROP KEYSPACE IF EXISTS {keyspace}", timeout=60)
 
 
-@pytest.fixture(scope="module")
-def run() -> Iterator[Callable[[Awaitable[T]], T]]:
-    """Runs a coroutine on this module's event loop (the store lives on one loop)."""
-    loop = asyncio.new_event_loop()
-    yield loop.run_until_complete
-    loop.close()
-
-
 def fresh_keyspace(prefix: str = "tw") -> str:
     return f"{prefix}_{uuid.uuid4().hex[:12]}"
 
 
-@pytest.fixture(scope="module")
-def store(cassandra_contact, cql, run) -> Iterator[CassandraStore]:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def store(cassandra_contact, cql) -> AsyncIterator[CassandraStore]:
+    """One store for the module's tests, on the module's event loop (a store lives on one)."""
     host, port = cassandra_contact
     s = CassandraStore([host], port, fresh_keyspace(), num_shards=SHARDS)
-    run(s.open())
+    await s.open()
     yield s
-    run(s.close())
+    await s.close()
     drop_keyspace(cql, s.keyspace)
 
 
-@pytest.fixture
-def new_store(cassandra_contact, cql, run) -> Iterator[Callable[..., CassandraStore]]:
+@pytest_asyncio.fixture(loop_scope="module")
+async def new_store(cassandra_contact, cql) -> AsyncIterator[Callable[..., Awaitable[CassandraStore]]]:
     """Opens stores on fresh keyspaces (or a given one) and closes them after the test."""
     opened = []
 
-    def make(keyspace: str | None = None, **options: Any) -> CassandraStore:
+    async def make(keyspace: str | None = None, **options: Any) -> CassandraStore:
         host, port = cassandra_contact
         options.setdefault("num_shards", SHARDS)
         s = CassandraStore([host], port, keyspace or fresh_keyspace(), **options)
-        run(s.open())
+        await s.open()
         opened.append(s)
         return s
 
     yield make
     for s in opened:
-        run(s.close())
+        await s.close()
     for keyspace in {s.keyspace for s in opened}:
         drop_keyspace(cql, keyspace)
 
@@ -130,49 +125,55 @@ def lease(r: TaskRecord, due_ms: int) -> Transition:
                       attempt=r.attempt + 1, task=r)
 
 
-def live(run, store: CassandraStore, shard: int, start: int, minutes: int = 10) -> list:
-    rows = run(store.load_due(shard, start, start + minutes * BUCKET_MS))
+async def live(store: CassandraStore, shard: int, start: int, minutes: int = 10) -> list:
+    rows = await store.load_due(shard, start, start + minutes * BUCKET_MS)
     return [(r.task_id, r.gen) for r in rows]
 
 
 # ---- opening -----------------------------------------------------------------------------------
 
-def test_open_creates_keyspace_and_tables_and_is_idempotent(new_store, run):
-    s = new_store()
-    run(s.open())
-    assert run(s.get("nothing")) is None
-    assert run(s.load_checkpoint(0)) == s.created_ms
+@module_loop
+async def test_open_creates_keyspace_and_tables_and_is_idempotent(new_store):
+    s = await new_store()
+    await s.open()
+    assert (await s.get("nothing")) is None
+    assert (await s.load_checkpoint(0)) == s.created_ms
 
 
-def test_reopening_with_another_shard_count_is_refused(new_store):
-    s = new_store(num_shards=8)
+@module_loop
+async def test_reopening_with_another_shard_count_is_refused(new_store):
+    s = await new_store(num_shards=8)
     with pytest.raises(ValueError, match="created with 8 shards"):
-        new_store(s.keyspace, num_shards=16)
+        await new_store(s.keyspace, num_shards=16)
 
 
-def test_reopening_keeps_the_creation_time(new_store):
-    first = new_store()
-    again = new_store(first.keyspace)
+@module_loop
+async def test_reopening_keeps_the_creation_time(new_store):
+    first = await new_store()
+    again = await new_store(first.keyspace)
     assert again.created_ms == first.created_ms
 
 
-def test_open_against_a_closed_port_raises_store_unavailable(run):
+@module_loop
+async def test_open_against_a_closed_port_raises_store_unavailable():
     s = CassandraStore(["127.0.0.1"], devserver.free_ports().cql, fresh_keyspace(),
                        connect_timeout_s=2)
     began = time.monotonic()
     with pytest.raises(StoreUnavailable):
-        run(s.open())
+        await s.open()
     assert time.monotonic() - began < 30
 
 
-def test_store_url_builds_a_cassandra_store_with_typed_options():
+@module_loop
+async def test_store_url_builds_a_cassandra_store_with_typed_options():
     s = open_store("cassandra://127.0.0.1:9142/ks1?shards=8&write_cl=ONE&retention_s=3600")
     assert isinstance(s, CassandraStore)
     assert (s.hosts, s.port, s.keyspace, s.num_shards) == (["127.0.0.1"], 9142, "ks1", 8)
     assert s.options.write_cl == "ONE" and s.options.retention_s == 3600
 
 
-def test_unknown_option_or_consistency_level_is_refused():
+@module_loop
+async def test_unknown_option_or_consistency_level_is_refused():
     with pytest.raises(ValueError, match="unknown Cassandra store option"):
         CassandraStore(["127.0.0.1"], 9042, "ks", wirte_cl="ONE")
     with pytest.raises(ValueError, match="unknown consistency level"):
@@ -181,7 +182,8 @@ def test_unknown_option_or_consistency_level_is_refused():
 
 # ---- insert and get ----------------------------------------------------------------------------
 
-def test_claim_left_by_a_failed_insert_is_taken_over_after_the_grace(store, cql, run):
+@module_loop
+async def test_claim_left_by_a_failed_insert_is_taken_over_after_the_grace(store, cql):
     # An insert that claimed its key and then failed leaves a claim naming a task that was
     # never stored; a retry must not be told "duplicate of a task that does not exist".
     t = task(own_slice(), key="orphaned")
@@ -190,13 +192,14 @@ def test_claim_left_by_a_failed_insert_is_taken_over_after_the_grace(store, cql,
         "VALUES (%s, %s, %s, %s)",
         (t.queue, t.idempotency_key, "never-stored", now_ms() - store.options.claim_grace_ms - 1),
     )
-    (outcome,) = run(store.insert([t]))
+    (outcome,) = await store.insert([t])
     assert (outcome.task_id, outcome.duplicate) == (t.task_id, False)
-    assert run(store.get(t.task_id)) is not None
+    assert (await store.get(t.task_id)) is not None
 
 
-def test_young_claim_without_its_task_is_waited_for_then_taken_over(new_store, cql, run):
-    s = new_store(claim_grace_ms=600)
+@module_loop
+async def test_young_claim_without_its_task_is_waited_for_then_taken_over(new_store, cql):
+    s = await new_store(claim_grace_ms=600)
     t = task(own_slice(), key="in-flight")
     cql.execute(
         f"INSERT INTO {s.keyspace}.idempotency (queue, idempotency_key, task_id, claimed_ms) "
@@ -204,46 +207,50 @@ def test_young_claim_without_its_task_is_waited_for_then_taken_over(new_store, c
         (t.queue, t.idempotency_key, "in-flight-elsewhere", now_ms()),
     )
     began = time.monotonic()
-    (outcome,) = run(s.insert([t]))
+    (outcome,) = await s.insert([t])
     assert outcome.duplicate is False
     assert time.monotonic() - began >= 0.5
 
 
-def test_retried_insert_of_a_keyed_task_is_reported_duplicate_of_itself(store, run):
+@module_loop
+async def test_retried_insert_of_a_keyed_task_is_reported_duplicate_of_itself(store):
     t = task(own_slice(), key="retried")
-    run(store.insert([t]))
-    (outcome,) = run(store.insert([t]))
+    await store.insert([t])
+    (outcome,) = await store.insert([t])
     assert (outcome.task_id, outcome.duplicate) == (t.task_id, True)
 
 
-def test_retried_insert_does_not_roll_back_a_task_that_moved_on(store, run):
+@module_loop
+async def test_retried_insert_does_not_roll_back_a_task_that_moved_on(store):
     # Writes to a task row are versioned by gen (USING TIMESTAMP): an insert replayed after
     # the task was leased loses to the lease, and its gen-1 due row stays dead.
     start = own_slice()
     t = task(start)
-    run(store.insert([t]))
-    assert run(store.apply([lease(t, start + BUCKET_MS)], now_ms())) == [True]
-    run(store.insert([t]))
-    got = run(store.get(t.task_id))
+    await store.insert([t])
+    assert (await store.apply([lease(t, start + BUCKET_MS)], now_ms())) == [True]
+    await store.insert([t])
+    got = await store.get(t.task_id)
     assert (got.gen, got.state) == (2, TaskState.LEASED)
-    assert live(run, store, 0, start) == [(t.task_id, 2)]
+    assert await live(store, 0, start) == [(t.task_id, 2)]
 
 
-def test_batches_of_large_payloads_stay_under_the_batch_size_limit(store, run):
+@module_loop
+async def test_batches_of_large_payloads_stay_under_the_batch_size_limit(store):
     # Cassandra rejects multi-partition batches over 50 KiB: the by-id rows must be split.
     start = own_slice()
     tasks = [task(start + i, shard=i % SHARDS, payload=bytes(1000 + i % 7)) for i in range(300)]
     tasks.append(task(start + 500, payload=bytes(64 * 1024)))
-    assert [o.duplicate for o in run(store.insert(tasks))] == [False] * len(tasks)
-    loaded = sum(len(run(store.load_due(s, start, start + BUCKET_MS))) for s in range(SHARDS))
+    assert [o.duplicate for o in (await store.insert(tasks))] == [False] * len(tasks)
+    loaded = sum([len(await store.load_due(s, start, start + BUCKET_MS)) for s in range(SHARDS)])
     assert loaded == len(tasks)
 
 
-def test_rows_expire_retention_after_their_due_time(new_store, cql, run):
-    s = new_store(retention_s=3600)
+@module_loop
+async def test_rows_expire_retention_after_their_due_time(new_store, cql):
+    s = await new_store(retention_s=3600)
     due = now_ms() + 120_000
     t = task(due)
-    run(s.insert([t]))
+    await s.insert([t])
     (due_ttl,) = cql.execute(
         f"SELECT TTL(payload) FROM {s.keyspace}.due WHERE shard = 0 AND bucket = %s",
         (bucket_of(due),)).one()
@@ -253,7 +260,8 @@ def test_rows_expire_retention_after_their_due_time(new_store, cql, run):
         assert 3600 + 110 <= ttl <= 3600 + 121
 
 
-def test_null_cells_of_fields_that_may_be_empty_read_as_empty(store, cql, run):
+@module_loop
+async def test_null_cells_of_fields_that_may_be_empty_read_as_empty(store, cql):
     # A cell is null when its column came after the row was written, or when it expired before
     # the rest of the row: the payload, the headers and the text fields that default to "".
     task_id = uuid.uuid4().hex
@@ -261,7 +269,7 @@ def test_null_cells_of_fields_that_may_be_empty_read_as_empty(store, cql, run):
         f"INSERT INTO {store.keyspace}.tasks (task_id, shard, queue, fire_at_ms, due_ms, state, attempt, "
         "max_attempts, gen, lease_ms, created_ms, updated_ms) VALUES (%s, 1, 'q', 2, 3, 2, 4, 5, 6, 7, 8, 9)",
         (task_id,))
-    assert run(store.get(task_id)) == TaskRecord(
+    assert (await store.get(task_id)) == TaskRecord(
         task_id=task_id, shard=1, queue="q", payload=b"", fire_at_ms=2, due_ms=3, state=TaskState.LEASED,
         attempt=4, max_attempts=5, gen=6, headers={}, idempotency_key="", lease_ms=7, traceparent="",
         created_ms=8, updated_ms=9, last_error="")
@@ -269,17 +277,19 @@ def test_null_cells_of_fields_that_may_be_empty_read_as_empty(store, cql, run):
 
 # ---- load_due ----------------------------------------------------------------------------------
 
-def test_load_due_rejects_a_shard_outside_the_store(store, run):
+@module_loop
+async def test_load_due_rejects_a_shard_outside_the_store(store):
     with pytest.raises(ValueError):
-        run(store.load_due(SHARDS, 0, 1))
+        await store.load_due(SHARDS, 0, 1)
 
 
-def test_load_due_pages_through_a_partition_larger_than_one_page(store, run):
+@module_loop
+async def test_load_due_pages_through_a_partition_larger_than_one_page(store):
     start = own_slice()
     tasks = [task(start + i % 50_000, shard=3) for i in range(6_000)]  # driver page: 5000 rows
     for i in range(0, len(tasks), 1000):
-        run(store.insert(tasks[i:i + 1000]))
-    got = run(store.load_due(3, start, start + BUCKET_MS))
+        await store.insert(tasks[i:i + 1000])
+    got = await store.load_due(3, start, start + BUCKET_MS)
     assert len(got) == 6_000
     assert [(r.due_ms, r.task_id) for r in got] == sorted((t.due_ms, t.task_id) for t in tasks)
 
@@ -298,46 +308,48 @@ def stale_reads(store: CassandraStore, snapshot: dict) -> None:
     store._read_current = read
 
 
-def test_ack_racing_a_lease_of_the_same_gen_wins_and_the_lease_row_stays_dead(store, run):
+@module_loop
+async def test_ack_racing_a_lease_of_the_same_gen_wins_and_the_lease_row_stays_dead(store):
     start = own_slice()
     t = task(start)
-    run(store.insert([t]))
-    before = run(store._read_current({t.task_id}, store._cl["get"]))
+    await store.insert([t])
+    before = await store._read_current({t.task_id}, store._cl["get"])
     ack = Transition(t.task_id, 0, TransitionKind.SUCCEED, 1, start)
-    assert run(store.apply([ack], now_ms())) == [True]
+    assert (await store.apply([ack], now_ms())) == [True]
     stale_reads(store, before)
-    assert run(store.apply([lease(t, start + BUCKET_MS)], now_ms())) == [True]  # the race window
-    assert run(store.get(t.task_id)).state == TaskState.SUCCEEDED  # ack outranks lease
-    assert live(run, store, 0, start) == []  # the lease's gen-2 row is not live
+    assert (await store.apply([lease(t, start + BUCKET_MS)], now_ms())) == [True]  # the race window
+    assert (await store.get(t.task_id)).state == TaskState.SUCCEEDED  # ack outranks lease
+    assert await live(store, 0, start) == []  # the lease's gen-2 row is not live
 
 
-def test_cancel_racing_a_lease_of_the_same_gen_wins(store, run):
+@module_loop
+async def test_cancel_racing_a_lease_of_the_same_gen_wins(store):
     start = own_slice()
     t = task(start)
-    run(store.insert([t]))
-    before = run(store._read_current({t.task_id}, store._cl["get"]))
-    run(store.cancel(t.task_id, now_ms()))
+    await store.insert([t])
+    before = await store._read_current({t.task_id}, store._cl["get"])
+    await store.cancel(t.task_id, now_ms())
     stale_reads(store, before)
-    run(store.apply([lease(t, start + BUCKET_MS)], now_ms()))
-    assert run(store.get(t.task_id)).state == TaskState.CANCELLED
-    assert live(run, store, 0, start) == []
+    await store.apply([lease(t, start + BUCKET_MS)], now_ms())
+    assert (await store.get(t.task_id)).state == TaskState.CANCELLED
+    assert await live(store, 0, start) == []
 
 
-def test_lease_racing_an_earlier_gens_write_keeps_the_later_gen(store, run):
+@module_loop
+async def test_lease_racing_an_earlier_gens_write_keeps_the_later_gen(store):
     # A transition from gen 2 lands; then one that read gen 1 writes. Versions put gen 2 first.
     start = own_slice()
     t = task(start)
-    run(store.insert([t]))
-    before = run(store._read_current({t.task_id}, store._cl["get"]))
-    run(store.apply([lease(t, start + BUCKET_MS)], now_ms()))
-    leased = run(store.get(t.task_id))
-    run(store.apply([lease(leased, start + 2 * BUCKET_MS)], now_ms()))
+    await store.insert([t])
+    before = await store._read_current({t.task_id}, store._cl["get"])
+    await store.apply([lease(t, start + BUCKET_MS)], now_ms())
+    leased = await store.get(t.task_id)
+    await store.apply([lease(leased, start + 2 * BUCKET_MS)], now_ms())
     stale_reads(store, before)
-    run(store.apply([Transition(t.task_id, 0, TransitionKind.FAIL, 1, start, error="late")],
-                    now_ms()))
-    got = run(store.get(t.task_id))
+    await store.apply([Transition(t.task_id, 0, TransitionKind.FAIL, 1, start, error="late")], now_ms())
+    got = await store.get(t.task_id)
     assert (got.gen, got.state, got.last_error) == (3, TaskState.LEASED, "")
-    assert live(run, store, 0, start) == [(t.task_id, 3)]
+    assert await live(store, 0, start) == [(t.task_id, 3)]
 
 
 def failing_from(store: CassandraStore, statement: str) -> None:
@@ -355,47 +367,51 @@ def failing_from(store: CassandraStore, statement: str) -> None:
 
 
 @pytest.mark.parametrize("outage_at", ["insert_due", "update_task", "insert_done"])
-def test_outage_part_way_through_a_lease_never_leaves_the_task_without_a_live_row(
-        new_store, run, outage_at):
-    s = new_store()
+@module_loop
+async def test_outage_part_way_through_a_lease_never_leaves_the_task_without_a_live_row(
+        new_store, outage_at):
+    s = await new_store()
     start = own_slice()
     t = task(start)
-    run(s.insert([t]))
+    await s.insert([t])
     failing_from(s, outage_at)
     with pytest.raises(StoreUnavailable):
-        run(s.apply([lease(t, start + BUCKET_MS)], now_ms()))
-    gen = run(s.get(t.task_id)).gen
-    assert (t.task_id, gen) in live(run, s, 0, start)
+        await s.apply([lease(t, start + BUCKET_MS)], now_ms())
+    gen = (await s.get(t.task_id)).gen
+    assert (t.task_id, gen) in await live(s, 0, start)
 
 
 @pytest.mark.parametrize("outage_at", ["insert_due", "insert_task"])
-def test_outage_part_way_through_an_insert_leaves_no_task_that_cannot_fire(
-        new_store, run, outage_at):
-    s = new_store()
+@module_loop
+async def test_outage_part_way_through_an_insert_leaves_no_task_that_cannot_fire(
+        new_store, outage_at):
+    s = await new_store()
     start = own_slice()
     t = task(start, key="k-outage")
     failing_from(s, outage_at)
     with pytest.raises(StoreUnavailable):
-        run(s.insert([t]))
-    if run(s.get(t.task_id)) is not None:
-        assert live(run, s, 0, start) == [(t.task_id, 1)]
+        await s.insert([t])
+    if (await s.get(t.task_id)) is not None:
+        assert await live(s, 0, start) == [(t.task_id, 1)]
     # The client's retry (a new id, the same key) is stored once the failed claim is stale,
     # instead of being told "duplicate of" a task that cannot fire.
     del s._execute
     s.options.claim_grace_ms = 0
     retried = task(start, key="k-outage")
-    assert run(s.insert([retried]))[0].duplicate is False
-    assert (retried.task_id, 1) in live(run, s, 0, start)
+    assert (await s.insert([retried]))[0].duplicate is False
+    assert (retried.task_id, 1) in await live(s, 0, start)
 
 
-def test_lease_without_the_task_is_a_programming_error(store, run):
+@module_loop
+async def test_lease_without_the_task_is_a_programming_error(store):
     with pytest.raises(ValueError, match="carries no task"):
-        run(store.apply([Transition("x", 0, TransitionKind.LEASE, 1, 0, due_ms=1, attempt=2)], 0))
+        await store.apply([Transition("x", 0, TransitionKind.LEASE, 1, 0, due_ms=1, attempt=2)], 0)
 
 
 # ---- the event loop ----------------------------------------------------------------------------
 
-def test_requests_do_not_block_the_event_loop(store, run):
+@module_loop
+async def test_requests_do_not_block_the_event_loop(store):
     start = own_slice()
     tasks = [task(start + i, shard=i % SHARDS) for i in range(2000)]
     ticks = 0
@@ -415,5 +431,5 @@ def test_requests_do_not_block_the_event_loop(store, run):
         done.set()
         await ticking
 
-    run(body())
+    await body()
     assert ticks > 20  # the loop kept turning while the driver worked
