@@ -108,9 +108,14 @@ class FakeClock:
                 timer.callback(*timer.args)
                 for _ in range(turns):
                     await asyncio.sleep(0)
-        self._now_ms = end
+        self._now_ms = max(self._now_ms, end)
         for _ in range(turns):
             await asyncio.sleep(0)
+
+    def pass_time(self, ms: int) -> None:
+        """Moves the clock ``ms`` ahead at once, as time passes while code holds the event loop
+        (a CPU-bound call); sleepers and timers due meanwhile wake at the next ``advance``."""
+        self._now_ms += ms
 
     async def run_for(self, ms: int, *, step_ms: int = 10) -> None:
         """Advances ``ms`` in steps of ``step_ms``, letting a real millisecond pass after each,

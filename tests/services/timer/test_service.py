@@ -1,12 +1,12 @@
 """The timer on a real embedded store, in process: loading, firing, forgetting, checkpoints.
 
-The timer runs on a fake clock (taskwheel.clock.FakeClock) wherever a test only waits for its
-time to pass; the fire loop's yielding is about real CPU time and runs on the real clock."""
+The timer runs on a fake clock (taskwheel.clock.FakeClock): time moves only as a test moves
+it, so what a test sees does not depend on how busy the machine is."""
 import asyncio
 import logging
 import time
 
-from taskwheel.clock import SYSTEM_CLOCK, FakeClock
+from taskwheel.clock import FakeClock
 from taskwheel.config import Config
 from taskwheel.core import shard_of
 from taskwheel.task import TaskRecord
@@ -63,17 +63,14 @@ def config(**overrides) -> Config:
 
 
 async def run_timer(store, dispatch, seconds, cfg=None, before=None, clock=None):
-    """Runs a timer for ``seconds`` of its clock's time: a fake one unless ``clock`` is given."""
+    """Runs a timer for ``seconds`` of a fake clock's time (``clock``, or a new one)."""
     await store.open()
     if before:
         await before(store)
     clock = clock or FakeClock(now_ms())
     timer = TimerService(cfg or config(), store, dispatch, clock)
     await timer.start()
-    if isinstance(clock, FakeClock):
-        await clock.run_for(int(seconds * 1000))
-    else:
-        await asyncio.sleep(seconds)
+    await clock.run_for(int(seconds * 1000))
     await timer.stop()
     await store.close()
     return timer
@@ -304,18 +301,17 @@ async def test_a_large_slice_enters_the_wheel_in_chunks_letting_the_loop_run_bet
 
 
 class SlowTakingDispatch:
-    """Takes fired tasks in the caller's turn, holding the event loop ``take_ms`` per batch, as
-    dispatch's take, pump and encode do under load."""
+    """Takes fired tasks in the caller's turn, holding the event loop ``take_ms`` per batch of
+    the clock's time, as dispatch's take, pump and encode do under load."""
 
-    def __init__(self, take_ms: float):
+    def __init__(self, take_ms: int, clock: FakeClock):
         self.take_ms = take_ms
+        self.clock = clock
         self.fired = []
 
     def hand_over(self, records, fired_at_ms):
         self.fired.extend((r.task_id, r.due_ms, fired_at_ms) for r in records)
-        until = time.perf_counter() + self.take_ms / 1000
-        while time.perf_counter() < until:
-            pass
+        self.clock.pass_time(self.take_ms)
         done = asyncio.get_running_loop().create_future()
         done.set_result(None)
         return done
@@ -328,8 +324,9 @@ async def test_the_fire_loop_lets_the_event_loop_run_while_tasks_keep_falling_du
     from taskwheel.timer.servicer import FIRE_TURN_MS
 
     store = SqliteStore(str(tmp_path / "t.db"), num_shards=SHARDS)
-    dispatch = SlowTakingDispatch(take_ms=3 * FIRE_TURN_MS)
-    first = now_ms() + 400
+    clock = FakeClock(now_ms())
+    dispatch = SlowTakingDispatch(3 * FIRE_TURN_MS, clock)
+    first = clock.now_ms() + 400
     tasks = [task(f"t{i:03d}", first + i) for i in range(150)]
     turns_while_firing = []
 
@@ -343,7 +340,7 @@ async def test_the_fire_loop_lets_the_event_loop_run_while_tasks_keep_falling_du
             await asyncio.sleep(0)
 
     watcher = asyncio.ensure_future(watch())
-    await run_timer(store, dispatch, 1.2, before=before, clock=SYSTEM_CLOCK)
+    await run_timer(store, dispatch, 1.2, before=before, clock=clock)
     watcher.cancel()
     assert sorted(t for t, _, _ in dispatch.fired) == [t.task_id for t in tasks]
     assert all(fired_at >= due for _, due, fired_at in dispatch.fired)
