@@ -38,26 +38,14 @@ gone cold by the time they fire; with 256, everything level 0 holds was written 
 Storage
 -------
 A slot is a growable array of 16-byte (key, deadline) entries in insertion order; timers hold
-no pointers and there is no Python object per timer. A key -> (slot, position) hash table
-(open addressing, robin hood, 8-byte buckets that also hold a 12-bit tag of the key's hash and
-the probe distance) makes a key findable. Cancelling a key only deletes its bucket: the entry
-left behind is stale, and every walk over a slot asks the table whether (slot, position) is
-still live. A slot holding 64 or more stale entries, and more stale than live ones, is
-compacted (a batch compacts once, at its end), so stale entries never cost more than live ones.
-A table that passes 80 % load doubles. One of 65,536 buckets or more doubles a few buckets at
-a time: the new table takes every insert, the old one is emptied from its first bucket on, a
-run of buckets at a time (MOVE_PER_CALL buckets a schedule or cancel, MOVE_PER_ADVANCE an
-advance), and a key found in the old table meanwhile is moved on the spot, so every index a
-method holds is the new table's. Lookups ask both tables until the old one is empty. Growing
-whole in one call rehashed every key, reading it from its entry (a cache miss apiece): it
-stalled the timer's event loop 13.7 ms at 210K timers, and schedule_many of 512 keys took up
-to 30-49 ms at 839K (perf/bench_core.py, 2-core test VM); a few buckets a call, the longest
-such call took 2.5-2.9 ms, for 147-153 ns a key over a growth to 1.1M instead of 104-116 (two
-tables to probe and a bucket moved one at a time cost more than one rehash). A new
-table's memory is zero pages from mmap (tw_table_alloc), so no memset lands in one call
-either. A growth asked for while one is under way, and every shrink, rebuild whole (and
-finish the move). ``_set_move_min(16)`` makes every growth incremental, which the model tests
-use.
+no pointers and there is no Python object per timer. A key table (keytable.pyx: open
+addressing, robin hood, 8-byte buckets) maps each pending key to the (slot, position) of its
+entry, which makes a key findable. Cancelling a key only deletes its bucket: the entry left
+behind is stale, and every walk over a slot asks the table whether (slot, position) is still
+live. A slot holding 64 or more stale entries, and more stale than live ones, is compacted (a
+batch compacts once, at its end), so stale entries never cost more than live ones. The table
+doubles before it passes 80 % load; a large one does so a few buckets per call, so that no
+call stalls the event loop with a rehash of every key.
 Memory is 16 bytes per entry plus 10-20 bytes of table per timer. Every operation is bound by
 one random access to the table; walks over a slot and batch calls prefetch the buckets
 TW_PREFETCH_AHEAD (32) entries ahead, and lookups by key prefetch the entry a bucket names too.
@@ -96,60 +84,23 @@ from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc, PyMem_RawRealloc
 from libc.stdint cimport INT64_MAX, int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
+from taskwheel.core.keytable cimport (
+    MOVE_PER_ADVANCE, MOVE_PER_CALL, TW_POS_MAX, kt_check, kt_delete_at, kt_entry_of, kt_find_key,
+    kt_find_loc, kt_free, kt_init, kt_insert, kt_memory_bytes, kt_move_some, kt_nth, kt_peek_key,
+    kt_prefetch_bucket, kt_prefetch_entry, kt_reserve, kt_set_loc, kt_shrink, kt_span, kt_take_loc,
+    tw_loc, tw_mix, tw_slot_of)
+
 import array as _array
 import time as _time
 
-# wheel.pxd declares the C layout (Entry, Slot, slot ids, the bucket encoding), the fields and C
-# methods of TimingWheel, and the inline helpers; this file implements them.
+from taskwheel.core.keytable import _set_move_min  # tests and benchmarks import it from here
+
+# wheel.pxd declares the C layout (slot ids, the fields and C methods of TimingWheel) and the
+# inline helpers; this file implements them. Entry, Slot and the key table are keytable.pxd's.
 
 DEBUG_BUILD = bool(TW_DEBUG)
 
 cdef array.array _KEYS_TEMPLATE = _array.array("q")
-
-# Tables with fewer buckets than this grow in one call (about 1 ms at 65,536); see Storage.
-cdef uint64_t _move_min = MOVE_MIN
-
-
-def _set_move_min(buckets):
-    """Sets the smallest table that grows a few buckets at a time (tests: 16, every table)."""
-    global _move_min
-    _move_min = buckets
-
-
-cdef void _delete_in(uint64_t *table, uint64_t mask, uint64_t i) noexcept nogil:
-    """Backward-shift deletion of bucket i: no tombstones, probe distances stay exact."""
-    cdef uint64_t j = (i + 1) & mask, b
-    while True:
-        b = table[j]
-        if b == 0 or _psl(b) == 0:
-            break
-        table[i] = b - TW_PSL_ONE
-        i = j
-        j = (j + 1) & mask
-    table[i] = 0
-
-
-cdef int _place(uint64_t *table, uint64_t mask, uint64_t *carry, uint64_t i) noexcept nogil:
-    """Robin hood insertion of *carry, probing from i with the distance it already holds.
-
-    Returns 0, or -1 when some bucket would need a probe distance above TW_PSL_MAX; then the
-    bucket left without a place is in *carry and the caller rebuilds a larger table.
-    """
-    cdef uint64_t b, c = carry[0]
-    while True:
-        b = table[i]
-        if b == 0:
-            table[i] = c
-            return 0
-        if _psl(b) < _psl(c):
-            table[i] = c
-            c = b
-        if _psl(c) == TW_PSL_MAX:
-            carry[0] = c
-            return -1
-        c += TW_PSL_ONE
-        i = (i + 1) & mask
-
 
 cdef void _stable_sort(Entry *a, Py_ssize_t n, Entry *tmp) noexcept nogil:
     """Bottom-up merge sort by deadline that keeps the order of equal deadlines."""
@@ -221,18 +172,15 @@ cdef class TimingWheel:
         self.tick_ms = tick
         self._now_ms = start
         self._cur = self._utick(start)
-        self._table = tw_table_alloc(MIN_TABLE)
-        if self._table == NULL:
+        if kt_init(&self._table) != 0:
             raise MemoryError()
-        self._mask = MIN_TABLE - 1
         self._next_valid = True
 
     def __dealloc__(self):
         cdef Py_ssize_t s
         for s in range(NSLOTS):
             PyMem_RawFree(self._slots[s].items)
-        tw_table_free(self._table, self._mask + 1)
-        tw_table_free(self._old, self._old_mask + 1)
+        kt_free(&self._table)
         PyMem_RawFree(self._out)
         PyMem_RawFree(self._tmp)
 
@@ -258,271 +206,14 @@ cdef class TimingWheel:
         level = (63 - TW_CLZ64(x)) >> 3
         return <uint32_t>(level * LEVEL_SLOTS + ((u >> (level * LEVEL_BITS)) & 255))
 
-    # -- the key -> (slot, position) table ---------------------------------------------------
-
-    cdef inline Entry *_entry_of(self, uint64_t bucket) noexcept nogil:
-        return &self._slots[(bucket & TW_SLOT_MASK) - 1].items[(bucket & TW_LOC_MASK) >> TW_POS_SHIFT]
-
-    cdef inline Py_ssize_t _key_in(self, const uint64_t *table, uint64_t mask, int64_t key,
-                                   uint64_t h) noexcept nogil:
-        cdef uint64_t i = h & mask, tag = h >> TW_TAG_SHIFT, d = 0, b
-        while True:
-            b = table[i]
-            if b == 0 or _psl(b) < d:
-                return -1
-            if (b >> TW_TAG_SHIFT) == tag and self._entry_of(b).key == key:
-                return <Py_ssize_t>i
-            i = (i + 1) & mask
-            d += 1
-
-    cdef inline Py_ssize_t _loc_in(self, const uint64_t *table, uint64_t mask, uint64_t h,
-                                   uint64_t loc) noexcept nogil:
-        # At most one bucket names a given (slot, position), and it belongs to the key stored
-        # there, so matching the location alone tells whether that entry is live.
-        cdef uint64_t i = h & mask, d = 0, b
-        while True:
-            b = table[i]
-            if b == 0 or _psl(b) < d:
-                return -1
-            if (b & TW_LOC_MASK) == loc:
-                return <Py_ssize_t>i
-            i = (i + 1) & mask
-            d += 1
-
-    cdef inline Py_ssize_t _find_key(self, int64_t key, uint64_t h) noexcept nogil:
-        """The key's bucket in the table, moved there first if the old table held it; -1.
-        The table's probe is written out here, not a call of _key_in: it is the hot path, and
-        as a call it cost 5-10 % of schedule+expire and cancel (perf/bench_core.py)."""
-        cdef uint64_t mask = self._mask, i = h & mask, tag = h >> TW_TAG_SHIFT, d = 0, b
-        while True:
-            b = self._table[i]
-            if b == 0 or _psl(b) < d:
-                break
-            if (b >> TW_TAG_SHIFT) == tag and self._entry_of(b).key == key:
-                return <Py_ssize_t>i
-            i = (i + 1) & mask
-            d += 1
-        return -1 if self._old == NULL else self._find_key_old(key, h)
-
-    cdef inline Py_ssize_t _find_loc(self, uint64_t h, uint64_t loc) noexcept nogil:
-        """The bucket naming ``loc`` in the table, moved there first if the old table held it;
-        -1. At most one bucket names a given (slot, position), and it belongs to the key stored
-        there, so matching the location alone tells whether that entry is live."""
-        cdef uint64_t mask = self._mask, i = h & mask, d = 0, b
-        while True:
-            b = self._table[i]
-            if b == 0 or _psl(b) < d:
-                break
-            if (b & TW_LOC_MASK) == loc:
-                return <Py_ssize_t>i
-            i = (i + 1) & mask
-            d += 1
-        return -1 if self._old == NULL else self._find_loc_old(h, loc)
-
-    cdef Py_ssize_t _find_key_old(self, int64_t key, uint64_t h) noexcept nogil:
-        cdef Py_ssize_t i = self._key_in(self._old, self._old_mask, key, h)
-        return -1 if i < 0 else self._move_from_old(<uint64_t>i, h)
-
-    cdef Py_ssize_t _find_loc_old(self, uint64_t h, uint64_t loc) noexcept nogil:
-        cdef Py_ssize_t i = self._loc_in(self._old, self._old_mask, h, loc)
-        return -1 if i < 0 else self._move_from_old(<uint64_t>i, h)
-
-    cdef inline bint _take_loc(self, uint64_t h, uint64_t loc) noexcept nogil:
-        """Deletes the bucket naming ``loc`` from whichever table holds it; False if none does
-        (the entry is stale). Firing a key the old table still holds this way costs one more
-        probe, not a move into the table and a deletion there."""
-        cdef Py_ssize_t i = self._loc_in(self._table, self._mask, h, loc)
-        if i >= 0:
-            self._delete_at(<uint64_t>i)
-            return True
-        if self._old == NULL:
-            return False
-        i = self._loc_in(self._old, self._old_mask, h, loc)
-        if i < 0:
-            return False
-        _delete_in(self._old, self._old_mask, <uint64_t>i)
-        return True
-
-    cdef uint64_t _peek_key(self, int64_t key) noexcept nogil:
-        """The key's bucket in either table, or 0; moves nothing (for the read-only methods)."""
-        cdef uint64_t h = tw_mix(key)
-        cdef Py_ssize_t i = self._key_in(self._table, self._mask, key, h)
-        if i >= 0:
-            return self._table[i]
-        if self._old != NULL:
-            i = self._key_in(self._old, self._old_mask, key, h)
-            if i >= 0:
-                return self._old[i]
-        return 0
-
-    cdef Py_ssize_t _move_from_old(self, uint64_t j, uint64_t h) noexcept nogil:
-        """Moves bucket j of the old table (its key hashes to h) into the table; its index there."""
-        cdef uint64_t loc = self._old[j] & TW_LOC_MASK
-        _delete_in(self._old, self._old_mask, j)
-        if self._insert(h, loc) != 0:
-            self._broken = True
-            return -1
-        return self._loc_in(self._table, self._mask, h, loc)
-
-    cdef void _move_some(self, Py_ssize_t budget) noexcept nogil:
-        """Moves about ``budget`` buckets of the old table into the table (an empty one passed
-        counts as one), a whole run at a time; frees the old table once it is empty.
-
-        A run is the buckets from _old_next up to the next empty bucket or one at its home
-        position: a bucket after that has its home after it too, so no probe for a key left
-        in the old table passes through the run, and the run can be emptied without the
-        backward shifts of a deletion (which made moving a bucket cost about as much as a
-        cluster is long). So every position below _old_next stays empty, and every bucket at
-        or after it has its home there too (those wrapped past the table's end, at its start,
-        go in the first run). A deletion in the old table keeps that: it shifts a bucket back
-        only into the position it emptied, at or after _old_next."""
-        cdef uint64_t cap, r, b, carry, h
-        while budget > 0 and self._old != NULL:
-            cap = self._old_mask + 1
-            r = self._old_next
-            if r == cap:
-                tw_table_free(self._old, cap)
-                self._old = NULL
-                return
-            if self._old[r] == 0:
-                self._old_next = r + 1
-                budget -= 1
-                continue
-            while True:
-                b = self._old[r]
-                h = tw_mix(self._entry_of(b).key)
-                carry = b & ~(TW_PSL_MAX << TW_PSL_SHIFT)
-                self._old[r] = 0
-                if _place(self._table, self._mask, &carry, h & self._mask) != 0:
-                    # A bucket without a place: rebuild whole, which takes the old table too.
-                    self._old_next = r + 1
-                    if self._rebuild(2 * (self._mask + 1), carry) != 0:
-                        self._broken = True
-                    return
-                r += 1
-                budget -= 1
-                if r == cap or self._old[r] == 0 or _psl(self._old[r]) == 0:
-                    break
-                if r + 8 < cap and self._old[r + 8] != 0:
-                    TW_PREFETCH(self._entry_of(self._old[r + 8]))
-            self._old_next = r
-
-    cdef int _insert(self, uint64_t h, uint64_t loc) noexcept nogil:
-        cdef uint64_t carry = loc | ((h >> TW_TAG_SHIFT) << TW_TAG_SHIFT)
-        if _place(self._table, self._mask, &carry, h & self._mask) == 0:
-            return 0
-        return self._rebuild(2 * (self._mask + 1), carry)
-
-    cdef void _delete_at(self, uint64_t i) noexcept nogil:
-        _delete_in(self._table, self._mask, i)
-
-    cdef inline void _prefetch_bucket(self, int64_t key) noexcept nogil:
-        TW_PREFETCH(&self._table[tw_mix(key) & self._mask])
+    # -- slots -------------------------------------------------------------------------------
 
     cdef inline void _prefetch_buckets(self, const Entry *items, uint32_t n) noexcept nogil:
         # Loops over a slot prefetch TW_PREFETCH_AHEAD entries ahead; this starts them off,
         # which matters for the small level-0 slots that most fires come from.
         cdef uint32_t p
         for p in range(min(n, <uint32_t>TW_PREFETCH_AHEAD)):
-            self._prefetch_bucket(items[p].key)
-
-    cdef inline void _prefetch_entry(self, int64_t key) noexcept nogil:
-        # Second stage for lookups by key: the bucket was prefetched earlier, so walking the
-        # probe sequence is cheap; fetch the entry of the first bucket whose tag matches.
-        cdef uint64_t h = tw_mix(key), mask = self._mask, i = h & mask, tag = h >> TW_TAG_SHIFT, d = 0, b
-        while True:
-            b = self._table[i]
-            if b == 0 or _psl(b) < d:
-                return
-            if (b >> TW_TAG_SHIFT) == tag:
-                TW_PREFETCH(self._entry_of(b))
-                return
-            i = (i + 1) & mask
-            d += 1
-
-    cdef int _rebuild(self, uint64_t capacity, uint64_t extra) noexcept nogil:
-        """Rehashes every bucket (and `extra`, a bucket without a place) into `capacity`, those
-        of an old table still being moved too, at once."""
-        cdef uint64_t *table
-        cdef uint64_t mask, b, carry, h
-        cdef uint64_t i, old_cap = self._mask + 1
-        cdef bint ok
-        while True:
-            table = tw_table_alloc(capacity)
-            if table == NULL:
-                if extra != 0:
-                    self._broken = True
-                return -1
-            tw_advise_huge(table, capacity * sizeof(uint64_t))
-            mask = capacity - 1
-            ok = True
-            for i in range(old_cap + 1):
-                b = extra if i == old_cap else self._table[i]
-                if b == 0:
-                    continue
-                if capacity <= old_cap and i < old_cap:
-                    # Shrinking keeps the low bits of the home index: no need to read the key.
-                    h = (i - _psl(b)) & self._mask
-                else:
-                    h = tw_mix(self._entry_of(b).key)
-                carry = b & ~(TW_PSL_MAX << TW_PSL_SHIFT)
-                if _place(table, mask, &carry, h & mask) != 0:
-                    ok = False
-                    break
-            if ok and self._old != NULL:
-                for i in range(self._old_next, self._old_mask + 1):
-                    b = self._old[i]
-                    if b == 0:
-                        continue
-                    carry = b & ~(TW_PSL_MAX << TW_PSL_SHIFT)
-                    if _place(table, mask, &carry, tw_mix(self._entry_of(b).key) & mask) != 0:
-                        ok = False
-                        break
-            if ok:
-                tw_table_free(self._table, self._mask + 1)
-                tw_table_free(self._old, self._old_mask + 1)
-                self._old = NULL
-                self._table = table
-                self._mask = mask
-                return 0
-            tw_table_free(table, capacity)
-            capacity *= 2
-
-    cdef int _reserve_table(self, Py_ssize_t count) noexcept nogil:
-        """Grows the table so that `count` keys keep the load factor at or below 0.8."""
-        cdef uint64_t cap = self._mask + 1
-        if <uint64_t>count * 5 <= cap * 4:
-            return 0
-        while <uint64_t>count * 5 > cap * 4:
-            cap *= 2
-        if self._old != NULL or self._mask + 1 < _move_min:
-            return self._rebuild(cap, 0)
-        return self._start_growing(cap)
-
-    cdef int _start_growing(self, uint64_t capacity) noexcept nogil:
-        """Makes an empty table of ``capacity`` the table, the current one the old one."""
-        cdef uint64_t *table = tw_table_alloc(capacity)
-        if table == NULL:
-            return -1
-        # Neither huge pages (see tw_advise_huge: a fault in an advised region may wait for the
-        # kernel to compact memory, 5-50 ms in the test VM) nor a memset: avoiding a long
-        # call is what growing a few buckets at a time is for.
-        self._old = self._table
-        self._old_mask = self._mask
-        self._old_next = 0
-        self._table = table
-        self._mask = capacity - 1
-        return 0
-
-    cdef void _shrink(self) noexcept nogil:
-        cdef uint64_t cap = self._mask + 1
-        if cap <= MIN_TABLE or <uint64_t>self._count * 16 >= cap or self._old != NULL:
-            return
-        while cap > MIN_TABLE and <uint64_t>self._count * 5 <= (cap // 2) * 2:
-            cap //= 2
-        self._rebuild(cap, 0)   # on failure the old table simply stays
-
-    # -- slots -------------------------------------------------------------------------------
+            kt_prefetch_bucket(&self._table, items[p].key)
 
     cdef int _reserve_slot(self, uint32_t s, uint64_t count) noexcept nogil:
         cdef Slot *slot = &self._slots[s]
@@ -603,14 +294,14 @@ cdef class TimingWheel:
         self._prefetch_buckets(slot.items, n)
         for p in range(n):
             if p + TW_PREFETCH_AHEAD < n:
-                self._prefetch_bucket(slot.items[p + TW_PREFETCH_AHEAD].key)
+                kt_prefetch_bucket(&self._table, slot.items[p + TW_PREFETCH_AHEAD].key)
             e = slot.items[p]
-            i = self._find_loc(tw_mix(e.key), _loc(s, p))
+            i = kt_find_loc(&self._table, self._slots, tw_mix(e.key), tw_loc(s, p))
             if i < 0:
                 continue
             if w != p:
                 slot.items[w] = e
-                self._table[i] = (self._table[i] & ~TW_LOC_MASK) | _loc(s, w)
+                kt_set_loc(&self._table, <uint64_t>i, tw_loc(s, w))
             w += 1
         slot.size = w
 
@@ -618,30 +309,28 @@ cdef class TimingWheel:
 
     cdef int _schedule(self, int64_t key, int64_t deadline) noexcept nogil:
         cdef uint64_t h = tw_mix(key), b, loc
-        cdef Py_ssize_t i = self._find_key(key, h)
+        cdef Py_ssize_t i = kt_find_key(&self._table, self._slots, key, h)
         cdef uint32_t s = self._slot_for(deadline), old, pos
         cdef int64_t old_deadline
-        if i < 0 and self._reserve_table(self._count + 1) != 0:
+        if i < 0 and kt_reserve(&self._table, self._slots, self._table.count + 1) != 0:
             return -1
         if self._append(s, key, deadline, &pos) != 0:
             return -1
-        loc = _loc(s, pos)
+        loc = tw_loc(s, pos)
         if i >= 0:
-            b = self._table[i]
-            old = <uint32_t>((b & TW_SLOT_MASK) - 1)
-            old_deadline = self._entry_of(b).deadline
-            self._table[i] = (b & ~TW_LOC_MASK) | loc
+            b = self._table.buckets[i]
+            old = tw_slot_of(b)
+            old_deadline = kt_entry_of(self._slots, b).deadline
+            kt_set_loc(&self._table, <uint64_t>i, loc)
             self._release(old)
             if old_deadline == self._next_ms:
                 self._next_valid = False
         else:
-            if self._insert(h, loc) != 0:
-                self._broken = True
-                return -1
-            self._count += 1
-            if self._old != NULL:
-                self._move_some(MOVE_PER_CALL)
-            if self._count == 1:
+            if kt_insert(&self._table, self._slots, h, loc) != 0:
+                return -1   # the table lost a key: _table.lost
+            if self._table.old != NULL:
+                kt_move_some(&self._table, self._slots, MOVE_PER_CALL)
+            if self._table.count == 1:
                 self._next_ms = deadline
                 self._next_valid = True
                 return 0
@@ -651,19 +340,18 @@ cdef class TimingWheel:
 
     cdef int _cancel(self, int64_t key) noexcept nogil:
         cdef uint64_t h = tw_mix(key), b
-        cdef Py_ssize_t i = self._find_key(key, h)
+        cdef Py_ssize_t i = kt_find_key(&self._table, self._slots, key, h)
         cdef int64_t deadline
         if i < 0:
             return 0
-        b = self._table[i]
-        deadline = self._entry_of(b).deadline
-        self._delete_at(<uint64_t>i)
-        self._count -= 1
-        self._release(<uint32_t>((b & TW_SLOT_MASK) - 1))
+        b = self._table.buckets[i]
+        deadline = kt_entry_of(self._slots, b).deadline
+        kt_delete_at(&self._table, <uint64_t>i)
+        self._release(tw_slot_of(b))
         if deadline == self._next_ms:
             self._next_valid = False
-        if self._old != NULL:
-            self._move_some(MOVE_PER_CALL)
+        if self._table.old != NULL:
+            kt_move_some(&self._table, self._slots, MOVE_PER_CALL)
         return 1
 
     # -- advance -----------------------------------------------------------------------------
@@ -686,17 +374,15 @@ cdef class TimingWheel:
         cdef Slot *slot = &self._slots[s]
         cdef Entry *items = slot.items
         cdef uint32_t p, n = slot.size
-        cdef Py_ssize_t start = self._out_len
         if self._reserve_out(self._out_len + slot.live) != 0:
             return -1
         self._prefetch_buckets(items, n)
         for p in range(n):
             if p + TW_PREFETCH_AHEAD < n:
-                self._prefetch_bucket(items[p + TW_PREFETCH_AHEAD].key)
-            if self._take_loc(tw_mix(items[p].key), _loc(s, p)):
+                kt_prefetch_bucket(&self._table, items[p + TW_PREFETCH_AHEAD].key)
+            if kt_take_loc(&self._table, tw_mix(items[p].key), tw_loc(s, p)):
                 self._out[self._out_len] = items[p]
                 self._out_len += 1
-        self._count -= self._out_len - start
         self._reset(s)
         return 0
 
@@ -705,28 +391,27 @@ cdef class TimingWheel:
         cdef Slot *slot = &self._slots[s]
         cdef Entry e
         cdef uint32_t p, w = 0
-        cdef Py_ssize_t i, start = self._out_len
+        cdef Py_ssize_t i
         if self._reserve_out(self._out_len + slot.live) != 0:
             return -1
         self._prefetch_buckets(slot.items, slot.size)
         for p in range(slot.size):
             if p + TW_PREFETCH_AHEAD < slot.size:
-                self._prefetch_bucket(slot.items[p + TW_PREFETCH_AHEAD].key)
+                kt_prefetch_bucket(&self._table, slot.items[p + TW_PREFETCH_AHEAD].key)
             e = slot.items[p]
             if e.deadline <= limit:
                 # As in _fire_all: deleted from whichever table holds it, never moved first.
-                if self._take_loc(tw_mix(e.key), _loc(s, p)):
+                if kt_take_loc(&self._table, tw_mix(e.key), tw_loc(s, p)):
                     self._out[self._out_len] = e
                     self._out_len += 1
                 continue
-            i = self._find_loc(tw_mix(e.key), _loc(s, p))
+            i = kt_find_loc(&self._table, self._slots, tw_mix(e.key), tw_loc(s, p))
             if i < 0:
                 continue
             if w != p:
                 slot.items[w] = e
-                self._table[i] = (self._table[i] & ~TW_LOC_MASK) | _loc(s, w)
+                kt_set_loc(&self._table, <uint64_t>i, tw_loc(s, w))
             w += 1
-        self._count -= self._out_len - start
         if w == 0:
             self._reset(s)
         else:
@@ -743,15 +428,15 @@ cdef class TimingWheel:
         self._prefetch_buckets(items, n)
         for p in range(n):
             if p + TW_PREFETCH_AHEAD < n:
-                self._prefetch_bucket(items[p + TW_PREFETCH_AHEAD].key)
-            i = self._find_loc(tw_mix(items[p].key), _loc(s, p))
+                kt_prefetch_bucket(&self._table, items[p + TW_PREFETCH_AHEAD].key)
+            i = kt_find_loc(&self._table, self._slots, tw_mix(items[p].key), tw_loc(s, p))
             if i < 0:
                 continue
             t = self._slot_for(items[p].deadline)
             if self._append(t, items[p].key, items[p].deadline, &pos) != 0:
                 self._broken = True
                 return -1
-            self._table[i] = (self._table[i] & ~TW_LOC_MASK) | _loc(t, pos)
+            kt_set_loc(&self._table, <uint64_t>i, tw_loc(t, pos))
         self._reset(s)
         return 0
 
@@ -802,8 +487,8 @@ cdef class TimingWheel:
         cdef Py_ssize_t start
         cdef int k
         self._out_len = 0
-        if self._old != NULL:
-            self._move_some(MOVE_PER_ADVANCE)
+        if self._table.old != NULL:
+            kt_move_some(&self._table, self._slots, MOVE_PER_ADVANCE)
         if now_ms < self._now_ms:
             # Only overdue timers can be due before the wheel time; the wheel time stays.
             if self._slots[OVERDUE].live:
@@ -851,7 +536,7 @@ cdef class TimingWheel:
         cdef bint found = False
         for p in range(slot.size):
             if (not found or slot.items[p].deadline < best) and \
-                    self._find_loc(tw_mix(slot.items[p].key), _loc(s, p)) >= 0:
+                    kt_find_loc(&self._table, self._slots, tw_mix(slot.items[p].key), tw_loc(s, p)) >= 0:
                 best = slot.items[p].deadline
                 found = True
         return best
@@ -859,14 +544,14 @@ cdef class TimingWheel:
     # -- Python surface ----------------------------------------------------------------------
 
     cdef void _check_usable(self) except *:
-        if self._broken:
+        if self._broken or self._table.lost:
             raise RuntimeError("this TimingWheel lost state in a failed allocation; discard it")
 
     cdef void _debug_check(self) except *:
         # Every call checks a small wheel; a large one is checked on about 1 call in n / 1024,
         # so that a debug run of the test suite costs O(1000) per call, not O(n).
         self._debug_calls += 1
-        if self._count <= 4096 or self._debug_calls % (self._count >> 10) == 0:
+        if self._table.count <= 4096 or self._debug_calls % (self._table.count >> 10) == 0:
             self.check_invariants()
 
     @property
@@ -910,14 +595,14 @@ cdef class TimingWheel:
                     rc = -1
                     break
             PyMem_RawFree(counts)
-            if rc != 0 or self._reserve_table(self._count + n) != 0:
+            if rc != 0 or kt_reserve(&self._table, self._slots, self._table.count + n) != 0:
                 raise MemoryError()
         self._batching = True
         for i in range(min(n, TW_PREFETCH_AHEAD)):
-            self._prefetch_bucket(kv[i])
+            kt_prefetch_bucket(&self._table, kv[i])
         for i in range(n):
             if i + TW_PREFETCH_AHEAD < n:
-                self._prefetch_bucket(kv[i + TW_PREFETCH_AHEAD])
+                kt_prefetch_bucket(&self._table, kv[i + TW_PREFETCH_AHEAD])
             if self._schedule(kv[i], dv[i]) != 0:
                 rc = -1
                 break
@@ -945,17 +630,17 @@ cdef class TimingWheel:
         # Two-stage prefetch: the bucket 2 * AHEAD keys ahead, the entry it names AHEAD ahead.
         self._batching = True
         for i in range(min(n, 2 * TW_PREFETCH_AHEAD)):
-            self._prefetch_bucket(kv[i])
+            kt_prefetch_bucket(&self._table, kv[i])
         for i in range(min(n, TW_PREFETCH_AHEAD)):
-            self._prefetch_entry(kv[i])
+            kt_prefetch_entry(&self._table, self._slots, kv[i])
         for i in range(n):
             if i + 2 * TW_PREFETCH_AHEAD < n:
-                self._prefetch_bucket(kv[i + 2 * TW_PREFETCH_AHEAD])
+                kt_prefetch_bucket(&self._table, kv[i + 2 * TW_PREFETCH_AHEAD])
             if i + TW_PREFETCH_AHEAD < n:
-                self._prefetch_entry(kv[i + TW_PREFETCH_AHEAD])
+                kt_prefetch_entry(&self._table, self._slots, kv[i + TW_PREFETCH_AHEAD])
             done += self._cancel(kv[i])
         self._end_batch()
-        self._shrink()
+        kt_shrink(&self._table, self._slots)
         if TW_DEBUG:
             self._debug_check()
         return done
@@ -989,7 +674,7 @@ cdef class TimingWheel:
             self._tmp = NULL
             self._tmp_cap = 0
         if n:
-            self._shrink()
+            kt_shrink(&self._table, self._slots)
         if TW_DEBUG:
             self._debug_check()
         return fired
@@ -999,7 +684,7 @@ cdef class TimingWheel:
         cdef uint64_t event
         cdef int k
         cdef uint32_t s
-        if self._count == 0:
+        if self._table.count == 0:
             return None
         if not self._next_valid:
             if self._slots[OVERDUE].live:
@@ -1016,10 +701,10 @@ cdef class TimingWheel:
     def deadline_of(self, key):
         """The deadline `key` is pending at, or None."""
         cdef int64_t k = _int64(key, "key")
-        cdef uint64_t b = self._peek_key(k)
+        cdef uint64_t b = kt_peek_key(&self._table, self._slots, k)
         if b == 0:
             return None
-        return self._entry_of(b).deadline
+        return kt_entry_of(self._slots, b).deadline
 
     def __contains__(self, key):
         cdef int64_t k
@@ -1029,21 +714,19 @@ cdef class TimingWheel:
         if not (-(1 << 63) <= key < (1 << 63)):
             return False
         k = key
-        return self._peek_key(k) != 0
+        return kt_peek_key(&self._table, self._slots, k) != 0
 
     def __len__(self):
-        return self._count
+        return self._table.count
 
     def __repr__(self):
-        return f"TimingWheel(tick_ms={self.tick_ms}, now_ms={self._now_ms}, pending={self._count})"
+        return f"TimingWheel(tick_ms={self.tick_ms}, now_ms={self._now_ms}, pending={self._table.count})"
 
     def memory_bytes(self):
         """Bytes this wheel holds: the object, the table, every slot array and the buffers."""
         cdef Py_ssize_t total = type(self).__basicsize__
         cdef Py_ssize_t s
-        total += (self._mask + 1) * sizeof(uint64_t)
-        if self._old != NULL:
-            total += (self._old_mask + 1) * sizeof(uint64_t)
+        total += kt_memory_bytes(&self._table)
         for s in range(NSLOTS):
             total += self._slots[s].cap * sizeof(Entry)
         total += (self._out_cap + self._tmp_cap) * sizeof(Entry)
@@ -1051,11 +734,8 @@ cdef class TimingWheel:
 
     def check_invariants(self):
         """Raises AssertionError when the wheel's structures disagree. O(n + table size)."""
-        cdef uint64_t i, j, b, h, cap = self._mask + 1, mask
-        cdef uint64_t *table
-        cdef uint32_t s, p
-        cdef Py_ssize_t buckets = 0
-        cdef int t
+        cdef uint64_t i, b
+        cdef uint32_t s
         cdef Entry *e
         cdef uint32_t *live = <uint32_t *>PyMem_RawMalloc(NSLOTS * sizeof(uint32_t))
         cdef int64_t earliest = INT64_MAX
@@ -1064,46 +744,24 @@ cdef class TimingWheel:
         memset(live, 0, NSLOTS * sizeof(uint32_t))
         try:
             assert self._cur == self._utick(self._now_ms), "wheel tick does not match wheel time"
-            for t in range(2):
-                # The table, then the old one while growing: each key in exactly one of them.
-                table, mask = (self._table, self._mask) if t == 0 else (self._old, self._old_mask)
-                if table == NULL:
+            # The table on its own, and that each bucket names an entry inside its slot's array;
+            # then what the wheel asks of the entries the buckets name, which are the live ones.
+            kt_check(&self._table, self._slots, NSLOTS)
+            for i in range(kt_span(&self._table)):
+                b = kt_nth(&self._table, i)
+                if b == 0:
                     continue
-                for i in range(mask + 1):
-                    b = table[i]
-                    if b == 0:
-                        continue
-                    assert t == 0 or i >= self._old_next, f"old bucket {i} is below the move's position"
-                    # ... and its home at or after it, else a probe for it would cross emptied runs.
-                    assert t == 0 or self._old_next == 0 or _psl(b) <= i - self._old_next, \
-                        f"old bucket {i}'s home lies before the move's position"
-                    buckets += 1
-                    s = <uint32_t>((b & TW_SLOT_MASK) - 1)
-                    p = <uint32_t>((b & TW_LOC_MASK) >> TW_POS_SHIFT)
-                    assert s < NSLOTS, f"bucket {i} names slot {s}"
-                    assert p < self._slots[s].size, f"bucket {i} names position {p} past slot {s}'s end"
-                    e = &self._slots[s].items[p]
-                    h = tw_mix(e.key)
-                    assert (h >> TW_TAG_SHIFT) == (b >> TW_TAG_SHIFT), f"bucket {i} has a wrong tag"
-                    assert ((i - (h & mask)) & mask) == _psl(b), f"bucket {i} has a wrong probe distance"
-                    j = (i + 1) & mask
-                    assert table[j] == 0 or _psl(table[j]) <= _psl(b) + 1, f"robin hood order broken at {j}"
-                    assert self._key_in(table, mask, e.key, h) == <Py_ssize_t>i, \
-                        f"key {e.key} is not found at its bucket"
-                    if t == 1:
-                        assert self._key_in(self._table, self._mask, e.key, h) < 0, \
-                            f"key {e.key} is in both tables"
-                    live[s] += 1
-                    if s == OVERDUE:
-                        assert e.deadline <= self._now_ms, f"overdue key {e.key} is due after the wheel time"
-                    else:
-                        assert e.deadline > self._now_ms, f"key {e.key} in slot {s} is already due"
-                        assert self._slot_for(e.deadline) == s, \
-                            f"key {e.key} sits in slot {s}, not {self._slot_for(e.deadline)}"
-                    if e.deadline < earliest:
-                        earliest = e.deadline
-            assert buckets == self._count, f"{buckets} buckets for {self._count} timers"
-            assert self._old == NULL or self._old_mask < self._mask, "the old table is not the smaller"
+                s = tw_slot_of(b)
+                e = kt_entry_of(self._slots, b)
+                live[s] += 1
+                if s == OVERDUE:
+                    assert e.deadline <= self._now_ms, f"overdue key {e.key} is due after the wheel time"
+                else:
+                    assert e.deadline > self._now_ms, f"key {e.key} in slot {s} is already due"
+                    assert self._slot_for(e.deadline) == s, \
+                        f"key {e.key} sits in slot {s}, not {self._slot_for(e.deadline)}"
+                if e.deadline < earliest:
+                    earliest = e.deadline
             for s in range(NSLOTS):
                 assert self._slots[s].live == live[s], f"slot {s} counts {self._slots[s].live} live, has {live[s]}"
                 assert self._slots[s].size <= self._slots[s].cap, f"slot {s} overflows its array"
@@ -1114,8 +772,7 @@ cdef class TimingWheel:
                 if s != OVERDUE:
                     assert bool(self._occupied[s >> 6] & ((<uint64_t>1) << (s & 63))) == (live[s] > 0), \
                         f"occupancy bit of slot {s} is wrong"
-            assert <uint64_t>self._count * 5 <= cap * 4, "table load above 0.8"
-            if self._next_valid and self._count:
+            if self._next_valid and self._table.count:
                 assert self._next_ms == earliest, f"cached next deadline {self._next_ms} != {earliest}"
         finally:
             PyMem_RawFree(live)

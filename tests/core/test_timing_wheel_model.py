@@ -2,6 +2,7 @@
 import random
 from array import array
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -213,3 +214,54 @@ def test_a_large_wheel_grows_a_few_buckets_a_call_and_loses_nothing():
     assert all(wheel.deadline_of(k) == d for k, (d, _) in expected.items())
     assert wheel.advance(INT64_MAX).tolist() == [k for _, k in sorted((o, k) for k, o in expected.items())]
     assert len(wheel) == 0
+
+
+def key_hashing_to(h):
+    """The int64 key whose hash in the compiled key table is h: SplitMix64's finalizer inverted."""
+    def unshift(z, s):  # undoes z ^= z >> s
+        x = z
+        for _ in range(64 // s + 1):
+            x = z ^ (x >> s)
+        return x
+    z = unshift(h, 31) * pow(0x94D049BB133111EB, -1, 1 << 64) % (1 << 64)
+    z = unshift(z, 27) * pow(0xBF58476D1CE4E5B9, -1, 1 << 64) % (1 << 64)
+    z = unshift(z, 30)
+    return z - (1 << 64) if z >> 63 else z
+
+
+def test_key_hashing_to_inverts_the_tables_hash():
+    def mix(key):
+        z = key % (1 << 64)
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 % (1 << 64)
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB % (1 << 64)
+        return z ^ (z >> 31)
+    assert mix(key_hashing_to(0)) == 0
+    for h in (1, 4096, 0xDEADBEEF << 12, (1 << 64) - 1):
+        assert mix(key_hashing_to(h)) == h
+
+
+@pytest.mark.parametrize("move_min", [65_536, 16], ids=["doubling-whole", "doubling-incrementally"])
+def test_keys_sharing_one_home_bucket_past_the_longest_probe_distance_all_fire(move_min):
+    """300 keys whose hashes agree in their low 12 bits (and tags) share one home bucket in every
+    table up to 4096 buckets: from the 257th on a bucket cannot record its probe distance, so the
+    table has to double until they spread out, and no key may be lost on the way."""
+    keys = [key_hashing_to(i << 12) for i in range(300)]
+    _set_move_min(move_min)
+    try:
+        wheel = TimingWheel(tick_ms=1, start_ms=0)
+        model = ReferenceWheel(tick_ms=1, start_ms=0)
+        for n, key in enumerate(keys):
+            wheel.schedule(key, 1 + n % 7)
+            model.schedule(key, 1 + n % 7)
+            if n % 50 == 0:
+                wheel.check_invariants()
+        wheel.check_invariants()
+        assert all(wheel.deadline_of(key) == 1 + n % 7 for n, key in enumerate(keys))
+        assert wheel.cancel_many(array("q", keys[::3])) == model.cancel_many(array("q", keys[::3])) == 100
+        wheel.schedule_many(array("q", keys[::3]), array("q", [9] * 100))
+        model.schedule_many(array("q", keys[::3]), array("q", [9] * 100))
+        wheel.check_invariants()
+        assert wheel.advance(10).tolist() == model.advance(10).tolist()
+        assert len(wheel) == 0
+    finally:
+        _set_move_min(65_536)
