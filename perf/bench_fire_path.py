@@ -47,7 +47,6 @@ import tempfile
 import time
 from collections import defaultdict
 
-from taskwheel import gil
 from taskwheel.clock import now_ms
 from taskwheel.config import Config
 from taskwheel.core import shard_of
@@ -227,10 +226,7 @@ async def run_once(n: int, rate: int, max_in_flight: int, ack_after_ms: int, pro
     await asyncio.sleep(max(0, first_due - 20 - now_ms()) / 1000)
 
     # The timed part: from just before the first due time until all is forgotten. The
-    # interpreter as the server tunes it (app.tune_runtime): the GIL switch interval it keeps
-    # while no client waits on the store (taskwheel.gil), the cyclic GC off.
-    switch_interval = sys.getswitchinterval()
-    sys.setswitchinterval(gil.LONG_S)
+    # interpreter as the server tunes it (app.tune_runtime): the cyclic GC off.
     gc.collect()
     gc.freeze()
     gc.disable()
@@ -266,7 +262,6 @@ async def run_once(n: int, rate: int, max_in_flight: int, ack_after_ms: int, pro
         profile.uninstall()
     gc.enable()
     gc.unfreeze()
-    sys.setswitchinterval(switch_interval)
 
     await stream.sent.put(None)
     await consumer

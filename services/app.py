@@ -11,12 +11,13 @@ import logging
 import os
 import signal
 import time
+import urllib.parse
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from taskwheel import gil, telemetry
+from taskwheel import telemetry
 from taskwheel.config import Config
 from taskwheel.dispatch import DispatchInternalServicer, DispatchService, DispatchServicer
 from taskwheel.ingest import IngestServicer
@@ -144,22 +145,24 @@ def _required(role: str, flag: str):
     raise ValueError(f"{flag} is required when {role} runs in another process")
 
 
-def tune_runtime(store: Store) -> None:
-    """Interpreter settings for a latency-sensitive event loop beside store threads.
+# Stores whose client library leaves reference cycles behind its calls (the Cassandra driver
+# does), which only the cyclic GC frees: beside them automatic collection stays on.
+_STORES_MAKING_CYCLES = ("cassandra",)
 
-    * The GIL's switch interval follows the clients (``taskwheel.gil``): 0.2 ms while a
-      Submit, Get, Cancel or Stats waits on the store, whose threads must win the GIL back
-      after every SQLite call, and 5 ms otherwise, so that the event loop firing tasks is
-      not made to hand the GIL to threads whose work is ahead of need.
-    * What exists at start-up is frozen out of the cyclic GC's collections. Then, unless the
-      store's client makes reference cycles, automatic collection is off and the GC runs only
-      once the heap has grown (see ``collect_garbage_on_growth``). With the Cassandra driver's
-      cycles it stays on, with young collections every 50,000 net allocations instead of 700.
+
+def tune_runtime(store_url: str) -> None:
+    """The interpreter's settings for a latency-sensitive event loop, set once at start-up.
+
+    Automatic cyclic GC pauses the event loop, and the timer with it, for up to tens of
+    milliseconds under load, while the hot path makes no reference cycles: so what exists at
+    start-up is frozen out of collections and, beside a store whose client makes no cycles,
+    automatic collection is off and ``collect_garbage_on_growth`` collects in short pauses
+    instead. Beside one that does (Cassandra) it stays on, with young collections every 50,000
+    net allocations instead of 700.
     """
-    gil.enable()
     gc.collect()
     gc.freeze()
-    if store.makes_reference_cycles:
+    if urllib.parse.urlparse(store_url).scheme in _STORES_MAKING_CYCLES:
         gc.set_threshold(50_000, 50, 100)
     else:
         gc.disable()
@@ -175,18 +178,14 @@ async def collect_garbage_on_growth(threshold: int = GC_YOUNG_OBJECTS, every_s: 
                                     full_every_s: float = GC_FULL_EVERY_S) -> None:
     """Runs the cyclic GC, disabled by ``tune_runtime``, in pauses of bounded length.
 
-    Automatic collections paused the event loop, and the timer with it, for 8 ms on average and
-    up to 62 ms at 10K tasks/s: young collections every 50,000 allocations, and the older
-    generations' collections now and then walk everything that survived. The hot path makes no
-    reference cycles (a 200,000-task run left 0 unreachable objects), so its objects are freed by
-    reference counting alone. Cycles from rarer paths (errors, aborted calls) still need
-    collecting: the GC's count of net new tracked objects (allocations minus frees since the
-    last collection) stays near zero in a steady state and grows with a leak or a growing
-    working set. Past ``threshold`` a young collection runs: it walks only objects created since
-    the last one (75,000 in 4 ms in a micro-benchmark), and whatever survives it is not walked again until the
-    full collection every ``full_every_s``. A full collection walks the whole heap (81 ms with
-    350,000 task records alive); run on growth, as before, it paused the server's loop for
-    170-750 ms every few seconds while 40K tasks/s came due (fire_50k).
+    The hot path makes no reference cycles, so its objects are freed by reference counting
+    alone; cycles from rarer paths (errors, aborted calls) still need collecting. The GC's
+    count of net new tracked objects (allocations minus frees since the last collection) stays
+    near zero in a steady state and grows with a leak or a growing working set. Past
+    ``threshold`` a young collection runs: it walks only objects created since the last one,
+    and whatever survives it is not walked again until the full collection every
+    ``full_every_s``, the one pause that grows with the heap (tens of milliseconds with
+    hundreds of thousands of task records alive), so it runs rarely.
     """
     next_full = time.monotonic() + full_every_s
     while True:
@@ -205,7 +204,7 @@ async def serve(config: Config, roles: tuple[str, ...] = ROLES, ready=None) -> N
     """Runs until SIGINT/SIGTERM. ``ready(port)`` is called once serving."""
     app = App(config, roles)
     port = await app.start()
-    tune_runtime(app.store)
+    tune_runtime(config.store_url())
     collector = None if gc.isenabled() else asyncio.get_running_loop().create_task(
         collect_garbage_on_growth())
     if ready is not None:

@@ -6,7 +6,7 @@ import logging
 import grpc
 from google.protobuf.message import DecodeError
 
-from taskwheel import gil, telemetry
+from taskwheel import telemetry
 from taskwheel.config import Config
 from taskwheel.core import untrack_list
 from taskwheel.group_commit import Backpressure, GroupCommit
@@ -120,8 +120,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
         span = telemetry.tracer.start_span("ingest.store_write", attributes={
             "taskwheel.tasks": len(records)}) if telemetry.enabled else None
         try:
-            with gil.client_waits():
-                return await self._writer.commit(records)
+            return await self._writer.commit(records)
         except Backpressure as exc:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -187,7 +186,6 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
 
     async def _call_store(self, context, coro):
         try:
-            with gil.client_waits():
-                return await coro
+            return await coro
         except StoreUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"store unavailable: {exc}")

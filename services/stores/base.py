@@ -95,9 +95,6 @@ class Store(abc.ABC):
     #: time in arrival order (SQLite's writer thread), so the next batch can wait at the
     #: writer while one is applied, instead of a round trip of the caller's event loop later.
     ordered_apply_depth: int = 1
-    #: Whether the store's client library leaves reference cycles behind its calls, which only
-    #: the cyclic GC frees; the server then keeps automatic collection on (see app.tune_runtime).
-    makes_reference_cycles: bool = False
 
     @abc.abstractmethod
     async def open(self) -> None:

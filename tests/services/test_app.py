@@ -1,14 +1,10 @@
 import asyncio
 import gc
-import sys
 import weakref
 
 import pytest
 
-from taskwheel import gil
 from taskwheel.app import collect_garbage_on_growth, tune_runtime
-from taskwheel.stores.cassandra import CassandraStore
-from taskwheel.stores.sqlite import SqliteStore
 
 
 class Node:
@@ -69,25 +65,19 @@ async def test_a_young_collection_leaves_objects_that_survived_one_for_the_full_
 
 @pytest.fixture
 def runtime_restored():
-    enabled, threshold, interval = gc.isenabled(), gc.get_threshold(), sys.getswitchinterval()
+    enabled, threshold = gc.isenabled(), gc.get_threshold()
     yield
     gc.unfreeze()
     gc.set_threshold(*threshold)
     (gc.enable if enabled else gc.disable)()
-    gil.disable(interval)  # tune_runtime made the interval follow the clients' waits
 
 
 def test_automatic_gc_is_off_beside_the_embedded_store(runtime_restored):
-    tune_runtime(SqliteStore)
+    tune_runtime("/var/lib/taskwheel/tasks.db")
     assert not gc.isenabled()
 
 
-def test_the_switch_interval_is_long_while_no_client_waits_on_the_store(runtime_restored):
-    tune_runtime(SqliteStore)
-    assert sys.getswitchinterval() == pytest.approx(gil.LONG_S)
-
-
 def test_automatic_gc_stays_on_beside_a_store_whose_client_makes_cycles(runtime_restored):
-    tune_runtime(CassandraStore)
+    tune_runtime("cassandra://127.0.0.1:9042/taskwheel")
     assert gc.isenabled()
     assert gc.get_threshold()[0] == 50_000

@@ -258,7 +258,6 @@ class CassandraStore(Store):
     insert_concurrency = 8
     # The driver's ResponseFuture and the timer holding its timeout callback refer to each
     # other: ~90 unreachable objects a request.
-    makes_reference_cycles = True
 
     def __init__(
         self,
