@@ -76,9 +76,11 @@ def _send(target: str, batch: int, start_at: float, end_at: float) -> int:
     return sent
 
 
-def measure(senders: int, seconds: float, batch: int, server_args: list[str]) -> dict:
+def measure(senders: int, seconds: float, batch: int, server_args: list[str], store_query: str = "") -> dict:
     data_dir = tempfile.mkdtemp(prefix="taskwheel-capacity-")
     target = f"127.0.0.1:{_free_port()}"
+    if store_query:  # a fresh embedded store each run, with these URL options
+        server_args = [*server_args, "--store", f"sqlite://{os.path.join(data_dir, 'tasks.db')}?{store_query}"]
     server = subprocess.Popen(
         [sys.executable, "-m", "taskwheel.cli.main", "up", "--listen", target, "--data-dir", data_dir,
          *server_args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
@@ -139,11 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="repeat; the machine is noisy")
     parser.add_argument("--server-arg", action="append", default=[], help="extra flag for taskwheel up")
     parser.add_argument("--out", type=Path, default=None, help="directory for capacity.json")
+    parser.add_argument("--store-query", default="",
+                        help="options of the embedded store's URL, e.g. thread_nice=0 (a fresh store each run)")
     args = parser.parse_args(argv)
     context = machine_context()
     runs = []
     for i in range(args.runs):
-        run = measure(args.senders, args.seconds, args.batch, args.server_arg)
+        run = measure(args.senders, args.seconds, args.batch, args.server_arg, args.store_query)
         runs.append(run)
         print(f"run {i + 1}: {run['accepted_per_s']:,.0f} tasks/s accepted; server CPU "
               f"{run['server_cpu_us_per_task']:.1f} us/task, senders {run['sender_cpu_us_per_task']:.1f} us/task; "
