@@ -13,10 +13,17 @@ Layout every store follows (so that the embedded and the Cassandra store behave 
   terminal state. ``load_due`` returns live rows only. Stores record supersession beside the
   bucket (or consult the task row) instead of deleting due rows, so that reads never scan past
   deletes.
-* **Checkpoints** per shard: the timer's promise that every live row with ``due_ms`` below it
-  has been handed over (its successor row is durable). A restarted timer resumes loading there.
-  Before any checkpoint is saved, ``load_checkpoint`` returns the time the store was created, so
-  no task ever accepted can lie before it.
+* **Shard leases**, one row per shard: which node owns the shard (``owner``, empty when none
+  does), the ``epoch`` of that ownership (raised by every acquisition, so it is higher than
+  every earlier one), when the owner's lease runs out, and the shard's **checkpoint**: the
+  owner's promise that every live row with ``due_ms`` below it has been handed over (its
+  successor row is durable). A new owner, or a restarted one, loads from there. Before any
+  checkpoint is saved it is the time the store was created, so no task ever accepted can lie
+  before it. Every change to a lease row is conditional on the owner and epoch the caller
+  read (a lightweight transaction on Cassandra), so a node that lost a shard without knowing
+  it cannot move the shard's checkpoint or lease.
+* **Members**: the nodes alive now, each with its address and the queues its workers consume,
+  kept by a heartbeat that lapses (``members`` lists the ones not lapsed).
 
 Every method is a coroutine and takes or returns batches. Stores raise ``StoreUnavailable`` when
 the backend cannot be reached (ingest maps it to UNAVAILABLE) and never acknowledge a write that
@@ -66,6 +73,34 @@ class Transition:
     error: str = ""  # RETRY / FAIL: becomes last_error
     # LEASE / RETRY: the task itself, so the new due row is self-contained without a read.
     task: TaskRecord | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class ShardLease:
+    """One shard's lease row as read."""
+
+    shard: int
+    owner: str  # the node id holding the shard; "" when none does (never owned, or released)
+    epoch: int  # raised by every acquisition; 0 before the first
+    expires_ms: int  # the owner's lease runs out at this wall-clock time; 0 once released
+    checkpoint_ms: int
+
+    def lapsed(self, now_ms: int) -> bool:
+        """True when nobody holds the shard: released, never owned, or its lease ran out."""
+        return not self.owner or self.expires_ms <= now_ms
+
+
+@dataclass(slots=True, frozen=True)
+class Member:
+    """A live node, as its last heartbeat described it."""
+
+    node_id: str
+    address: str  # host:port of its gRPC services
+    # What it runs: "timer" (it owns shards), "dispatch" (workers may connect), "ingest".
+    roles: frozenset[str]
+    queues: frozenset[str]  # the queues its workers consume now
+    started_ms: int
+    expires_ms: int  # its heartbeat lapses at this wall-clock time
 
 
 class StoreUnavailable(Exception):
@@ -134,13 +169,53 @@ class Store(abc.ABC):
     async def apply(self, transitions: Sequence[Transition], now_ms: int) -> list[bool]:
         """Applies transitions durably, in order; True for each one applied."""
 
-    @abc.abstractmethod
     async def load_checkpoint(self, shard: int) -> int:
         """The shard's saved checkpoint, or the store's creation time when none is saved."""
+        self._check_shard(shard)
+        return (await self.shard_leases())[shard].checkpoint_ms
+
+    # ---- shard leases and members (see the module's docstring) -------------------------------
 
     @abc.abstractmethod
-    async def save_checkpoints(self, checkpoints: Mapping[int, int]) -> None:
-        """Saves {shard: ms}. A checkpoint never moves backwards: a lower value is ignored."""
+    async def shard_leases(self) -> list[ShardLease]:
+        """Every shard's lease, in shard order, as of now: a read that sees every change to a
+        lease acknowledged before it began (Cassandra reads them at the serial level)."""
+
+    @abc.abstractmethod
+    async def acquire_shards(self, node_id: str, seen: Sequence[ShardLease], expires_ms: int) -> list[ShardLease]:
+        """Takes each shard of ``seen`` whose lease is still exactly as seen (same owner and
+        epoch): ``node_id`` becomes its owner at epoch + 1, its lease running to expires_ms, its
+        checkpoint unchanged. Returns the leases taken; a shard someone else changed meanwhile
+        is left alone. The caller decides what is free to take."""
+
+    @abc.abstractmethod
+    async def renew_shards(self, node_id: str, held: Mapping[int, tuple[int, int]], expires_ms: int) -> set[int]:
+        """For each ``{shard: (epoch, checkpoint_ms)}`` still owned by node_id at that epoch:
+        its lease now runs to expires_ms and its checkpoint becomes checkpoint_ms (the owner
+        never lowers it). Returns the shards no longer held at that epoch: nothing of theirs
+        was written."""
+
+    @abc.abstractmethod
+    async def release_shards(self, node_id: str, held: Mapping[int, tuple[int, int]]) -> set[int]:
+        """Gives up each ``{shard: (epoch, checkpoint_ms)}`` still owned by node_id at that
+        epoch, saving its checkpoint: no owner, the epoch kept. Returns the shards released
+        (the others had been taken over already and are left alone)."""
+
+    @abc.abstractmethod
+    async def heartbeat(self, member: Member) -> None:
+        """Writes or refreshes a member's row; it lapses at member.expires_ms."""
+
+    @abc.abstractmethod
+    async def members(self, now_ms: int) -> list[Member]:
+        """The members whose heartbeat has not lapsed at now_ms, by node id."""
+
+    @abc.abstractmethod
+    async def leave(self, node_id: str) -> None:
+        """Removes a member's row (a node that stops cleanly)."""
+
+    def _check_shard(self, shard: int) -> None:
+        if not 0 <= shard < self.num_shards:
+            raise ValueError(f"shard {shard} is outside 0..{self.num_shards - 1}")
 
     @abc.abstractmethod
     async def counts(self) -> dict[TaskState, int]:

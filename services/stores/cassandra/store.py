@@ -2,7 +2,8 @@
 
 Tables: ``due`` (rows partitioned by (shard, minute bucket), written once with a TTL),
 ``due_done`` (markers for superseded due rows, same partition key), ``tasks`` (by id),
-``idempotency``, ``checkpoints``, ``state_counts``, ``meta``.
+``idempotency``, ``checkpoints`` (read once, for keyspaces older than ``shard_leases``),
+``shard_leases``, ``members``, ``state_counts``, ``meta``.
 
 Versions instead of compare-and-set. Every write to a ``tasks`` row carries
 ``USING TIMESTAMP _version(from_gen, kind)``: the gen the write moves the task from, times
@@ -68,7 +69,9 @@ from cassandra.query import (
 
 from taskwheel.clock import now_ms
 from taskwheel.core import BUCKET_MS, RecordShape, bucket_of, group_by
-from taskwheel.stores.base import AlreadyEnded, InsertOutcome, Store, StoreUnavailable, Transition, TransitionKind
+from taskwheel.stores.base import (
+    AlreadyEnded, InsertOutcome, Member, ShardLease, Store, StoreUnavailable, Transition, TransitionKind,
+)
 from taskwheel.task import COLUMNS, FIELDS, TERMINAL_STATES, TaskRecord, TaskState, untracked
 
 log = logging.getLogger(__name__)
@@ -76,6 +79,13 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 _MAX_TTL_S = 630_720_000  # Cassandra's limit: 20 years
 _IN_CHUNK = 100  # task ids per "IN ?" read
+# Lease rows per conditional batch: one Paxos round each; under batch_size_fail_threshold.
+_LEASE_BATCH = 128
+# A conditional batch that failed because some of its shards changed is tried again without
+# them, this many times.
+_LEASE_ROUNDS = 4
+# How long a member's row outlives its heartbeat's expiry before Cassandra drops it.
+_MEMBER_TTL_EXTRA_S = 3600
 # What Cassandra counts against batch_size_fail_threshold (PartitionUpdate.dataSize) for a row:
 # per cell a timestamp, TTL and expiry besides the value. Measured against "Batch too large".
 _CELL_OVERHEAD = 24
@@ -150,18 +160,41 @@ _CQL = {
         "UPDATE {ks}.idempotency USING TTL ? SET task_id = ?, claimed_ms = ? "
         "WHERE queue = ? AND idempotency_key = ? IF task_id = ?"
     ),
-    "save_checkpoint": (
-        "INSERT INTO {ks}.checkpoints (shard, ms) VALUES (?, ?) USING TIMESTAMP ?"
+    "select_checkpoints": "SELECT shard, ms FROM {ks}.checkpoints",
+    "create_lease": (
+        "INSERT INTO {ks}.shard_leases (p, shard, owner, epoch, expires_ms, checkpoint_ms) "
+        "VALUES (0, ?, '', 0, 0, ?) IF NOT EXISTS"
     ),
-    "select_checkpoint": "SELECT ms FROM {ks}.checkpoints WHERE shard = ?",
+    "select_leases": "SELECT shard, owner, epoch, expires_ms, checkpoint_ms FROM {ks}.shard_leases WHERE p = 0",
+    "select_lease": "SELECT checkpoint_ms FROM {ks}.shard_leases WHERE p = 0 AND shard = ?",
+    "take_lease": (
+        "UPDATE {ks}.shard_leases SET owner = ?, epoch = ?, expires_ms = ? WHERE p = 0 AND shard = ? "
+        "IF owner = ? AND epoch = ?"
+    ),
+    "renew_lease": (
+        "UPDATE {ks}.shard_leases SET expires_ms = ?, checkpoint_ms = ? WHERE p = 0 AND shard = ? "
+        "IF owner = ? AND epoch = ?"
+    ),
+    "release_lease": (
+        "UPDATE {ks}.shard_leases SET owner = '', expires_ms = 0, checkpoint_ms = ? "
+        "WHERE p = 0 AND shard = ? IF owner = ? AND epoch = ?"
+    ),
+    "save_member": (
+        "INSERT INTO {ks}.members (p, node_id, address, roles, queues, started_ms, expires_ms) "
+        "VALUES (0, ?, ?, ?, ?, ?, ?) USING TTL ?"
+    ),
+    "select_members": (
+        "SELECT node_id, address, roles, queues, started_ms, expires_ms FROM {ks}.members WHERE p = 0"
+    ),
+    "delete_member": "DELETE FROM {ks}.members WHERE p = 0 AND node_id = ?",
     "add_count": "UPDATE {ks}.state_counts SET n = n + ? WHERE state = ?",
     "select_counts": "SELECT state, n FROM {ks}.state_counts",
 }
 # Safe to resend after a timeout: explicit timestamps or values make a replay a no-op.
 _IDEMPOTENT = {
-    "insert_task", "update_task", "insert_due", "insert_done", "save_checkpoint",
+    "insert_task", "update_task", "insert_due", "insert_done", "save_member", "delete_member",
     "select_task", "select_current", "select_exists", "select_due", "select_done",
-    "select_checkpoint", "select_counts",
+    "select_checkpoints", "select_leases", "select_lease", "select_members", "select_counts",
 }
 
 # Driver errors that mean the cluster cannot serve the request right now; anything else
@@ -335,6 +368,7 @@ class CassandraStore(Store):
                 ps = session.prepare(cql.format(ks=self.keyspace))
                 ps.is_idempotent = name in _IDEMPOTENT
                 self._binders[name] = _Binder(ps)
+            self._create_leases(session)
         except _UNAVAILABLE_ERRORS as e:
             cluster.shutdown()
             raise StoreUnavailable(f"{self.description}: cannot open: {e}") from e
@@ -381,6 +415,26 @@ class CassandraStore(Store):
                 f"reads version {SCHEMA_VERSION}"
             )
         return int(created_ms)
+
+    def _create_leases(self, session: Session) -> None:
+        """One lease row per shard, made once per keyspace: its checkpoint is the one the
+        ``checkpoints`` table kept before leases existed, or the creation time."""
+        serial = self._cl["serial"]
+        have = {row[0] for row in session.execute(self._lease_statement("select_leases", (), serial))}
+        missing = [shard for shard in range(self.num_shards) if shard not in have]
+        if not missing:
+            return
+        saved = dict(session.execute(self._bind("select_checkpoints", ()), timeout=self.options.request_timeout_s))
+        for shard in missing:
+            checkpoint = max(saved.get(shard) or 0, self.created_ms)
+            # One shard per statement: IF NOT EXISTS in a batch fails whole when any row exists.
+            session.execute(self._lease_statement("create_lease", (shard, checkpoint), self._cl["checkpoint"]))
+
+    def _lease_statement(self, name: str, values: Sequence[Any], cl: int) -> BoundStatement:
+        statement = self._bind(name, values)
+        statement.consistency_level = cl
+        statement.serial_consistency_level = self._cl["serial"]
+        return statement
 
     async def close(self) -> None:
         cluster = self._cluster
@@ -479,10 +533,6 @@ class CassandraStore(Store):
 
     def _ttl_s(self, due_ms: int, now_ms: int) -> int:
         return min(_MAX_TTL_S, (max(due_ms - now_ms, 0) + self._retention_ms) // 1000 + 1)
-
-    def _check_shard(self, shard: int) -> None:
-        if not 0 <= shard < self.num_shards:
-            raise ValueError(f"shard {shard} is outside 0..{self.num_shards - 1}")
 
     async def _add_counts(self, deltas: Mapping[int, int]) -> None:
         # Counters cannot share a batch with regular rows; one small write per changed state.
@@ -629,11 +679,109 @@ class CassandraStore(Store):
 
     async def load_checkpoint(self, shard: int) -> int:
         self._check_shard(shard)
-        rows = await self._execute(
-            self._bind("select_checkpoint", (shard,)), self._cl["load"]
-        )
-        saved = rows[0][0] if rows else None
-        return self.created_ms if saved is None else max(saved, self.created_ms)
+        rows = await self._execute(self._lease_statement("select_lease", (shard,), self._cl["serial"]))
+        return max(rows[0][0], self.created_ms) if rows else self.created_ms
+
+    # ---- shard leases and members --------------------------------------------------------------
+
+    async def shard_leases(self) -> list[ShardLease]:
+        rows = await self._execute(self._lease_statement("select_leases", (), self._cl["serial"]))
+        found = {row[0]: ShardLease(row[0], row[1] or "", row[2] or 0, row[3] or 0,
+                                    max(row[4] or 0, self.created_ms)) for row in rows}
+        return [found.get(shard) or ShardLease(shard, "", 0, 0, self.created_ms)
+                for shard in range(self.num_shards)]
+
+    async def acquire_shards(self, node_id: str, seen: Sequence[ShardLease], expires_ms: int) -> list[ShardLease]:
+        for lease in seen:
+            self._check_shard(lease.shard)
+
+        def statement(lease: ShardLease) -> BoundStatement:
+            values = (node_id, lease.epoch + 1, expires_ms, lease.shard, lease.owner, lease.epoch)
+            return self._bind("take_lease", values)
+
+        def still(lease: ShardLease, now: ShardLease) -> bool:
+            return (now.owner, now.epoch) == (lease.owner, lease.epoch)
+
+        taken = await self._conditional({lease.shard: lease for lease in seen}, statement, still)
+        return [ShardLease(lease.shard, node_id, lease.epoch + 1, expires_ms, lease.checkpoint_ms)
+                for lease in seen if lease.shard in taken]
+
+    async def renew_shards(self, node_id: str, held: Mapping[int, tuple[int, int]], expires_ms: int) -> set[int]:
+        return set(held) - await self._change_held(node_id, held, expires_ms)
+
+    async def release_shards(self, node_id: str, held: Mapping[int, tuple[int, int]]) -> set[int]:
+        return await self._change_held(node_id, held, None)
+
+    async def _change_held(self, node_id: str, held: Mapping[int, tuple[int, int]], expires_ms: int | None) -> set[int]:
+        """Renews (expires_ms given) or releases the shards node_id holds at their epochs,
+        saving their checkpoints; returns those changed."""
+        for shard in held:
+            self._check_shard(shard)
+
+        def statement(item: tuple[int, int, int]) -> BoundStatement:
+            shard, epoch, checkpoint = item
+            checkpoint = max(checkpoint, self.created_ms)
+            if expires_ms is None:
+                return self._bind("release_lease", (checkpoint, shard, node_id, epoch))
+            return self._bind("renew_lease", (expires_ms, checkpoint, shard, node_id, epoch))
+
+        def still(item: tuple[int, int, int], now: ShardLease) -> bool:
+            return (now.owner, now.epoch) == (node_id, item[1])
+
+        return await self._conditional({shard: (shard, epoch, cp) for shard, (epoch, cp) in held.items()},
+                                       statement, still)
+
+    async def _conditional(self, items: Mapping[int, Any], statement: Callable[[Any], BoundStatement],
+                           still: Callable[[Any, ShardLease], bool]) -> set[int]:
+        """Applies each shard's conditional statement, up to _LEASE_BATCH a batch (one Paxos
+        round on the leases' partition). A batch applies whole or not at all: one that did
+        not apply is tried again, after a serial read, with only the shards whose lease is
+        still as the caller expects. Returns the shards changed."""
+        pending = dict(items)
+        changed: set[int] = set()
+        cl = self._cl["checkpoint"]
+        for _ in range(_LEASE_ROUNDS):
+            if not pending:
+                break
+            shards = sorted(pending)
+            batches = []
+            for i in range(0, len(shards), _LEASE_BATCH):
+                batch = BatchStatement(BatchType.UNLOGGED, consistency_level=cl,
+                                       serial_consistency_level=self._cl["serial"])
+                for shard in shards[i:i + _LEASE_BATCH]:
+                    batch.add(statement(pending[shard]))
+                batches.append((shards[i:i + _LEASE_BATCH], batch))
+            results = await asyncio.gather(*(self._execute(batch) for _, batch in batches))
+            failed = []
+            for (group, _), rows in zip(batches, results):
+                if rows and rows[0][0]:  # [applied]
+                    changed.update(group)
+                    for shard in group:
+                        del pending[shard]
+                else:
+                    failed.extend(group)
+            if not failed:
+                break
+            now = await self.shard_leases()
+            pending = {shard: pending[shard] for shard in failed if still(pending[shard], now[shard])}
+        if pending:
+            raise StoreUnavailable(f"{self.description}: shard leases kept changing under a conditional write")
+        return changed
+
+    async def heartbeat(self, member: Member) -> None:
+        ttl = max(0, (member.expires_ms - now_ms()) // 1000) + _MEMBER_TTL_EXTRA_S
+        await self._execute(self._bind("save_member", (
+            member.node_id, member.address, set(member.roles), set(member.queues), member.started_ms,
+            member.expires_ms, ttl)), self._cl["checkpoint"])
+
+    async def members(self, now_ms: int) -> list[Member]:
+        rows = await self._execute(self._bind("select_members", ()), self._cl["get"])
+        return sorted((Member(node_id, address, frozenset(roles or ()), frozenset(queues or ()), started_ms, expires_ms)
+                       for node_id, address, roles, queues, started_ms, expires_ms in rows
+                       if expires_ms > now_ms), key=lambda m: m.node_id)
+
+    async def leave(self, node_id: str) -> None:
+        await self._execute(self._bind("delete_member", (node_id,)), self._cl["checkpoint"])
 
     async def counts(self) -> dict[TaskState, int]:
         rows = await self._execute(self._bind("select_counts", ()), self._cl["get"])
@@ -644,19 +792,6 @@ class CassandraStore(Store):
         return counts
 
     # ---- changes -----------------------------------------------------------------------------
-
-    async def save_checkpoints(self, checkpoints: Mapping[int, int]) -> None:
-        for shard in checkpoints:
-            self._check_shard(shard)
-        cl = self._cl["checkpoint"]
-        writes = []
-        for shard, ms in checkpoints.items():
-            ms = max(int(ms), self.created_ms)
-            # The timestamp is the value: a lower checkpoint loses to a higher one, in any order.
-            writes.append(self._execute(self._bind("save_checkpoint", (shard, ms, ms)), cl))
-        for r in await asyncio.gather(*writes, return_exceptions=True):
-            if isinstance(r, BaseException):
-                raise r
 
     async def cancel(self, task_id: str, now_ms: int) -> TaskRecord | None:
         record = await self.get(task_id)

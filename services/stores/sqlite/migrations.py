@@ -2,7 +2,8 @@
 
 Versions: 1 had no ``ended`` table and due rows carrying a copy of their task; 2 added
 ``ended`` (keyed by the task's rowid) and narrowed ``due`` to the task's rowid, clustered by
-partition; 4 keyed ``ended`` by due time; 5 added ``due_far``. 1, 2 and 4 are upgraded when
+partition; 4 keyed ``ended`` by due time; 5 added ``due_far``; 6 added ``shard_leases`` and ``members``.
+1, 2, 4 and 5 are upgraded when
 opened, in the transaction that opens the file, which holds the write lock about 1.3 s per
 million ended tasks. 3, a layout of due rows by second that was reverted, is refused.
 
@@ -21,7 +22,7 @@ from taskwheel.task import TaskState
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 # The current layout: run whole on every open, and table by table by the upgrades.
 SCHEMA = resources.files(__package__).joinpath("schema.sql").read_text()
 
@@ -88,11 +89,17 @@ def _upgrade_from_4(conn: sqlite3.Connection) -> None:
     _upgraded(conn, 4)
 
 
+def _upgrade_from_5(conn: sqlite3.Connection) -> None:
+    """Version 5 had no ``shard_leases`` or ``members`` (the schema creates them empty): no
+    shard has an owner yet, and the checkpoints stay where they were."""
+    _upgraded(conn, 5)
+
+
 def _upgraded(conn: sqlite3.Connection, version: int) -> None:
     conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION,))
     log.info("upgraded the embedded store's schema from version %d to %d", version, SCHEMA_VERSION)
 
 
 _UPGRADES: dict[int, Callable[[sqlite3.Connection], None]] = {
-    1: _upgrade_from_1, 2: _upgrade_from_2, 4: _upgrade_from_4,
+    1: _upgrade_from_1, 2: _upgrade_from_2, 4: _upgrade_from_4, 5: _upgrade_from_5,
 }

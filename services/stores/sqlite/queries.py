@@ -113,6 +113,19 @@ SELECT json_group_array(json_array({_DUE_RECORD_JSON}))
 FROM ({SELECT_DUE})
 """
 SELECT_CHECKPOINT = "SELECT ms FROM checkpoints WHERE shard = ?"
+# Every shard's lease and checkpoint, ?1 the number of shards, ?2 the store's creation time
+# (the checkpoint of a shard that never saved one).
+SELECT_SHARD_LEASES = """
+WITH RECURSIVE shards(shard) AS (SELECT 0 UNION ALL SELECT shard + 1 FROM shards WHERE shard + 1 < ?1)
+SELECT s.shard, coalesce(l.owner, ''), coalesce(l.epoch, 0), coalesce(l.expires_ms, 0), coalesce(c.ms, ?2)
+FROM shards AS s LEFT JOIN shard_leases AS l ON l.shard = s.shard
+LEFT JOIN checkpoints AS c ON c.shard = s.shard
+ORDER BY s.shard
+"""
+SELECT_MEMBERS = (
+    "SELECT node_id, address, roles, queues, started_ms, expires_ms FROM members "
+    "WHERE expires_ms > ? ORDER BY node_id"
+)
 SELECT_COUNTS = "SELECT state, n FROM state_counts"
 
 # ---- changing tasks -----------------------------------------------------------------------
@@ -149,6 +162,25 @@ INSERT_SUCCEEDED = (
     f"SELECT t.due_ms, t.rowid, {int(TaskState.SUCCEEDED)}, ?, t.last_error "
     "FROM json_each(?) AS j JOIN tasks AS t ON t.rowid = j.value"
 )
+# A lease changes only from the owner and epoch its writer read: ?4 and ?5 (a shard never
+# owned has no row, read as owner '' at epoch 0).
+TAKE_SHARD = (
+    "INSERT INTO shard_leases (shard, owner, epoch, expires_ms) VALUES (?1, ?2, ?5 + 1, ?3) "
+    "ON CONFLICT (shard) DO UPDATE SET owner = ?2, epoch = ?5 + 1, expires_ms = ?3 "
+    "WHERE owner = ?4 AND epoch = ?5"
+)
+SELECT_LEASE = "SELECT owner, epoch FROM shard_leases WHERE shard = ?"
+RENEW_SHARD = "UPDATE shard_leases SET expires_ms = ? WHERE shard = ? AND owner = ? AND epoch = ?"
+RELEASE_SHARD = "UPDATE shard_leases SET owner = '', expires_ms = 0 WHERE shard = ? AND owner = ? AND epoch = ?"
+SAVE_MEMBER = (
+    "INSERT INTO members (node_id, address, roles, queues, started_ms, expires_ms) "
+    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET address = excluded.address, "
+    "roles = excluded.roles, queues = excluded.queues, started_ms = excluded.started_ms, "
+    "expires_ms = excluded.expires_ms"
+)
+DELETE_MEMBER = "DELETE FROM members WHERE node_id = ?"
+# Members lapsed this long ago are forgotten (a heartbeat deletes them).
+DELETE_LAPSED_MEMBERS = "DELETE FROM members WHERE expires_ms < ?"
 SAVE_CHECKPOINT = (
     "INSERT INTO checkpoints (shard, ms) VALUES (?, max(?, ?)) "
     "ON CONFLICT (shard) DO UPDATE SET ms = max(ms, excluded.ms)"

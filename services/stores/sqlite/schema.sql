@@ -1,4 +1,4 @@
--- The embedded store's schema, version 5 (store.py explains every table). Every statement is
+-- The embedded store's schema, version 6 (store.py explains every table). Every statement is
 -- IF NOT EXISTS, so the store runs this file on every open, then upgrades an older file. No
 -- semicolon may appear in a comment: the store splits the file into statements at them.
 CREATE TABLE IF NOT EXISTS due (
@@ -58,6 +58,20 @@ CREATE UNIQUE INDEX IF NOT EXISTS tasks_idem ON tasks (queue, idempotency_key)
 CREATE TABLE IF NOT EXISTS checkpoints (
     shard INTEGER PRIMARY KEY,
     ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS shard_leases (
+    shard INTEGER PRIMARY KEY,
+    owner TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS members (
+    node_id TEXT PRIMARY KEY,
+    address TEXT NOT NULL,
+    roles TEXT NOT NULL,
+    queues TEXT NOT NULL,
+    started_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS state_counts (
     state INTEGER PRIMARY KEY,

@@ -52,6 +52,10 @@ Tables (see base.py for the semantics every store shares):
                  here when present.
 ``tasks_idem``   unique (queue, idempotency_key), partial: tasks without a key cost nothing.
 ``checkpoints``  shard -> ms, only ever raised.
+``shard_leases`` shard -> owner, epoch, expires_ms; a row appears at a shard's first
+                 acquisition and stays (its epoch must only grow). A renewal changes it and
+                 the checkpoint in one transaction, only while owner and epoch are the renewer's.
+``members``      node id -> address, roles, queues, started and expiry times.
 ``state_counts`` state -> number of tasks, changed in the same transaction as the tasks, so
                  ``counts()`` reads 5 rows instead of scanning every task.
 ``meta``         created_ms, num_shards, schema_version (migrations.py has the versions).
@@ -94,7 +98,9 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from taskwheel.clock import now_ms
 from taskwheel.core import BUCKET_MS, bucket_of
-from taskwheel.stores.base import AlreadyEnded, InsertOutcome, Store, StoreUnavailable, Transition, TransitionKind
+from taskwheel.stores.base import (
+    AlreadyEnded, InsertOutcome, Member, ShardLease, Store, StoreUnavailable, Transition, TransitionKind,
+)
 from taskwheel.stores.sqlite.columns import (
     JSON_TASK_RECORD, STATES, TASK_RECORD, decode_json, encode_json, insert_rows, record,
 )
@@ -105,7 +111,8 @@ from taskwheel.stores.sqlite.queries import (
     INSERT_TASK_UNLESS_TAKEN, MAX_TASK_ROWID, NEXT_BUCKET, PROMOTE_CHUNK_END, PROMOTE_ROWS,
     SAVE_CHECKPOINT, SELECT_CHECKPOINT, SELECT_COUNTS, SELECT_CURRENT, SELECT_DUE, SELECT_DUE_JSON,
     SELECT_KEY_HOLDER, SELECT_TASK, insert_due, insert_ended, insert_tasks, transaction,
-    update_tasks,
+    update_tasks, DELETE_LAPSED_MEMBERS, DELETE_MEMBER, RELEASE_SHARD, RENEW_SHARD, SAVE_MEMBER,
+    SELECT_MEMBERS, SELECT_SHARD_LEASES, TAKE_SHARD,
 )
 from taskwheel.stores.sqlite.rows import SqliteReader, SqliteReadError, same_sqlite_as_python
 from taskwheel.stores.sqlite.threads import Checkpointer, Every, configure_wal, start_store_thread
@@ -361,10 +368,6 @@ class SqliteStore(Store):
                 raise StoreUnavailable(f"{self.description}: {e}") from e
             raise
 
-    def _check_shard(self, shard: int) -> None:
-        if not 0 <= shard < self.num_shards:
-            raise ValueError(f"shard {shard} is outside 0..{self.num_shards - 1}")
-
     # ---- writes ------------------------------------------------------------------------------
 
     async def insert(self, tasks: Sequence[TaskRecord]) -> list[InsertOutcome]:
@@ -551,21 +554,94 @@ class SqliteStore(Store):
             )
         return applied
 
-    async def save_checkpoints(self, checkpoints: Mapping[int, int]) -> None:
-        for shard in checkpoints:
-            self._check_shard(shard)
-        if checkpoints:
-            await self._write(self._save_checkpoints, dict(checkpoints))
-            self._purge_soon()
-            self._promote_soon()
+    # ---- shard leases and members ---------------------------------------------------------------
 
-    def _save_checkpoints(self, checkpoints: dict[int, int]) -> None:
+    async def shard_leases(self) -> list[ShardLease]:
+        # On the writer: a lease read right after a write this process made sees it.
+        return await self._write(self._shard_leases)
+
+    def _shard_leases(self) -> list[ShardLease]:
+        rows = self._conn_w().execute(SELECT_SHARD_LEASES, (self.num_shards, self.created_ms)).fetchall()
+        return [ShardLease(*row) for row in rows]
+
+    async def acquire_shards(self, node_id: str, seen: Sequence[ShardLease], expires_ms: int) -> list[ShardLease]:
+        for lease in seen:
+            self._check_shard(lease.shard)
+        return await self._write(self._acquire_shards, node_id, list(seen), expires_ms) if seen else []
+
+    def _acquire_shards(self, node_id: str, seen: list[ShardLease], expires_ms: int) -> list[ShardLease]:
+        conn = self._conn_w()
+        taken = []
+        with transaction(conn):
+            for lease in seen:
+                if conn.execute(TAKE_SHARD, (lease.shard, node_id, expires_ms, lease.owner, lease.epoch)).rowcount:
+                    taken.append(ShardLease(lease.shard, node_id, lease.epoch + 1, expires_ms, lease.checkpoint_ms))
+        return taken
+
+    async def renew_shards(self, node_id: str, held: Mapping[int, tuple[int, int]], expires_ms: int) -> set[int]:
+        for shard in held:
+            self._check_shard(shard)
+        if not held:
+            return set()
+        lost = await self._write(self._renew_shards, node_id, dict(held), expires_ms)
+        self._purge_soon()
+        self._promote_soon()
+        return lost
+
+    def _renew_shards(self, node_id: str, held: dict[int, tuple[int, int]], expires_ms: int | None) -> set[int]:
+        """Renews (or, with expires_ms None, releases) the shards still held; saves their
+        checkpoints in the same transaction. Returns the shards not held."""
+        conn = self._conn_w()
+        lost = set()
+        saved = []
+        with transaction(conn):
+            for shard, (epoch, checkpoint_ms) in held.items():
+                if expires_ms is None:
+                    changed = conn.execute(RELEASE_SHARD, (shard, node_id, epoch)).rowcount
+                else:
+                    changed = conn.execute(RENEW_SHARD, (expires_ms, shard, node_id, epoch)).rowcount
+                if changed:
+                    # The unsaved default is the creation time, so nothing below it is stored either.
+                    saved.append((shard, checkpoint_ms, self.created_ms))
+                else:
+                    lost.add(shard)
+            conn.executemany(SAVE_CHECKPOINT, saved)
+        return lost
+
+    async def release_shards(self, node_id: str, held: Mapping[int, tuple[int, int]]) -> set[int]:
+        for shard in held:
+            self._check_shard(shard)
+        if not held:
+            return set()
+        lost = await self._write(self._renew_shards, node_id, dict(held), None)
+        return set(held) - lost
+
+    async def heartbeat(self, member: Member) -> None:
+        await self._write(self._heartbeat, member)
+
+    def _heartbeat(self, member: Member) -> None:
         conn = self._conn_w()
         with transaction(conn):
-            # The unsaved default is the creation time, so nothing below it is ever stored either.
-            conn.executemany(
-                SAVE_CHECKPOINT, [(shard, ms, self.created_ms) for shard, ms in checkpoints.items()]
-            )
+            conn.execute(SAVE_MEMBER, (member.node_id, member.address, ",".join(sorted(member.roles)),
+                                       encode_json(sorted(member.queues)), member.started_ms, member.expires_ms))
+            # A member lapsed an hour ago has stopped or crashed; its row goes.
+            conn.execute(DELETE_LAPSED_MEMBERS, (member.expires_ms - 3_600_000,))
+
+    async def members(self, now_ms: int) -> list[Member]:
+        return await self._write(self._members, now_ms)
+
+    def _members(self, now_ms: int) -> list[Member]:
+        rows = self._conn_w().execute(SELECT_MEMBERS, (now_ms,)).fetchall()
+        return [Member(node_id, address, frozenset(filter(None, roles.split(","))), frozenset(decode_json(queues)),
+                       started_ms, expires_ms) for node_id, address, roles, queues, started_ms, expires_ms in rows]
+
+    async def leave(self, node_id: str) -> None:
+        await self._write(self._leave, node_id)
+
+    def _leave(self, node_id: str) -> None:
+        conn = self._conn_w()
+        with transaction(conn):
+            conn.execute(DELETE_MEMBER, (node_id,))
 
     # ---- promoting far due rows ----------------------------------------------------------------
 

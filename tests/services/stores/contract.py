@@ -40,7 +40,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from taskwheel.core import BUCKET_MS
-from taskwheel.stores.base import AlreadyEnded, InsertOutcome, Store, Transition, TransitionKind
+from taskwheel.stores.base import AlreadyEnded, InsertOutcome, Member, Store, Transition, TransitionKind
 from taskwheel.task import TERMINAL_STATES, TaskRecord, TaskState
 
 MakeStore = Callable[[], Store]
@@ -472,29 +472,131 @@ class StoreContract:
         async with opened(make_store) as store:
             assert await store.load_checkpoint(0) == first
 
-    async def test_saved_checkpoints_survive_a_restart(self, make_store):
+    # ---- shard leases --------------------------------------------------------------------------
+
+    async def test_every_shard_starts_unowned_at_epoch_0_from_the_creation_time(self, make_store):
+        async with opened(make_store) as store:
+            leases = await store.shard_leases()
+            created = await store.load_checkpoint(0)
+        assert [lease.shard for lease in leases] == list(range(store.num_shards))
+        assert {(lease.owner, lease.epoch, lease.checkpoint_ms) for lease in leases} == {("", 0, created)}
+        assert all(lease.lapsed(now_ms()) for lease in leases)
+
+    async def test_acquire_takes_shards_as_seen_at_the_next_epoch(self, make_store):
+        async with opened(make_store) as store:
+            seen = await store.shard_leases()
+            taken = await store.acquire_shards("node-a", seen[:2], expires_ms=T0 + 5_000)
+            assert [(t.shard, t.owner, t.epoch, t.expires_ms) for t in taken] == [
+                (0, "node-a", 1, T0 + 5_000), (1, "node-a", 1, T0 + 5_000)]
+            now = await store.shard_leases()
+        assert now[:2] == taken
+        assert now[2].owner == ""
+
+    async def test_acquire_refuses_a_lease_changed_since_it_was_read(self, make_store):
+        # Two nodes read the same free shards; the second to write finds them taken.
+        async with opened(make_store) as store:
+            seen = await store.shard_leases()
+            first = await store.acquire_shards("node-a", seen[:3], expires_ms=T0)
+            second = await store.acquire_shards("node-b", seen[1:4], expires_ms=T0)
+            leases = await store.shard_leases()
+        assert [t.shard for t in first] == [0, 1, 2]
+        assert [(t.shard, t.owner, t.epoch) for t in second] == [(3, "node-b", 1)]
+        assert [lease.owner for lease in leases[:4]] == ["node-a", "node-a", "node-a", "node-b"]
+
+    async def test_every_acquisition_raises_the_epoch(self, make_store):
+        async with opened(make_store) as store:
+            epochs = []
+            for node in ("a", "b", "a", "c", "c"):
+                [lease] = await store.acquire_shards(node, [(await store.shard_leases())[1]], expires_ms=T0)
+                epochs.append(lease.epoch)
+                if node == "b":
+                    assert await store.release_shards("b", {1: (lease.epoch, lease.checkpoint_ms)}) == {1}
+            assert epochs == [1, 2, 3, 4, 5]
+        async with opened(make_store) as store:
+            assert (await store.shard_leases())[1].epoch == 5
+
+    async def test_renew_extends_the_lease_and_saves_the_checkpoint(self, make_store):
         async with opened(make_store) as store:
             base = await store.load_checkpoint(0)
-            await store.save_checkpoints({0: base + 60_000, 2: base + 75_000})
+            taken = await store.acquire_shards("node-a", (await store.shard_leases())[:2], expires_ms=T0)
+            lost = await store.renew_shards("node-a", {0: (1, base + 60_000), 1: (1, base + 75_000)},
+                                            expires_ms=T0 + 1_000)
+            assert lost == set() and len(taken) == 2
         async with opened(make_store) as store:
-            assert await store.load_checkpoint(0) == base + 60_000
-            assert await store.load_checkpoint(1) == base
-            assert await store.load_checkpoint(2) == base + 75_000
+            leases = await store.shard_leases()
+            assert [(lease.owner, lease.epoch, lease.expires_ms, lease.checkpoint_ms) for lease in leases[:3]] == [
+                ("node-a", 1, T0 + 1_000, base + 60_000), ("node-a", 1, T0 + 1_000, base + 75_000),
+                ("", 0, 0, base)]
+            assert await store.load_checkpoint(1) == base + 75_000
 
-    async def test_checkpoint_never_moves_backwards(self, make_store):
+    async def test_renew_by_a_node_that_lost_the_shard_writes_nothing(self, make_store):
+        # node-a's lease lapsed (a long pause) and node-b took the shard: node-a's renewal,
+        # checkpoint included, is refused for that shard and applied for the one it still holds.
         async with opened(make_store) as store:
             base = await store.load_checkpoint(0)
-            await store.save_checkpoints({0: base + 10_000, 1: base + 10_000})
-            await store.save_checkpoints({0: base + 5_000, 1: base + 20_000})
-            assert await store.load_checkpoint(0) == base + 10_000
-            assert await store.load_checkpoint(1) == base + 20_000
+            await store.acquire_shards("node-a", (await store.shard_leases())[:2], expires_ms=T0)
+            await store.acquire_shards("node-b", [(await store.shard_leases())[0]], expires_ms=T0 + 9_000)
+            lost = await store.renew_shards("node-a", {0: (1, base + 50_000), 1: (1, base + 40_000)},
+                                            expires_ms=T0 + 5_000)
+            leases = await store.shard_leases()
+        assert lost == {0}
+        assert (leases[0].owner, leases[0].epoch, leases[0].expires_ms, leases[0].checkpoint_ms) == (
+            "node-b", 2, T0 + 9_000, base)
+        assert (leases[1].owner, leases[1].expires_ms, leases[1].checkpoint_ms) == ("node-a", T0 + 5_000, base + 40_000)
 
-    async def test_checkpoint_below_the_creation_time_is_ignored(self, make_store):
-        # The default is the checkpoint until one is saved; moving below it would be moving back.
+    async def test_renew_at_an_old_epoch_of_the_same_node_is_refused(self, make_store):
+        # A node restarted under the same id took its shard again: its earlier incarnation,
+        # still running somewhere, must not renew it.
         async with opened(make_store) as store:
-            created = await store.load_checkpoint(3)
-            await store.save_checkpoints({3: created - 60_000})
-            assert await store.load_checkpoint(3) == created
+            await store.acquire_shards("node-a", [(await store.shard_leases())[2]], expires_ms=T0)
+            await store.acquire_shards("node-a", [(await store.shard_leases())[2]], expires_ms=T0)
+            assert await store.renew_shards("node-a", {2: (1, T0)}, expires_ms=T0 + 1) == {2}
+            assert await store.renew_shards("node-a", {2: (2, T0)}, expires_ms=T0 + 1) == set()
+
+    async def test_release_saves_the_checkpoint_and_frees_the_shard(self, make_store):
+        async with opened(make_store) as store:
+            base = await store.load_checkpoint(0)
+            await store.acquire_shards("node-a", (await store.shard_leases())[:2], expires_ms=T0 + 60_000)
+            released = await store.release_shards("node-a", {0: (1, base + 30_000), 1: (7, base + 30_000)})
+            leases = await store.shard_leases()
+        assert released == {0}  # shard 1 is not held at epoch 7: left alone
+        assert (leases[0].owner, leases[0].epoch, leases[0].expires_ms, leases[0].checkpoint_ms) == (
+            "", 1, 0, base + 30_000)
+        assert leases[0].lapsed(T0) and not leases[1].lapsed(T0)
+
+    async def test_a_lease_lapses_at_its_expiry(self, make_store):
+        async with opened(make_store) as store:
+            [lease] = await store.acquire_shards("node-a", [(await store.shard_leases())[0]], expires_ms=T0)
+        assert not lease.lapsed(T0 - 1) and lease.lapsed(T0)
+
+    async def test_lease_calls_refuse_a_shard_out_of_range(self, make_store):
+        async with opened(make_store) as store:
+            with pytest.raises(ValueError, match="shard"):
+                await store.renew_shards("node-a", {store.num_shards: (1, T0)}, expires_ms=T0)
+
+    # ---- members -----------------------------------------------------------------------------
+
+    async def test_members_lists_live_members_by_node_id(self, make_store):
+        async with opened(make_store) as store:
+            await store.heartbeat(Member("node-b", "127.0.0.1:7071", frozenset({"timer", "dispatch"}),
+                                         frozenset({"emails", "é-mails"}), T0, T0 + 5_000))
+            await store.heartbeat(Member("node-a", "127.0.0.1:7070", frozenset({"ingest"}), frozenset(),
+                                         T0, T0 + 3_000))
+            live = await store.members(T0)
+            assert [m.node_id for m in live] == ["node-a", "node-b"]
+            assert live[1] == Member("node-b", "127.0.0.1:7071", frozenset({"timer", "dispatch"}),
+                                     frozenset({"emails", "é-mails"}), T0, T0 + 5_000)
+            assert [m.node_id for m in await store.members(T0 + 3_000)] == ["node-b"]
+            assert await store.members(T0 + 5_000) == []
+
+    async def test_a_heartbeat_replaces_the_members_row_and_leave_removes_it(self, make_store):
+        async with opened(make_store) as store:
+            await store.heartbeat(Member("node-a", "h:1", frozenset({"timer"}), frozenset({"q1"}), T0, T0 + 1_000))
+            await store.heartbeat(Member("node-a", "h:1", frozenset({"timer"}), frozenset({"q2"}), T0, T0 + 2_000))
+            [member] = await store.members(T0 + 1_500)
+            assert member.queues == frozenset({"q2"}) and member.expires_ms == T0 + 2_000
+            await store.leave("node-a")
+            assert await store.members(T0) == []
 
     # ---- counts ------------------------------------------------------------------------------
 

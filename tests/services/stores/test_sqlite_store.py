@@ -132,12 +132,29 @@ async def test_a_version_4_file_gets_an_empty_due_far_and_reads_its_due_rows_as_
     assert due_rows_in_file(db, "due_far") == 0
 
 
+async def test_a_version_5_file_gets_unowned_shards_that_keep_their_checkpoints(db):
+    async with opened(lambda: SqliteStore(db, num_shards=4)) as store:
+        created = store.created_ms
+    with sqlite3.connect(db) as conn:
+        conn.execute("DROP TABLE shard_leases")
+        conn.execute("DROP TABLE members")
+        conn.execute("INSERT INTO checkpoints VALUES (2, ?)", (created + 60_000,))
+        conn.execute("UPDATE meta SET value = 5 WHERE key = 'schema_version'")
+    async with opened(lambda: SqliteStore(db, num_shards=4)) as store:
+        leases = await store.shard_leases()
+        assert [(lease.owner, lease.epoch, lease.checkpoint_ms) for lease in leases] == [
+            ("", 0, created), ("", 0, created), ("", 0, created + 60_000), ("", 0, created)]
+        assert await store.members(0) == []
+    assert _schema_version(db) == sqlite_store.SCHEMA_VERSION
+
+
 async def test_a_version_3_file_a_layout_tried_and_reverted_is_refused_by_name(db):
     async with opened(lambda: SqliteStore(db, num_shards=4)):
         pass
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE meta SET value = 3 WHERE key = 'schema_version'")
-    with pytest.raises(ValueError, match="has schema version 3; this taskwheel reads version 5"):
+    refused = f"has schema version 3; this taskwheel reads version {sqlite_store.SCHEMA_VERSION}"
+    with pytest.raises(ValueError, match=refused):
         async with opened(lambda: SqliteStore(db, num_shards=4)):
             pass
 
@@ -607,6 +624,14 @@ async def test_purge_leaves_the_bucket_holding_its_cutoff(db):
     assert due_rows_in_file(db) == 0
 
 
+async def save_checkpoints(store: SqliteStore, checkpoints: dict[int, int]) -> None:
+    """Saves checkpoints as an owner does: by renewing the shards' leases (taken if needed)."""
+    leases = await store.shard_leases()
+    await store.acquire_shards("test", [leases[s] for s in checkpoints if leases[s].owner != "test"], T0)
+    leases = await store.shard_leases()
+    assert await store.renew_shards("test", {s: (leases[s].epoch, ms) for s, ms in checkpoints.items()}, T0) == set()
+
+
 async def test_purge_stays_a_margin_behind_the_slowest_checkpoint(db):
     async with opened(lambda: SqliteStore(db, num_shards=4, purge_every_s=0)) as store:
         created = store.created_ms
@@ -614,7 +639,7 @@ async def test_purge_stays_a_margin_behind_the_slowest_checkpoint(db):
         recent = new_task(shard=1, due_ms=created - 1 * BUCKET_MS)
         await store.insert([old, recent])
         await store.apply([succeed(old), succeed(recent)], now_ms=created)
-        await store.save_checkpoints({s: created + 60 * BUCKET_MS for s in range(1, 4)})
+        await save_checkpoints(store, {s: created + 60 * BUCKET_MS for s in range(1, 4)})
         # shard 0's checkpoint is still the creation time: only buckets 5+ minutes before it go
         assert await store.purge(margin_ms=5 * BUCKET_MS) == 1
     assert due_rows_in_file(db) == 1
@@ -629,19 +654,19 @@ async def test_purge_works_through_more_rows_than_one_chunk(db):
         assert len(await store.load_due(0, T0, T0 + BUCKET_MS * 6)) == 5_000
 
 
-async def test_saving_checkpoints_purges_in_the_background(db):
+async def test_renewing_leases_purges_in_the_background(db):
     async with opened(lambda: SqliteStore(db, num_shards=4, purge_every_s=3600)) as store:
         created = store.created_ms
         old = new_task(due_ms=created - 20 * BUCKET_MS)
         await store.insert([old])
         await store.apply([succeed(old)], now_ms=created)
-        await store.save_checkpoints({s: created for s in range(4)})
+        await save_checkpoints(store, {s: created for s in range(4)})
         await store._purging.task  # started by the save; awaited here only to observe its end
         assert due_rows_in_file(db) == 0
         again = new_task(due_ms=created - 20 * BUCKET_MS)
         await store.insert([again])
         await store.apply([succeed(again)], now_ms=created)
-        await store.save_checkpoints({s: created + 1 for s in range(4)})
+        await save_checkpoints(store, {s: created + 1 for s in range(4)})
         assert store._purging.task.done()  # no second purge within purge_every_s
     assert due_rows_in_file(db) == 1
 
