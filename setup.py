@@ -101,6 +101,7 @@ setup(
         "taskwheel.stores.cassandra",
         "taskwheel.client",
         "taskwheel.cli",
+        "taskwheel.cluster",
     ],
     package_data={
         "taskwheel.core": ["*.pxd", "*.pyi", "py.typed"],

@@ -138,8 +138,8 @@ class TaskwheelDriver(Driver):
             store = store or str(self.run_dir / "tasks.db")
             self.ingest_target, self.dispatch_target = t["ingest"], t["dispatch"]
             for role in ("dispatch", "timer", "ingest"):
-                self._start(role, ["serve", role, "--listen", t[role], "--store", store,
-                                   "--timer-target", t["timer"], "--dispatch-target", t["dispatch"]] + extra)
+                # They find each other in the store.
+                self._start(role, ["serve", role, "--listen", t[role], "--store", store] + extra)
         ctx = mp.get_context("spawn")
         for _ in range(self.workers):
             ready = ctx.Event()

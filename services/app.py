@@ -10,6 +10,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 import time
 import urllib.parse
 
@@ -18,12 +19,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from taskwheel import telemetry
+from taskwheel.cluster.routing import DispatchRouter, TimerRouter
+from taskwheel.cluster.shards import ShardOwner, new_node_id
 from taskwheel.config import Config
 from taskwheel.dispatch import DispatchInternalServicer, DispatchService, DispatchServicer
 from taskwheel.ingest import IngestServicer
 from taskwheel.internal.v1 import dispatch_pb2 as internal_dispatch_pb2
 from taskwheel.internal.v1 import timer_pb2, timer_pb2_grpc
-from taskwheel.links import DispatchLink, RemoteDispatch, RemoteTimer, TimerLink
 from taskwheel.stores import Store, open_store
 from taskwheel.timer import TimerService
 from taskwheel.v1 import dispatch_pb2, ingest_pb2
@@ -52,41 +54,59 @@ class App:
         if config.store == "" and config.data_dir:
             os.makedirs(config.data_dir, exist_ok=True)
         self.store: Store = open_store(config.store_url(), num_shards=config.shards)
+        self.node_id = config.node_id or self._kept_node_id() or new_node_id()
         self.ingest: IngestServicer | None = None
         self.timer: TimerService | None = None
         self.dispatch: DispatchService | None = None
+        self.owner: ShardOwner | None = None
+        self.timers = TimerRouter(config.shards, self.node_id)
+        self.dispatchers = DispatchRouter(self.node_id)
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self._health = health.aio.HealthServicer()
 
-    def _links(self) -> tuple[TimerLink | None, DispatchLink | None]:
-        """The remote ends of the links to roles that run in other processes."""
-        if "timer" in self.roles:
-            timer_link = None  # the TimerService itself, made below
-        elif self.config.timer_target:
-            timer_link = RemoteTimer(self.config.timer_target, self.config.lookahead_ms)
-        else:
-            timer_link = _required("timer", "--timer-target") if {"ingest", "dispatch"} & set(self.roles) else None
-        if "dispatch" in self.roles:
-            dispatch_link = None
-        elif self.config.dispatch_target:
-            dispatch_link = RemoteDispatch(self.config.dispatch_target)
-        else:
-            dispatch_link = _required("dispatch", "--dispatch-target") if "timer" in self.roles else None
-        return timer_link, dispatch_link
+    def _kept_node_id(self) -> str:
+        """The embedded default keeps its node id in its data directory, so a restart takes its
+        own shards back at once instead of waiting for their leases to lapse. Only there: on a
+        shared store, nodes started from one directory would all be one node."""
+        if self.config.store != "" or self.roles != ROLES:
+            return ""
+        path = os.path.join(self.config.data_dir, "node-id")
+        try:
+            with open(path) as f:
+                kept = f.read().strip()
+            if kept:
+                return kept
+        except FileNotFoundError:
+            pass
+        made = new_node_id()
+        with open(path + ".tmp", "w") as f:
+            f.write(made + "\n")
+        os.replace(path + ".tmp", path)
+        return made
+
+    def _address(self) -> str:
+        """Where the other nodes reach this one: --advertise, else the listening address."""
+        if self.config.advertise:
+            return self.config.advertise
+        host = self.config.listen.rsplit(":", 1)[0].strip("[]")
+        if host in ("", "0.0.0.0", "::"):
+            host = socket.getfqdn()
+        return f"{host}:{self.port}" if ":" not in host else f"[{host}]:{self.port}"
 
     async def start(self) -> int:
-        """Opens the store, starts the services and the server; returns the bound port."""
+        """Opens the store, starts the services and the server, joins the cluster; returns the
+        bound port."""
         telemetry.setup_tracing("taskwheel-" + "-".join(self.roles))
-        timer_link, dispatch_link = self._links()
         await self.store.open()
         if "dispatch" in self.roles:
             self.dispatch = DispatchService(self.config, self.store)
+            self.dispatchers = DispatchRouter(self.node_id, self.dispatch)
         if "timer" in self.roles:
-            self.timer = TimerService(self.config, self.store, self.dispatch or dispatch_link)
-        timer = self.timer or timer_link
+            self.timer = TimerService(self.config, self.store, self.dispatchers)
+            self.timers = TimerRouter(self.config.shards, self.node_id, self.timer)
         if "ingest" in self.roles:
-            self.ingest = IngestServicer(self.config, self.store, timer)
+            self.ingest = IngestServicer(self.config, self.store, self.timers)
 
         self.server = grpc.aio.server(
             interceptors=telemetry.server_interceptors(),
@@ -111,24 +131,33 @@ class App:
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.listen}")
 
+        dispatch = self.dispatch
+        self.owner = ShardOwner(self.config, self.store, self.node_id, self._address(), frozenset(self.roles),
+                                self.timer, dispatch.consumed_queues if dispatch else frozenset)
+        self.owner.on_view(self.timers.update)
+        self.owner.on_view(self.dispatchers.update)
         if self.dispatch:
-            await self.dispatch.start(timer)
+            await self.dispatch.start(self.timers)
         if self.ingest:
             await self.ingest.start()
         await self.server.start()
         if self.timer:
-            # Serving first: a separate dispatch may be waiting for this server to push to.
             await self.timer.start()
+        # Serving first: the first round may take shards, and others may push to this node.
+        await self.owner.start()
         for role in self.roles:
             for name in _SERVICES[role]:
                 await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
-        log.info("taskwheel %s listening on %s (store %s)", "+".join(self.roles), self.config.listen,
-                 self.store.description)
+        log.info("taskwheel %s %s listening on %s (store %s)", "+".join(self.roles), self.node_id,
+                 self.config.listen, self.store.description)
         return self.port
 
     async def stop(self, grace: float = 2.0) -> None:
         await self._health.enter_graceful_shutdown()
+        if self.owner:
+            # Hands every shard over while dispatch can still confirm what was fired.
+            await self.owner.stop()
         if self.server:
             await self.server.stop(grace)
         if self.timer:
@@ -137,12 +166,10 @@ class App:
             await self.ingest.stop()
         if self.dispatch:
             await self.dispatch.stop()
+        await self.timers.close()
+        await self.dispatchers.close()
         await self.store.close()
         telemetry.shutdown_tracing()
-
-
-def _required(role: str, flag: str):
-    raise ValueError(f"{flag} is required when {role} runs in another process")
 
 
 # Stores whose client library leaves reference cycles behind its calls (the Cassandra driver

@@ -39,15 +39,17 @@ class Config:
     # sqlite:///path, a bare path, or cassandra://host:port/keyspace. Empty: <data_dir>/tasks.db
     store: str = ""
     shards: int = 16
-    # Where the other services are when they run in separate processes.
-    timer_target: str = ""
-    dispatch_target: str = ""
-    ingest_target: str = ""
+    # The cluster: this node's id (generated when empty; kept in data_dir with the embedded
+    # store), the address other nodes reach its services at (empty: listen), and its shard
+    # leases: renewed every shard_renew_ms, lapsing shard_lease_ms after the last renewal.
+    node_id: str = ""
+    advertise: str = ""
+    shard_renew_ms: int = 1_000
+    shard_lease_ms: int = 5_000
     # Timer: how far ahead of the clock tasks are loaded into the wheel, in slices of slice_ms.
     lookahead_ms: int = 5_000
     slice_ms: int = 1_000
     tick_ms: int = 1
-    checkpoint_interval_ms: int = 1_000
     # A checkpoint stays this far behind the clock, so that a task whose store write started
     # before the checkpoint was taken (slow store, clock skew between hosts) lies after it.
     checkpoint_margin_ms: int = 30_000
@@ -139,11 +141,15 @@ def from_args(args: argparse.Namespace | None = None, env: dict[str, str] | None
 
 
 def validate(config: Config) -> None:
-    positive = ("shards", "lookahead_ms", "slice_ms", "tick_ms", "checkpoint_interval_ms",
+    positive = ("shards", "shard_renew_ms", "shard_lease_ms", "lookahead_ms", "slice_ms", "tick_ms",
                 "max_unconfirmed", "max_pending_writes", "write_batch", "retry_base_ms")
     for name in positive:
         if getattr(config, name) <= 0:
             raise ValueError(f"{_flag(name)} must be positive, got {getattr(config, name)}")
+    if config.shard_lease_ms < 2 * config.shard_renew_ms:
+        # A node fires only until a renewal interval before its lease runs out: below two
+        # intervals, one late renewal would stop it.
+        raise ValueError("--shard-lease-ms must be at least twice --shard-renew-ms")
     if config.slice_ms * 2 > config.lookahead_ms:
         # A slice is read when the loaded window shrinks to lookahead - slice; below one slice
         # of margin the read would start too late for the slice's first tasks.

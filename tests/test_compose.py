@@ -2,9 +2,9 @@
 
 Three checks: Compose itself accepts the file (``docker compose config`` or Debian's
 ``docker-compose config``); its structure holds together (every command is one the real CLI
-parses, targets point at the ports their services listen on, the timer can be scaled, traces go
+parses, no service names another: they meet in the store, the timer can be scaled, traces go
 to Jaeger); and the very commands it runs start as local processes that schedule and deliver
-tasks, with container host names mapped to loopback ports.
+tasks, with the listening addresses mapped to loopback ports.
 """
 from __future__ import annotations
 
@@ -28,8 +28,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 TASKWHEEL_SERVICES = ("ingest", "timer", "dispatch")
-TARGET_FLAGS = {"--timer-target": "timer", "--dispatch-target": "dispatch",
-                "--ingest-target": "ingest"}
 CLI = [sys.executable, "-c",
        "import sys; from taskwheel.cli.main import main; sys.exit(main(sys.argv[1:]))"]
 
@@ -100,7 +98,7 @@ def test_each_service_runs_taskwheel_serve_in_its_role(name):
 @pytest.mark.parametrize("name", TASKWHEEL_SERVICES)
 def test_each_command_uses_only_flags_taskwheel_serve_lists(name):
     accepted = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", serve_help()))
-    assert {"--listen", "--store", "--timer-target", "--dispatch-target"} <= accepted
+    assert {"--listen", "--store", "--advertise", "--node-id"} <= accepted
     assert set(command_flags(service(name)["command"])) <= accepted
 
 
@@ -118,13 +116,11 @@ def test_each_service_listens_on_all_interfaces(name):
 
 
 @pytest.mark.parametrize("name", TASKWHEEL_SERVICES)
-def test_targets_name_a_service_at_the_port_it_listens_on(name):
-    for flag, value in command_flags(service(name)["command"]).items():
-        if flag in TARGET_FLAGS:
-            host, port = host_port(value)
-            assert host == TARGET_FLAGS[flag]
-            listen = command_flags(service(host)["command"])["--listen"]
-            assert host_port(listen)[1] == port
+def test_no_service_names_another_or_a_fixed_address_to_be_reached_at(name):
+    # The cluster finds its members in the store; a fixed --advertise or --node-id would make
+    # the replicas of a scaled service one node.
+    flags = set(command_flags(service(name)["command"]))
+    assert flags <= {"--listen", "--store"}
 
 
 @pytest.mark.parametrize("name", TASKWHEEL_SERVICES)
@@ -194,8 +190,6 @@ def local_commands(store: str) -> dict[str, list[str]]:
             assert eq, f"{name}: write flags as --flag=value so that this test can map them"
             if flag == "--listen":
                 value = f"127.0.0.1:{ports[name]}"
-            elif flag in TARGET_FLAGS:
-                value = f"127.0.0.1:{ports[host_port(value)[0]]}"
             elif flag == "--store":
                 value = store
             command.append(f"{flag}={value}")

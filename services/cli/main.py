@@ -1,7 +1,7 @@
 """taskwheel's command line.
 
     taskwheel up --data-dir DIR --listen 127.0.0.1:7070     all three services, embedded store
-    taskwheel serve ingest|timer|dispatch --listen ... --store ... --timer-target ...
+    taskwheel serve ingest|timer|dispatch --listen ... --store ...    one service (a node each)
     taskwheel submit --target HOST:PORT --queue Q [--delay 5 | --at ISO] [--count N] PAYLOAD
     taskwheel worker --target HOST:PORT --queue Q [--concurrency 16]
     taskwheel status --target HOST:PORT

@@ -214,6 +214,10 @@ class DispatchService:
     def queues(self) -> dict[str, QueueState]:
         return self.state.queues
 
+    def consumed_queues(self) -> frozenset[str]:
+        """The queues with a worker connected here now (the cluster's members row lists them)."""
+        return frozenset(name for name, qs in self.state.queues.items() if qs.consumers)
+
     def pump(self, queue: str) -> None:
         """Sends ``queue``'s ready tasks to its workers with room."""
         self._pump(self._queue(queue))

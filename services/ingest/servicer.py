@@ -26,7 +26,7 @@ _INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 
 class IngestServicer(ingest_pb2_grpc.IngestServicer):
     """Validates, writes in group commits, then offers what is due soon to the timer: the
-    TimerService itself in one process, a RemoteTimer across processes."""
+    TimerRouter, which sends each task to the timer holding its shard."""
 
     def __init__(self, config: Config, store: Store, timer: TimerLink, clock: Clock = SYSTEM_CLOCK) -> None:
         self._config = config

@@ -9,6 +9,9 @@ Guarantees, and how:
   successor row (the lease) is durable. The checkpoint saved every second is below every
   unconfirmed, pending or not-yet-loaded task, so a restarted timer reloads from there and
   fires whatever is still live.
+* Only the shards this node holds (taskwheel.cluster.shards): the ShardOwner gives the timer
+  shards (``take``: each loads from its checkpoint), takes them back (``give_up``: stop, drain,
+  checkpoint; ``lose``: stop at once) and says until when they may fire (``fire_until``).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from taskwheel import telemetry
 from taskwheel.clock import SYSTEM_CLOCK, Clock
 from taskwheel.config import Config
 from taskwheel.core import TimingWheel, shard_of
-from taskwheel.stores.base import Store
+from taskwheel.stores.base import ShardLease, Store
 from taskwheel.task import TASK_RECORD_SLOTS, TaskRecord, untracked
 from taskwheel.timer.pending import PendingTasks
 from taskwheel.internal.v1 import timer_pb2, timer_pb2_grpc
@@ -45,14 +48,16 @@ FIRE_TURN_MS = 2
 
 class TimerService(timer_pb2_grpc.TimerServicer):
     """The timer; what ingest and dispatch tell of new and ended tasks (a TimerLink). It hands
-    what fires to ``dispatch``: the DispatchService in one process, a RemoteDispatch across."""
+    what fires to ``dispatch``: a DispatchRouter, which hands each task to a dispatch with a worker
+    for its queue."""
 
     # -- servicer (taskwheel.internal.v1.Timer) -------------------------------------------------
 
     async def Offer(self, request, context):
         records = untracked([record_of_due(m, self._shard_of) for m in request.tasks])
-        taken = self._offer(records)
-        return timer_pb2.OfferResponse(taken=taken, loaded_until_ms=self.loaded_until_ms)
+        taken, elsewhere = self._offer(records)
+        return timer_pb2.OfferResponse(taken=taken, loaded_until_ms=self.loaded_until_ms,
+                                       not_held=sorted({r.shard for r in elsewhere}))
 
     async def Forget(self, request, context):
         return timer_pb2.ForgetResponse(forgotten=self._forget(request.task_ids))
@@ -67,7 +72,15 @@ class TimerService(timer_pb2_grpc.TimerServicer):
         self._store = store
         self._dispatch = dispatch
         self._clock = clock
-        self._shards = list(range(store.num_shards))
+        self._num_shards = store.num_shards
+        # The shards held, and the time they may fire until (the ShardOwner's leases).
+        self._shards: set[int] = set()
+        self._fire_until = 0
+        # Shards being loaded from their checkpoints after a take: shard -> where the load is.
+        self._catching_up: dict[int, int] = {}
+        # Shards taken from an owner that did not hand them over: rows due before this may have
+        # been fired by it already.
+        self._suspect_until: dict[int, int] = {}
         # The tasks in the wheel, each at its due row, by wheel key and by task id.
         self.pending = PendingTasks(TimingWheel(tick_ms=config.tick_ms, start_ms=clock.now_ms()), TASK_RECORD_SLOTS)
         self.wheel = self.pending.wheel
@@ -91,22 +104,28 @@ class TimerService(timer_pb2_grpc.TimerServicer):
         self.checkpoint_ms = 0
 
     def _shard_of(self, task_id: str) -> int:
-        return shard_of(task_id, len(self._shards))
+        return shard_of(task_id, self._num_shards)
 
-    def offer(self, records: list[TaskRecord]) -> None:
-        """Admits the records due inside the loaded window; the rest the loader will read."""
-        self._offer(records)
+    @property
+    def shards(self) -> frozenset[int]:
+        return frozenset(self._shards)
+
+    def offer(self, records: list[TaskRecord]) -> list[TaskRecord]:
+        """Admits the records due inside the loaded window; the rest the loader will read.
+        Returns the records of shards this timer does not hold, for their owner."""
+        return self._offer(records)[1]
 
     def forget(self, task_ids: Sequence[str]) -> None:
         """Drops the pending timers of ended or cancelled tasks."""
         self._forget(task_ids)
 
-    def _offer(self, records: list[TaskRecord]) -> int:
+    def _offer(self, records: list[TaskRecord]) -> tuple[int, list[TaskRecord]]:
         limit = self.loaded_until_ms
-        taken = [r for r in records if r.due_ms < limit]
+        held = self._shards
+        taken = [r for r in records if r.due_ms < limit and r.shard in held]
         if taken:
             self._admit(taken)
-        return len(taken)
+        return len(taken), [r for r in records if r.shard not in held]
 
     def _forget(self, task_ids: Sequence[str]) -> int:
         if self._loading_from_ms is not None:
@@ -123,7 +142,7 @@ class TimerService(timer_pb2_grpc.TimerServicer):
             self._waiter.set_result(None)
 
     def checkpoint(self, now: int) -> int:
-        """Lowest due time that may still need firing after a crash."""
+        """Lowest due time that may still need firing after a crash, of any shard held."""
         candidates = [self.loaded_until_ms, now - self._config.checkpoint_margin_ms]
         if self._loading_from_ms is not None:
             candidates.append(self._loading_from_ms)
@@ -132,6 +151,93 @@ class TimerService(timer_pb2_grpc.TimerServicer):
             candidates.append(next_deadline)
         candidates.extend(low for low, _ in self._unconfirmed.values())
         return min(candidates)
+
+    # -- the shards held (the ShardOwner calls these: taskwheel.cluster.shards.ShardHolder) --------
+
+    def held_checkpoints(self, now_ms: int) -> dict[int, int]:
+        cp = self.checkpoint(now_ms)
+        self.checkpoint_ms = max(self.checkpoint_ms, cp)
+        return {shard: min(cp, self._catching_up.get(shard, cp)) for shard in self._shards}
+
+    def fire_until(self, ms: int) -> None:
+        self._fire_until = ms
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def take(self, leases: list[ShardLease], suspect_until: dict[int, int]) -> None:
+        """Holds these shards from now on: offers of them are taken, the loader reads them, and
+        what lies between each one's checkpoint and the loaded window is read here, a minute
+        bucket at a time, into the wheel (overdue rows fire at once)."""
+        until = self.loaded_until_ms
+        start = {lease.shard: lease.checkpoint_ms for lease in leases}
+        for shard, checkpoint in start.items():
+            self._shards.add(shard)
+            if checkpoint < until:
+                self._catching_up[shard] = checkpoint
+        try:
+            while self._catching_up.keys() & start.keys():
+                shards = sorted(self._catching_up.keys() & start.keys())
+                lows = {shard: self._catching_up[shard] for shard in shards}
+                end = min(until, (min(lows.values()) // 60_000 + 1) * 60_000)
+                while len(self.wheel) >= self._config.max_wheel:
+                    await self._clock.sleep(0.05)
+                results = await asyncio.gather(*(self._store.load_due(shard, lows[shard], end)
+                                                 for shard in shards if lows[shard] < end))
+                for records in results:
+                    records = [r for r in records if r.shard in self._shards]
+                    for i in range(0, len(records), ADMIT_CHUNK):
+                        self._admit(records[i:i + ADMIT_CHUNK])
+                        await asyncio.sleep(0)
+                for shard in shards:
+                    if end >= until or shard not in self._shards:
+                        self._catching_up.pop(shard, None)
+                    elif lows[shard] < end:
+                        self._catching_up[shard] = end
+        except BaseException:
+            # Not held after all: the ShardOwner's next round finds them free again.
+            self.lose(set(start))
+            raise
+        self._suspect_until.update(suspect_until)
+
+    def lose(self, shards: set[int]) -> None:
+        """Stops firing these shards at once; their timers leave the wheel."""
+        self._drop(shards)
+
+    async def give_up(self, shards: set[int]) -> dict[int, int]:
+        """Stops firing these shards, waits (up to 10 s) until what was fired of them is leased
+        or held, and returns their checkpoints: below each one's unfired tasks and below any
+        slice not yet read for it."""
+        now = self._clock.now_ms()
+        floor = min(self.loaded_until_ms, now - self._config.checkpoint_margin_ms)
+        if self._loading_from_ms is not None:
+            floor = min(floor, self._loading_from_ms)
+        checkpoints = {shard: min(floor, self._catching_up.get(shard, floor)) for shard in shards}
+        for shard, low in self._drop(shards).items():
+            checkpoints[shard] = min(checkpoints[shard], low)
+        batches = set(self._unconfirmed)
+        for _ in range(1000):
+            if not batches & self._unconfirmed.keys():
+                break
+            await self._clock.sleep(0.01)
+        else:
+            low = min((self._unconfirmed[b][0] for b in batches & self._unconfirmed.keys()), default=floor)
+            checkpoints = {shard: min(cp, low) for shard, cp in checkpoints.items()}
+        return checkpoints
+
+    def _drop(self, shards: set[int]) -> dict[int, int]:
+        """Takes these shards out of the wheel and the held set; returns each one's lowest due
+        time that was in the wheel."""
+        self._shards -= shards
+        for shard in shards:
+            self._catching_up.pop(shard, None)
+            self._suspect_until.pop(shard, None)
+        dropped = [r for r in self.pending.records() if r.shard in shards]
+        self.pending.forget([r.task_id for r in dropped])
+        lows: dict[int, int] = {}
+        for r in dropped:
+            if r.due_ms < lows.get(r.shard, r.due_ms + 1):
+                lows[r.shard] = r.due_ms
+        return lows
 
     def status(self) -> timer_pb2.TimerStatus:
         nd = self.wheel.next_deadline()
@@ -143,24 +249,24 @@ class TimerService(timer_pb2_grpc.TimerServicer):
             lag_ms=self.lag_ms,
             next_deadline_ms=nd if nd is not None else 0,
             shards=len(self._shards),
+            fire_until_ms=self._fire_until,
         )
 
     # -- loops --------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        starts = [await self._store.load_checkpoint(s) for s in self._shards]
-        self.loaded_until_ms = min(starts) if starts else self._clock.now_ms()
-        self.checkpoint_ms = self.loaded_until_ms
-        # The first slices (catching up from the checkpoint) are read before serving offers.
-        await self._load_once()
+        """Starts the loops. No shard is held until the ShardOwner's ``take``; the loaded
+        window starts at the clock, and each shard taken loads up to it from its checkpoint."""
+        self.loaded_until_ms = self.checkpoint_ms = self._clock.now_ms()
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._load_loop(), name="timer-load"),
             loop.create_task(self._fire_loop(), name="timer-fire"),
-            loop.create_task(self._checkpoint_loop(), name="timer-checkpoint"),
         ]
 
     async def stop(self) -> None:
+        """Stops the loops. The ShardOwner has handed the shards over before (saving their
+        checkpoints); anything still held is left to its lease."""
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -173,10 +279,6 @@ class TimerService(timer_pb2_grpc.TimerServicer):
         # checkpoint, which still lies below them.
         if self._push_tasks:
             await asyncio.wait(list(self._push_tasks), timeout=2)
-        try:
-            await self._store.save_checkpoints({s: self.checkpoint(self._clock.now_ms()) for s in self._shards})
-        except Exception as exc:
-            log.warning("final checkpoint not saved: %s", exc)
 
     async def _load_once(self) -> bool:
         """Reads the next slice once the window needs it. True when it read something.
@@ -188,6 +290,7 @@ class TimerService(timer_pb2_grpc.TimerServicer):
         now = self._clock.now_ms()
         slice_ms = self._config.slice_ms
         start = self.loaded_until_ms
+        shards = sorted(self._shards)
         if start >= now + self._config.lookahead_ms - slice_ms or len(self.wheel) >= self._config.max_wheel:
             return False
         if start < now - slice_ms:
@@ -204,13 +307,15 @@ class TimerService(timer_pb2_grpc.TimerServicer):
         span = telemetry.tracer.start_span("timer.load") if telemetry.enabled else None
         try:
             results = await asyncio.gather(
-                *(self._store.load_due(s, start, end) for s in self._shards)
+                *(self._store.load_due(s, start, end) for s in shards)
             )
             # In chunks, letting the fire loop run between them: the slice is due a lookahead
-            # from now, the tasks firing meanwhile are not.
+            # from now, the tasks firing meanwhile are not. A shard given up meanwhile is not.
             forgotten = self._forgotten_while_loading
-            for records in results:
+            for shard, records in zip(shards, results):
                 for i in range(0, len(records), ADMIT_CHUNK):
+                    if shard not in self._shards:
+                        break
                     self._admit(records[i:i + ADMIT_CHUNK], forgotten)
                     await asyncio.sleep(0)
         except BaseException:  # cancelled too: a stop mid-slice must not checkpoint past it
@@ -242,7 +347,8 @@ class TimerService(timer_pb2_grpc.TimerServicer):
         while True:
             now = self._clock.now_ms()
             nd = wheel.next_deadline()
-            paused = self._unconfirmed_count >= self._config.max_unconfirmed
+            # Too much fired and not confirmed, or the shards' leases not renewed in time.
+            paused = self._unconfirmed_count >= self._config.max_unconfirmed or now >= self._fire_until
             if nd is None or nd > now or paused:
                 wait_ms = 50 if nd is None or paused else min(50, nd - now)
                 self._waiting_until = now + wait_ms if not paused else 0
@@ -312,19 +418,6 @@ class TimerService(timer_pb2_grpc.TimerServicer):
                                                          len(fired), attempt.outcome.exception()))(hand_over)
         finally:
             self._confirmed(batch)
-
-    async def _checkpoint_loop(self) -> None:
-        interval = self._config.checkpoint_interval_ms / 1000
-        while True:
-            await self._clock.sleep(interval)
-            cp = self.checkpoint(self._clock.now_ms())
-            try:
-                await self._store.save_checkpoints({s: cp for s in self._shards})
-                self.checkpoint_ms = max(self.checkpoint_ms, cp)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("checkpoint not saved: %s", exc)
 
 
 def _trace_fire(fired: list[TaskRecord], now: int) -> None:

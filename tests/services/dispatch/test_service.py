@@ -14,6 +14,7 @@ from taskwheel.dispatch.finished import FinishedMemory
 from taskwheel.dispatch.service import BURST_CHUNK
 from taskwheel.task import TaskRecord, TaskState
 from taskwheel.stores.sqlite import SqliteStore
+from taskwheel.stores.base import ShardLease
 from taskwheel.timer import TimerService
 from taskwheel.v1 import dispatch_pb2
 from taskwheel.wire import ms_of
@@ -346,6 +347,15 @@ class GatedStore(SqliteStore):
         return await super().apply(transitions, now_ms)
 
 
+async def timer_taking_offers(config, store, dispatch, until_ms: int) -> TimerService:
+    """An in-process timer whose loops are not running: it holds every shard (without leases:
+    nothing else runs) and takes the offers due before until_ms."""
+    timer = TimerService(config, store, dispatch)
+    timer.loaded_until_ms = until_ms
+    await timer.take([ShardLease(s, "node", 1, 0, until_ms) for s in range(store.num_shards)], {})
+    return timer
+
+
 async def delivered_beside_a_timer(store):
     """A task pushed to dispatch and received, with an in-process timer whose loops are not
     running (it takes offers); leases are queued for writing as they are sent."""
@@ -354,8 +364,7 @@ async def delivered_beside_a_timer(store):
     await store.insert([rec])
     config = Config(lease_write_delay_ms=0)
     dispatch = DispatchService(config, store)
-    timer = TimerService(config, store, dispatch)
-    timer.loaded_until_ms = fired_at + 60_000
+    timer = await timer_taking_offers(config, store, dispatch, until_ms=fired_at + 60_000)
     await dispatch.start(timer)
     stream, deliveries = await subscribed(dispatch)
     push = asyncio.get_running_loop().create_task(dispatch.push([rec], fired_at))
@@ -425,8 +434,7 @@ async def test_a_task_held_until_a_worker_came_leaves_no_hold_row_in_the_timer_o
     await store.insert([rec])
     config = Config(hold_after_ms=50, hold_ms=60_000)
     dispatch = DispatchService(config, store)
-    timer = TimerService(config, store, dispatch)
-    timer.loaded_until_ms = fired_at + 120_000  # takes offers; its loops are not running
+    timer = await timer_taking_offers(config, store, dispatch, until_ms=fired_at + 120_000)
     await dispatch.start(timer)
     push = asyncio.get_running_loop().create_task(dispatch.push([rec], fired_at))
     await asyncio.wait_for(push, 5)  # returns once the hold row is durable

@@ -1,14 +1,18 @@
-"""The timer on a real embedded store, in process: loading, firing, forgetting, checkpoints.
+"""The timer on a real embedded store, in process: loading, firing, forgetting, checkpoints,
+and the shards it holds (taken, given up, lost, fenced).
 
 The timer runs on a fake clock (taskwheel.clock.FakeClock): time moves only as a test moves
-it, so what a test sees does not depend on how busy the machine is."""
+it, so what a test sees does not depend on how busy the machine is. It holds its shards
+through a real ShardOwner on the same store and clock, as in a server."""
 import asyncio
 import logging
 import time
 
 from taskwheel.clock import FakeClock
+from taskwheel.cluster.shards import ShardOwner
 from taskwheel.config import Config
 from taskwheel.core import shard_of
+from taskwheel.stores.base import ShardLease
 from taskwheel.task import TaskRecord
 from taskwheel.stores.sqlite import SqliteStore
 from taskwheel.timer import TimerService
@@ -56,10 +60,32 @@ async def until_loaded(timer, clock: FakeClock, ms: int) -> None:
 
 
 def config(**overrides) -> Config:
-    cfg = Config(lookahead_ms=2_000, slice_ms=500, checkpoint_interval_ms=100, checkpoint_margin_ms=0)
+    cfg = Config(lookahead_ms=2_000, slice_ms=500, shard_renew_ms=100, shard_lease_ms=1_000, checkpoint_margin_ms=0)
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg
+
+
+async def joined(timer: TimerService, store, clock: FakeClock, cfg=None, node_id="node-test") -> ShardOwner:
+    """The timer's node joins the cluster of its store (alone: it takes every shard)."""
+    owner = ShardOwner(cfg or config(), store, node_id, "127.0.0.1:1", frozenset({"timer"}), timer, clock=clock)
+    await owner.start()
+    return owner
+
+
+async def leave(owner: ShardOwner, timer: TimerService, clock: FakeClock) -> None:
+    """The node stops: hands its shards over (draining on the clock's time), then the timer."""
+    stopping = asyncio.ensure_future(owner.stop())
+    await clock.run_until(stopping.done, real_timeout_s=30)
+    await stopping
+    await timer.stop()
+
+
+async def hold_every_shard(timer: TimerService, num_shards: int = SHARDS) -> None:
+    """Holds every shard from the loaded window on, without a store's leases (for tests of the
+    loader and the wheel alone)."""
+    await timer.take([ShardLease(s, "node-test", 1, 0, timer.loaded_until_ms) for s in range(num_shards)], {})
+    timer.fire_until(2**62)
 
 
 async def run_timer(store, dispatch, seconds, cfg=None, before=None, clock=None):
@@ -70,8 +96,9 @@ async def run_timer(store, dispatch, seconds, cfg=None, before=None, clock=None)
     clock = clock or FakeClock(now_ms())
     timer = TimerService(cfg or config(), store, dispatch, clock)
     await timer.start()
+    owner = await joined(timer, store, clock, cfg)
     await clock.run_for(int(seconds * 1000))
-    await timer.stop()
+    await leave(owner, timer, clock)
     await store.close()
     return timer
 
@@ -107,11 +134,12 @@ async def test_an_offered_task_inside_the_loaded_window_fires_without_a_store_re
     clock = FakeClock(now_ms())
     timer = TimerService(config(), store, dispatch, clock)
     await timer.start()
+    owner = await joined(timer, store, clock)
     await until_loaded(timer, clock, clock.now_ms() + 300)
     rec = task("offered".ljust(28, "0"), clock.now_ms() + 200)  # never written: only offered
     timer.offer([rec])
     await clock.run_for(600)
-    await timer.stop()
+    await leave(owner, timer, clock)
     await store.close()
     assert [t for t, _, _ in dispatch.fired] == [rec.task_id]
 
@@ -123,6 +151,7 @@ async def test_a_forgotten_task_does_not_fire(tmp_path):
     clock = FakeClock(now_ms())
     timer = TimerService(config(), store, dispatch, clock)
     await timer.start()
+    owner = await joined(timer, store, clock)
     due = clock.now_ms() + 300
     keep, drop = task("a".ljust(28, "0"), due), task("b".ljust(28, "0"), due)
     await store.insert([keep, drop])  # as ingest does: durable first, then offered
@@ -130,7 +159,7 @@ async def test_a_forgotten_task_does_not_fire(tmp_path):
     await store.cancel(drop.task_id, clock.now_ms())  # as ingest's Cancel does: store, then timer
     timer.forget([drop.task_id])
     await clock.run_for(700)
-    await timer.stop()
+    await leave(owner, timer, clock)
     await store.close()
     assert [t for t, _, _ in dispatch.fired] == ["a".ljust(28, "0")]
 
@@ -160,6 +189,7 @@ async def test_a_task_cancelled_while_its_slice_is_read_does_not_come_back_from_
     clock = FakeClock(now_ms())
     timer = TimerService(config(), store, dispatch, clock)
     await timer.start()
+    owner = await joined(timer, store, clock)
     await until_loaded(timer, clock, clock.now_ms() + 1_400)  # the window is full: slices come one by one
     # Due two slices past the loaded window: the loader reads it (not an offer), and not
     # before the insert below is written.
@@ -172,7 +202,7 @@ async def test_a_task_cancelled_while_its_slice_is_read_does_not_come_back_from_
     assert timer._forget([drop_id]) == 0  # not in the wheel yet: the read still holds it
     store.hold.set()
     await clock.run_until(lambda: clock.now_ms() >= due + 300)
-    await timer.stop()
+    await leave(owner, timer, clock)
     await store.close()
     assert [t for t, _, _ in dispatch.fired] == [keep_id]
 
@@ -182,6 +212,7 @@ async def test_forget_counts_the_tasks_it_took_out_of_the_wheel_and_leaves_the_r
     await store.open()
     timer = TimerService(config(), store, RecordingDispatch())
     timer.loaded_until_ms = now_ms() + 60_000  # offers are taken without a running loader
+    await hold_every_shard(timer)
     due = now_ms() + 30_000
     timer._offer([task(f"{i:028x}", due + i) for i in range(4)])
     forgotten = timer._forget([f"{1:028x}", f"{3:028x}", "never-offered", f"{3:028x}"])
@@ -244,6 +275,7 @@ async def test_the_checkpoint_stays_at_a_slice_being_read_even_when_catching_up(
     await store.insert([task("late".ljust(28, "0"), overdue)])
     timer = TimerService(config(), store, RecordingDispatch())
     timer.loaded_until_ms = overdue - 1_000
+    await hold_every_shard(timer)
     loading = asyncio.ensure_future(timer._load_once())
     await store.reading.wait()
     during = timer.checkpoint(now_ms())
@@ -261,6 +293,7 @@ async def test_a_stop_in_the_middle_of_a_read_leaves_the_slice_to_be_read_again(
     await store.open()
     timer = TimerService(config(), store, RecordingDispatch())
     timer.loaded_until_ms = start
+    await hold_every_shard(timer)
     loading = asyncio.ensure_future(timer._load_once())
     await store.reading.wait()
     loading.cancel()
@@ -284,6 +317,7 @@ async def test_a_large_slice_enters_the_wheel_in_chunks_letting_the_loop_run_bet
                                    fire_at_ms=due, due_ms=due) for i in range(n)])
     timer = TimerService(config(), store, RecordingDispatch())
     timer.loaded_until_ms = due - due % 500
+    await hold_every_shard(timer, 1)
     sizes = []
 
     async def watch():  # one look per turn of the loop
@@ -374,6 +408,7 @@ async def test_a_failed_read_is_retried_after_doubling_waits_each_failure_logged
     store = FlakyStore(clock)
     timer = TimerService(config(), store, RecordingDispatch(), clock)
     timer.loaded_until_ms = t0 = clock.now_ms()
+    await hold_every_shard(timer, 1)
     store.failures = 4
     with caplog.at_level(logging.WARNING, logger="taskwheel.timer"):
         loading = asyncio.get_running_loop().create_task(timer._load_loop())
@@ -392,6 +427,7 @@ async def test_the_wait_after_a_failed_read_starts_again_at_50ms_once_a_read_suc
     store = FlakyStore(clock)
     timer = TimerService(config(), store, RecordingDispatch(), clock)
     timer.loaded_until_ms = clock.now_ms()
+    await hold_every_shard(timer, 1)
     store.failures = 3
     with caplog.at_level(logging.WARNING, logger="taskwheel.timer"):
         loading = asyncio.get_running_loop().create_task(timer._load_loop())
@@ -412,6 +448,7 @@ async def test_a_read_that_keeps_failing_is_retried_every_2s_at_most():
     store = FlakyStore(clock)
     timer = TimerService(config(), store, RecordingDispatch(), clock)
     timer.loaded_until_ms = t0 = clock.now_ms()
+    await hold_every_shard(timer, 1)
     store.failures = 1_000
     loading = asyncio.get_running_loop().create_task(timer._load_loop())
     await clock.advance(0)

@@ -134,19 +134,27 @@ class OfferResponse(_message.Message):
 
     TAKEN_FIELD_NUMBER: _builtins.int
     LOADED_UNTIL_MS_FIELD_NUMBER: _builtins.int
+    NOT_HELD_FIELD_NUMBER: _builtins.int
     taken: _builtins.int
     """How many of the offered tasks the timer keeps in its wheel."""
     loaded_until_ms: _builtins.int
     """Tasks due at or after this (unix ms) were not taken: the timer loads them from the store."""
+    @_builtins.property
+    def not_held(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Shards of offered tasks this timer does not hold: their tasks belong to another node's
+        timer, which the caller should offer them to.
+        """
+
     def __init__(
         self,
         *,
         taken: _builtins.int = ...,
         loaded_until_ms: _builtins.int = ...,
+        not_held: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["loaded_until_ms", b"loaded_until_ms", "taken", b"taken"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["loaded_until_ms", b"loaded_until_ms", "not_held", b"not_held", "taken", b"taken"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -220,6 +228,7 @@ class TimerStatus(_message.Message):
     LAG_MS_FIELD_NUMBER: _builtins.int
     NEXT_DEADLINE_MS_FIELD_NUMBER: _builtins.int
     SHARDS_FIELD_NUMBER: _builtins.int
+    FIRE_UNTIL_MS_FIELD_NUMBER: _builtins.int
     pending: _builtins.int
     """Tasks in the wheel now."""
     loaded_until_ms: _builtins.int
@@ -233,7 +242,9 @@ class TimerStatus(_message.Message):
     next_deadline_ms: _builtins.int
     """The earliest deadline in the wheel (unix ms); 0 when the wheel is empty."""
     shards: _builtins.int
-    """Shards this timer owns."""
+    """Shards this timer holds."""
+    fire_until_ms: _builtins.int
+    """The held shards fire only while the clock is below this (unix ms): their leases' validity."""
     def __init__(
         self,
         *,
@@ -244,10 +255,11 @@ class TimerStatus(_message.Message):
         lag_ms: _builtins.int = ...,
         next_deadline_ms: _builtins.int = ...,
         shards: _builtins.int = ...,
+        fire_until_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_ms", b"checkpoint_ms", "fired", b"fired", "lag_ms", b"lag_ms", "loaded_until_ms", b"loaded_until_ms", "next_deadline_ms", b"next_deadline_ms", "pending", b"pending", "shards", b"shards"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_ms", b"checkpoint_ms", "fire_until_ms", b"fire_until_ms", "fired", b"fired", "lag_ms", b"lag_ms", "loaded_until_ms", b"loaded_until_ms", "next_deadline_ms", b"next_deadline_ms", "pending", b"pending", "shards", b"shards"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
