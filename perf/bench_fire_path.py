@@ -48,6 +48,7 @@ import time
 from collections import defaultdict
 
 from taskwheel.clock import now_ms
+from taskwheel.cluster.shards import ShardOwner
 from taskwheel.config import Config
 from taskwheel.core import shard_of
 from taskwheel.dispatch import DispatchService, DispatchServicer
@@ -187,10 +188,10 @@ def _records(n: int, rate: int, first_due: int, shards: int) -> list[TaskRecord]
 async def run_once(n: int, rate: int, max_in_flight: int, ack_after_ms: int, profiled: bool,
                    data_dir: str) -> dict:
     config = Config(data_dir=data_dir, lookahead_ms=10_000, slice_ms=1_000)
-    store = SqliteStore(os.path.join(data_dir, "tasks.db"), num_shards=config.shards)
+    store = SqliteStore(os.path.join(data_dir, "tasks.db"))
     await store.open()
     first_due = now_ms() + LEAD_MS + n // 50
-    records = _records(n, rate, first_due, config.shards)
+    records = _records(n, rate, first_due, store.num_shards)
     for start in range(0, n, 10_000):
         await store.insert(records[start:start + 10_000])
     del records
@@ -211,6 +212,9 @@ async def run_once(n: int, rate: int, max_in_flight: int, ack_after_ms: int, pro
         parse = profile.wrap("grpc: parse request", parse)
     await dispatch.start(timer)
     await timer.start()
+    # A cluster of one, as `taskwheel up` runs: the node takes every shard.
+    owner = ShardOwner(config, store, "bench", "127.0.0.1:1", frozenset({"timer", "dispatch"}), timer)
+    await owner.start()
     stream = _RequestStream(parse)
     worker_cpu = [0]
     consumer = asyncio.get_running_loop().create_task(
@@ -265,6 +269,7 @@ async def run_once(n: int, rate: int, max_in_flight: int, ack_after_ms: int, pro
 
     await stream.sent.put(None)
     await consumer
+    await owner.stop()
     await timer.stop()
     await dispatch.stop()
     await store.close()

@@ -59,8 +59,8 @@ class App:
         self.timer: TimerService | None = None
         self.dispatch: DispatchService | None = None
         self.owner: ShardOwner | None = None
-        self.timers = TimerRouter(config.shards, self.node_id)
-        self.dispatchers = DispatchRouter(self.node_id)
+        self.timers: TimerRouter | None = None
+        self.dispatchers: DispatchRouter | None = None
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self._health = health.aio.HealthServicer()
@@ -101,10 +101,10 @@ class App:
         await self.store.open()
         if "dispatch" in self.roles:
             self.dispatch = DispatchService(self.config, self.store)
-            self.dispatchers = DispatchRouter(self.node_id, self.dispatch)
+        self.dispatchers = DispatchRouter(self.node_id, self.dispatch)
         if "timer" in self.roles:
             self.timer = TimerService(self.config, self.store, self.dispatchers)
-            self.timers = TimerRouter(self.config.shards, self.node_id, self.timer)
+        self.timers = TimerRouter(self.store.num_shards, self.node_id, self.timer)
         if "ingest" in self.roles:
             self.ingest = IngestServicer(self.config, self.store, self.timers)
 
@@ -166,8 +166,9 @@ class App:
             await self.ingest.stop()
         if self.dispatch:
             await self.dispatch.stop()
-        await self.timers.close()
-        await self.dispatchers.close()
+        for router in (self.timers, self.dispatchers):
+            if router is not None:
+                await router.close()
         await self.store.close()
         telemetry.shutdown_tracing()
 

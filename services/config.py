@@ -38,7 +38,9 @@ class Config:
     data_dir: str = "./taskwheel-data"
     # sqlite:///path, a bare path, or cassandra://host:port/keyspace. Empty: <data_dir>/tasks.db
     store: str = ""
-    shards: int = 16
+    # Fixed when the store is created. 0: as the store was created; a new one gets 16
+    # (embedded: one node holds them all) or 256 (Cassandra: many more than nodes).
+    shards: int = 0
     # The cluster: this node's id (generated when empty; kept in data_dir with the embedded
     # store), the address other nodes reach its services at (empty: listen), and its shard
     # leases: renewed every shard_renew_ms, lapsing shard_lease_ms after the last renewal.
@@ -141,7 +143,9 @@ def from_args(args: argparse.Namespace | None = None, env: dict[str, str] | None
 
 
 def validate(config: Config) -> None:
-    positive = ("shards", "shard_renew_ms", "shard_lease_ms", "lookahead_ms", "slice_ms", "tick_ms",
+    if config.shards < 0:
+        raise ValueError(f"--shards must be 0 (the store's) or more, got {config.shards}")
+    positive = ("shard_renew_ms", "shard_lease_ms", "lookahead_ms", "slice_ms", "tick_ms",
                 "max_unconfirmed", "max_pending_writes", "write_batch", "retry_base_ms")
     for name in positive:
         if getattr(config, name) <= 0:

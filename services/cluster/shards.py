@@ -65,6 +65,8 @@ class ShardHolder(Protocol):
     def fire_until(self, ms: int) -> None:
         """Shards held may fire only while the clock is below ``ms``."""
 
+    sweeping: bool  # whether to read below the checkpoints for rows no offer brought
+
 
 def new_node_id() -> str:
     return "node-" + uuid.uuid4().hex[:12]
@@ -184,6 +186,10 @@ class ShardOwner:
         self.view = View(members, [lease.owner if not lease.lapsed(now) else "" for lease in leases], now)
         for callback in self._view_changed:
             callback(self.view)
+        if self._timer is not None:
+            # Alone, every task reaches this timer by an offer in process or by its loader; with
+            # other members, one may accept a task and die before offering it.
+            self._timer.sweeping = any(node != self.node_id for node in members)
         if self._timer is not None:
             await self._balance(leases, members, now)
 

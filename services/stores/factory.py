@@ -1,7 +1,10 @@
 """Turns a --store URL into a Store.
 
     sqlite:///abs/path/tasks.db   (or a bare path)       the embedded store (default)
-    cassandra://host:port/keyspace?shards=16             Apache Cassandra
+    cassandra://host:port/keyspace?shards=256            Apache Cassandra
+
+The shard count is fixed when a store is created; 0 (the default) opens an existing store with
+its own count and creates a new one with the store's default (16 embedded, 256 on Cassandra).
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import urllib.parse
 from taskwheel.stores.base import Store
 
 
-def open_store(url: str, *, num_shards: int = 16) -> Store:
+def open_store(url: str, *, num_shards: int = 0) -> Store:
     """Builds (does not yet open) the store a URL names. Raises ValueError for a bad URL."""
     parsed = urllib.parse.urlparse(url)
     query = dict(urllib.parse.parse_qsl(parsed.query))

@@ -9,6 +9,12 @@ Guarantees, and how:
   successor row (the lease) is durable. The checkpoint saved every second is below every
   unconfirmed, pending or not-yet-loaded task, so a restarted timer reloads from there and
   fires whatever is still live.
+* Nothing left behind by a lost offer: in a cluster, a task accepted by another node's ingest
+  reaches this timer only by an offer if it is due inside the loaded window, and that node may
+  die before offering it. The sweep reads each shard again below its checkpoint (every
+  ``SWEEP_EVERY_MS``, ``SWEEP_LAG_MS`` behind the clock): a live row there was never loaded
+  (anything loaded is fired and confirmed, hence dead, before the checkpoint passes it), so it
+  fires then, at most SWEEP_LAG_MS + SWEEP_EVERY_MS late.
 * Only the shards this node holds (taskwheel.cluster.shards): the ShardOwner gives the timer
   shards (``take``: each loads from its checkpoint), takes them back (``give_up``: stop, drain,
   checkpoint; ``lose``: stop at once) and says until when they may fire (``fire_until``).
@@ -44,6 +50,11 @@ ADMIT_CHUNK = 512
 # millisecond's tasks are due: without this the loop would never yield, and the deliveries it
 # made, and the acks of earlier ones, would wait behind it.
 FIRE_TURN_MS = 2
+# How often the sweep (see the module docstring) reads the shards below their checkpoints,
+# and how far behind the clock it stays: longer than a store write may take to be acknowledged
+# (a task whose write is still in flight may be offered yet).
+SWEEP_EVERY_MS = 2_000
+SWEEP_LAG_MS = 10_000
 
 
 class TimerService(timer_pb2_grpc.TimerServicer):
@@ -81,6 +92,11 @@ class TimerService(timer_pb2_grpc.TimerServicer):
         # Shards taken from an owner that did not hand them over: rows due before this may have
         # been fired by it already.
         self._suspect_until: dict[int, int] = {}
+        # The sweep: on only when other nodes may accept tasks for these shards; per shard, how
+        # far it has read.
+        self.sweeping = False
+        self._swept_until: dict[int, int] = {}
+        self.swept = 0
         # The tasks in the wheel, each at its due row, by wheel key and by task id.
         self.pending = PendingTasks(TimingWheel(tick_ms=config.tick_ms, start_ms=clock.now_ms()), TASK_RECORD_SLOTS)
         self.wheel = self.pending.wheel
@@ -141,9 +157,11 @@ class TimerService(timer_pb2_grpc.TimerServicer):
         if self._waiter is not None and earliest < self._waiting_until and not self._waiter.done():
             self._waiter.set_result(None)
 
-    def checkpoint(self, now: int) -> int:
-        """Lowest due time that may still need firing after a crash, of any shard held."""
-        candidates = [self.loaded_until_ms, now - self._config.checkpoint_margin_ms]
+    def checkpoint(self, now: int, margin_ms: int | None = None) -> int:
+        """Lowest due time that may still need firing after a crash, of any shard held, at
+        least ``margin_ms`` (by default checkpoint_margin_ms) behind the clock."""
+        margin = self._config.checkpoint_margin_ms if margin_ms is None else margin_ms
+        candidates = [self.loaded_until_ms, now - margin]
         if self._loading_from_ms is not None:
             candidates.append(self._loading_from_ms)
         next_deadline = self.wheel.next_deadline()
@@ -172,6 +190,7 @@ class TimerService(timer_pb2_grpc.TimerServicer):
         start = {lease.shard: lease.checkpoint_ms for lease in leases}
         for shard, checkpoint in start.items():
             self._shards.add(shard)
+            self._swept_until[shard] = checkpoint
             if checkpoint < until:
                 self._catching_up[shard] = checkpoint
         try:
@@ -231,6 +250,7 @@ class TimerService(timer_pb2_grpc.TimerServicer):
         for shard in shards:
             self._catching_up.pop(shard, None)
             self._suspect_until.pop(shard, None)
+            self._swept_until.pop(shard, None)
         dropped = [r for r in self.pending.records() if r.shard in shards]
         self.pending.forget([r.task_id for r in dropped])
         lows: dict[int, int] = {}
@@ -262,6 +282,7 @@ class TimerService(timer_pb2_grpc.TimerServicer):
         self._tasks = [
             loop.create_task(self._load_loop(), name="timer-load"),
             loop.create_task(self._fire_loop(), name="timer-fire"),
+            loop.create_task(self._sweep_loop(), name="timer-sweep"),
         ]
 
     async def stop(self) -> None:
@@ -338,6 +359,42 @@ class TimerService(timer_pb2_grpc.TimerServicer):
         while True:
             if not await load_once(self._load_once):
                 await self._clock.sleep(min(0.1, self._config.slice_ms / 4000))
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await self._clock.sleep(SWEEP_EVERY_MS / 1000)
+            if self.sweeping:
+                try:
+                    await self.sweep()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning("sweeping below the checkpoints failed: %s", exc)
+
+    async def sweep(self) -> int:
+        """Reads each held shard from where the last sweep stopped up to its checkpoint, and
+        fires the live rows found there (see the module docstring); returns how many."""
+        cp = self.checkpoint(self._clock.now_ms(), margin_ms=SWEEP_LAG_MS)
+        checkpoints = {shard: min(cp, self._catching_up.get(shard, cp)) for shard in self._shards}
+        ranges = {shard: (self._swept_until.get(shard, cp), cp) for shard, cp in checkpoints.items()}
+        ranges = {shard: (lo, hi) for shard, (lo, hi) in ranges.items() if lo < hi}
+        if not ranges:
+            return 0
+        shards = sorted(ranges)
+        results = await asyncio.gather(*(self._store.load_due(s, *ranges[s]) for s in shards))
+        found = 0
+        for shard, records in zip(shards, results):
+            if shard not in self._shards:
+                continue
+            self._swept_until[shard] = ranges[shard][1]
+            if records:
+                found += len(records)
+                self._admit(records)
+        if found:
+            self.swept += found
+            log.warning("found %d tasks below the checkpoints that were never loaded (an offer lost "
+                        "with the node that accepted them); firing them now", found)
+        return found
 
     async def _fire_loop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -138,7 +138,9 @@ class QueueWorker:
     def _run(self) -> None:
         stub = dispatch_pb2_grpc.DispatchStub(self._channel)
         try:
-            for response in stub.Consume(iter(self._requests.get, None)):
+            # Waits for the server: a channel to an address that just refused (a node restarting
+            # on its port) would otherwise fail at once.
+            for response in stub.Consume(iter(self._requests.get, None), wait_for_ready=True):
                 now = now_ms()
                 ids = []
                 with self._lock:

@@ -34,7 +34,7 @@ def test_a_non_numeric_variable_is_named_in_the_error():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--shards", "0"], "--shards"),
+    (["--shards", "-1"], "--shards"),
     (["--slice-ms", "3000", "--lookahead-ms", "5000"], "--slice-ms"),
     (["--max-batch", "0"], "--max-batch"),
     (["--lease-write-delay-ms", "-1"], "--lease-write-delay-ms"),

@@ -77,6 +77,9 @@ from taskwheel.task import COLUMNS, FIELDS, TERMINAL_STATES, TaskRecord, TaskSta
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+# Shards of a new keyspace, unless asked for another count: many more than nodes, so that any
+# number of nodes up to a few dozen each gets a fair share within one shard of the others'.
+DEFAULT_SHARDS = 256
 _MAX_TTL_S = 630_720_000  # Cassandra's limit: 20 years
 _IN_CHUNK = 100  # task ids per "IN ?" read
 # Lease rows per conditional batch: one Paxos round each; under batch_size_fail_threshold.
@@ -297,7 +300,7 @@ class CassandraStore(Store):
         hosts: Sequence[str] | str = ("127.0.0.1",),
         port: int | str = 9042,
         keyspace: str = "taskwheel",
-        num_shards: int | str = 16,
+        num_shards: int | str = 0,
         **options: Any,
     ):
         self.hosts = [hosts] if isinstance(hosts, str) else list(hosts)
@@ -305,9 +308,10 @@ class CassandraStore(Store):
         if not keyspace.replace("_", "").isalnum() or keyspace[0].isdigit():
             raise ValueError(f"keyspace name {keyspace!r}: letters, digits and _ only")
         self.keyspace = keyspace
-        self.num_shards = int(num_shards)
-        if self.num_shards < 1:
-            raise ValueError(f"num_shards must be at least 1, not {self.num_shards}")
+        self._asked_shards = int(num_shards)
+        if self._asked_shards < 0:
+            raise ValueError(f"num_shards must be at least 1 (or 0: the keyspace's), not {num_shards}")
+        self.num_shards = self._asked_shards or DEFAULT_SHARDS
         self.options = CassandraOptions.from_options(options)
         o = self.options
         self._cl = {
@@ -403,6 +407,8 @@ class CassandraStore(Store):
         if row[0]:
             return created_ms
         _, _, created_ms, num_shards, schema_version = row
+        if not self._asked_shards:
+            self.num_shards = num_shards
         if num_shards != self.num_shards:
             raise ValueError(
                 f"keyspace {self.keyspace} was created with {num_shards} shards, but this store "

@@ -121,6 +121,7 @@ from taskwheel.task import TERMINAL_STATES, TaskRecord, TaskState
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
+DEFAULT_SHARDS = 16  # of a new file, unless asked for another count: one node owns them all
 _MIN_SQLITE = (3, 38, 0)  # JSON functions built in by default; UPDATE ... FROM since 3.33
 # The promoter moves a far bucket into ``due`` once it starts less than this ahead of the
 # clock: well before the timer reads it (lookahead_ms, seconds), with time to spare for a
@@ -155,7 +156,8 @@ def _last(row: tuple) -> Any:
 class SqliteStore(Store):
     """The embedded store. ``path`` is the database file (created with its directory if missing).
 
-    ``num_shards`` is fixed when the file is created; opening it with another count fails.
+    ``num_shards`` is fixed when the file is created (0: the file's count, 16 for a new
+    file); opening it with another count fails.
     ``synchronous``: "normal" (survives process crashes) or "full"/"extra" (also power loss).
     ``busy_timeout_ms``: how long a write waits for another process's write before failing.
     ``purge_every_s``: how often saving checkpoints also starts a purge of dead due rows
@@ -173,7 +175,7 @@ class SqliteStore(Store):
     def __init__(
         self,
         path: str | os.PathLike[str],
-        num_shards: int | str = 16,
+        num_shards: int | str = 0,
         synchronous: str = "normal",
         busy_timeout_ms: int | str = 5_000,
         purge_every_s: float | str = 60.0,
@@ -193,9 +195,10 @@ class SqliteStore(Store):
                 f"(json_each, UPDATE ... FROM); this Python links SQLite {sqlite3.sqlite_version}"
             )
         self.path = os.fspath(path)
-        self.num_shards = int(num_shards)
-        if self.num_shards < 1:
-            raise ValueError(f"num_shards must be at least 1, not {self.num_shards}")
+        self.num_shards = self._asked_shards = int(num_shards) or DEFAULT_SHARDS
+        if int(num_shards) < 0:
+            raise ValueError(f"num_shards must be at least 1 (or 0: the file's), not {num_shards}")
+        self._asked_shards = int(num_shards)
         self.synchronous = str(synchronous).lower()
         if self.synchronous not in _SYNCHRONOUS:
             raise ValueError(
@@ -315,6 +318,8 @@ class SqliteStore(Store):
         try:
             with transaction(conn):
                 meta = create_or_upgrade(conn, self.num_shards)
+            if not self._asked_shards:
+                self.num_shards = meta["num_shards"]
             if meta["num_shards"] != self.num_shards:
                 raise ValueError(
                     f"{self.path} was created with {meta['num_shards']} shards, but this store "

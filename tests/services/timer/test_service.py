@@ -511,3 +511,30 @@ async def test_a_cancelled_hand_over_retry_stops_and_releases_its_batch(tmp_path
     await clock.advance(10_000)
     assert len(dispatch.handed_at) == 2
     assert (timer._unconfirmed, timer._unconfirmed_count) == ({}, 0)
+
+
+async def test_a_task_no_offer_brought_into_the_loaded_window_fires_from_the_sweep(tmp_path):
+    # Another node's ingest accepted it and died before offering it: the loader had read its
+    # slice already, so only the sweep below the checkpoint finds it.
+    from taskwheel.stores.base import Member
+    from taskwheel.timer.servicer import SWEEP_EVERY_MS, SWEEP_LAG_MS
+
+    store = SqliteStore(str(tmp_path / "t.db"), num_shards=SHARDS)
+    await store.open()
+    await store.heartbeat(Member("other", "127.0.0.1:2", frozenset({"ingest"}), frozenset(), 0, 2**62))
+    clock = FakeClock(now_ms())
+    dispatch = RecordingDispatch()
+    cfg = config(checkpoint_margin_ms=1_000)
+    timer = TimerService(cfg, store, dispatch, clock)
+    await timer.start()
+    owner = await joined(timer, store, clock, cfg)
+    await until_loaded(timer, clock, clock.now_ms() + 1_000)
+    lost = task("lost".ljust(28, "0"), clock.now_ms() + 500)
+    await store.insert([lost])
+    await clock.run_for(1_000)
+    assert dispatch.fired == []  # due, but never loaded
+    await clock.run_for(SWEEP_LAG_MS + SWEEP_EVERY_MS)
+    await leave(owner, timer, clock)
+    await store.close()
+    assert [t for t, _, _ in dispatch.fired] == [lost.task_id]
+    assert timer.swept == 1

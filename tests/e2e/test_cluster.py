@@ -1,0 +1,292 @@
+"""Several taskwheel nodes on one Cassandra keyspace: one cluster, with no flag but the store.
+
+Real `taskwheel up` processes on loopback ports, a real Cassandra, a steady load submitted
+through the nodes and workers on plain gRPC streams. Each test counts every delivery of every
+accepted task: none lost, none early, and none twice unless a fault can explain it."""
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import threading
+import time
+import uuid
+
+import grpc
+import pytest
+
+from taskwheel.internal.v1 import timer_pb2, timer_pb2_grpc
+from taskwheel.v1 import ingest_pb2
+from tests.e2e.harness import QueueWorker, ServerProcess, free_port, ingest, now_ms, spec
+
+pytestmark = [pytest.mark.slow, pytest.mark.cassandra]
+
+SHARDS = 32
+LEASE_MS = 5_000  # the shard leases' default lapse
+TASK_LEASE_MS = 2_000  # a delivery's lease: an unacked task comes back this soon
+
+
+class Node:
+    """One `taskwheel up` on the shared keyspace; restarts on the same port, as a new node."""
+
+    def __init__(self, store: str, directory, name: str):
+        self.name = name
+        self.port = free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        os.makedirs(directory / name, exist_ok=True)
+        self.process = ServerProcess(
+            ["up", "--store", store, "--listen", self.target, "--data-dir", str(directory / name)],
+            str(directory / f"{name}.log"))
+
+    def start(self) -> "Node":
+        self.process.start(timeout=60)
+        return self
+
+    def kill(self) -> None:
+        self.process.kill()
+
+    def stop(self) -> None:
+        self.process.stop()
+
+    def signal(self, sig) -> None:
+        self.process.proc.send_signal(sig)
+
+    def shards(self) -> int:
+        """Shards its timer holds now; -1 when it does not answer."""
+        try:
+            with grpc.insecure_channel(self.target) as channel:
+                status = timer_pb2_grpc.TimerStub(channel).Status(timer_pb2.TimerStatusRequest(), timeout=2)
+            return status.shards
+        except grpc.RpcError:
+            return -1
+
+
+@pytest.fixture
+def keyspace_url(cassandra_contact):
+    host, port = cassandra_contact
+    return f"cassandra://{host}:{port}/cluster_{uuid.uuid4().hex[:10]}?shards={SHARDS}"
+
+
+@pytest.fixture
+def nodes(keyspace_url, tmp_path):
+    made: list[Node] = []
+
+    def start(count: int) -> list[Node]:
+        new = [Node(keyspace_url, tmp_path, f"node{len(made) + i}") for i in range(count)]
+        for node in new:
+            node.start()
+            made.append(node)
+        return new
+
+    yield start
+    for node in made:
+        try:
+            node.signal(signal.SIGCONT)
+        except Exception:
+            pass
+        node.stop()
+
+
+def wait_until(condition, timeout: float, every: float = 0.2) -> float:
+    """Seconds it took for condition() to hold; AssertionError past timeout."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"not within {timeout} s")
+        time.sleep(every)
+    return time.monotonic() - started
+
+
+def balanced(live: list[Node]) -> bool:
+    held = [node.shards() for node in live]
+    return sum(held) == SHARDS and max(held) - min(held) <= 1
+
+
+class Load:
+    """Submits ``rate`` tasks/s (in batches every 100 ms), each due 1-2 s after its submit,
+    through the nodes in turn; remembers every task a node accepted."""
+
+    def __init__(self, targets: list[str], queue: str, rate: int):
+        self.targets = list(targets)
+        self.queue = queue
+        self.per_batch = max(1, rate // 10)
+        self.accepted: dict[str, int] = {}  # task id -> fire_at_ms
+        self.refused = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "Load":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        stubs = {target: ingest(target) for target in self.targets}
+        turn = 0
+        while not self._stop.is_set():
+            started = time.monotonic()
+            now = now_ms()
+            specs = [spec(self.queue, fire_at_ms=now + 1_000 + (i * 1_000) // self.per_batch,
+                          lease={"seconds": TASK_LEASE_MS // 1000}) for i in range(self.per_batch)]
+            target = self.targets[turn % len(self.targets)]
+            turn += 1
+            try:
+                results = stubs[target].Submit(ingest_pb2.SubmitRequest(tasks=specs), timeout=5).results
+                for s, r in zip(specs, results):
+                    self.accepted[r.task_id] = s.fire_at.seconds * 1000 + s.fire_at.nanos // 1_000_000
+            except grpc.RpcError:
+                self.refused += len(specs)  # nothing of a failed call counts as accepted
+            time.sleep(max(0.0, 0.1 - (time.monotonic() - started)))
+
+
+def deliveries(workers: list[QueueWorker]) -> dict[str, list]:
+    got = collections.defaultdict(list)
+    for worker in workers:
+        for r in worker.snapshot():
+            got[r.task_id].append(r)
+    return got
+
+
+def wait_delivered(workers: list[QueueWorker], accepted: dict[str, int], timeout: float) -> dict[str, list]:
+    """Every delivery once all accepted tasks have one, or after ``timeout`` s (the caller's
+    assertions then say what is missing)."""
+    try:
+        wait_until(lambda: set(accepted) <= set(deliveries(workers)), timeout, every=0.5)
+    except AssertionError:
+        return deliveries(workers)
+    time.sleep(1.0)  # a duplicate would arrive now
+    return deliveries(workers)
+
+
+def missing(keyspace_url: str, got: dict, accepted: dict[str, int]) -> str:
+    """What the store says of the accepted tasks never delivered, for an assertion's message."""
+    from cassandra.cluster import Cluster
+
+    lost = sorted(set(accepted) - set(got))
+    if not lost:
+        return "none missing"
+    host_port, keyspace = keyspace_url.split("://")[1].split("?")[0].split("/")
+    host, port = host_port.split(":")
+    cluster = Cluster([host], port=int(port))
+    try:
+        session = cluster.connect(keyspace)
+        rows = [session.execute("SELECT task_id, shard, state, gen, attempt, due_ms FROM tasks WHERE task_id = %s",
+                                (t,)).one() for t in lost[:10]]
+        leases = {r.shard: (r.owner, r.epoch, r.checkpoint_ms) for r in session.execute(
+            "SELECT shard, owner, epoch, checkpoint_ms FROM shard_leases WHERE p = 0")}
+    finally:
+        cluster.shutdown()
+    now = now_ms()
+    return (f"{len(lost)} of {len(accepted)} never delivered; first ones (due - now ms): "
+            + "; ".join(f"{r.task_id} shard {r.shard} state {r.state} gen {r.gen} attempt {r.attempt} "
+                        f"due {r.due_ms - now} lease {leases.get(r.shard)}" if r else "no row" for r in rows))
+
+
+def test_three_nodes_share_the_shards_and_deliver_each_task_once_to_a_worker_on_another_node(nodes):
+    a, b, c = nodes(3)
+    wait_until(lambda: balanced([a, b, c]), timeout=15)
+    with QueueWorker(c.target, "spread") as worker, Load([a.target], "spread", rate=800) as load:
+        time.sleep(6)
+        load.stop()
+        got = wait_delivered([worker], load.accepted, timeout=30)
+    assert len(load.accepted) >= 1_500 and load.refused == 0
+    assert set(got) == set(load.accepted)  # every task, from every shard, through node c
+    assert [t for t, rs in got.items() if len(rs) > 1] == []
+    assert all(r.received_ms >= load.accepted[t] for t, rs in got.items() for r in rs)
+
+
+def test_with_a_worker_on_every_node_each_task_is_still_delivered_once(nodes):
+    live = nodes(3)
+    wait_until(lambda: balanced(live), timeout=15)
+    workers = [QueueWorker(node.target, "everywhere").__enter__() for node in live]
+    try:
+        with Load([node.target for node in live], "everywhere", rate=800) as load:
+            time.sleep(6)
+        got = wait_delivered(workers, load.accepted, timeout=30)
+    finally:
+        for worker in workers:
+            worker.__exit__(None, None, None)
+    assert set(got) == set(load.accepted)
+    assert [t for t, rs in got.items() if len(rs) > 1] == []
+    assert all(worker.snapshot() for worker in workers)  # each node delivered its own share
+
+
+def test_a_joining_node_gets_its_share_within_10s_with_nothing_lost_or_repeated(nodes):
+    a, b = nodes(2)
+    wait_until(lambda: balanced([a, b]), timeout=15)
+    with QueueWorker(a.target, "join") as worker, Load([a.target, b.target], "join", rate=800) as load:
+        time.sleep(2)
+        (c,) = nodes(1)
+        took = wait_until(lambda: balanced([a, b, c]), timeout=10)
+        time.sleep(3)
+        load.stop()
+        got = wait_delivered([worker], load.accepted, timeout=30)
+    assert took <= 10
+    assert set(got) == set(load.accepted)
+    assert [t for t, rs in got.items() if len(rs) > 1] == []  # a handoff fires nothing twice
+
+
+def test_ten_kills_of_nodes_under_load_lose_nothing_and_the_survivors_take_the_shards_within_10s(nodes, keyspace_url):
+    live = nodes(3)
+    wait_until(lambda: balanced(live), timeout=15)
+    workers = {node.name: QueueWorker(node.target, "kills").__enter__() for node in live}
+    retired: list[QueueWorker] = []
+    failovers = []
+    try:
+        with Load([node.target for node in live], "kills", rate=300) as load:
+            for kill in range(10):
+                time.sleep(0.5 + (kill % 3) * 0.4)  # at varying moments of the load
+                victim = live[kill % 3]
+                victim.kill()
+                retired.append(workers.pop(victim.name))
+                survivors = [node for node in live if node is not victim]
+                failovers.append(wait_until(lambda: sum(max(0, n.shards()) for n in survivors) == SHARDS,
+                                            timeout=15))
+                victim.start()
+                workers[victim.name] = QueueWorker(victim.target, "kills").__enter__()
+                wait_until(lambda: balanced(live), timeout=15)
+        everyone = list(workers.values()) + retired
+        got = wait_delivered(everyone, load.accepted, timeout=60)
+    finally:
+        for worker in list(workers.values()) + retired:
+            worker.__exit__(None, None, None)
+    assert len(load.accepted) > 1_000
+    assert set(got) - set(load.accepted) <= set(got)  # refused submits may still have been written
+    assert set(load.accepted) <= set(got), missing(keyspace_url, got, load.accepted)  # every accepted task delivered
+    assert max(failovers) <= 10, failovers
+    # None later than a delivery's lease + the lookahead + the failover (and the 1-2 s of
+    # lateness a loaded 2-core machine adds to everything).
+    bound_ms = TASK_LEASE_MS + 5_000 + max(failovers) * 1000 + 2_000
+    # (An offer lost with a killed node is found by the owner's sweep: see docs/design.md.)
+    late = [min(r.received_ms for r in got[t]) - due for t, due in load.accepted.items()]
+    repeats = sum(1 for rs in got.values() if len(rs) > 1)
+    print(f"kills: {len(load.accepted)} accepted, {repeats} delivered more than once, failovers {failovers} s, "
+          f"latest {max(late)} ms")
+    assert max(late) <= bound_ms, (max(late), bound_ms)
+
+
+def test_a_node_stopped_past_its_lease_stops_firing_when_it_wakes_and_loses_nothing(nodes):
+    a, b, c = nodes(3)
+    wait_until(lambda: balanced([a, b, c]), timeout=15)
+    with QueueWorker(a.target, "pause") as worker, Load([a.target], "pause", rate=500) as load:
+        time.sleep(2)
+        c.signal(signal.SIGSTOP)
+        wait_until(lambda: a.shards() + b.shards() == SHARDS, timeout=15)
+        time.sleep(1)
+        c.signal(signal.SIGCONT)
+        # Within one renewal of waking it learns it holds nothing.
+        wait_until(lambda: c.shards() in (0, -1) or balanced([a, b, c]), timeout=5)
+        time.sleep(3)
+        load.stop()
+        got = wait_delivered([worker], load.accepted, timeout=30)
+    assert set(got) == set(load.accepted)
+    repeats = [t for t, rs in got.items() if len(rs) > 1]
+    # The documented bound (docs/design.md, "The cluster"): only tasks c had fired but whose
+    # lease write was not durable when it stopped, a few ms of fires.
+    assert len(repeats) <= 500 // 10, len(repeats)
