@@ -13,7 +13,10 @@ cdef class RecordShape:
     cdef readonly type kind
     cdef readonly tuple fields
     cdef readonly Py_ssize_t count
-    cdef Py_ssize_t *offsets  # of each field's slot in an instance, in field order
+    cdef Py_ssize_t total  # count, plus the slots given defaults
+    cdef tuple names  # fields, then the slots given defaults
+    cdef tuple default_values  # of those slots, in order
+    cdef Py_ssize_t *offsets  # of each slot in an instance: fields in order, then the defaulted
     cdef list converters
 
     cdef object new_instance(self)

@@ -76,17 +76,23 @@ cdef class RecordShape:
     the state and headers converted on the way, cost 2.2 us of the store's reader thread per
     row, holding the GIL the event loop needs; filling the slots from C costs a fraction.
 
-    ``fields`` names every slot of ``kind``, in the order values come. ``converters``, one per
-    field (None: the value as it is), is a dict (the value becomes ``converter[value]``) or a
-    callable (``converter(value)``). Refused: a class with its own ``__new__`` or
-    ``__post_init__``, a field that is not a writable object slot, or a slot left out, since
-    a slot never set would raise AttributeError when read.
+    ``fields`` names the slots of ``kind`` whose values come, in their order; ``defaults``
+    maps each other slot to the value every new instance starts with (immutable values only:
+    every instance shares it). ``converters``, one per field (None: the value as it is), is a
+    dict (the value becomes ``converter[value]``) or a callable (``converter(value)``).
+    Refused: a class with its own ``__new__`` or ``__post_init__``, a field that is not a
+    writable object slot, or a slot neither named nor defaulted, since a slot never set would
+    raise AttributeError when read.
     """
 
-    def __cinit__(self, type kind, fields, converters=None):
-        names = tuple(fields)
-        self.count = len(names)
-        self.offsets = <Py_ssize_t *>malloc(max(self.count, 1) * sizeof(Py_ssize_t))
+    def __cinit__(self, type kind, fields, converters=None, defaults=None):
+        defaults = dict(defaults or {})
+        self.count = len(tuple(fields))
+        names = tuple(fields) + tuple(defaults)
+        self.total = len(names)
+        self.names = names
+        self.default_values = tuple(defaults.values())
+        self.offsets = <Py_ssize_t *>malloc(max(self.total, 1) * sizeof(Py_ssize_t))
         if self.offsets == NULL:
             raise MemoryError()
         if kind.__new__ is not object.__new__ or hasattr(kind, "__post_init__"):
@@ -95,8 +101,8 @@ cdef class RecordShape:
         for klass in kind.__mro__:
             declared = klass.__dict__.get("__slots__", ())
             slots.update((declared,) if isinstance(declared, str) else declared)
-        if set(names) != slots or len(set(names)) != self.count:
-            raise TypeError(f"fields must name each slot of {kind.__name__} once: {sorted(slots)}")
+        if set(names) != slots or len(set(names)) != self.total:
+            raise TypeError(f"fields and defaults must name each slot of {kind.__name__} once: {sorted(slots)}")
         cdef PyMemberDef *member
         for i, name in enumerate(names):
             descriptor = getattr(kind, name)
@@ -113,7 +119,7 @@ cdef class RecordShape:
             if converter is not None and not isinstance(converter, dict) and not callable(converter):
                 raise TypeError(f"the converter of {name} is neither a dict nor callable")
         self.kind = kind
-        self.fields = names
+        self.fields = names[:self.count]
         self.converters = converters
 
     def __dealloc__(self):
@@ -122,6 +128,13 @@ cdef class RecordShape:
     cdef object new_instance(self):
         obj = PyType_GenericAlloc(<PyTypeObject *>self.kind, 0)
         PyObject_GC_UnTrack(<PyObject *>obj)
+        cdef Py_ssize_t i
+        cdef PyObject **slot
+        for i in range(self.count, self.total):
+            value = self.default_values[i - self.count]
+            slot = <PyObject **>((<char *><PyObject *>obj) + self.offsets[i])
+            Py_INCREF(value)
+            slot[0] = <PyObject *>value
         return obj
 
     cdef int put(self, object obj, Py_ssize_t i, object value) except -1:
@@ -140,7 +153,7 @@ cdef class RecordShape:
         the type whose instances have them there (``read_field``'s ``kind``, held by self)."""
         for i, name in enumerate(names):
             try:
-                offsets[i] = self.offsets[self.fields.index(name)]
+                offsets[i] = self.offsets[self.names.index(name)]
             except ValueError:
                 raise ValueError(f"{self.kind.__name__} has no field {name!r}") from None
         return <PyObject *>self.kind
@@ -159,14 +172,15 @@ cdef class RecordShape:
         out of the cyclic GC's view: what ``copy.copy`` does, without its generic protocol."""
         if type(obj) is not self.kind:
             raise TypeError(f"copy takes a {self.kind.__name__}, not {type(obj).__name__}")
-        new = self.new_instance()
+        new = PyType_GenericAlloc(<PyTypeObject *>self.kind, 0)
+        PyObject_GC_UnTrack(<PyObject *>new)
         cdef Py_ssize_t i
         cdef PyObject **src
         cdef PyObject **dst
-        for i in range(self.count):
+        for i in range(self.total):
             src = <PyObject **>((<char *><PyObject *>obj) + self.offsets[i])
             if src[0] == NULL:
-                raise AttributeError(f"{self.kind.__name__}.{self.fields[i]} is not set")
+                raise AttributeError(f"{self.kind.__name__}.{self.names[i]} is not set")
             dst = <PyObject **>((<char *><PyObject *>new) + self.offsets[i])
             Py_INCREF(<object>src[0])
             dst[0] = src[0]

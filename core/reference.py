@@ -169,8 +169,10 @@ class ReferenceBatcher:
 class ReferenceRecordShape:
     """RecordShape in Python: the same checks, slots set with setattr."""
 
-    def __init__(self, kind: type, fields: Iterable[str], converters: Any = None) -> None:
-        names = tuple(fields)
+    def __init__(self, kind: type, fields: Iterable[str], converters: Any = None,
+                 defaults: Any = None) -> None:
+        self._defaults = dict(defaults or {})
+        names = tuple(fields) + tuple(self._defaults)
         if getattr(kind, "__new__") is not object.__new__ or hasattr(kind, "__post_init__"):
             raise TypeError(f"{kind.__name__} has its own __new__ or __post_init__: call it instead")
         slots: set[str] = set()
@@ -178,7 +180,9 @@ class ReferenceRecordShape:
             declared = klass.__dict__.get("__slots__", ())
             slots.update((declared,) if isinstance(declared, str) else declared)
         if set(names) != slots or len(set(names)) != len(names):
-            raise TypeError(f"fields must name each slot of {kind.__name__} once: {sorted(slots)}")
+            raise TypeError(f"fields and defaults must name each slot of {kind.__name__} once: "
+                            f"{sorted(slots)}")
+        names = names[:len(names) - len(self._defaults)]
         for name in names:
             if type(getattr(kind, name)).__name__ != "member_descriptor":
                 raise TypeError(f"{kind.__name__}.{name} is not a slot")
@@ -193,12 +197,17 @@ class ReferenceRecordShape:
     def copy(self, obj: Any) -> Any:
         if type(obj) is not self.kind:
             raise TypeError(f"copy takes a {self.kind.__name__}, not {type(obj).__name__}")
-        return self.build([getattr(obj, name) for name in self.fields])
+        new = self.build([getattr(obj, name) for name in self.fields])
+        for name in self._defaults:
+            setattr(new, name, getattr(obj, name))
+        return new
 
     def build(self, values: Any) -> Any:
         if len(values) != self.count:
             raise ValueError(f"{len(values)} values for {self.count} fields")
         obj: Any = object.__new__(self.kind)
+        for name, value in self._defaults.items():
+            setattr(obj, name, value)
         for name, converter, value in zip(self.fields, self._converters, values):
             if converter is not None:
                 value = converter[value] if type(converter) is dict else converter(value)

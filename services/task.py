@@ -44,6 +44,12 @@ def _column(sql: str, cql: str, *, in_due_task: bool = True, **default: Any) -> 
     return field(metadata={"column": Column(sql, cql, in_due_task)}, **default)
 
 
+def _firing(**default: Any) -> Any:
+    """A field of one firing of a task, set by the timer that fired it: never stored, carried
+    to dispatch in DueTask and to the worker in its Delivery."""
+    return field(metadata={"firing": True}, **default)
+
+
 @dataclass(slots=True)
 class TaskRecord:
     """A task as stored: its by-id row, and equally its current due row."""
@@ -66,16 +72,24 @@ class TaskRecord:
     created_ms: int = _column("INTEGER", "bigint", in_due_task=False, default=0)
     updated_ms: int = _column("INTEGER", "bigint", in_due_task=False, default=0)
     last_error: str = _column("TEXT", "text", in_due_task=False, default="")
+    # The epoch of the shard's lease under which its timer fired it (0: not fired yet).
+    owner_epoch: int = _firing(default=0)
+    # The firing may repeat an earlier delivery: a lease that ran out, or a row fired again by
+    # a new owner of its shard that the previous one did not hand over.
+    redelivered: bool = _firing(default=False)
 
 
-FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TaskRecord))
-COLUMNS: dict[str, Column] = {f.name: f.metadata["column"] for f in dataclasses.fields(TaskRecord)}
+# The stored fields (the columns), and the fields of a firing with what a record starts with.
+FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TaskRecord) if "column" in f.metadata)
+COLUMNS: dict[str, Column] = {f.name: f.metadata["column"] for f in dataclasses.fields(TaskRecord)
+                              if "column" in f.metadata}
+FIRING: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(TaskRecord) if "firing" in f.metadata}
 # The fields a fired task carries to dispatch (DueTask), in declaration order.
-DUE_TASK_FIELDS: tuple[str, ...] = tuple(name for name in FIELDS if COLUMNS[name].in_due_task)
+DUE_TASK_FIELDS: tuple[str, ...] = tuple(name for name in FIELDS if COLUMNS[name].in_due_task) + tuple(FIRING)
 
 # For the compiled loops that read or build records: a TaskRecord's fields are read from their
 # slots (one load each) instead of by getattr from C (a generic lookup each).
-TASK_RECORD_SLOTS = RecordShape(TaskRecord, FIELDS)
+TASK_RECORD_SLOTS = RecordShape(TaskRecord, FIELDS + tuple(FIRING))
 
 
 def untracked(records: list[TaskRecord]) -> list[TaskRecord]:

@@ -230,7 +230,7 @@ class Delivery:
     """One fired task handed to a worker's handler. ``message`` is the taskwheel.v1.Delivery."""
 
     __slots__ = ("message", "task_id", "delivery_id", "queue", "payload", "attempt",
-                 "max_attempts", "headers", "traceparent")
+                 "max_attempts", "headers", "traceparent", "redelivered", "owner_epoch")
 
     def __init__(self, message: task_pb2.Delivery):
         self.message = message
@@ -242,6 +242,9 @@ class Delivery:
         self.max_attempts = message.max_attempts
         self.headers = dict(message.headers)
         self.traceparent = message.traceparent
+        # May repeat an earlier delivery of this task (see taskwheel.v1.Delivery.redelivered).
+        self.redelivered = message.redelivered
+        self.owner_epoch = message.owner_epoch
 
     @property
     def fire_at(self) -> datetime | None:

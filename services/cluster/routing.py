@@ -260,6 +260,9 @@ class DispatchRouter:
                 raise
             log.warning("pushing %d fired tasks to %s failed, keeping them here: %s", len(records), address,
                         exc.details())
+            # It may have delivered some before it failed: what this node delivers now says so.
+            for r in records:
+                r.redelivered = True
             await self._local.hand_over(records, fired_at_ms)
 
 

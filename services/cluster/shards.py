@@ -55,9 +55,10 @@ class ShardHolder(Protocol):
         before suspect_until[s] may have been fired by the previous owner, which did not hand
         the shard over cleanly: its delivery is flagged as a possible repeat."""
 
-    async def give_up(self, shards: set[int]) -> dict[int, int]:
+    async def give_up(self, shards: set[int]) -> dict[int, int] | None:
         """Stops firing these shards, waits until what was fired of them is leased or held, and
-        returns their checkpoints."""
+        returns their checkpoints; None if that took too long (then they are not clean to
+        hand over)."""
 
     def lose(self, shards: set[int]) -> None:
         """Stops firing these shards at once: another node owns them."""
@@ -254,25 +255,38 @@ class ShardOwner:
             previous = before[lease.shard]
             if previous.owner:
                 # Not released: its owner crashed, or stopped answering, or is this node's earlier
-                # life. It may have fired rows up to when its lease ran out (or up to now).
-                suspect[lease.shard] = min(sent, previous.expires_ms) if previous.owner != self.node_id else sent
+                # life. It fired rows only while its clock was a renewal interval short of its
+                # lease's end (an earlier life of this node: up to now, at the most).
+                stopped = previous.expires_ms - self._config.shard_renew_ms
+                suspect[lease.shard] = min(sent, stopped) if previous.owner != self.node_id else sent
         for lease in taken:
             self.held[lease.shard] = lease
         if len(self.held) == len(taken):
             # The first shards held: until now there was nothing to fire. Shards taken later
             # are valid at least as long as the ones held already.
             self._timer.fire_until(self._valid_until(sent))
-        log.info("took %d shards (%d now)%s", len(taken), len(self.held),
-                 f", {len(suspect)} from owners that did not hand them over" if suspect else "")
+        log.info("took %d shards (%d now)%s: %s", len(taken), len(self.held),
+                 f", {len(suspect)} from owners that did not hand them over" if suspect else "",
+                 " ".join(f"{lease.shard}@{lease.epoch}" + (f"<{suspect[lease.shard]}" if lease.shard in suspect else "")
+                          for lease in taken))
         await self._timer.take(taken, suspect)
 
     async def _hand_over(self, shards: set[int]) -> None:
         assert self._timer is not None
         checkpoints = await self._timer.give_up(shards)
+        if checkpoints is None:
+            # Not drained: released now, the next owner would take them as if handed over
+            # cleanly and fire again, unflagged, what this node delivered without a durable
+            # lease. Unrenewed, they lapse, and it takes them as from a node that died.
+            for shard in shards:
+                del self.held[shard]
+            log.warning("%d shards not drained in time: left to lapse instead of handed over", len(shards))
+            return
         held = {shard: (self.held[shard].epoch, max(self.held[shard].checkpoint_ms, checkpoints[shard]))
                 for shard in shards}
         for shard in shards:
             del self.held[shard]
         released = await self._store.release_shards(self.node_id, held)
         self.handed_over += len(released)
-        log.info("handed %d shards over (%d now)", len(released), len(self.held))
+        log.info("handed %d shards over (%d now): %s", len(released), len(self.held),
+                 " ".join(f"{shard}@{held[shard][0]}:{held[shard][1]}" for shard in sorted(released)))

@@ -16,5 +16,7 @@ cdef enum:
     TAG_FIRED_AT = 0x4A         # 9
     TAG_LEASE_EXPIRES_AT = 0x52  # 10
     TAG_TRACEPARENT = 0x5A      # 11
+    TAG_REDELIVERED = 0x60      # 12, a varint
+    TAG_OWNER_EPOCH = 0x68      # 13, a varint
     TAG_MAP_KEY = 0x0A          # a map entry's key = 1
     TAG_MAP_VALUE = 0x12        # and value = 2

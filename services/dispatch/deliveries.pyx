@@ -38,7 +38,7 @@ cdef extern from "Python.h":
     const char *PyUnicode_AsUTF8AndSize(object s, Py_ssize_t *size) except NULL
 
 _RECORD_FIELDS = ("task_id", "queue", "traceparent", "payload", "fire_at_ms", "attempt", "max_attempts",
-                  "headers")
+                  "headers", "redelivered", "owner_epoch")
 
 
 cdef inline const char *_utf8(object s, Py_ssize_t *n, str name) except NULL:
@@ -58,8 +58,9 @@ def encode_deliveries(list sent, list traceparents=None, RecordShape record=None
     """The bytes of one taskwheel.v1.ConsumeResponse holding a delivery per item of ``sent``.
 
     Each item has ``record`` (with ``task_id``, ``queue``, ``payload``, ``fire_at_ms``,
-    ``attempt``, ``max_attempts``, ``headers`` (a dict of str) and ``traceparent``, as a
-    TaskRecord has), ``delivery_id``, ``fired_at`` (ms) and ``due_ms`` (the lease's expiry, ms).
+    ``attempt``, ``max_attempts``, ``headers`` (a dict of str), ``traceparent``,
+    ``redelivered`` and ``owner_epoch``, as a TaskRecord has; a delivery is flagged redelivered
+    when its record is or its attempt is above 1), ``delivery_id``, ``fired_at`` (ms) and ``due_ms`` (the lease's expiry, ms).
     ``traceparents``, when given, holds one str per item that replaces the record's.
     ``record``, a RecordShape of the records' type, has their fields read from their slots, and
     an item that is a leases.Fired has its own read from C.
@@ -81,10 +82,12 @@ def encode_deliveries(list sent, list traceparents=None, RecordShape record=None
     cdef Py_ssize_t task_id_n, delivery_id_n, queue_n, payload_n, trace_n, kn, vn, entry, size
     cdef int64_t fire_at, fired_at, expires
     cdef uint32_t attempt, max_attempts
+    cdef bint redelivered
+    cdef uint64_t owner_epoch
     cdef Fired fired
     # The slots of record's fields, in order: task_id, queue, traceparent, payload, fire_at_ms,
-    # attempt, max_attempts, headers; kind NULL: every field by getattr.
-    cdef Py_ssize_t at[8]
+    # attempt, max_attempts, headers, redelivered, owner_epoch; kind NULL: every field by getattr.
+    cdef Py_ssize_t at[10]
     cdef PyObject *kind = NULL if record is None else record.offsets_of(_RECORD_FIELDS, at)
     if traceparents is not None and len(traceparents) != n:
         raise ValueError(f"{len(traceparents)} traceparents for {n} deliveries")
@@ -123,6 +126,9 @@ def encode_deliveries(list sent, list traceparents=None, RecordShape record=None
             headers = read_field(rec, kind, at[7], "headers")
             if headers is not None and type(headers) is not dict:
                 raise TypeError(f"headers must be a dict, not {type(headers).__name__}")
+            redelivered = attempt > 1 or read_field(rec, kind, at[8], "redelivered") is True
+            value = read_field(rec, kind, at[9], "owner_epoch")
+            owner_epoch = <uint64_t>_int64(value, "owner_epoch") if value else 0
 
             size = (field_size(task_id_n) + field_size(delivery_id_n) + field_size(queue_n)
                     + field_size(payload_n) + field_size(trace_n))
@@ -132,6 +138,10 @@ def encode_deliveries(list sent, list traceparents=None, RecordShape record=None
                 size += 1 + varint_size(attempt)
             if max_attempts:
                 size += 1 + varint_size(max_attempts)
+            if redelivered:
+                size += 2
+            if owner_epoch:
+                size += 1 + varint_size(owner_epoch)
             if headers:
                 pos = 0
                 while PyDict_Next(headers, &pos, &k, &v):
@@ -165,6 +175,10 @@ def encode_deliveries(list sent, list traceparents=None, RecordShape record=None
             put_timestamp(&out, TAG_FIRED_AT, fired_at)
             put_timestamp(&out, TAG_LEASE_EXPIRES_AT, expires)
             put_field(&out, TAG_TRACEPARENT, trace, trace_n)
+            if redelivered:
+                put_tagged(&out, TAG_REDELIVERED, 1)
+            if owner_epoch:
+                put_tagged(&out, TAG_OWNER_EPOCH, owner_epoch)
         return PyBytes_FromStringAndSize(out.data, out.size)
     finally:
         PyMem_Free(out.data)

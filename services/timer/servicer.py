@@ -55,6 +55,8 @@ FIRE_TURN_MS = 2
 # (a task whose write is still in flight may be offered yet).
 SWEEP_EVERY_MS = 2_000
 SWEEP_LAG_MS = 10_000
+# How long a handoff waits for what was fired of its shards to be leased or held.
+DRAIN_MS = 10_000
 
 
 class TimerService(timer_pb2_grpc.TimerServicer):
@@ -89,8 +91,10 @@ class TimerService(timer_pb2_grpc.TimerServicer):
         self._fire_until = 0
         # Shards being loaded from their checkpoints after a take: shard -> where the load is.
         self._catching_up: dict[int, int] = {}
+        # The epoch of each shard's lease, which every firing of it carries.
+        self._epochs: dict[int, int] = {}
         # Shards taken from an owner that did not hand them over: rows due before this may have
-        # been fired by it already.
+        # been fired by it already, and their firings are flagged as possible repeats.
         self._suspect_until: dict[int, int] = {}
         # The sweep: on only when other nodes may accept tasks for these shards; per shard, how
         # far it has read.
@@ -188,6 +192,10 @@ class TimerService(timer_pb2_grpc.TimerServicer):
         bucket at a time, into the wheel (overdue rows fire at once)."""
         until = self.loaded_until_ms
         start = {lease.shard: lease.checkpoint_ms for lease in leases}
+        # Before any row of them can fire.
+        self._suspect_until.update(suspect_until)
+        for lease in leases:
+            self._epochs[lease.shard] = lease.epoch
         for shard, checkpoint in start.items():
             self._shards.add(shard)
             self._swept_until[shard] = checkpoint
@@ -216,16 +224,17 @@ class TimerService(timer_pb2_grpc.TimerServicer):
             # Not held after all: the ShardOwner's next round finds them free again.
             self.lose(set(start))
             raise
-        self._suspect_until.update(suspect_until)
 
     def lose(self, shards: set[int]) -> None:
         """Stops firing these shards at once; their timers leave the wheel."""
         self._drop(shards)
 
-    async def give_up(self, shards: set[int]) -> dict[int, int]:
-        """Stops firing these shards, waits (up to 10 s) until what was fired of them is leased
-        or held, and returns their checkpoints: below each one's unfired tasks and below any
-        slice not yet read for it."""
+    async def give_up(self, shards: set[int]) -> dict[int, int] | None:
+        """Stops firing these shards, waits (up to DRAIN_MS) until what was fired of them is
+        leased or held, and returns their checkpoints: below each one's unfired tasks and below
+        any slice not yet read for it. None when the wait ran out: a delivery may not be
+        durable yet, so the shards cannot be handed over cleanly (their leases must lapse, and
+        the next owner flag what it fires again)."""
         now = self._clock.now_ms()
         floor = min(self.loaded_until_ms, now - self._config.checkpoint_margin_ms)
         if self._loading_from_ms is not None:
@@ -234,14 +243,13 @@ class TimerService(timer_pb2_grpc.TimerServicer):
         for shard, low in self._drop(shards).items():
             checkpoints[shard] = min(checkpoints[shard], low)
         batches = set(self._unconfirmed)
-        for _ in range(1000):
+        for _ in range(DRAIN_MS // 10):
             if not batches & self._unconfirmed.keys():
-                break
+                return checkpoints
             await self._clock.sleep(0.01)
-        else:
-            low = min((self._unconfirmed[b][0] for b in batches & self._unconfirmed.keys()), default=floor)
-            checkpoints = {shard: min(cp, low) for shard, cp in checkpoints.items()}
-        return checkpoints
+        log.warning("%d fired batches still not leased or held after %d ms: leaving %d shards to lapse",
+                    len(batches & self._unconfirmed.keys()), DRAIN_MS, len(shards))
+        return None
 
     def _drop(self, shards: set[int]) -> dict[int, int]:
         """Takes these shards out of the wheel and the held set; returns each one's lowest due
@@ -251,6 +259,7 @@ class TimerService(timer_pb2_grpc.TimerServicer):
             self._catching_up.pop(shard, None)
             self._suspect_until.pop(shard, None)
             self._swept_until.pop(shard, None)
+            self._epochs.pop(shard, None)
         dropped = [r for r in self.pending.records() if r.shard in shards]
         self.pending.forget([r.task_id for r in dropped])
         lows: dict[int, int] = {}
@@ -363,6 +372,10 @@ class TimerService(timer_pb2_grpc.TimerServicer):
     async def _sweep_loop(self) -> None:
         while True:
             await self._clock.sleep(SWEEP_EVERY_MS / 1000)
+            # Rows due before a suspect time were all read by the take that set it, and fired.
+            done = self._clock.now_ms() - 60_000
+            for shard in [s for s, until in self._suspect_until.items() if until < done]:
+                del self._suspect_until[shard]
             if self.sweeping:
                 try:
                     await self.sweep()
@@ -425,9 +438,22 @@ class TimerService(timer_pb2_grpc.TimerServicer):
                 continue
             self.lag_ms = now - fired[0].due_ms
             self.fired += len(fired)
+            self._mark(fired)
             if telemetry.enabled:
                 _trace_fire(fired, now)
             self._hand_over(fired, now)
+
+    def _mark(self, fired: list[TaskRecord]) -> None:
+        """What each firing carries to the worker: the epoch of its shard's lease, and whether
+        the row may have fired under the shard's previous owner already."""
+        epochs = self._epochs
+        for r in fired:
+            r.owner_epoch = epochs.get(r.shard, 0)
+        suspect = self._suspect_until
+        if suspect:
+            for r in fired:
+                if r.due_ms < suspect.get(r.shard, 0):
+                    r.redelivered = True
 
     def _hand_over(self, fired: list[TaskRecord], fired_at: int) -> None:
         batch = self._next_batch
@@ -465,6 +491,11 @@ class TimerService(timer_pb2_grpc.TimerServicer):
         # failed is tried again after 50 ms, then after waits doubling to 2 s.
         async def hand_over() -> None:  # a coroutine function: tenacity would not await a Future
             await self._dispatch.hand_over(fired, fired_at)
+
+        # The failed hand-over may have delivered some of them (a remote dispatch that died
+        # before answering): the next delivery says it may be a repeat.
+        for r in fired:
+            r.redelivered = True
 
         try:
             await self._clock.sleep(0.05)

@@ -9,7 +9,7 @@ import pytest
 
 from taskwheel.core import RecordShape, untrack, untrack_list
 from taskwheel.core.reference import ReferenceRecordShape
-from taskwheel.task import TaskRecord, TaskState
+from taskwheel.task import FIRING, TaskRecord, TaskState
 
 
 def record(i: int = 0) -> TaskRecord:
@@ -57,7 +57,8 @@ def test_an_untracked_record_keeps_its_fields_and_is_freed_by_reference_counting
 
 # -- RecordShape: records built from column values without __init__ ----------------------------
 
-FIELDS = [f.name for f in dataclasses.fields(TaskRecord)]
+# The stored fields; the firing's fields (owner_epoch, redelivered) start at their defaults.
+FIELDS = [f.name for f in dataclasses.fields(TaskRecord) if f.name not in FIRING]
 VALUES = ["t1", 3, "q", b"p", 10, 11, 1, 2, 5, 4, '{"k": "v"}', "idem", 30_000, "tp", 7, 8, "err"]
 
 
@@ -69,14 +70,14 @@ def shape_cls(request):
 def test_a_shape_builds_the_record_its_constructor_would(shape_cls):
     converters = [{1: TaskState.SCHEDULED} if f == "state" else json.loads if f == "headers" else None
                   for f in FIELDS]
-    built = shape_cls(TaskRecord, FIELDS, converters).build(VALUES)
+    built = shape_cls(TaskRecord, FIELDS, converters, FIRING).build(VALUES)
     assert built == TaskRecord("t1", 3, "q", b"p", 10, 11, TaskState.SCHEDULED, 2, 5, 4, {"k": "v"},
                                "idem", 30_000, "tp", 7, 8, "err")
     assert type(built) is TaskRecord
 
 
 def test_a_built_record_is_untracked_and_freed_by_reference_counting():
-    shape = RecordShape(TaskRecord, FIELDS)
+    shape = RecordShape(TaskRecord, FIELDS, None, FIRING)
     payload = b"a payload no other object shares" * 2
     values = list(VALUES)
     values[3] = payload
@@ -93,14 +94,25 @@ def test_an_unknown_value_for_a_dict_converter_raises_key_error(shape_cls):
     values = list(VALUES)
     values[FIELDS.index("state")] = 99
     with pytest.raises(KeyError):
-        shape_cls(TaskRecord, FIELDS, converters).build(values)
+        shape_cls(TaskRecord, FIELDS, converters, FIRING).build(values)
 
 
 def test_a_shape_must_name_every_slot_once(shape_cls):
     with pytest.raises(TypeError, match="each slot"):
-        shape_cls(TaskRecord, FIELDS[:-1])
+        shape_cls(TaskRecord, FIELDS[:-1], None, FIRING)
     with pytest.raises(TypeError, match="each slot"):
-        shape_cls(TaskRecord, FIELDS + ["task_id"])
+        shape_cls(TaskRecord, FIELDS + ["task_id"], None, FIRING)
+    with pytest.raises(TypeError, match="each slot"):
+        shape_cls(TaskRecord, FIELDS)  # the firing's slots neither named nor defaulted
+
+
+def test_slots_given_defaults_start_at_them_and_a_copy_keeps_what_they_became(shape_cls):
+    shape = shape_cls(TaskRecord, FIELDS, None, {"owner_epoch": 0, "redelivered": False})
+    built = shape.build(VALUES)
+    assert (built.owner_epoch, built.redelivered) == (0, False)
+    built.owner_epoch, built.redelivered = 7, True
+    copied = shape.copy(built)
+    assert (copied.owner_epoch, copied.redelivered, copied.task_id) == (7, True, "t1")
 
 
 def test_a_class_that_builds_itself_is_refused(shape_cls):
@@ -122,8 +134,8 @@ def test_a_class_that_builds_itself_is_refused(shape_cls):
 
 def test_converters_must_be_dicts_or_callables_one_per_field(shape_cls):
     with pytest.raises(TypeError, match="converter of task_id"):
-        shape_cls(TaskRecord, FIELDS, [5] + [None] * (len(FIELDS) - 1))
+        shape_cls(TaskRecord, FIELDS, [5] + [None] * (len(FIELDS) - 1), FIRING)
     with pytest.raises(ValueError, match="converters"):
-        shape_cls(TaskRecord, FIELDS, [None])
+        shape_cls(TaskRecord, FIELDS, [None], FIRING)
     with pytest.raises(ValueError, match="values"):
-        shape_cls(TaskRecord, FIELDS).build(VALUES[:3])
+        shape_cls(TaskRecord, FIELDS, None, FIRING).build(VALUES[:3])

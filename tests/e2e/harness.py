@@ -105,6 +105,8 @@ class Received:
     fire_at_ms: int
     received_ms: int
     payload: bytes
+    redelivered: bool = False
+    owner_epoch: int = 0
 
 
 @dataclass
@@ -147,7 +149,8 @@ class QueueWorker:
                     for d in response.deliveries:
                         self.received.append(Received(
                             d.task_id, d.delivery_id, d.attempt,
-                            d.fire_at.seconds * 1000 + d.fire_at.nanos // 1_000_000, now, d.payload))
+                            d.fire_at.seconds * 1000 + d.fire_at.nanos // 1_000_000, now, d.payload,
+                            d.redelivered, d.owner_epoch))
                         ids.append(d.delivery_id)
                 if self.mode == "ack":
                     self._requests.put(dispatch_pb2.ConsumeRequest(ack=dispatch_pb2.Ack(delivery_ids=ids)))

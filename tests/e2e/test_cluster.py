@@ -6,6 +6,7 @@ accepted task: none lost, none early, and none twice unless a fault can explain 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import signal
 import threading
@@ -15,6 +16,7 @@ import uuid
 import grpc
 import pytest
 
+from taskwheel.core import shard_of
 from taskwheel.internal.v1 import timer_pb2, timer_pb2_grpc
 from taskwheel.v1 import ingest_pb2
 from tests.e2e.harness import QueueWorker, ServerProcess, free_port, ingest, now_ms, spec
@@ -199,6 +201,8 @@ def test_three_nodes_share_the_shards_and_deliver_each_task_once_to_a_worker_on_
     assert set(got) == set(load.accepted)  # every task, from every shard, through node c
     assert [t for t, rs in got.items() if len(rs) > 1] == []
     assert all(r.received_ms >= load.accepted[t] for t, rs in got.items() for r in rs)
+    assert not any(r.redelivered for rs in got.values() for r in rs)  # no fault, no flag
+    assert all(r.owner_epoch > 0 for rs in got.values() for r in rs)
 
 
 def test_with_a_worker_on_every_node_each_task_is_still_delivered_once(nodes):
@@ -232,16 +236,32 @@ def test_a_joining_node_gets_its_share_within_10s_with_nothing_lost_or_repeated(
     assert [t for t, rs in got.items() if len(rs) > 1] == []  # a handoff fires nothing twice
 
 
-def test_ten_kills_of_nodes_under_load_lose_nothing_and_the_survivors_take_the_shards_within_10s(nodes, keyspace_url):
-    live = nodes(3)
-    wait_until(lambda: balanced(live), timeout=15)
-    workers = {node.name: QueueWorker(node.target, "kills").__enter__() for node in live}
+@dataclasses.dataclass
+class Kills:
+    accepted: dict[str, int]
+    got: dict[str, list]
+    failovers: list[float]
+    keyspace_url: str
+
+
+@pytest.fixture(scope="module")
+def ten_kills(cassandra_contact, tmp_path_factory) -> Kills:
+    """Three nodes under load; ten times, one of them (each in turn, at varying moments) is
+    killed with SIGKILL, the survivors take its shards, and it starts again (a new node on the
+    same port) with a new worker. Run once for the tests below."""
+    host, port = cassandra_contact
+    url = f"cassandra://{host}:{port}/cluster_{uuid.uuid4().hex[:10]}?shards={SHARDS}"
+    directory = tmp_path_factory.mktemp("kills")
+    live = [Node(url, directory, f"node{i}").start() for i in range(3)]
+    workers: dict[str, QueueWorker] = {}
     retired: list[QueueWorker] = []
     failovers = []
     try:
+        wait_until(lambda: balanced(live), timeout=15)
+        workers = {node.name: QueueWorker(node.target, "kills").__enter__() for node in live}
         with Load([node.target for node in live], "kills", rate=300) as load:
             for kill in range(10):
-                time.sleep(0.5 + (kill % 3) * 0.4)  # at varying moments of the load
+                time.sleep(0.5 + (kill % 3) * 0.4)
                 victim = live[kill % 3]
                 victim.kill()
                 retired.append(workers.pop(victim.name))
@@ -251,24 +271,42 @@ def test_ten_kills_of_nodes_under_load_lose_nothing_and_the_survivors_take_the_s
                 victim.start()
                 workers[victim.name] = QueueWorker(victim.target, "kills").__enter__()
                 wait_until(lambda: balanced(live), timeout=15)
-        everyone = list(workers.values()) + retired
-        got = wait_delivered(everyone, load.accepted, timeout=60)
+        got = wait_delivered(list(workers.values()) + retired, load.accepted, timeout=60)
     finally:
         for worker in list(workers.values()) + retired:
             worker.__exit__(None, None, None)
-    assert len(load.accepted) > 1_000
-    assert set(got) - set(load.accepted) <= set(got)  # refused submits may still have been written
-    assert set(load.accepted) <= set(got), missing(keyspace_url, got, load.accepted)  # every accepted task delivered
-    assert max(failovers) <= 10, failovers
-    # None later than a delivery's lease + the lookahead + the failover (and the 1-2 s of
-    # lateness a loaded 2-core machine adds to everything).
-    bound_ms = TASK_LEASE_MS + 5_000 + max(failovers) * 1000 + 2_000
-    # (An offer lost with a killed node is found by the owner's sweep: see docs/design.md.)
-    late = [min(r.received_ms for r in got[t]) - due for t, due in load.accepted.items()]
+        for node in live:
+            node.stop()
     repeats = sum(1 for rs in got.values() if len(rs) > 1)
-    print(f"kills: {len(load.accepted)} accepted, {repeats} delivered more than once, failovers {failovers} s, "
-          f"latest {max(late)} ms")
+    print(f"kills: {len(load.accepted)} accepted, {repeats} delivered more than once, failovers {failovers} s")
+    return Kills(load.accepted, got, failovers, url)
+
+
+def test_ten_kills_of_nodes_under_load_lose_nothing_and_the_survivors_take_the_shards_within_10s(ten_kills):
+    accepted, got, failovers = ten_kills.accepted, ten_kills.got, ten_kills.failovers
+    assert len(accepted) > 1_000
+    assert set(accepted) <= set(got), missing(ten_kills.keyspace_url, got, accepted)  # every accepted task
+    assert max(failovers) <= 10, failovers
+    # None later than a delivery's lease + the lookahead + the failover, plus the 2 s of
+    # lateness a loaded 2-core machine adds to everything. (An offer lost with a killed node
+    # is found by its shard owner's sweep, 10-12 s late: docs/design.md, "The cluster".)
+    bound_ms = TASK_LEASE_MS + 5_000 + max(failovers) * 1000 + 2_000
+    late = [min(r.received_ms for r in got[t]) - due for t, due in accepted.items()]
     assert max(late) <= bound_ms, (max(late), bound_ms)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known gap (issue 23): under repeated kills about 2 % of the tasks were delivered again "
+    "with attempt 1 and no flag, the source not found yet"))
+def test_ten_kills_flag_every_repeat_a_worker_sees(ten_kills):
+    got = ten_kills.got
+    # Each delivery after a task's first says it may be a repeat (the first one may say so too,
+    # when it fell in a killed node's window).
+    unflagged = [t for t, rs in got.items()
+                 if any(not r.redelivered for r in sorted(rs, key=lambda r: r.received_ms)[1:])]
+    assert unflagged == [], [(t, shard_of(t, SHARDS), ten_kills.accepted.get(t),
+                              [(r.delivery_id, r.attempt, r.redelivered, r.owner_epoch, r.received_ms)
+                               for r in got[t]]) for t in unflagged[:3]]
 
 
 def test_a_node_stopped_past_its_lease_stops_firing_when_it_wakes_and_loses_nothing(nodes):

@@ -4,8 +4,8 @@ import gc
 import re
 from importlib import resources
 
-from taskwheel.task import (COLUMNS, DUE_TASK_FIELDS, FIELDS, TASK_RECORD_SLOTS, TaskRecord, TaskState, accepted,
-                            successor)
+from taskwheel.task import (COLUMNS, DUE_TASK_FIELDS, FIELDS, FIRING, TASK_RECORD_SLOTS, TaskRecord, TaskState,
+                            accepted, successor)
 from taskwheel.internal.v1 import timer_pb2
 from taskwheel.wire import due_message, record_of_due
 
@@ -14,7 +14,7 @@ def full_record() -> TaskRecord:
     return TaskRecord(task_id="t", shard=3, queue="q", payload=b"p", fire_at_ms=10, due_ms=20,
                       state=TaskState.LEASED, attempt=2, max_attempts=5, gen=7, headers={"k": "v"},
                       idempotency_key="key", lease_ms=4_000, traceparent="00-ab-cd-01", created_ms=1,
-                      updated_ms=2, last_error="boom")
+                      updated_ms=2, last_error="boom", owner_epoch=9, redelivered=True)
 
 
 def test_a_tasks_next_due_row_copies_every_field_it_does_not_change():
@@ -38,8 +38,9 @@ def test_an_accepted_record_is_scheduled_at_its_first_gen_and_attempt():
 
 
 def test_the_slots_shape_names_every_field_in_declaration_order():
-    assert TASK_RECORD_SLOTS.fields == FIELDS == tuple(f.name for f in dataclasses.fields(TaskRecord))
+    assert TASK_RECORD_SLOTS.fields == FIELDS + tuple(FIRING) == tuple(f.name for f in dataclasses.fields(TaskRecord))
     assert set(COLUMNS) == set(FIELDS)
+    assert FIRING == {"owner_epoch": 0, "redelivered": False}  # a firing's, never stored
 
 
 def test_the_due_task_message_carries_exactly_the_fields_marked_for_it():
@@ -49,7 +50,7 @@ def test_the_due_task_message_carries_exactly_the_fields_marked_for_it():
 def test_a_record_survives_the_trip_through_a_due_task():
     rec = full_record()
     back = record_of_due(timer_pb2.DueTask.FromString(due_message(rec).SerializeToString()), lambda _: 3)
-    for name in FIELDS:
+    for name in FIELDS + tuple(FIRING):
         expected = getattr(rec, name) if name in DUE_TASK_FIELDS or name == "shard" else \
             getattr(TaskRecord(task_id="", shard=0, queue="", payload=b"", fire_at_ms=0, due_ms=0), name)
         assert getattr(back, name) == expected, name

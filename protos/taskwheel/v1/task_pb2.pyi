@@ -269,6 +269,8 @@ class Delivery(_message.Message):
     FIRED_AT_FIELD_NUMBER: _builtins.int
     LEASE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
+    REDELIVERED_FIELD_NUMBER: _builtins.int
+    OWNER_EPOCH_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     delivery_id: _builtins.str
     """Names this delivery in ack/nack; a redelivery gets a new one."""
@@ -278,6 +280,16 @@ class Delivery(_message.Message):
     max_attempts: _builtins.int
     traceparent: _builtins.str
     """W3C trace context of the task's trace, for workers that continue it."""
+    redelivered: _builtins.bool
+    """This delivery may repeat an earlier one of the same task: its lease ran out (attempt > 1),
+    or the node that fired it took the task's shard from a node that stopped without handing
+    it over, and may have delivered it already (then the attempt may still be 1). A first
+    delivery never carries it. As RabbitMQ's "redelivered": a hint for idempotent handlers.
+    """
+    owner_epoch: _builtins.int
+    """Which ownership of the task's shard fired it: the epoch of the shard's lease, raised by
+    every change of owner. Of two deliveries of one task, the higher epoch is the newer owner's.
+    """
     @_builtins.property
     def fire_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -304,10 +316,12 @@ class Delivery(_message.Message):
         fired_at: _timestamp_pb2.Timestamp | None = ...,
         lease_expires_at: _timestamp_pb2.Timestamp | None = ...,
         traceparent: _builtins.str = ...,
+        redelivered: _builtins.bool = ...,
+        owner_epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["fire_at", b"fire_at", "fired_at", b"fired_at", "lease_expires_at", b"lease_expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "delivery_id", b"delivery_id", "fire_at", b"fire_at", "fired_at", b"fired_at", "headers", b"headers", "lease_expires_at", b"lease_expires_at", "max_attempts", b"max_attempts", "payload", b"payload", "queue", b"queue", "task_id", b"task_id", "traceparent", b"traceparent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "delivery_id", b"delivery_id", "fire_at", b"fire_at", "fired_at", b"fired_at", "headers", b"headers", "lease_expires_at", b"lease_expires_at", "max_attempts", b"max_attempts", "owner_epoch", b"owner_epoch", "payload", b"payload", "queue", b"queue", "redelivered", b"redelivered", "task_id", b"task_id", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

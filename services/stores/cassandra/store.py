@@ -72,7 +72,7 @@ from taskwheel.core import BUCKET_MS, RecordShape, bucket_of, group_by
 from taskwheel.stores.base import (
     AlreadyEnded, InsertOutcome, Member, ShardLease, Store, StoreUnavailable, Transition, TransitionKind,
 )
-from taskwheel.task import COLUMNS, FIELDS, TERMINAL_STATES, TaskRecord, TaskState, untracked
+from taskwheel.task import COLUMNS, FIELDS, FIRING, TERMINAL_STATES, TaskRecord, TaskState, untracked
 
 log = logging.getLogger(__name__)
 
@@ -1063,7 +1063,7 @@ def _read_as(name: str) -> Any:
 
 
 # A row of select_task or select_due as a record, built from C (core.RecordShape).
-_record = RecordShape(TaskRecord, FIELDS, [_read_as(name) for name in FIELDS]).build
+_record = RecordShape(TaskRecord, FIELDS, [_read_as(name) for name in FIELDS], FIRING).build
 
 
 __all__ = ["CassandraOptions", "CassandraStore"]

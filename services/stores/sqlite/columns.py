@@ -6,7 +6,7 @@ import json
 from typing import Any, Callable, Mapping, Sequence
 
 from taskwheel.core import RecordShape
-from taskwheel.task import COLUMNS, FIELDS, TaskRecord, TaskState
+from taskwheel.task import COLUMNS, FIELDS, FIRING, TaskRecord, TaskState
 
 TASK_COLUMNS = ", ".join(FIELDS)
 # A new task is SCHEDULED at gen 1 whatever its record says: the INSERTs write these values
@@ -61,9 +61,9 @@ insert_rows = _insert_rows_function()
 # A task's row, in FIELDS order, as its record: built without TaskRecord's Python __init__ and
 # out of the cyclic GC's view (core.RecordShape), by the compiled reader for load_due and by
 # ``record`` for the other reads. JSON_TASK_RECORD reads the rows of SELECT_DUE_JSON.
-TASK_RECORD = RecordShape(TaskRecord, FIELDS, [_READ_AS.get(name) for name in FIELDS])
+TASK_RECORD = RecordShape(TaskRecord, FIELDS, [_READ_AS.get(name) for name in FIELDS], FIRING)
 JSON_TASK_RECORD = RecordShape(
     TaskRecord, FIELDS,
-    [bytes.fromhex if name in BLOB_FIELDS else _READ_AS.get(name) for name in FIELDS],
+    [bytes.fromhex if name in BLOB_FIELDS else _READ_AS.get(name) for name in FIELDS], FIRING,
 )
 record: Callable[[Sequence[Any]], TaskRecord] = TASK_RECORD.build

@@ -29,13 +29,20 @@ def config() -> Config:
 
 
 class RecordingDispatch:
+    """Confirms at once without writing leases: a row fired stays live, as if the node died
+    before its lease was written."""
+
     def __init__(self):
         self.fired: list[tuple[str, int, int]] = []
+        self.firings: list[tuple[str, bool, int]] = []  # task id, redelivered, owner epoch
+        self.confirming = True  # False: never confirms, as a dispatch whose lease writes hang
 
     def hand_over(self, records, fired_at_ms):
         self.fired.extend((r.task_id, r.due_ms, fired_at_ms) for r in records)
+        self.firings.extend((r.task_id, r.redelivered, r.owner_epoch) for r in records)
         done = asyncio.get_running_loop().create_future()
-        done.set_result(None)
+        if self.confirming:
+            done.set_result(None)
         return done
 
 
@@ -138,6 +145,8 @@ async def test_a_joining_node_gets_its_share_by_handoff_with_nothing_fired_twice
     assert b.dispatch.fired and joined_at - start < 3_000  # b fired some of them
     assert sorted(await owners(store)) == ["a"] * 8 + ["b"] * 8
     assert a.owner.handed_over == SHARDS // 2
+    assert not any(redelivered for n in (a, b) for _, redelivered, _ in n.dispatch.firings)
+    assert {epoch for _, _, epoch in b.dispatch.firings} == {2}  # a's first epoch was 1
 
 
 async def test_a_node_that_stops_hands_every_shard_to_the_others(cluster):
@@ -160,9 +169,10 @@ async def test_the_shards_of_a_crashed_node_are_taken_once_its_leases_lapse(clus
     store, clock, node = cluster
     a, b = await node("a"), await node("b")
     await clock.run_until(lambda: len(b.timer.shards) == SHARDS // 2, limit_ms=10_000)
-    work = tasks(clock.now_ms() + 2_000, 300, 10)
+    work = tasks(clock.now_ms() + 300, 300, 10)
+    b.dispatch.confirming = False  # what b fires is never leased: it dies first
     await submit(store, work, a, b)
-    await clock.run_for(500)
+    await clock.run_for(1_000)
     b_held = set(b.timer.shards)
     await b.crash()
     crashed_at = clock.now_ms()
@@ -170,10 +180,22 @@ async def test_the_shards_of_a_crashed_node_are_taken_once_its_leases_lapse(clus
     failover_ms = clock.now_ms() - crashed_at
     assert failover_ms <= config().shard_lease_ms + 2 * config().shard_renew_ms
     await clock.run_for(4_000)
-    assert fired(a, b) == sorted(t.task_id for t in work)  # nothing lost
+    assert set(fired(a, b)) == {t.task_id for t in work}  # nothing lost
     # a took b's shards from a lapsed lease, each at an epoch above b's (2): a's third
     leases = await store.shard_leases()
     assert {(leases[s].owner, leases[s].epoch) for s in b_held} == {("a", 3)}
+    # What b fired (its leases never written here) a fires again, flagged and at a higher
+    # epoch; nothing else is flagged.
+    by_b = {t for t, _, _ in b.dispatch.firings}
+    again = [(t, redelivered, epoch) for t, redelivered, epoch in a.dispatch.firings if t in by_b]
+    assert by_b and len(again) == len(by_b)
+    assert {(redelivered, epoch) for _, redelivered, epoch in again} == {(True, 3)}
+    assert not any(redelivered for _, redelivered, _ in b.dispatch.firings)
+    # A row b never fired is flagged only if b could have: due before b would have stopped
+    # firing by itself (its last renewal's lease, less one renewal interval).
+    due = {t.task_id: t.due_ms for t in work}
+    could_until = crashed_at + config().shard_lease_ms - config().shard_renew_ms
+    assert all(due[t] < could_until for t, redelivered, _ in a.dispatch.firings if redelivered and t not in by_b)
 
 
 async def test_a_paused_node_stops_firing_before_its_leases_lapse_and_never_moves_a_checkpoint(cluster):

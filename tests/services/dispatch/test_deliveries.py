@@ -38,7 +38,8 @@ def by_protobuf(items, traceparents=None) -> dispatch_pb2.ConsumeResponse:
         d = response.deliveries.add(
             task_id=rec.task_id, delivery_id=item.delivery_id, queue=rec.queue, payload=rec.payload,
             attempt=rec.attempt, max_attempts=rec.max_attempts, headers=rec.headers,
-            traceparent=rec.traceparent if traceparents is None else traceparents[i])
+            traceparent=rec.traceparent if traceparents is None else traceparents[i],
+            redelivered=rec.redelivered or rec.attempt > 1, owner_epoch=rec.owner_epoch)
         set_ms(d.fire_at, rec.fire_at_ms)
         set_ms(d.fired_at, item.fired_at)
         set_ms(d.lease_expires_at, item.due_ms)
@@ -49,7 +50,8 @@ deliveries = st.builds(
     sent,
     st.builds(TaskRecord, task_id=TEXT, shard=st.just(0), queue=TEXT, payload=st.binary(max_size=300),
               fire_at_ms=MS, due_ms=MS, attempt=st.integers(0, 1000), max_attempts=st.integers(0, 1000),
-              headers=st.dictionaries(TEXT, TEXT, max_size=4), traceparent=TEXT),
+              headers=st.dictionaries(TEXT, TEXT, max_size=4), traceparent=TEXT,
+              redelivered=st.booleans(), owner_epoch=st.integers(0, 1 << 62)),
     TEXT, MS, MS)
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!taskwheel/internal/v1/timer.proto\x12\x15taskwheel.internal.v1\"\xa7\x02\n\x07\x44ueTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0b\n\x03gen\x18\x02 \x01(\x04\x12\x0e\n\x06\x64ue_ms\x18\x03 \x01(\x03\x12\x12\n\nfire_at_ms\x18\x04 \x01(\x03\x12\r\n\x05queue\x18\x05 \x01(\t\x12\x0f\n\x07payload\x18\x06 \x01(\x0c\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\r\x12\x14\n\x0cmax_attempts\x18\x08 \x01(\r\x12<\n\x07headers\x18\t \x03(\x0b\x32+.taskwheel.internal.v1.DueTask.HeadersEntry\x12\x13\n\x0btraceparent\x18\n \x01(\t\x12\x10\n\x08lease_ms\x18\x0b \x01(\x03\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\x0cOfferRequest\x12-\n\x05tasks\x18\x01 \x03(\x0b\x32\x1e.taskwheel.internal.v1.DueTask\"I\n\rOfferResponse\x12\r\n\x05taken\x18\x01 \x01(\r\x12\x17\n\x0floaded_until_ms\x18\x02 \x01(\x03\x12\x10\n\x08not_held\x18\x03 \x03(\r\"!\n\rForgetRequest\x12\x10\n\x08task_ids\x18\x01 \x03(\t\"#\n\x0e\x46orgetResponse\x12\x11\n\tforgotten\x18\x01 \x01(\r\"\x14\n\x12TimerStatusRequest\"\xae\x01\n\x0bTimerStatus\x12\x0f\n\x07pending\x18\x01 \x01(\x04\x12\x17\n\x0floaded_until_ms\x18\x02 \x01(\x03\x12\x15\n\rcheckpoint_ms\x18\x03 \x01(\x03\x12\r\n\x05\x66ired\x18\x04 \x01(\x04\x12\x0e\n\x06lag_ms\x18\x05 \x01(\x03\x12\x18\n\x10next_deadline_ms\x18\x06 \x01(\x03\x12\x0e\n\x06shards\x18\x07 \x01(\r\x12\x15\n\rfire_until_ms\x18\x08 \x01(\x03\x32\x8b\x02\n\x05Timer\x12R\n\x05Offer\x12#.taskwheel.internal.v1.OfferRequest\x1a$.taskwheel.internal.v1.OfferResponse\x12U\n\x06\x46orget\x12$.taskwheel.internal.v1.ForgetRequest\x1a%.taskwheel.internal.v1.ForgetResponse\x12W\n\x06Status\x12).taskwheel.internal.v1.TimerStatusRequest\x1a\".taskwheel.internal.v1.TimerStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!taskwheel/internal/v1/timer.proto\x12\x15taskwheel.internal.v1\"\xd1\x02\n\x07\x44ueTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0b\n\x03gen\x18\x02 \x01(\x04\x12\x0e\n\x06\x64ue_ms\x18\x03 \x01(\x03\x12\x12\n\nfire_at_ms\x18\x04 \x01(\x03\x12\r\n\x05queue\x18\x05 \x01(\t\x12\x0f\n\x07payload\x18\x06 \x01(\x0c\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\r\x12\x14\n\x0cmax_attempts\x18\x08 \x01(\r\x12<\n\x07headers\x18\t \x03(\x0b\x32+.taskwheel.internal.v1.DueTask.HeadersEntry\x12\x13\n\x0btraceparent\x18\n \x01(\t\x12\x10\n\x08lease_ms\x18\x0b \x01(\x03\x12\x13\n\x0bowner_epoch\x18\x0c \x01(\x04\x12\x13\n\x0bredelivered\x18\r \x01(\x08\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\x0cOfferRequest\x12-\n\x05tasks\x18\x01 \x03(\x0b\x32\x1e.taskwheel.internal.v1.DueTask\"I\n\rOfferResponse\x12\r\n\x05taken\x18\x01 \x01(\r\x12\x17\n\x0floaded_until_ms\x18\x02 \x01(\x03\x12\x10\n\x08not_held\x18\x03 \x03(\r\"!\n\rForgetRequest\x12\x10\n\x08task_ids\x18\x01 \x03(\t\"#\n\x0e\x46orgetResponse\x12\x11\n\tforgotten\x18\x01 \x01(\r\"\x14\n\x12TimerStatusRequest\"\xae\x01\n\x0bTimerStatus\x12\x0f\n\x07pending\x18\x01 \x01(\x04\x12\x17\n\x0floaded_until_ms\x18\x02 \x01(\x03\x12\x15\n\rcheckpoint_ms\x18\x03 \x01(\x03\x12\r\n\x05\x66ired\x18\x04 \x01(\x04\x12\x0e\n\x06lag_ms\x18\x05 \x01(\x03\x12\x18\n\x10next_deadline_ms\x18\x06 \x01(\x03\x12\x0e\n\x06shards\x18\x07 \x01(\r\x12\x15\n\rfire_until_ms\x18\x08 \x01(\x03\x32\x8b\x02\n\x05Timer\x12R\n\x05Offer\x12#.taskwheel.internal.v1.OfferRequest\x1a$.taskwheel.internal.v1.OfferResponse\x12U\n\x06\x46orget\x12$.taskwheel.internal.v1.ForgetRequest\x1a%.taskwheel.internal.v1.ForgetResponse\x12W\n\x06Status\x12).taskwheel.internal.v1.TimerStatusRequest\x1a\".taskwheel.internal.v1.TimerStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,21 +34,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DUETASK_HEADERSENTRY']._loaded_options = None
   _globals['_DUETASK_HEADERSENTRY']._serialized_options = b'8\001'
   _globals['_DUETASK']._serialized_start=61
-  _globals['_DUETASK']._serialized_end=356
-  _globals['_DUETASK_HEADERSENTRY']._serialized_start=310
-  _globals['_DUETASK_HEADERSENTRY']._serialized_end=356
-  _globals['_OFFERREQUEST']._serialized_start=358
-  _globals['_OFFERREQUEST']._serialized_end=419
-  _globals['_OFFERRESPONSE']._serialized_start=421
-  _globals['_OFFERRESPONSE']._serialized_end=494
-  _globals['_FORGETREQUEST']._serialized_start=496
-  _globals['_FORGETREQUEST']._serialized_end=529
-  _globals['_FORGETRESPONSE']._serialized_start=531
-  _globals['_FORGETRESPONSE']._serialized_end=566
-  _globals['_TIMERSTATUSREQUEST']._serialized_start=568
-  _globals['_TIMERSTATUSREQUEST']._serialized_end=588
-  _globals['_TIMERSTATUS']._serialized_start=591
-  _globals['_TIMERSTATUS']._serialized_end=765
-  _globals['_TIMER']._serialized_start=768
-  _globals['_TIMER']._serialized_end=1035
+  _globals['_DUETASK']._serialized_end=398
+  _globals['_DUETASK_HEADERSENTRY']._serialized_start=352
+  _globals['_DUETASK_HEADERSENTRY']._serialized_end=398
+  _globals['_OFFERREQUEST']._serialized_start=400
+  _globals['_OFFERREQUEST']._serialized_end=461
+  _globals['_OFFERRESPONSE']._serialized_start=463
+  _globals['_OFFERRESPONSE']._serialized_end=536
+  _globals['_FORGETREQUEST']._serialized_start=538
+  _globals['_FORGETREQUEST']._serialized_end=571
+  _globals['_FORGETRESPONSE']._serialized_start=573
+  _globals['_FORGETRESPONSE']._serialized_end=608
+  _globals['_TIMERSTATUSREQUEST']._serialized_start=610
+  _globals['_TIMERSTATUSREQUEST']._serialized_end=630
+  _globals['_TIMERSTATUS']._serialized_start=633
+  _globals['_TIMERSTATUS']._serialized_end=807
+  _globals['_TIMER']._serialized_start=810
+  _globals['_TIMER']._serialized_end=1077
 # @@protoc_insertion_point(module_scope)

@@ -57,6 +57,8 @@ class DueTask(_message.Message):
     HEADERS_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
     LEASE_MS_FIELD_NUMBER: _builtins.int
+    OWNER_EPOCH_FIELD_NUMBER: _builtins.int
+    REDELIVERED_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """The task's id, as Submit returned it."""
     gen: _builtins.int
@@ -79,6 +81,10 @@ class DueTask(_message.Message):
     """W3C traceparent of the trace the task was submitted in; empty when not traced."""
     lease_ms: _builtins.int
     """The lease a delivery of the task gets, milliseconds."""
+    owner_epoch: _builtins.int
+    """The epoch of the shard's lease under which the timer fired this row (0: not fired yet)."""
+    redelivered: _builtins.bool
+    """This firing may repeat an earlier delivery (see Delivery.redelivered)."""
     @_builtins.property
     def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The task's headers, as submitted."""
@@ -97,10 +103,12 @@ class DueTask(_message.Message):
         headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         traceparent: _builtins.str = ...,
         lease_ms: _builtins.int = ...,
+        owner_epoch: _builtins.int = ...,
+        redelivered: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "due_ms", b"due_ms", "fire_at_ms", b"fire_at_ms", "gen", b"gen", "headers", b"headers", "lease_ms", b"lease_ms", "max_attempts", b"max_attempts", "payload", b"payload", "queue", b"queue", "task_id", b"task_id", "traceparent", b"traceparent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "due_ms", b"due_ms", "fire_at_ms", b"fire_at_ms", "gen", b"gen", "headers", b"headers", "lease_ms", b"lease_ms", "max_attempts", b"max_attempts", "owner_epoch", b"owner_epoch", "payload", b"payload", "queue", b"queue", "redelivered", b"redelivered", "task_id", b"task_id", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
