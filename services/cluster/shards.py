@@ -265,10 +265,11 @@ class ShardOwner:
             # The first shards held: until now there was nothing to fire. Shards taken later
             # are valid at least as long as the ones held already.
             self._timer.fire_until(self._valid_until(sent))
+        # shard@epoch, and <ms: rows due before it may have fired under the previous owner
         log.info("took %d shards (%d now)%s: %s", len(taken), len(self.held),
                  f", {len(suspect)} from owners that did not hand them over" if suspect else "",
-                 " ".join(f"{lease.shard}@{lease.epoch}" + (f"<{suspect[lease.shard]}" if lease.shard in suspect else "")
-                          for lease in taken))
+                 " ".join(f"{lease.shard}@{lease.epoch}"
+                          + (f"<{suspect[lease.shard]}" if lease.shard in suspect else "") for lease in taken))
         await self._timer.take(taken, suspect)
 
     async def _hand_over(self, shards: set[int]) -> None:
