@@ -11,6 +11,8 @@
   workers are all on other nodes is pushed to one of them (internal Dispatch service), so a
   worker connected to any one node receives its queue's tasks from every shard. A push that
   fails hands the tasks to this node's dispatch instead, where they wait (held) for a worker.
+  Tasks that waited here because no node had a worker for their queue are pushed on as soon
+  as the view shows one elsewhere.
 """
 from __future__ import annotations
 
@@ -203,6 +205,7 @@ class DispatchRouter:
         # queue -> addresses of other nodes whose workers consume it
         self._elsewhere: dict[str, list[str]] = {}
         self._dispatchers: list[str] = []  # addresses of other nodes running dispatch
+        self._inflight: set[asyncio.Task] = set()
         self.pushed = 0
 
     def update(self, view: View) -> None:
@@ -217,9 +220,32 @@ class DispatchRouter:
                 elsewhere.setdefault(queue, []).append(member.address)
         self._elsewhere = elsewhere
         self._dispatchers = sorted(dispatchers)
+        local = self._local
+        if local is not None:
+            for queue, targets in elsewhere.items():
+                waiting = local.take_back(queue)
+                if waiting:
+                    task = asyncio.get_running_loop().create_task(self._push_waiting(targets, waiting))
+                    self._inflight.add(task)
+                    task.add_done_callback(self._inflight.discard)
 
     async def close(self) -> None:
+        for task in list(self._inflight):
+            task.cancel()
         await self._peers.close()
+
+    async def _push_waiting(self, targets: list[str], waiting: list) -> None:
+        """Tasks that waited here for a worker go to nodes that have one; their hand-overs to
+        this node are confirmed once they are leased or held there (or here again)."""
+        by_target: dict[str, list] = {}
+        for fired in waiting:
+            address = targets[zlib.crc32(fired.record.task_id.encode()) % len(targets)]
+            by_target.setdefault(address, []).append(fired)
+        await asyncio.gather(*(self._push([f.record for f in group], group[0].fired_at, address)
+                               for address, group in by_target.items()), return_exceptions=True)
+        for fired in waiting:
+            for batch in fired.batches:
+                batch.done_one()
 
     def hand_over(self, records: list[TaskRecord], fired_at_ms: int) -> asyncio.Future[None]:
         local = self._local
@@ -241,14 +267,14 @@ class DispatchRouter:
                     continue
                 address = targets[zlib.crc32(r.task_id.encode()) % len(targets)]
                 away.setdefault(address, []).append(r)
-        parts = [asyncio.ensure_future(self._push(address, group, fired_at_ms)) for address, group in away.items()]
+        parts = [asyncio.ensure_future(self._push(group, fired_at_ms, address)) for address, group in away.items()]
         if here:
             if local is None:
                 raise RuntimeError("no dispatch to hand fired tasks to: none runs in the cluster")
             parts.append(local.hand_over(here, fired_at_ms))
         return asyncio.ensure_future(_all(parts))
 
-    async def _push(self, address: str, records: list[TaskRecord], fired_at_ms: int) -> None:
+    async def _push(self, records: list[TaskRecord], fired_at_ms: int, address: str) -> None:
         stub = dispatch_pb2_grpc.DispatchStub(self._peers.channel(address))
         request = dispatch_pb2.PushRequest(tasks=[due_message(r) for r in records], fired_at_ms=fired_at_ms)
         try:

@@ -214,6 +214,23 @@ class DispatchService:
     def queues(self) -> dict[str, QueueState]:
         return self.state.queues
 
+    def take_back(self, queue: str) -> list[Fired]:
+        """The fired tasks of ``queue`` waiting here while no worker of it is connected here,
+        taken out, so that the cluster can push them to a node where one is. Their hand-overs
+        (``Fired.batches``) are the caller's to confirm once they are leased or held there."""
+        qs = self.state.queues.get(queue)
+        if qs is None or qs.consumers or not qs.ready:
+            return []
+        waiting = self.state.waiting
+        taken = []
+        for fired in qs.ready:
+            task_id = fired.record.task_id
+            if waiting.get(task_id) is fired:
+                del waiting[task_id]
+                taken.append(fired)
+        qs.ready.clear()
+        return taken
+
     def consumed_queues(self) -> frozenset[str]:
         """The queues with a worker connected here now (the cluster's members row lists them)."""
         return frozenset(name for name, qs in self.state.queues.items() if qs.consumers)

@@ -221,6 +221,22 @@ def test_with_a_worker_on_every_node_each_task_is_still_delivered_once(nodes):
     assert all(worker.snapshot() for worker in workers)  # each node delivered its own share
 
 
+def test_a_worker_connecting_late_to_one_node_gets_what_every_node_fired_meanwhile(nodes):
+    a, b, c = nodes(3)
+    wait_until(lambda: balanced([a, b, c]), timeout=15)
+    due = now_ms() + 500
+    results = ingest(a.target).Submit(ingest_pb2.SubmitRequest(
+        tasks=[spec("late", fire_at_ms=due + i) for i in range(300)]), timeout=30).results
+    time.sleep(4)  # fired on every node, no worker anywhere: each waits, held, where it fired
+    with QueueWorker(c.target, "late") as worker:
+        # Not at the held rows' due time (30 s): the nodes push them to c once c has a worker.
+        took = wait_until(lambda: len({r.task_id for r in worker.snapshot()}) == 300, timeout=10)
+        time.sleep(1)
+        got = worker.snapshot()
+    assert sorted(r.task_id for r in got) == sorted(r.task_id for r in results)
+    assert took < 10
+
+
 def test_a_joining_node_gets_its_share_within_10s_with_nothing_lost_or_repeated(nodes):
     a, b = nodes(2)
     wait_until(lambda: balanced([a, b]), timeout=15)

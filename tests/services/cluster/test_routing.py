@@ -2,6 +2,7 @@
 dispatch with a worker for their queue. The other nodes are real gRPC servers on loopback
 serving recording stand-ins for the internal Timer and Dispatch services."""
 import asyncio
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from taskwheel.cluster.routing import DispatchRouter, TimerRouter
 from taskwheel.cluster.shards import View
 from taskwheel.core import shard_of
+from taskwheel.dispatch.writer import HandOver
 from taskwheel.internal.v1 import dispatch_pb2, dispatch_pb2_grpc, timer_pb2, timer_pb2_grpc
 from taskwheel.stores.base import Member
 from taskwheel.task import TaskRecord
@@ -73,6 +75,10 @@ class LocalDispatch:
     def __init__(self, consumed: set[str]):
         self.consumed = consumed
         self.handed: list[str] = []
+        self.waiting: dict[str, list] = {}  # queue -> Fired-like tasks waiting for a worker
+
+    def take_back(self, queue):
+        return self.waiting.pop(queue, []) if queue not in self.consumed else []
 
     def queues(self):
         return {q: QueueState([object()]) for q in self.consumed}
@@ -196,4 +202,20 @@ async def test_a_push_that_fails_leaves_the_tasks_with_this_nodes_dispatch():
     router.update(view({}, {"gone": ("127.0.0.1:1", {"dispatch"}, {"q"})}))
     await router.hand_over([task(1)], 0)
     assert local.handed == [task(1).task_id]
+    await router.close()
+
+
+async def test_tasks_that_waited_here_for_a_worker_go_where_one_connects_and_are_confirmed_then(serve):
+    remote = RecordingDispatch()
+    address = await serve(dispatch=remote)
+    local = LocalDispatch(consumed=set())
+    batch = HandOver(asyncio.get_running_loop().create_future(), 3)
+    local.waiting["late"] = [SimpleNamespace(record=task(i, "late"), fired_at=0, batches=[batch]) for i in range(3)]
+    router = DispatchRouter("me", local)
+    router.update(view({}, {"other": (address, {"dispatch"}, {"elsewhere"})}))
+    await asyncio.sleep(0.1)
+    assert remote.pushed == [] and not batch.future.done()  # nobody consumes "late" yet
+    router.update(view({}, {"other": (address, {"dispatch"}, {"late"})}))  # a worker connected there
+    await asyncio.wait_for(batch.future, 5)
+    assert sorted(remote.pushed) == sorted(task(i).task_id for i in range(3))
     await router.close()

@@ -694,3 +694,38 @@ async def test_max_in_flight_over_the_limit_is_refused_naming_the_field(tmp_path
     await store.close()
     code, details = refused.value.args
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_in_flight" in details
+
+
+async def test_tasks_waiting_for_a_worker_are_taken_back_whole_and_never_held_here(tmp_path):
+    # For the cluster: a worker of their queue connected on another node.
+    store = await opened_store(tmp_path)
+    dispatch = DispatchService(Config(hold_after_ms=50), store)
+    await dispatch.start(QuietTimer())
+    now = now_ms()
+    handed = dispatch.hand_over([task("t1", now), task("t2", now)], now)
+    taken = dispatch.take_back("q")
+    await asyncio.sleep(0.3)  # past hold_after_ms: a task still here would get a hold row now
+    assert [f.record.task_id for f in taken] == ["t1", "t2"]
+    assert dispatch.take_back("q") == [] and not dispatch.state.waiting
+    assert not handed.done()  # the taker confirms them, once they are leased or held elsewhere
+    for fired in taken:
+        for batch in fired.batches:
+            batch.done_one()
+    assert handed.done()
+    assert (await store.get("t1")) is None  # nothing written here for them
+    await dispatch.stop()
+    await store.close()
+
+
+async def test_nothing_is_taken_back_from_a_queue_with_a_worker_here(tmp_path):
+    store = await opened_store(tmp_path)
+    dispatch = DispatchService(Config(), store)
+    await dispatch.start(QuietTimer())
+    stream, deliveries = await subscribed(dispatch, max_in_flight=1)
+    now = now_ms()
+    dispatch.hand_over([task("t1", now), task("t2", now)], now)
+    await deliveries.__anext__()  # t1 sent; t2 waits for room with this worker
+    assert dispatch.take_back("q") == [] and "t2" in dispatch.state.waiting
+    await deliveries.aclose()
+    await dispatch.stop()
+    await store.close()
