@@ -101,23 +101,29 @@ class TimerRouter:
     def _send_offers(self, records: list[TaskRecord]) -> list[TaskRecord]:
         """Sends each record to its shard's owner; returns those with no owner to go to now.
         Records refused by the owner come back through ``_offer_later``."""
-        owners = self._owners([r.shard for r in records])
         local = self._local
-        if local is not None and all(o == self._node_id for o in owners):
-            return local.offer(records)  # the common case: one node, or its own shards
-        by_owner: dict[str, list[TaskRecord]] = {}
-        for owner, r in zip(owners, records):
-            by_owner.setdefault(owner, []).append(r)
+        return self._route(records, [r.shard for r in records],
+                           local.offer if local is not None else None, self._remote_offer)
+
+    def _route(self, items: list, shards: list[int], here, there) -> list:
+        """Sends each item to its shard's owner: ``here(group)`` for this node's own (it returns
+        what it did not take), ``there(address, group)`` in the background for another's.
+        Returns the items with no owner in the view, to try again later."""
+        owners = self._owners(shards)
+        if here is not None and all(o == self._node_id for o in owners):
+            return list(here(items) or ())  # the common case: one node, or its own shards
+        by_owner: dict[str, list] = {}
+        for owner, item in zip(owners, items):
+            by_owner.setdefault(owner, []).append(item)
         left = by_owner.pop("", [])
         for owner, group in by_owner.items():
-            if owner == self._node_id and local is not None:
-                left.extend(local.offer(group))
-                continue
             member = self._view.members.get(owner)
-            if member is None:
+            if owner == self._node_id and here is not None:
+                left.extend(here(group) or ())
+            elif member is None:
                 left.extend(group)
             else:
-                self._background(self._remote_offer(member.address, group))
+                self._background(there(member.address, group))
         return left
 
     async def _remote_offer(self, address: str, records: list[TaskRecord]) -> None:
@@ -145,26 +151,14 @@ class TimerRouter:
             records = self._send_offers(records)
 
     def _send_forgets(self, task_ids: list[str]) -> list[str]:
-        shards = [shard_of(t, self._num_shards) for t in task_ids]
-        owners = self._owners(shards)
         local = self._local
-        if local is not None and all(o == self._node_id for o in owners):
-            local.forget(task_ids)
+
+        def here(group: list[str]) -> list[str]:
+            local.forget(group)
             return []
-        by_owner: dict[str, list[str]] = {}
-        for owner, t in zip(owners, task_ids):
-            by_owner.setdefault(owner, []).append(t)
-        left = by_owner.pop("", [])
-        for owner, group in by_owner.items():
-            if owner == self._node_id and local is not None:
-                local.forget(group)
-                continue
-            member = self._view.members.get(owner)
-            if member is None:
-                left.extend(group)
-            else:
-                self._background(self._remote_forget(member.address, group))
-        return left
+
+        return self._route(task_ids, [shard_of(t, self._num_shards) for t in task_ids],
+                           here if local is not None else None, self._remote_forget)
 
     async def _remote_forget(self, address: str, task_ids: list[str]) -> None:
         stub = timer_pb2_grpc.TimerStub(self._peers.channel(address))
