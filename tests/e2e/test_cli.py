@@ -42,6 +42,6 @@ def test_submit_of_a_bad_task_exits_nonzero_with_the_servers_reason(server):
 
 
 def test_a_bad_setting_is_refused_before_serving():
-    out = subprocess.run(CLI + ["up", "--shards", "0"], capture_output=True, text=True, timeout=30)
+    out = subprocess.run(CLI + ["up", "--shards", "-1"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 2
-    assert "--shards must be positive" in out.stderr
+    assert "--shards must be 0 (the store's) or more" in out.stderr
