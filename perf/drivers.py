@@ -15,7 +15,7 @@
 3. ``pending()`` is polled every 2 s (optional): the system's own count of tasks it holds that
    are not yet fired, or None when it has no cheap way to tell.
 4. In each of N submitter processes (started with the "spawn" method, after ``setup``):
-   ``submitter = driver.connect()``,
+   ``submitter = driver.connect(index)``,
    then ``submitter.submit(batch)`` many times, then ``submitter.close()``. ``batch`` is a list of
    ``(task_seq, fire_at_ms)``; ``submit`` returns once the system has accepted every task of it
    (durably, as far as the system promises durability) and raises when any was refused.
@@ -104,8 +104,9 @@ class Driver(abc.ABC):
         """Start servers and workers; return once workers consume."""
 
     @abc.abstractmethod
-    def connect(self) -> Submitter:
-        """A submitter for the calling process (called in each submitter process)."""
+    def connect(self, index: int = 0) -> Submitter:
+        """A submitter for the calling process (called in each submitter process, ``index``
+        counting them from 0)."""
 
     @abc.abstractmethod
     def server_pids(self) -> dict[str, int]:

@@ -1,7 +1,8 @@
 """taskwheel under the benchmark harness, through its public gRPC API only.
 
-Servers: ``taskwheel up`` (one process, the embedded default) or, with ``--opt mode=split``,
-``taskwheel serve ingest|timer|dispatch`` as three processes. Submitters call Ingest.Submit
+Servers: ``taskwheel up`` (one process, the embedded default; with ``--opt nodes=N``, N of them
+on one store, a cluster: submitters and workers are spread over the nodes in turn) or, with
+``--opt mode=split``, ``taskwheel serve ingest|timer|dispatch`` as three processes. Submitters call Ingest.Submit
 with one TaskSpec per task (fire_at = the scenario's time, payload = seq and fire time);
 workers are separate processes holding one Dispatch.Consume stream each, recording every
 delivery (and its fired_at) the moment its message arrives and acking the whole message in
@@ -10,6 +11,7 @@ one Ack.
 Options (``--opt key=value``):
   store          a --store URL (default: the embedded store in the run dir)
   mode           one (default) | split
+  nodes          with mode one: how many ``taskwheel up`` share the store (default 1)
   workers        worker processes (default 1)
   max_in_flight  per worker stream (default 10000)
   server_args    extra flags for the server processes, space separated
@@ -125,26 +127,32 @@ class TaskwheelDriver(Driver):
         extra = self.options.get("server_args", "").split()
         self._procs: dict[str, subprocess.Popen] = {}
         self._worker_procs: list = []
+        self.nodes = int(self.options.get("nodes", "1"))
         if self.mode == "one":
-            port = _free_port()
-            self.ingest_target = self.dispatch_target = f"127.0.0.1:{port}"
-            args = ["up", "--listen", self.ingest_target, "--data-dir", str(self.run_dir / "data")]
-            if store:
-                args += ["--store", store]
-            self._start("taskwheel", args + extra)
+            self.targets = []
+            for i in range(self.nodes):
+                target = f"127.0.0.1:{_free_port()}"
+                args = ["up", "--listen", target, "--data-dir", str(self.run_dir / f"data{i or ''}")]
+                if store:
+                    args += ["--store", store]
+                self._start("taskwheel" if self.nodes == 1 else f"node{i}", args + extra)
+                self.targets.append(target)
+            self.ingest_target = self.dispatch_target = self.targets[0]
         else:
             ports = {role: _free_port() for role in ("ingest", "timer", "dispatch")}
             t = {role: f"127.0.0.1:{p}" for role, p in ports.items()}
             store = store or str(self.run_dir / "tasks.db")
             self.ingest_target, self.dispatch_target = t["ingest"], t["dispatch"]
+            self.targets = [t["ingest"]]
             for role in ("dispatch", "timer", "ingest"):
                 # They find each other in the store.
                 self._start(role, ["serve", role, "--listen", t[role], "--store", store] + extra)
         ctx = mp.get_context("spawn")
-        for _ in range(self.workers):
+        for i in range(self.workers):
             ready = ctx.Event()
+            target = self.targets[i % len(self.targets)] if self.mode == "one" else self.dispatch_target
             proc = ctx.Process(target=_worker_main, daemon=True,
-                               args=(self.dispatch_target, str(self.run_dir), self.max_in_flight, ready))
+                               args=(target, str(self.run_dir), self.max_in_flight, ready))
             proc.start()
             if not ready.wait(READY_TIMEOUT_S):
                 raise RuntimeError("a taskwheel worker did not connect")
@@ -164,8 +172,9 @@ class TaskwheelDriver(Driver):
                 break
         raise RuntimeError(f"taskwheel {label} did not start; see {self.run_dir / (label + '.log')}")
 
-    def connect(self) -> Submitter:
-        return TaskwheelSubmitter(self.ingest_target)
+    def connect(self, index: int = 0) -> Submitter:
+        # The submitter processes take the nodes in turn.
+        return TaskwheelSubmitter(self.targets[index % len(self.targets)])
 
     def server_pids(self) -> dict[str, int]:
         return {label: p.pid for label, p in self._procs.items() if p.poll() is None}
@@ -187,7 +196,7 @@ class TaskwheelDriver(Driver):
 
         import taskwheel
         return {"taskwheel": taskwheel.__version__, "grpcio": grpc_mod.__version__,
-                "mode": self.mode, "workers": str(self.workers),
+                "mode": self.mode, "workers": str(self.workers), "nodes": str(self.nodes),
                 "store": self.options.get("store", "embedded sqlite")}
 
     def teardown(self) -> None:

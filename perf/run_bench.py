@@ -100,7 +100,7 @@ def submitter_main(driver: Driver, scenario: Scenario, index: int, parts: int, r
                    t0_ms: Any, start: Any, barrier: Any, submitted: Any, results: Any) -> None:
     """One submitter process: its 1/parts of every phase, paced, recorded (module docstring)."""
     try:
-        submitter = driver.connect()
+        submitter = driver.connect(index)
         results.put(("ready", index, None))
         start.wait()
         windows = _submit_phases(submitter, scenario, index, parts, Path(run_dir), batch_size,

@@ -246,7 +246,7 @@ class CeleryEtaDriver(Driver):
 
     # ------------------------------------------------------------------------ the run
 
-    def connect(self) -> Submitter:
+    def connect(self, index: int = 0) -> Submitter:
         return CelerySubmitter(self.broker_url)
 
     def server_pids(self) -> dict[str, int]:
