@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import zlib
-from typing import Sequence
+from typing import Callable, Sequence
 
 import grpc
 
@@ -64,6 +64,7 @@ class TimerRouter:
         self._local = local  # this node's TimerService, when it runs one
         self._clock = clock
         self._view = View()
+        self._owns_all = False  # this node holds every shard (one node): no per-task routing
         self._peers = _Peers()
         self._view_changed = asyncio.Event()
         self._inflight: set[asyncio.Task] = set()
@@ -72,6 +73,7 @@ class TimerRouter:
 
     def update(self, view: View) -> None:
         self._view = view
+        self._owns_all = bool(view.owners) and all(owner == self._node_id for owner in view.owners)
         self._view_changed.set()
         self._view_changed = asyncio.Event()
 
@@ -102,16 +104,19 @@ class TimerRouter:
         """Sends each record to its shard's owner; returns those with no owner to go to now.
         Records refused by the owner come back through ``_offer_later``."""
         local = self._local
-        return self._route(records, [r.shard for r in records],
+        return self._route(records, lambda: [r.shard for r in records],
                            local.offer if local is not None else None, self._remote_offer)
 
-    def _route(self, items: list, shards: list[int], here, there) -> list:
+    def _route(self, items: list, shards: Callable[[], list[int]], here, there) -> list:
         """Sends each item to its shard's owner: ``here(group)`` for this node's own (it returns
         what it did not take), ``there(address, group)`` in the background for another's.
+        ``shards()`` gives each item's shard, asked only when the items are to be split.
         Returns the items with no owner in the view, to try again later."""
-        owners = self._owners(shards)
+        if here is not None and self._owns_all:
+            return list(here(items) or ())  # one node: no per-task work on the submit path
+        owners = self._owners(shards())
         if here is not None and all(o == self._node_id for o in owners):
-            return list(here(items) or ())  # the common case: one node, or its own shards
+            return list(here(items) or ())  # this node's own shards only
         by_owner: dict[str, list] = {}
         for owner, item in zip(owners, items):
             by_owner.setdefault(owner, []).append(item)
@@ -157,7 +162,7 @@ class TimerRouter:
             local.forget(group)
             return []
 
-        return self._route(task_ids, [shard_of(t, self._num_shards) for t in task_ids],
+        return self._route(task_ids, lambda: [shard_of(t, self._num_shards) for t in task_ids],
                            here if local is not None else None, self._remote_forget)
 
     async def _remote_forget(self, address: str, task_ids: list[str]) -> None:

@@ -92,11 +92,6 @@ class View:
 
     members: dict[str, Member] = field(default_factory=dict)
     owners: list[str] = field(default_factory=list)  # per shard: the owner's node id, "" if none
-    read_ms: int = 0
-
-    def owner_of(self, shard: int) -> Member | None:
-        owner = self.owners[shard] if shard < len(self.owners) else ""
-        return self.members.get(owner) if owner else None
 
 
 class ShardOwner:
@@ -119,7 +114,6 @@ class ShardOwner:
         self._view_changed: list[Callable[[View], None]] = []
         self._task: asyncio.Task | None = None
         self._round_lock = asyncio.Lock()
-        self.rounds = 0
         self.handed_over = 0
         self.lost = 0
 
@@ -164,15 +158,18 @@ class ShardOwner:
     def _settled(self) -> bool:
         """False while this node is under its share and shards are moving: it looks again
         sooner, so a handed-over shard waits less for its new owner."""
-        timers = sorted(m.node_id for m in self.view.members.values() if "timer" in m.roles)
-        return self._timer is None or len(self.held) >= share_of(self.node_id, timers, self._store.num_shards)
+        return self._timer is None or len(self.held) >= share_of(
+            self.node_id, self._timers(self.view.members), self._store.num_shards)
+
+    def _timers(self, members: dict[str, Member]) -> list[str]:
+        """The sorted ids of the nodes that run a timer, this one included."""
+        return sorted({m.node_id for m in members.values() if "timer" in m.roles} | {self.node_id})
 
     # -- one round ------------------------------------------------------------------------------
 
     async def round(self) -> None:
         async with self._round_lock:
             await self._round()
-            self.rounds += 1
 
     async def _round(self) -> None:
         config = self._config
@@ -184,7 +181,7 @@ class ShardOwner:
         members = {m.node_id: m for m in await self._store.members(self._clock.now_ms())}
         leases = await self._store.shard_leases()
         now = self._clock.now_ms()
-        self.view = View(members, [lease.owner if not lease.lapsed(now) else "" for lease in leases], now)
+        self.view = View(members, [lease.owner if not lease.lapsed(now) else "" for lease in leases])
         for callback in self._view_changed:
             callback(self.view)
         if self._timer is not None:
@@ -222,7 +219,7 @@ class ShardOwner:
         self._timer.lose(shards)
 
     async def _balance(self, leases: list[ShardLease], members: dict[str, Member], now: int) -> None:
-        timers = sorted(set(m.node_id for m in members.values() if "timer" in m.roles) | {self.node_id})
+        timers = self._timers(members)
         shards = len(leases)
         share = share_of(self.node_id, timers, shards)
         # Shards nobody holds: released, never owned, lapsed, or ours from an earlier life.

@@ -179,6 +179,10 @@ class TimerService(timer_pb2_grpc.TimerServicer):
     def held_checkpoints(self, now_ms: int) -> dict[int, int]:
         cp = self.checkpoint(now_ms)
         self.checkpoint_ms = max(self.checkpoint_ms, cp)
+        return self._per_shard(cp)
+
+    def _per_shard(self, cp: int) -> dict[int, int]:
+        """``cp`` for each shard held, or lower where a take is still loading the shard."""
         return {shard: min(cp, self._catching_up.get(shard, cp)) for shard in self._shards}
 
     def fire_until(self, ms: int) -> None:
@@ -387,8 +391,7 @@ class TimerService(timer_pb2_grpc.TimerServicer):
     async def sweep(self) -> int:
         """Reads each held shard from where the last sweep stopped up to its checkpoint, and
         fires the live rows found there (see the module docstring); returns how many."""
-        cp = self.checkpoint(self._clock.now_ms(), margin_ms=SWEEP_LAG_MS)
-        checkpoints = {shard: min(cp, self._catching_up.get(shard, cp)) for shard in self._shards}
+        checkpoints = self._per_shard(self.checkpoint(self._clock.now_ms(), margin_ms=SWEEP_LAG_MS))
         ranges = {shard: (self._swept_until.get(shard, cp), cp) for shard, cp in checkpoints.items()}
         ranges = {shard: (lo, hi) for shard, (lo, hi) in ranges.items() if lo < hi}
         if not ranges:

@@ -113,7 +113,7 @@ async def serve():
 def view(owners: dict[int, str], members: dict[str, tuple[str, set[str], set[str]]]) -> View:
     return View({node: Member(node, address, frozenset(roles), frozenset(queues), 0, 2**62)
                  for node, (address, roles, queues) in members.items()},
-                [owners.get(s, "") for s in range(SHARDS)], 0)
+                [owners.get(s, "") for s in range(SHARDS)])
 
 
 async def until(condition, seconds: float = 5.0) -> None:
