@@ -78,6 +78,35 @@ def test_ports_derive_from_the_cql_port():
     assert ports.all() == (19042, 19043, 19044)
 
 
+def test_cluster_nodes_share_cql_and_storage_ports_on_their_own_addresses():
+    ports = devserver.Ports(19042, nodes=3)
+    assert ports.bindings() == [
+        ("127.0.0.1", 19042), ("127.0.0.1", 19043), ("127.0.0.1", 19044),
+        ("127.0.0.2", 19042), ("127.0.0.2", 19043), ("127.0.0.1", 19045),
+        ("127.0.0.3", 19042), ("127.0.0.3", 19043), ("127.0.0.1", 19046)]
+    tokens = [n.token for n in devserver.members(Path("/x"), ports)]
+    assert tokens == sorted(tokens) and tokens[0] == -(2 ** 63)
+    assert tokens[1] - tokens[0] == tokens[2] - tokens[1] == 2 ** 64 // 3
+
+
+def test_start_refuses_another_node_count_for_a_directory(tmp_path, capsys):
+    (tmp_path / devserver.PORT_FILE).write_text("19042 3\n")
+    assert devserver.main(["start", "--dir", str(tmp_path), "--nodes", "1"]) == 1
+    assert "holds a cluster of 3 node(s), not 1" in capsys.readouterr().err
+    assert devserver.main(["start", "--dir", str(tmp_path), "--node", "4"]) == 1
+    assert "the cluster has nodes 1 to 3" in capsys.readouterr().err
+
+
+def test_cluster_nodes_listen_on_their_loopback_address_and_status_lists_each(cassandra_three, capsys):
+    for node in devserver.members(cassandra_three.dir, devserver.saved_ports(cassandra_three.dir)):
+        listening = listening_addresses(devserver.running_pid(node.dir))
+        assert listening == set(devserver._node_bindings(node))
+    assert devserver.main(["status", "--dir", str(cassandra_three.dir)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["node 1", "node 2", "node 3"]
+    assert all(f"127.0.0.{i}:{cassandra_three.port}" in lines[i - 1] for i in (1, 2, 3))
+
+
 def test_start_on_a_taken_port_fails_naming_the_ports(tmp_path, capsys):
     ports = devserver.free_ports()
     with socket.socket() as taken:
@@ -85,7 +114,7 @@ def test_start_on_a_taken_port_fails_naming_the_ports(tmp_path, capsys):
         taken.listen()
         code = devserver.main(["start", "--dir", str(tmp_path), "--port", str(ports.cql)])
     assert code == 1
-    assert f"[{ports.storage}]" in capsys.readouterr().err
+    assert f"127.0.0.1:{ports.storage} taken" in capsys.readouterr().err
     assert not (tmp_path / devserver.PID_FILE).exists()
 
 
