@@ -1,7 +1,7 @@
 """Client and AsyncClient: submit, cancel and read tasks through the Ingest service.
 
-Retries. Submit retries RESOURCE_EXHAUSTED (waiting at least the server's ``retry-after-ms``
-hint) and UNAVAILABLE, with jittered exponential backoff, ``RetryPolicy.retries`` times. An
+Retries. Submit retries RESOURCE_EXHAUSTED and UNAVAILABLE, with jittered exponential backoff
+and at least the server's ``retry-after-ms`` hint, ``RetryPolicy.retries`` times. An
 UNAVAILABLE answer can come after the server made a batch durable (the connection broke on the
 way back), so a retried submit without idempotency keys can create the tasks twice; give every
 task an ``idempotency_key`` when duplicates matter. Get and Stats retry UNAVAILABLE; Cancel never
@@ -190,7 +190,7 @@ class Client:
                 error = from_rpc_error(rpc_error)
                 if error.code not in retry_codes or retry >= self.retry.retries:
                     raise error from rpc_error
-            time.sleep(self.retry.delay(retry, getattr(error, "retry_after", None)))
+            time.sleep(self.retry.delay(retry, error.retry_after))
             retry += 1
 
 
@@ -299,5 +299,5 @@ class AsyncClient:
                 error = from_rpc_error(rpc_error)
                 if error.code not in retry_codes or retry >= self.retry.retries:
                     raise error from rpc_error
-            await asyncio.sleep(self.retry.delay(retry, getattr(error, "retry_after", None)))
+            await asyncio.sleep(self.retry.delay(retry, error.retry_after))
             retry += 1

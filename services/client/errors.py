@@ -16,13 +16,16 @@ RETRY_AFTER_KEY = "retry-after-ms"
 
 
 class TaskwheelError(Exception):
-    """Any failed call; ``code`` is the grpc.StatusCode the server (or the channel) gave."""
+    """Any failed call; ``code`` is the grpc.StatusCode the server (or the channel) gave,
+    ``retry_after`` (seconds) the server's hint of when a retry may succeed, or None."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
-    def __init__(self, details: str = "", code: grpc.StatusCode | None = None):
+    def __init__(self, details: str = "", code: grpc.StatusCode | None = None,
+                 retry_after: float | None = None):
         super().__init__(details)
         self.details = details
+        self.retry_after = retry_after
         if code is not None:
             self.code = code
 
@@ -51,14 +54,10 @@ class Backpressure(TaskwheelError):
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
-    def __init__(self, details: str = "", code: grpc.StatusCode | None = None,
-                 retry_after: float | None = None):
-        super().__init__(details, code)
-        self.retry_after = retry_after
-
 
 class Unavailable(TaskwheelError):
-    """The server (or its store) cannot be reached; an accepted-or-not answer was not given."""
+    """The server (or its store: too few Cassandra replicas up) cannot take the call now;
+    nothing was accepted. ``retry_after`` is the server's hint, or None."""
 
     code = grpc.StatusCode.UNAVAILABLE
 
@@ -103,17 +102,12 @@ def retry_after_of(metadata: Iterable[Any] | None) -> float | None:
 def error_for(code: grpc.StatusCode, details: str,
               retry_after: float | None = None) -> TaskwheelError:
     """The exception for a status code and message."""
-    cls = _BY_CODE.get(code, TaskwheelError)
-    if cls is Backpressure:
-        return Backpressure(details, code, retry_after=retry_after)
-    return cls(details, code)
+    return _BY_CODE.get(code, TaskwheelError)(details, code, retry_after=retry_after)
 
 
 def from_rpc_error(error: grpc.RpcError) -> TaskwheelError:
     """Maps a grpc (sync or aio) call error to the client's exception."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = (error.details() if hasattr(error, "details") else None) or ""
-    retry_after = None
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and hasattr(error, "trailing_metadata"):
-        retry_after = retry_after_of(error.trailing_metadata())
-    return error_for(code, details, retry_after)
+    metadata = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    return error_for(code, details, retry_after_of(metadata))

@@ -128,7 +128,14 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
                 trailing_metadata=(("retry-after-ms", str(exc.retry_after_ms)),),
             )
         except StoreUnavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"store unavailable, nothing was accepted: {exc}")
+            if exc.maybe_applied:
+                # A due row that reached a replica fires once even without its task row.
+                message = (f"store unavailable, nothing was accepted, but some of these tasks may "
+                           f"have reached the store and may run: {exc}")
+            else:
+                message = f"store unavailable, nothing was accepted and none of these tasks will run: {exc}"
+            await context.abort(grpc.StatusCode.UNAVAILABLE, message,
+                                trailing_metadata=(("retry-after-ms", str(exc.retry_after_ms)),))
         finally:
             if span is not None:
                 span.end()
@@ -188,4 +195,5 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
         try:
             return await coro
         except StoreUnavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"store unavailable: {exc}")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"store unavailable: {exc}",
+                                trailing_metadata=(("retry-after-ms", str(exc.retry_after_ms)),))

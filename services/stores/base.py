@@ -104,7 +104,16 @@ class Member:
 
 
 class StoreUnavailable(Exception):
-    """The backend cannot be reached or refused the write; nothing was acknowledged."""
+    """The backend cannot be reached, or cannot reach enough replicas: nothing was acknowledged.
+
+    ``maybe_applied``: a write may have reached the store anyway (it timed out after the store
+    began it); without it, the write certainly left nothing a reader could act on.
+    ``retry_after_ms``: when a retry is worth trying."""
+
+    def __init__(self, message: str, *, maybe_applied: bool = False, retry_after_ms: int = 1000):
+        super().__init__(message)
+        self.maybe_applied = maybe_applied
+        self.retry_after_ms = retry_after_ms
 
 
 class AlreadyEnded(Exception):

@@ -2,6 +2,7 @@
 
     sqlite:///abs/path/tasks.db   (or a bare path)       the embedded store (default)
     cassandra://host:port/keyspace?shards=256            Apache Cassandra
+    cassandra://h1,h2,h3:port/keyspace?replication_factor=3   contact points of a cluster
 
 The shard count is fixed when a store is created; 0 (the default) opens an existing store with
 its own count and creates a new one with the store's default (16 embedded, 256 on Cassandra).
@@ -30,8 +31,10 @@ def open_store(url: str, *, num_shards: int = 0) -> Store:
         from taskwheel.stores.cassandra import CassandraStore
 
         keyspace = parsed.path.lstrip("/") or "taskwheel"
+        # Several contact points: the store opens while any one of them is up.
+        hosts = [h for h in (parsed.hostname or "").split(",") if h] or ["127.0.0.1"]
         return CassandraStore(
-            hosts=[parsed.hostname or "127.0.0.1"],
+            hosts=hosts,
             port=parsed.port or 9042,
             keyspace=keyspace,
             num_shards=num_shards,

@@ -37,11 +37,19 @@ import logging
 import operator
 import string
 import struct
+import time
 from collections import defaultdict
 from importlib import resources
 from typing import Any, Callable, Mapping, Sequence
 
-from cassandra import ConsistencyLevel, OperationTimedOut, RequestExecutionException, cqltypes
+from cassandra import (
+    ConsistencyLevel,
+    OperationTimedOut,
+    RequestExecutionException,
+    Timeout,
+    Unavailable,
+    cqltypes,
+)
 from cassandra.cluster import (
     EXEC_PROFILE_DEFAULT,
     Cluster,
@@ -200,6 +208,11 @@ _IDEMPOTENT = {
     "select_checkpoints", "select_leases", "select_lease", "select_members", "select_counts",
 }
 
+# Retry hints: the failure detector marks a replica up within a few seconds of its return; a
+# timeout is often a moment's overload.
+UNAVAILABLE_RETRY_MS = 2_000
+TIMEOUT_RETRY_MS = 1_000
+
 # Driver errors that mean the cluster cannot serve the request right now; anything else
 # (InvalidRequest, a syntax error) is a bug and propagates as is.
 _UNAVAILABLE_ERRORS = (
@@ -209,6 +222,48 @@ _UNAVAILABLE_ERRORS = (
     ConnectionException,
     ServerError,  # the coordinator failed internally: nothing to fix in the request
 )
+
+
+def _unavailable(description: str, e: BaseException) -> StoreUnavailable:
+    """The driver's error as StoreUnavailable whose message names the cause an operator can
+    act on: how many replicas the consistency level needs and how many answered.
+
+    Only a refusal for too few live replicas (Unavailable) certainly wrote nothing: the
+    coordinator checks before it sends a mutation anywhere. After a timeout, or a coordinator
+    lost with the request, some replicas may hold the write (``maybe_applied``)."""
+    errors = list(e.errors.values()) if isinstance(e, NoHostAvailable) else [e]
+    cause = errors[-1] if errors else e  # the last coordinator tried says most
+    maybe_applied = not all(isinstance(x, Unavailable) for x in errors)
+    if isinstance(cause, Unavailable):
+        return StoreUnavailable(
+            f"{description}: too few Cassandra replicas up: {_cl_name(cause.consistency)} needs "
+            f"{cause.required_replicas} and the coordinator sees {cause.alive_replicas}",
+            maybe_applied=maybe_applied, retry_after_ms=UNAVAILABLE_RETRY_MS)
+    if isinstance(cause, Timeout):
+        return StoreUnavailable(
+            f"{description}: Cassandra replicas too slow: {_cl_name(cause.consistency)} needs "
+            f"{cause.required_responses} answers and {cause.received_responses} came within the "
+            "server's timeout", maybe_applied=maybe_applied, retry_after_ms=TIMEOUT_RETRY_MS)
+    if isinstance(e, NoHostAvailable):
+        return StoreUnavailable(f"{description}: no Cassandra node reachable: {e}",
+                                maybe_applied=maybe_applied, retry_after_ms=UNAVAILABLE_RETRY_MS)
+    return StoreUnavailable(f"{description}: {type(e).__name__}: {e}",
+                            maybe_applied=maybe_applied, retry_after_ms=TIMEOUT_RETRY_MS)
+
+
+def _cl_name(level: int | None) -> str:
+    return ConsistencyLevel.value_to_name.get(level, str(level)) if level is not None else "?"
+
+
+def _per_dc(text: str) -> dict[str, int]:
+    """``dc1:3,dc2:3`` as {data centre: replication factor}."""
+    found = {}
+    for part in text.split(","):
+        dc, _, rf = part.strip().partition(":")
+        if not dc or not rf.strip().isdigit() or int(rf) < 1 or not dc.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"replication {text!r}: expected DC:FACTOR[,DC:FACTOR...], e.g. dc1:3,dc2:3")
+        found[dc] = int(rf)
+    return found
 
 
 def _consistency(name: str) -> int:
@@ -227,8 +282,11 @@ class CassandraOptions:
     (``cassandra://host:9042/ks?write_cl=ONE&retention_s=86400``). docs/cassandra.md argues the
     defaults."""
 
-    #: SimpleStrategy replication factor, used only when the keyspace is created here.
+    #: Copies of every row in each data centre (NetworkTopologyStrategy), used only when the
+    #: keyspace is created here: 3 in production, where LOCAL_QUORUM then survives a lost node.
     replication_factor: int = 1
+    #: Factors per data centre instead, e.g. ``dc1:3,dc2:3`` (names as the snitch reports them).
+    replication: str = ""
     #: Default consistency of writes (insert, apply, cancel, checkpoints) and of reads.
     write_cl: str = "LOCAL_QUORUM"
     read_cl: str = "LOCAL_QUORUM"
@@ -280,6 +338,8 @@ class CassandraOptions:
                      "get_cl", "serial_cl"):
             if getattr(made, name):
                 _consistency(getattr(made, name))
+        if made.replication:
+            _per_dc(made.replication)
         for name in ("replication_factor", "max_in_flight", "max_batch_rows", "max_batch_bytes",
                      "retention_s", "window_hours"):
             if getattr(made, name) < 1:
@@ -386,14 +446,80 @@ class CassandraStore(Store):
         o = self.options
         cql = string.Template(text).substitute(
             keyspace=self.keyspace,
-            replication_factor=o.replication_factor,
+            replication=self._replication(),
             window_hours=o.window_hours,
             due_gc_grace_s=o.due_gc_grace_s,
         )
         body = "\n".join(line for line in cql.splitlines() if not line.lstrip().startswith("--"))
-        for statement in body.split(";"):
-            if statement.strip():
-                session.execute(statement, timeout=max(30.0, o.request_timeout_s))
+        statements = [statement for statement in body.split(";") if statement.strip()]
+        # On several Cassandra nodes the driver waits after each DDL statement until all of
+        # them agree on the schema (about a second each). All statements go to one coordinator
+        # instead, which orders them, and the wait happens once, before anything is prepared.
+        cluster = session.cluster
+        coordinator = min((h for h in session.get_pool_state() if h.is_up),
+                          key=lambda h: str(h.endpoint), default=None)
+        waits, cluster.max_schema_agreement_wait = cluster.max_schema_agreement_wait, 0
+        try:
+            for statement in statements:
+                session.execute(statement, timeout=max(30.0, o.request_timeout_s), host=coordinator)
+        finally:
+            cluster.max_schema_agreement_wait = waits
+        self._wait_for_schema(session, coordinator, timeout_s=max(30, waits))
+        self._check_replication(session)
+
+    def _wait_for_schema(self, session: Session, coordinator: Any, timeout_s: float) -> None:
+        """Until every node that is up runs the coordinator's schema version. The driver's own
+        check compares versions as its control connection's node sees them, which may be the
+        old schema everywhere when that node has not heard of the change yet."""
+        if coordinator is None:
+            return
+        local = "SELECT schema_version FROM system.local"
+        deadline = time.monotonic() + timeout_s
+        while True:
+            want = session.execute(local, host=coordinator).one()[0]  # later DDL moves it on
+            behind = [h for h in session.get_pool_state() if h.is_up
+                      and session.execute(local, host=h).one()[0] != want]
+            if not behind:
+                return
+            if time.monotonic() > deadline:
+                raise StoreUnavailable(
+                    f"{self.description}: Cassandra nodes {', '.join(str(h.endpoint) for h in behind)} "
+                    f"did not take the schema within {timeout_s:.0f} s")
+            time.sleep(0.1)
+
+    def _replication(self) -> str:
+        """The keyspace's replication map: NetworkTopologyStrategy, with the same factor in
+        every data centre or a factor per named one."""
+        o = self.options
+        if o.replication:
+            per_dc = ", ".join(f"'{dc}': {rf}" for dc, rf in _per_dc(o.replication).items())
+            return "{'class': 'NetworkTopologyStrategy', " + per_dc + "}"
+        return f"{{'class': 'NetworkTopologyStrategy', 'replication_factor': {o.replication_factor}}}"
+
+    def _check_replication(self, session: Session) -> None:
+        """Warns when the keyspace existed with other replication than configured (CREATE ...
+        IF NOT EXISTS keeps the old) or asks more replicas than the data centre has nodes."""
+        row = session.execute(
+            "SELECT replication FROM system_schema.keyspaces WHERE keyspace_name = %s",
+            (self.keyspace,)).one()
+        nodes: dict[str, int] = defaultdict(int)
+        for host in session.cluster.metadata.all_hosts():
+            nodes[host.datacenter] += 1
+        have = dict(row[0]) if row else {}
+        if have.pop("class", "").endswith("SimpleStrategy"):
+            have = {dc: have["replication_factor"] for dc in nodes}
+        o = self.options
+        want = _per_dc(o.replication) if o.replication else {dc: o.replication_factor for dc in nodes}
+        if {dc: int(rf) for dc, rf in have.items()} != want:
+            log.warning("%s: the keyspace keeps the replication it was created with, %s, not "
+                        "the configured %s (to change it: ALTER KEYSPACE %s WITH replication = "
+                        "%s, then a full repair)", self.description, have, want, self.keyspace,
+                        self._replication())
+        for dc, rf in want.items():
+            if rf > nodes.get(dc, 0):
+                log.warning("%s: replication factor %d in data centre %s, which has %d node(s): "
+                            "a quorum needs %d replicas up", self.description, rf, dc,
+                            nodes.get(dc, 0), rf // 2 + 1)
 
     def _check_meta(self, session: Session) -> int:
         created_ms = now_ms()
@@ -466,7 +592,7 @@ class CassandraStore(Store):
             try:
                 response: ResponseFuture = session.execute_async(statement)
             except _UNAVAILABLE_ERRORS as e:
-                raise StoreUnavailable(f"{self.description}: {e}") from e
+                raise _unavailable(self.description, e) from e
 
             def on_page(page: list[tuple] | None) -> None:
                 # Runs on the driver's I/O thread: hand everything over, raise nothing here.
@@ -488,7 +614,7 @@ class CassandraStore(Store):
             try:
                 return await done
             except _UNAVAILABLE_ERRORS as e:
-                raise StoreUnavailable(f"{self.description}: {e}") from e
+                raise _unavailable(self.description, e) from e
             finally:
                 # on_page refers to response and response to on_page: a reference cycle that
                 # only the cyclic GC would free, and the server runs it rarely (app.py).
@@ -501,16 +627,26 @@ class CassandraStore(Store):
                             cl: int) -> None:
         """Writes each phase's rows (batched, concurrently) once the phase before is durable:
         a failure part-way leaves duplicates for at-least-once delivery to absorb, never a
-        task without a live row (docs/cassandra.md, "Where duplicates arise")."""
-        for rows in phases:
+        task without a live row (docs/cassandra.md, "Where duplicates arise"). The
+        StoreUnavailable raised says whether any row may have been written."""
+        for i, rows in enumerate(phases):
             if not rows:
                 continue
             results = await asyncio.gather(
                 *(self._execute(b) for b in self._batches(rows, cl)), return_exceptions=True
             )
-            for r in results:
-                if isinstance(r, BaseException):
-                    raise r
+            failed = [r for r in results if isinstance(r, BaseException)]
+            if not failed:
+                continue
+            first = failed[0]
+            if not isinstance(first, StoreUnavailable):
+                raise first
+            # Written for certain nothing only when this is the first phase and every batch of
+            # it was refused before the coordinator sent anything.
+            maybe = i > 0 or len(failed) < len(results) or any(
+                not isinstance(r, StoreUnavailable) or r.maybe_applied for r in failed)
+            raise StoreUnavailable(str(first), maybe_applied=maybe,
+                                   retry_after_ms=first.retry_after_ms) from first
 
     def _batches(
         self, rows: list[_Row], cl: int
@@ -524,6 +660,9 @@ class CassandraStore(Store):
             for _, name, values, row_size in members:
                 if batch is None or len(batch) >= max_rows or size + row_size > max_bytes:
                     batch, size = BatchStatement(BatchType.UNLOGGED, consistency_level=cl), 0
+                    # Every statement batched here is in _IDEMPOTENT: the driver may resend the
+                    # batch through another coordinator when the first dies with it in flight.
+                    batch.is_idempotent = True
                     batches.append(batch)
                 batch.add(self._binders[name](values))
                 size += row_size

@@ -18,6 +18,7 @@ from cassandra.cluster import Cluster, Session
 from taskwheel.core import BUCKET_MS, bucket_of
 from taskwheel.stores import StoreUnavailable, Transition, TransitionKind, open_store
 from taskwheel.stores.cassandra import CassandraStore, devserver
+from taskwheel.stores.cassandra import store as store_module
 from taskwheel.task import TaskRecord, TaskState
 from tests.services.stores.contract import StoreContract
 
@@ -37,6 +38,14 @@ def cql(cassandra_contact) -> Iterator[Session]:
     cluster = Cluster([host], port=port, protocol_version=5)
     session = cluster.connect()
     yield session
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cql_three(cassandra_cluster) -> Iterator[Session]:
+    """A driver session on the three-node cluster."""
+    cluster = Cluster(cassandra_cluster.hosts, port=cassandra_cluster.port, protocol_version=5)
+    yield cluster.connect()
     cluster.shutdown()
 
 
@@ -90,6 +99,18 @@ class TestCassandraStoreContract(StoreContract):
         keyspace = fresh_keyspace("contract")
         yield lambda: CassandraStore([host], port, keyspace, num_shards=8)
         drop_keyspace(cql, keyspace)
+
+
+class TestCassandraStoreContractOnThreeNodes(StoreContract):
+    """The same contract on three nodes with replication factor 3: every read and write at
+    LOCAL_QUORUM, every lease and claim a Paxos round, through real replicas."""
+
+    @pytest.fixture
+    def make_store(self, cassandra_three, cql_three) -> Iterator[Callable[[], CassandraStore]]:
+        keyspace = fresh_keyspace("contract3")
+        yield lambda: CassandraStore(cassandra_three.hosts, cassandra_three.port, keyspace,
+                                     num_shards=8, replication_factor=3)
+        drop_keyspace(cql_three, keyspace)
 
 
 # ---- helpers -----------------------------------------------------------------------------------
@@ -366,6 +387,34 @@ def failing_from(store: CassandraStore, statement: str) -> None:
     store._execute = execute
 
 
+def test_too_few_replicas_names_the_level_and_certainly_wrote_nothing():
+    from cassandra import ConsistencyLevel, Unavailable
+
+    refused = store_module._unavailable("cassandra://h:1/ks", Unavailable(
+        "x", consistency=ConsistencyLevel.LOCAL_QUORUM, required_replicas=2, alive_replicas=1))
+    assert str(refused) == ("cassandra://h:1/ks: too few Cassandra replicas up: LOCAL_QUORUM "
+                            "needs 2 and the coordinator sees 1")
+    assert not refused.maybe_applied and refused.retry_after_ms == store_module.UNAVAILABLE_RETRY_MS
+
+
+def test_a_timeout_or_a_lost_coordinator_may_have_written():
+    from cassandra import ConsistencyLevel, Unavailable, WriteTimeout
+    from cassandra.cluster import NoHostAvailable
+    from cassandra.connection import ConnectionException
+    from cassandra.policies import WriteType
+
+    slow = store_module._unavailable("ks", WriteTimeout(
+        "x", write_type=WriteType.UNLOGGED_BATCH, consistency=ConsistencyLevel.LOCAL_QUORUM,
+        required_responses=2, received_responses=1))
+    assert "LOCAL_QUORUM needs 2 answers and 1 came" in str(slow) and slow.maybe_applied
+    unavailable = Unavailable("x", consistency=ConsistencyLevel.LOCAL_QUORUM, required_replicas=2,
+                              alive_replicas=1)
+    every_one_refused = NoHostAvailable("all", {"a": unavailable, "b": unavailable})
+    assert not store_module._unavailable("ks", every_one_refused).maybe_applied
+    first_one_lost = NoHostAvailable("all", {"a": ConnectionException("reset"), "b": unavailable})
+    assert store_module._unavailable("ks", first_one_lost).maybe_applied
+
+
 @pytest.mark.parametrize("outage_at", ["insert_due", "update_task", "insert_done"])
 @module_loop
 async def test_outage_part_way_through_a_lease_never_leaves_the_task_without_a_live_row(
@@ -389,8 +438,10 @@ async def test_outage_part_way_through_an_insert_leaves_no_task_that_cannot_fire
     start = own_slice()
     t = task(start, key="k-outage")
     failing_from(s, outage_at)
-    with pytest.raises(StoreUnavailable):
+    with pytest.raises(StoreUnavailable) as refused:
         await s.insert([t])
+    # Refused in its first phase, the insert wrote nothing; in the second, its due rows.
+    assert refused.value.maybe_applied == (outage_at == "insert_task")
     if (await s.get(t.task_id)) is not None:
         assert await live(s, 0, start) == [(t.task_id, 1)]
     # The client's retry (a new id, the same key) is stored once the failed claim is stale,
