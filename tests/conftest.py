@@ -86,10 +86,30 @@ def cassandra_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cass
         return
     directory = tmp_path_factory.mktemp("cassandra-3")
     ports = devserver.start(directory, nodes=3, heap="768M")
+    _STOP_CLUSTER.append(lambda: devserver.stop(directory))
     try:
         yield CassandraCluster(directory, ports.cql)
     finally:
         devserver.stop(directory)
+
+
+# Three idle JVMs still take CPU: the cluster stops after the last test that uses it rather than
+# at the end of the session, where it would run beside every later (timing-sensitive) test.
+_STOP_CLUSTER: list = []
+_LAST_CLUSTER_TEST: list = []
+
+
+def pytest_collection_modifyitems(session, config, items):
+    users = [item for item in items if "cassandra_cluster" in getattr(item, "fixturenames", ())]
+    _LAST_CLUSTER_TEST[:] = users[-1:]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    yield  # after the test's own fixtures, which may start killed nodes again
+    if _LAST_CLUSTER_TEST and item is _LAST_CLUSTER_TEST[0]:
+        for stop in _STOP_CLUSTER:
+            stop()
 
 
 @pytest.fixture

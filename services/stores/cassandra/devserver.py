@@ -632,6 +632,11 @@ def _terminate(pid: int, d: Path, timeout: float = STOP_TIMEOUT_S) -> bool:
     True when it exited on SIGTERM."""
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
+    return _await_exit(pid, d, timeout)
+
+
+def _await_exit(pid: int, d: Path, timeout: float) -> bool:
+    """Waits for a signalled node to exit, SIGKILLs it after timeout; True when it exited."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not _is_ours(pid, d):
@@ -657,11 +662,11 @@ def stop(d: Path | str, timeout: float = STOP_TIMEOUT_S, node: int | None = None
     ports = saved_ports(d) or Ports(DEFAULT_PORT)
     chosen = [n for n in members(d, ports) if node is None or n.index == node]
     running = [(n, pid) for n in chosen if (pid := running_pid(n.dir)) is not None]
-    for n, pid in running:
+    for n, pid in running:  # all drain at once
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     for n, pid in running:
-        if not _terminate(pid, n.dir, timeout):
+        if not _await_exit(pid, n.dir, timeout):
             print(f"Cassandra pid {pid} ignored SIGTERM for {timeout:.0f}s; killed it",
                   file=sys.stderr)
     for n in chosen:
