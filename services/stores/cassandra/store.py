@@ -389,6 +389,8 @@ class CassandraStore(Store):
         self._binders: dict[str, _Binder] = {}
         self._slots: asyncio.Semaphore | None = None
         self._retention_ms = o.retention_s * 1000
+        self._count_deltas: defaultdict[int, int] = defaultdict(int)  # not yet written
+        self._counting: asyncio.Task | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -572,6 +574,8 @@ class CassandraStore(Store):
         cluster = self._cluster
         if cluster is None:
             return
+        if self._counting is not None:
+            await asyncio.wait([self._counting], timeout=self.options.request_timeout_s)
         self._cluster = self._session = None
         await asyncio.get_running_loop().run_in_executor(None, cluster.shutdown)
 
@@ -679,16 +683,27 @@ class CassandraStore(Store):
     def _ttl_s(self, due_ms: int, now_ms: int) -> int:
         return min(_MAX_TTL_S, (max(due_ms - now_ms, 0) + self._retention_ms) // 1000 + 1)
 
-    async def _add_counts(self, deltas: Mapping[int, int]) -> None:
-        # Counters cannot share a batch with regular rows; one small write per changed state.
-        # Best effort: the tasks are already durable, and counts() is documented approximate.
-        writes = [
-            self._execute(self._bind("add_count", (n, state)), self._cl["apply"])
-            for state, n in deltas.items() if n
-        ]
-        for r in await asyncio.gather(*writes, return_exceptions=True):
-            if isinstance(r, BaseException):
-                log.warning("%s: state count not updated: %s", self.description, r)
+    def _add_counts(self, deltas: Mapping[int, int]) -> None:
+        """Adds to the per-state counters in the background. Counters cannot share a batch with
+        regular rows, and a counter write goes through one replica that leads it: a replica
+        dead but not yet known dead holds it to the write timeout. Best effort, never in the
+        caller's path: the tasks are already durable, and counts() is documented approximate."""
+        for state, n in deltas.items():
+            if n:
+                self._count_deltas[state] += n
+        if self._count_deltas and (self._counting is None or self._counting.done()):
+            self._counting = asyncio.get_running_loop().create_task(self._write_counts())
+
+    async def _write_counts(self) -> None:
+        """One write per changed state for all deltas gathered meanwhile, until none are left.
+        A failed write is not retried: a counter write that timed out may have been applied."""
+        while self._count_deltas:
+            deltas, self._count_deltas = self._count_deltas, defaultdict(int)
+            writes = [self._execute(self._bind("add_count", (n, state)), self._cl["apply"])
+                      for state, n in deltas.items() if n]
+            for r in await asyncio.gather(*writes, return_exceptions=True):
+                if isinstance(r, BaseException):
+                    log.warning("%s: state count not updated: %s", self.description, r)
 
     # ---- insert ------------------------------------------------------------------------------
 
@@ -749,7 +764,7 @@ class CassandraStore(Store):
             # lease is refused (no task row); the other order could leave a task that Get shows
             # and that never fires, and a retry with its key would be told it exists.
             await self._write_phases(due_rows, task_rows, cl=cl)
-            await self._add_counts({int(TaskState.SCHEDULED): stored})
+            self._add_counts({int(TaskState.SCHEDULED): stored})
         return outcomes  # type: ignore[return-value]
 
     async def _claim(self, t: TaskRecord) -> str | None:
@@ -929,6 +944,8 @@ class CassandraStore(Store):
         await self._execute(self._bind("delete_member", (node_id,)), self._cl["checkpoint"])
 
     async def counts(self) -> dict[TaskState, int]:
+        if self._counting is not None:  # this store's own changes first
+            await asyncio.shield(self._counting)
         rows = await self._execute(self._bind("select_counts", ()), self._cl["get"])
         counts = {s: 0 for s in TaskState}
         for state, n in rows:
@@ -957,7 +974,7 @@ class CassandraStore(Store):
         # Task row first: a marker without it would leave a task that never fires.
         await self._execute(update, cl)
         await self._execute(done, cl)
-        await self._add_counts({int(record.state): -1, int(TaskState.CANCELLED): 1})
+        self._add_counts({int(record.state): -1, int(TaskState.CANCELLED): 1})
         record.state = TaskState.CANCELLED
         record.updated_ms = now_ms
         return record
@@ -1045,7 +1062,7 @@ class CassandraStore(Store):
             # New due rows, then task rows, then the markers that retire the old rows: an
             # outage part-way never leaves a task without a live row.
             await self._write_phases(due_rows, task_rows, done_rows, cl=cl)
-            await self._add_counts(deltas)
+            self._add_counts(deltas)
         return applied
 
     async def _read_current(self, task_ids: set[str], cl: int) -> dict[str, list]:
