@@ -1,6 +1,8 @@
 """Real taskwheel server processes and a plain-gRPC test worker, for the end-to-end tests."""
 from __future__ import annotations
 
+import collections
+import itertools
 import os
 import queue
 import signal
@@ -13,7 +15,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from taskwheel.v1 import dispatch_pb2, dispatch_pb2_grpc, ingest_pb2_grpc, task_pb2
+from taskwheel.v1 import dispatch_pb2, dispatch_pb2_grpc, ingest_pb2, ingest_pb2_grpc, task_pb2
 
 PYTHON = sys.executable
 
@@ -177,3 +179,76 @@ class QueueWorker:
                 return got
             time.sleep(0.05)
         return self.snapshot()
+
+
+# What ingest says when a refused Submit certainly stored nothing (ingest/servicer.py).
+NOTHING_STORED = "none of these tasks will run"
+
+
+class Load:
+    """Submits ``rate`` tasks/s in batches every 100 ms through the targets in turn, each task due
+    1-2 s after its submit with a payload of its own, and sorts every task by its Submit's answer:
+    ``accepted`` (task id -> fire_at_ms, and ``accepted_payloads``: payload -> task id), refused
+    for certain (``refused``: payload -> the status details) or perhaps stored (``maybe``)."""
+
+    def __init__(self, targets: list[str], queue: str, rate: int, lease_s: int = 2):
+        self.targets = list(targets)
+        self.queue = queue
+        self.lease_s = lease_s
+        self.per_batch = max(1, rate // 10)
+        self.accepted: dict[str, int] = {}
+        self.accepted_payloads: dict[bytes, str] = {}
+        self.refused: dict[bytes, str] = {}
+        self.maybe: dict[bytes, str] = {}
+        self.codes: collections.Counter = collections.Counter()
+        self.retry_after_ms: list[int] = []
+        self._seq = itertools.count()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "Load":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def failed(self) -> int:
+        """Tasks whose Submit did not answer OK."""
+        return len(self.refused) + len(self.maybe)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        channels = [grpc.insecure_channel(target) for target in self.targets]
+        stubs = [ingest_pb2_grpc.IngestStub(channel) for channel in channels]
+        for turn in itertools.count():
+            if self._stop.is_set():
+                break
+            started = time.monotonic()
+            now = now_ms()
+            specs = [spec(self.queue, payload=b"%s-%d" % (self.queue.encode(), next(self._seq)),
+                          fire_at_ms=now + 1_000 + (i * 1_000) // self.per_batch,
+                          lease={"seconds": self.lease_s}) for i in range(self.per_batch)]
+            try:
+                results = stubs[turn % len(stubs)].Submit(ingest_pb2.SubmitRequest(tasks=specs), timeout=10).results
+                for s, r in zip(specs, results):
+                    self.accepted[r.task_id] = ms_of(s.fire_at)
+                    self.accepted_payloads[s.payload] = r.task_id
+                self.codes["OK"] += 1
+            except grpc.RpcError as e:  # nothing of a failed call counts as accepted
+                self.codes[e.code().name] += 1
+                kind = self.refused if NOTHING_STORED in (e.details() or "") else self.maybe
+                for s in specs:
+                    kind[s.payload] = e.details() or ""
+                self.retry_after_ms += [int(v) for k, v in e.trailing_metadata() or () if k == "retry-after-ms"]
+            time.sleep(max(0.0, 0.1 - (time.monotonic() - started)))
+        for channel in channels:
+            channel.close()
+
+
+def ms_of(ts) -> int:
+    return ts.seconds * 1000 + ts.nanos // 1_000_000
