@@ -117,10 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         for kill in range(args.kills):
             time.sleep(1.0)
             victim = nodes[kill % len(nodes)]
-            victim.kill()
             survivors = [n for n in nodes if n is not victim]
+            held = [n.shards() for n in nodes]
+            victim.kill()
             failovers.append(until(lambda: sum(n.shards() for n in survivors) == args.shards, 30))
-            print(f"kill {kill + 1}: the survivors own every shard after {failovers[-1]:.2f} s", flush=True)
+            print(f"kill {kill + 1}: the survivors own every shard after {failovers[-1]:.2f} s "
+                  f"(shards held just before, node {kill % len(nodes)} killed: {held})", flush=True)
             victim.start()
             until(lambda: balanced(nodes, args.shards), 60)
     finally:

@@ -18,6 +18,11 @@ it makes a *round*:
    write, and the node under its share takes them at its next round, loading from that
    checkpoint.
 
+Loading a shard taken (its catch-up from the checkpoint) and draining a shard handed over run
+in the background: a round never waits for them, so the renewals go on however long they take
+(with a 2 s lease, a round that waited for 128 shards' catch-up let every lease lapse). A shard
+being handed over is still renewed, with its last saved checkpoint, until it is released.
+
 Fencing. Firing a shard is allowed only until ``valid_until``: the time the last successful
 renewal was *sent*, plus the lease, minus one renewal interval (others may take the shard once
 the lease has run out by their clocks; the interval is the margin for clocks that disagree).
@@ -114,6 +119,8 @@ class ShardOwner:
         self._view_changed: list[Callable[[View], None]] = []
         self._task: asyncio.Task | None = None
         self._round_lock = asyncio.Lock()
+        self._handing: set[int] = set()  # held, being drained before their release
+        self._busy: set[asyncio.Task] = set()  # takes and handoffs running
         self.handed_over = 0
         self.lost = 0
 
@@ -125,21 +132,27 @@ class ShardOwner:
     async def start(self) -> None:
         """Joins: the first round runs before this returns, so a lone node fires at once."""
         await self.round()
+        await asyncio.sleep(0)  # the takes of that round begin: the timer holds their shards
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="cluster-rounds")
 
     async def stop(self) -> None:
         """Hands every shard over (saving its checkpoint) and leaves."""
-        if self._task is not None:
-            self._task.cancel()
+        # Handoffs under way finish (their shards are out of the timer already, with the
+        # checkpoints only they know); takes under way stop, and their shards lapse.
+        handoffs = [t for t in self._busy if t.get_name() == "cluster-handoff"]
+        for task in [t for t in (self._task,) if t is not None] + list(self._busy):
+            if task not in handoffs:
+                task.cancel()
             try:
-                await self._task
+                await task
             except (asyncio.CancelledError, Exception):
                 pass
-            self._task = None
+        self._task = None
         async with self._round_lock:
             try:
                 if self.held:
-                    await self._hand_over(set(self.held))
+                    shards = set(self.held)
+                    await self._release(shards, await self._timer.give_up(shards) if self._timer else None)
                 await self._store.leave(self.node_id)
             except Exception as exc:  # the leases lapse on their own
                 log.warning("leaving the cluster: %s", exc)
@@ -158,7 +171,7 @@ class ShardOwner:
     def _settled(self) -> bool:
         """False while this node is under its share and shards are moving: it looks again
         sooner, so a handed-over shard waits less for its new owner."""
-        return self._timer is None or len(self.held) >= share_of(
+        return self._timer is None or len(self.held) - len(self._handing) >= share_of(
             self.node_id, self._timers(self.view.members), self._store.num_shards)
 
     def _timers(self, members: dict[str, Member]) -> list[str]:
@@ -225,20 +238,22 @@ class ShardOwner:
         # Shards nobody holds: released, never owned, lapsed, or ours from an earlier life.
         free = [lease for lease in leases if lease.shard not in self.held
                 and (lease.lapsed(now) or lease.owner == self.node_id)]
-        if len(self.held) < share and free:
+        kept = len(self.held) - len(self._handing)
+        if kept < share and free:
             free.sort(key=lambda lease: _rank(self.node_id, lease.shard))
-            await self._acquire(free[:share - len(self.held)])
-        elif len(self.held) > share:
+            await self._acquire(free[:share - kept])
+        elif kept > share:
             owned: dict[str, int] = {}
             for lease in leases:
                 if not lease.lapsed(now):
                     owned[lease.owner] = owned.get(lease.owner, 0) + 1
             wanted = sum(max(0, share_of(node, timers, shards) - owned.get(node, 0))
                          for node in timers if node != self.node_id)
-            extra = min(len(self.held) - share, wanted - len(free))
+            extra = min(kept - share, wanted - len(free))
             if extra > 0:
-                mine = sorted(self.held, key=lambda shard: _rank(self.node_id, shard), reverse=True)
-                await self._hand_over(set(mine[:extra]))
+                mine = sorted(set(self.held) - self._handing, key=lambda shard: _rank(self.node_id, shard),
+                              reverse=True)
+                self._hand_over(set(mine[:extra]))
 
     async def _acquire(self, free: list[ShardLease]) -> None:
         assert self._timer is not None
@@ -267,11 +282,45 @@ class ShardOwner:
                  f", {len(suspect)} from owners that did not hand them over" if suspect else "",
                  " ".join(f"{lease.shard}@{lease.epoch}"
                           + (f"<{suspect[lease.shard]}" if lease.shard in suspect else "") for lease in taken))
-        await self._timer.take(taken, suspect)
+        self._background(self._take(taken, suspect), "cluster-take")
 
-    async def _hand_over(self, shards: set[int]) -> None:
+    async def _take(self, taken: list[ShardLease], suspect: dict[int, int]) -> None:
         assert self._timer is not None
-        checkpoints = await self._timer.give_up(shards)
+        try:
+            await self._timer.take(taken, suspect)
+        except BaseException as exc:  # cancelled too
+            # Not loaded: released now, they would skip what lies between their checkpoints
+            # and the load's progress. Unrenewed, they lapse with the checkpoints they had.
+            for lease in taken:
+                if self.held.get(lease.shard) is lease:
+                    del self.held[lease.shard]
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            log.warning("loading %d shards taken failed, left to lapse: %s", len(taken), exc)
+
+    def _hand_over(self, shards: set[int]) -> None:
+        """Drains the shards in the background, then releases them (under the round lock)."""
+        assert self._timer is not None
+        self._handing |= shards
+
+        async def drain_and_release() -> None:
+            try:
+                checkpoints = await self._timer.give_up(shards)
+                async with self._round_lock:
+                    await self._release(shards, checkpoints)
+            finally:
+                self._handing -= shards
+
+        self._background(drain_and_release(), "cluster-handoff")
+
+    def _background(self, coro, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._busy.add(task)
+        task.add_done_callback(self._busy.discard)
+
+    async def _release(self, shards: set[int], checkpoints: dict[int, int] | None) -> None:
+        """Releases the drained shards still held, each with its checkpoint; None: not drained."""
+        shards = {shard for shard in shards if shard in self.held}
         if checkpoints is None:
             # Not drained: released now, the next owner would take them as if handed over
             # cleanly and fire again, unflagged, what this node delivered without a durable
