@@ -120,7 +120,8 @@ class ShardOwner:
         self._task: asyncio.Task | None = None
         self._round_lock = asyncio.Lock()
         self._handing: set[int] = set()  # held, being drained before their release
-        self._busy: set[asyncio.Task] = set()  # takes and handoffs running
+        self._takes: set[asyncio.Task] = set()  # loading shards taken
+        self._handoffs: set[asyncio.Task] = set()  # draining shards handed over
         self.handed_over = 0
         self.lost = 0
 
@@ -139,10 +140,10 @@ class ShardOwner:
         """Hands every shard over (saving its checkpoint) and leaves."""
         # Handoffs under way finish (their shards are out of the timer already, with the
         # checkpoints only they know); takes under way stop, and their shards lapse.
-        handoffs = [t for t in self._busy if t.get_name() == "cluster-handoff"]
-        for task in [t for t in (self._task,) if t is not None] + list(self._busy):
-            if task not in handoffs:
-                task.cancel()
+        running = [t for t in (self._task,) if t is not None] + list(self._takes)
+        for task in running:
+            task.cancel()
+        for task in running + list(self._handoffs):
             try:
                 await task
             except (asyncio.CancelledError, Exception):
@@ -282,7 +283,7 @@ class ShardOwner:
                  f", {len(suspect)} from owners that did not hand them over" if suspect else "",
                  " ".join(f"{lease.shard}@{lease.epoch}"
                           + (f"<{suspect[lease.shard]}" if lease.shard in suspect else "") for lease in taken))
-        self._background(self._take(taken, suspect), "cluster-take")
+        self._background(self._take(taken, suspect), "cluster-take", self._takes)
 
     async def _take(self, taken: list[ShardLease], suspect: dict[int, int]) -> None:
         assert self._timer is not None
@@ -311,12 +312,12 @@ class ShardOwner:
             finally:
                 self._handing -= shards
 
-        self._background(drain_and_release(), "cluster-handoff")
+        self._background(drain_and_release(), "cluster-handoff", self._handoffs)
 
-    def _background(self, coro, name: str) -> None:
+    def _background(self, coro, name: str, tasks: set[asyncio.Task]) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._busy.add(task)
-        task.add_done_callback(self._busy.discard)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     async def _release(self, shards: set[int], checkpoints: dict[int, int] | None) -> None:
         """Releases the drained shards still held, each with its checkpoint; None: not drained."""

@@ -110,23 +110,25 @@ def balanced(live: list[Node]) -> bool:
     return sum(held) == SHARDS and max(held) - min(held) <= 1
 
 
-def deliveries(workers: list[QueueWorker]) -> dict[str, list]:
+def deliveries(workers: list[QueueWorker], key=lambda r: r.task_id) -> dict:
+    """Every delivery so far, grouped by ``key`` (the task id unless told)."""
     got = collections.defaultdict(list)
     for worker in workers:
         for r in worker.snapshot():
-            got[r.task_id].append(r)
+            got[key(r)].append(r)
     return got
 
 
-def wait_delivered(workers: list[QueueWorker], accepted: dict[str, int], timeout: float) -> dict[str, list]:
-    """Every delivery once all accepted tasks have one, or after ``timeout`` s (the caller's
-    assertions then say what is missing)."""
+def wait_delivered(workers: list[QueueWorker], accepted, timeout: float,
+                   key=lambda r: r.task_id) -> dict:
+    """Every delivery once all accepted tasks (keys of ``key``) have one, or after ``timeout``
+    s (the caller's assertions then say what is missing)."""
     try:
-        wait_until(lambda: set(accepted) <= set(deliveries(workers)), timeout, every=0.5)
+        wait_until(lambda: set(accepted) <= set(deliveries(workers, key)), timeout, every=0.5)
     except AssertionError:
-        return deliveries(workers)
-    time.sleep(1.0)  # a duplicate would arrive now
-    return deliveries(workers)
+        return deliveries(workers, key)
+    time.sleep(1.0)  # a duplicate, or a refused task, would arrive now
+    return deliveries(workers, key)
 
 
 def missing(keyspace_url: str, got: dict, accepted: dict[str, int]) -> str:

@@ -148,13 +148,13 @@ class Ports:
     def all(self) -> tuple[int, ...]:
         return tuple(self.cql + i for i in range(PORT_SPAN + self.nodes - 1))
 
+    def bindings_of(self, index: int) -> list[tuple[str, int]]:
+        """(address, port) of every listening socket of node ``index``."""
+        return [(host_of(index), self.cql), (host_of(index), self.storage), (HOST, self.jmx_of(index))]
+
     def bindings(self) -> list[tuple[str, int]]:
         """(address, port) of every listening socket of every node."""
-        found = []
-        for index in range(1, self.nodes + 1):
-            found += [(host_of(index), self.cql), (host_of(index), self.storage),
-                      (HOST, self.jmx_of(index))]
-        return found
+        return [b for index in range(1, self.nodes + 1) for b in self.bindings_of(index)]
 
 
 def host_of(index: int) -> str:
@@ -462,11 +462,6 @@ def members(d: Path, ports: Ports) -> list[Node]:
     return [Node(i, d / f"node{i}", ports) for i in range(1, ports.nodes + 1)]
 
 
-def _node_bindings(node: Node) -> list[tuple[str, int]]:
-    return [(node.host, node.ports.cql), (node.host, node.ports.storage),
-            (HOST, node.ports.jmx_of(node.index))]
-
-
 def log_tail(d: Path, lines: int = 40) -> str:
     parts = []
     for name in ("logs/system.log", "logs/stdout.log"):
@@ -525,7 +520,7 @@ def _is_answering(node: Node, timeout: float) -> bool:
 def _launch_all(d: Path, launch: list[Node], heap: str, fast: bool, timeout: float, quiet: bool,
                 restarting: bool) -> None:
     """Starts the JVMs of ``launch`` together and waits for each to answer CQL."""
-    wanted = [b for n in launch for b in _node_bindings(n)]
+    wanted = [b for n in launch for b in n.ports.bindings_of(n.index)]
     if restarting:  # a node of this directory may have just died: let go
         _wait_for_free(wanted, timeout=5.0)
     busy = [f"{host}:{port}" for host, port in wanted if not _port_is_free(port, host)]
@@ -672,7 +667,7 @@ def stop(d: Path | str, timeout: float = STOP_TIMEOUT_S, node: int | None = None
     for n in chosen:
         (n.dir / PID_FILE).unlink(missing_ok=True)
     if saved_ports(d) is not None:  # so that a start right after this one finds them free
-        _wait_for_free([b for n, _ in running for b in _node_bindings(n)])
+        _wait_for_free([b for n, _ in running for b in n.ports.bindings_of(n.index)])
     return bool(running)
 
 

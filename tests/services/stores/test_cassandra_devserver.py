@@ -100,7 +100,7 @@ def test_start_refuses_another_node_count_for_a_directory(tmp_path, capsys):
 def test_cluster_nodes_listen_on_their_loopback_address_and_status_lists_each(cassandra_three, capsys):
     for node in devserver.members(cassandra_three.dir, devserver.saved_ports(cassandra_three.dir)):
         listening = listening_addresses(devserver.running_pid(node.dir))
-        assert listening == set(devserver._node_bindings(node))
+        assert listening == set(node.ports.bindings_of(node.index))
     assert devserver.main(["status", "--dir", str(cassandra_three.dir)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == ["node 1", "node 2", "node 3"]
